@@ -1,0 +1,39 @@
+"""`swarm` command line: parse, build, run, close (STYLE 5)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from swarm.cli import coordinator_cmd, local_cmd, status_cmd
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarm",
+        description="Fault-tolerant decentralized training over the internet.",
+        epilog="Run `swarm COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "WARNING"),
+                        help="logging level for stderr (default: %(default)s; env SWARM_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (coordinator_cmd, status_cmd, local_cmd):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `swarm` console script; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

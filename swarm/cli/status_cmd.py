@@ -1,0 +1,89 @@
+"""`swarm status`: what the coordinator knows, as tables or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from google.protobuf import json_format
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.utils import run_async
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "status",
+        help="show members, leases, rounds, attempts and recent decisions",
+        description="Ask a coordinator for its run's state and print it.",
+    )
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="coordinator address")
+    p.add_argument("--json", action="store_true", help="print the full status as JSON")
+    p.add_argument("--watch", action="store_true", help="refresh the view every --interval-s until Ctrl-C")
+    p.add_argument("--interval-s", type=float, default=1.0, help="refresh interval with --watch (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=5.0, help="give up after this long (default: %(default)s)")
+    p.set_defaults(run=run)
+
+
+def status_to_dict(status: pb.StatusReply) -> dict:
+    """The status reply as plain JSON-able data (field names as in the .proto)."""
+    return json_format.MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def render(status: pb.StatusReply, max_events: int = 12) -> Group:
+    """Tables of members, rounds and recent decisions."""
+    members = Table(title=f"run {status.run_id}: {len(status.members)} members", title_justify="left")
+    for col in ("peer", "stage", "address", "lease left", "step", "loss", "tokens/s"):
+        members.add_column(col, justify="right" if col not in ("peer", "address") else "left")
+    for m in status.members:
+        members.add_row(
+            m.member.peer_id, str(m.stage), m.member.address, f"{m.lease_expires_in_s:.1f}s",
+            str(m.progress.step), f"{m.progress.loss:.4f}", f"{m.progress.tokens_per_s:.0f}",
+        )
+    rounds = Table(title="rounds", title_justify="left")
+    for col in ("stage", "round", "phase", "attempt", "members", "commits", "hash", "why"):
+        rounds.add_column(col)
+    for r in status.rounds:
+        rounds.add_row(
+            str(r.stage), str(r.round), r.phase, str(r.attempt), str(len(r.members) or len(r.arrived)),
+            str(r.commits), r.committed_hash[:12], r.reasons[-1] if r.reasons else "",
+        )
+    events = Table(title="recent decisions", title_justify="left")
+    events.add_column("ago")
+    events.add_column("reason")
+    for e in list(status.events)[-max_events:]:
+        events.add_row(f"{e.ago_s:.1f}s", e.reason)
+    return Group(members, rounds, events)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_async(_status(args))
+
+
+async def _status(args: argparse.Namespace) -> int:
+    config = ClientConfig(target=args.coordinator, rpc_timeout_s=args.timeout_s, retry_for_s=args.timeout_s)
+    client = CoordinatorClient(config)
+    console = Console()
+    try:
+        status = await client.status()
+        if args.json:
+            print(json.dumps(status_to_dict(status), indent=2))
+        elif not args.watch:
+            console.print(render(status))
+        if args.watch:
+            with Live(render(status), console=console, refresh_per_second=4) as live:
+                while True:
+                    await asyncio.sleep(args.interval_s)
+                    live.update(render(await client.status()))
+        return 0
+    except CoordinatorCallError as e:
+        print(f"swarm status: cannot read {args.coordinator}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await client.close()

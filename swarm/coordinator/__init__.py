@@ -1,0 +1,1 @@
+"""Coordinator: membership, rendezvous, attempts and commits (the control plane)."""

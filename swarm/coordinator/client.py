@@ -1,0 +1,133 @@
+"""Async client of the coordinator, used by peers, `swarm status` and benchmarks.
+
+Every call has a deadline. Calls are idempotent on the coordinator side, so a
+call that meets UNAVAILABLE (a coordinator restarting) is retried with
+backoff for up to `retry_for_s`, which is what makes a coordinator restart
+transparent to peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from swarm.coordinator.errors import PROTOCOL_VERSION
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+MAX_STATUS_BYTES = 256 << 20
+
+
+class CoordinatorCallError(Exception):
+    """A coordinator call failed; `code` is the gRPC status code, the message says what to do."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method}: {code.name}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+@dataclass(kw_only=True, slots=True)
+class ClientConfig:
+    """How a peer talks to the coordinator."""
+
+    target: str
+    """Coordinator address, host:port."""
+    run_id: str = "default"
+    """The run to join; must match the coordinator's run_id."""
+    peer_id: str = ""
+    """This peer's id, unique in the run."""
+    rpc_timeout_s: float = 10.0
+    """Deadline of one call (held Rendezvous/CommitRound calls get their wait on top)."""
+    retry_for_s: float = 30.0
+    """How long to keep retrying while the coordinator is unreachable."""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.target:
+            raise ValueError(f"--coordinator {self.target!r} must be host:port")
+        if self.rpc_timeout_s <= 0 or self.retry_for_s < 0:
+            raise ValueError("rpc_timeout_s must be > 0 and retry_for_s >= 0")
+
+
+class CoordinatorClient:
+    """One peer's (or tool's) connection to the coordinator."""
+
+    def __init__(self, config: ClientConfig, incarnation: str | None = None) -> None:
+        self.config = config
+        self.incarnation = incarnation or os.urandom(8).hex()
+        self._channel = grpc.aio.insecure_channel(
+            config.target, options=[("grpc.max_receive_message_length", MAX_STATUS_BYTES)]
+        )
+        self._stub = pb_grpc.CoordinatorStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> CoordinatorClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def _call(self, method: str, request: Any, extra_s: float = 0.0) -> Any:
+        rpc = getattr(self._stub, method)
+        give_up = time.monotonic() + self.config.retry_for_s
+        backoff_s = 0.05
+        while True:
+            try:
+                return await rpc(request, timeout=self.config.rpc_timeout_s + extra_s)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _RETRYABLE or time.monotonic() + backoff_s > give_up:
+                    raise CoordinatorCallError(method, e.code(), e.details() or "") from None
+            await asyncio.sleep(backoff_s * (0.5 + random.random()))
+            backoff_s = min(backoff_s * 2, 2.0)
+
+    def _ids(self) -> dict[str, str]:
+        return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
+
+    async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int = 0) -> pb.JoinReply:
+        """Join the run (again, after a lease expiry, with the same incarnation)."""
+        request = pb.JoinRequest(
+            protocol_version=PROTOCOL_VERSION, address=address, capabilities=capabilities, stage=stage, **self._ids()
+        )
+        return await self._call("Join", request)
+
+    async def heartbeat(self, progress: pb.Progress | None = None) -> pb.HeartbeatReply:
+        return await self._call("Heartbeat", pb.HeartbeatRequest(progress=progress, **self._ids()))
+
+    async def leave(self, reason: str) -> None:
+        """Leave the run; leaving twice (or after expiry) is not an error."""
+        try:
+            await self._call("Leave", pb.LeaveRequest(reason=reason, **self._ids()))
+        except CoordinatorCallError as e:
+            if e.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise
+
+    async def rendezvous(self, stage: int, round: int, wait_s: float = 10.0) -> pb.RendezvousReply:
+        """Arrive at the barrier of `round`; the reply may be WAITING (call again)."""
+        request = pb.RendezvousRequest(stage=stage, round=round, wait_s=wait_s, **self._ids())
+        return await self._call("Rendezvous", request, extra_s=wait_s)
+
+    async def report_failure(self, stage: int, round: int, attempt: int, suspect: str, reason: str) -> pb.ReportFailureReply:
+        request = pb.ReportFailureRequest(
+            stage=stage, round=round, attempt=attempt, suspect=suspect, reason=reason, **self._ids()
+        )
+        return await self._call("ReportFailure", request)
+
+    async def commit(self, stage: int, round: int, attempt: int, state_hash: str, wait_s: float = 10.0) -> pb.CommitRoundReply:
+        """Offer the round's state hash; the reply may be WAITING (call again)."""
+        request = pb.CommitRoundRequest(
+            stage=stage, round=round, attempt=attempt, state_hash=state_hash, wait_s=wait_s, **self._ids()
+        )
+        return await self._call("CommitRound", request, extra_s=wait_s)
+
+    async def status(self) -> pb.StatusReply:
+        return await self._call("GetStatus", pb.GetStatusRequest(run_id=self.config.run_id))

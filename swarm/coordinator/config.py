@@ -1,0 +1,75 @@
+"""Configuration of the coordinator service (the `[coordinator]` TOML table)."""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(kw_only=True, slots=True)
+class CoordinatorConfig:
+    """How the coordinator serves one run."""
+
+    run_id: str = "default"
+    """Name of the run this coordinator serves; peers must send the same."""
+    lease_s: float = 10.0
+    """A peer that sends no heartbeat for this long is dropped from the run."""
+    heartbeat_interval_s: float = 2.0
+    """How often peers are told to heartbeat; must be well below lease_s."""
+    rendezvous_timeout_s: float = 30.0
+    """A round's barrier closes this long after it opened even if live members are missing."""
+    attempt_timeout_s: float = 120.0
+    """An attempt must commit within this long; then the round ends with whoever committed."""
+    min_peers: int = 1
+    """A round does not start with fewer arrived peers than this."""
+    max_attempts: int = 5
+    """A round whose attempts keep failing is aborted after this many."""
+    max_wait_s: float = 20.0
+    """Longest a Rendezvous or CommitRound call is held before answering WAITING."""
+    max_message_bytes: int = 1 << 20
+    """Largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    tick_interval_s: float = 0.05
+    """How often deadlines and leases are checked."""
+    flush_interval_s: float = 1.0
+    """How often heartbeat progress is written to the database (leases restart with grace)."""
+
+    def __post_init__(self) -> None:
+        if not _RUN_ID.match(self.run_id):
+            raise ValueError(f"run_id {self.run_id!r} must match [A-Za-z0-9._-]{{1,64}}; set coordinator.run_id")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "run_id" and (not isinstance(value, int | float) or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"coordinator.{f.name} must be a positive number, got {value!r}")
+        if self.heartbeat_interval_s * 2 > self.lease_s:
+            raise ValueError(
+                f"coordinator.heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most half of "
+                f"coordinator.lease_s ({self.lease_s}) or one late heartbeat drops a healthy peer"
+            )
+        if self.max_message_bytes < 4096:
+            raise ValueError("coordinator.max_message_bytes must be at least 4096")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> CoordinatorConfig:
+        """Read the `[coordinator]` table of a run file; keyword overrides win (CLI flags).
+
+        Raises:
+            ValueError: unknown keys or bad values, naming the key.
+            FileNotFoundError: the file does not exist.
+        """
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        table = dict(data.get("coordinator", {}))
+        if "run_id" in data and "run_id" not in table:
+            table["run_id"] = data["run_id"]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown [coordinator] keys {unknown}; known keys: {sorted(known)}")
+        table.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**table)

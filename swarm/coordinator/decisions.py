@@ -1,0 +1,594 @@
+"""The coordinator's decisions: pure functions `(state, now, event, config) -> Decision`.
+
+Nothing here reads a clock, touches a socket or mutates its input; every
+function returns the records to change and a reason for logs and
+`swarm status`. `views` answer callers from the state after the change.
+
+Round life cycle (per stage, rounds numbered 0, 1, ...):
+
+    gathering --(all live members arrived, or barrier deadline, >= min_peers)--> running(attempt 1)
+    running(a) --(failure report / member lost before committing)--> running(a+1) | aborted
+    running(a) --(every member of attempt a committed)--> committed
+    running(a) --(attempt deadline)--> committed (with whoever committed) | aborted (nobody did)
+
+A round's barrier deadline only starts once the stage's previous round has
+finished, so a straggler that arrives early for round n+1 cannot start it
+alone while everyone else is still busy with round n.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from swarm.coordinator.config import CoordinatorConfig
+from swarm.coordinator.errors import (
+    PROTOCOL_VERSION,
+    DuplicatePeer,
+    InvalidRequest,
+    LeaseExpired,
+    ProtocolMismatch,
+    RoundAhead,
+    RoundNotReady,
+    StaleAttempt,
+    UnknownPeer,
+    UnknownRun,
+)
+from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState
+
+_PEER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_HASH = re.compile(r"^[0-9a-f]{8,128}$")
+MAX_REASON_CHARS = 500
+MAX_STAGES = 4096
+MAX_GRAD_NORMS = 4096
+
+
+# --------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    run_id: str
+    peer_id: str
+    protocol_version: int
+    address: str
+    capabilities: Capabilities
+    stage: int
+    incarnation: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    run_id: str
+    peer_id: str
+    incarnation: str
+    progress: Progress
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    run_id: str
+    peer_id: str
+    incarnation: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Arrive:
+    run_id: str
+    peer_id: str
+    incarnation: str
+    stage: int
+    round: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFailure:
+    run_id: str
+    peer_id: str
+    incarnation: str
+    stage: int
+    round: int
+    attempt: int
+    suspect: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    run_id: str
+    peer_id: str
+    incarnation: str
+    stage: int
+    round: int
+    attempt: int
+    state_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passed: expire leases, close barriers and attempts past their deadlines."""
+
+
+Event = Join | Heartbeat | Leave | Arrive | ReportFailure | Commit | Tick
+
+
+def decide(state: RunState, now: float, event: Event, config: CoordinatorConfig) -> Decision:
+    """Decide what `event` changes at time `now`.
+
+    Args:
+        state: the current state; not modified.
+        now: the current time in seconds (wall clock of the coordinator).
+        event: what happened.
+        config: the run's coordinator settings.
+    Returns:
+        The changes and their reason (`NO_CHANGE` when nothing changes).
+    Raises:
+        CoordinatorError: the event is invalid; nothing changes.
+    """
+    match event:
+        case Tick():
+            return _tick(state, now, config)
+        case Join():
+            return _join(state, now, event, config)
+        case Heartbeat():
+            return _heartbeat(state, now, event, config)
+        case Leave():
+            return _leave(state, now, event, config)
+        case Arrive():
+            return _arrive(state, now, event, config)
+        case ReportFailure():
+            return _report(state, now, event, config)
+        case Commit():
+            return _commit(state, now, event, config)
+    raise TypeError(f"unknown event {event!r}")
+
+
+# ----------------------------------------------------------------- validation
+
+
+def _check_run(state: RunState, run_id: str) -> None:
+    if run_id != state.run_id:
+        raise UnknownRun(f"this coordinator serves run {state.run_id!r}, not {run_id!r}; check the peer's --run")
+
+
+def _check_text(name: str, value: str, max_chars: int) -> None:
+    if not value or len(value) > max_chars:
+        raise InvalidRequest(f"{name} must be 1 to {max_chars} characters, got {len(value)}")
+
+
+def _check_number(name: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_stage(stage: int) -> None:
+    if stage >= MAX_STAGES:
+        raise InvalidRequest(f"stage {stage} is out of range (at most {MAX_STAGES - 1})")
+
+
+def _check_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"address {address!r} must be host:port with a port in 1..65535")
+
+
+def _live_member(state: RunState, now: float, peer_id: str, incarnation: str) -> Member:
+    """The live member `peer_id` of this process, or the precise reason it is not one."""
+    member = state.members.get(peer_id)
+    if member is None:
+        if peer_id in state.tombstones:
+            raise LeaseExpired(
+                f"peer {peer_id!r} was dropped from the run at t={state.tombstones[peer_id]:.1f} "
+                f"(lease expired or it left); call Join again and resync"
+            )
+        raise UnknownPeer(f"peer {peer_id!r} is not a member of run {state.run_id!r}; call Join first")
+    if member.incarnation != incarnation:
+        raise DuplicatePeer(
+            f"peer id {peer_id!r} belongs to another process (joined from {member.address}); "
+            f"this process must Join with its own peer id"
+        )
+    if member.lease_expires_at <= now:
+        raise LeaseExpired(
+            f"the lease of peer {peer_id!r} expired {now - member.lease_expires_at:.1f}s ago "
+            f"(no heartbeat for lease_s); call Join again and resync"
+        )
+    return member
+
+
+def _round(state: RunState, stage: int, number: int) -> Round:
+    rnd = state.rounds.get((stage, number))
+    if rnd is None:
+        raise RoundNotReady(f"round {number} of stage {stage} is not open; Rendezvous for it first")
+    return rnd
+
+
+# ------------------------------------------------------------ round machinery
+
+
+def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, config: CoordinatorConfig) -> Round:
+    if not survivors:
+        return _abort(rnd, now, f"attempt {rnd.attempt} failed ({why}) and no member is left")
+    if rnd.attempt >= config.max_attempts:
+        return _abort(rnd, now, f"attempt {rnd.attempt} failed ({why}); max_attempts={config.max_attempts} reached")
+    number = rnd.attempt + 1
+    return replace(
+        rnd,
+        attempt=number,
+        members=survivors,
+        commits=(),
+        attempt_deadline=now + config.attempt_timeout_s,
+        reasons=rnd.reasons + (f"attempt {number} with {len(survivors)} members: attempt {rnd.attempt} {why}",),
+    )
+
+
+def _abort(rnd: Round, now: float, why: str) -> Round:
+    return replace(rnd, phase="aborted", finished_at=now, reasons=rnd.reasons + (f"aborted: {why}",))
+
+
+def _finalize(rnd: Round, now: float, note: str) -> Round:
+    """Commit the round with the majority hash of the current attempt's commits.
+
+    Ties between equally large groups go to the group whose first committer
+    comes first in member order, so every coordinator replica would agree.
+    """
+    order = {p: i for i, p in enumerate(rnd.members)}
+    commits = sorted(rnd.commits, key=lambda c: order.get(c[0], len(order)))
+    counts = Counter(digest for _, digest in commits)
+    first_at = {}
+    for i, (_, digest) in enumerate(commits):
+        first_at.setdefault(digest, i)
+    winner = min(counts, key=lambda d: (-counts[d], first_at[d]))
+    donor = next(p for p, d in commits if d == winner)
+    diverged = tuple(p for p, d in commits if d != winner)
+    why = f"committed attempt {rnd.attempt}: {counts[winner]}/{len(rnd.members)} members agree on {winner[:12]}"
+    if diverged:
+        why += f"; diverged: {', '.join(diverged)} (resync from {donor})"
+    if note:
+        why += f"; {note}"
+    return replace(
+        rnd,
+        phase="committed",
+        committed_hash=winner,
+        donor=donor,
+        diverged=diverged,
+        finished_at=now,
+        reasons=rnd.reasons + (why,),
+    )
+
+
+def _maybe_start(rnd: Round, now: float, live: frozenset[str], config: CoordinatorConfig) -> Round:
+    arrived = tuple(p for p in rnd.arrived if p in live)
+    everyone = bool(live) and live.issubset(arrived)
+    deadline_passed = rnd.barrier_deadline is not None and now >= rnd.barrier_deadline
+    if not (everyone or deadline_passed):
+        return rnd
+    if len(arrived) < config.min_peers:
+        if not deadline_passed:
+            return rnd
+        why = f"barrier extended: {len(arrived)} arrived, min_peers={config.min_peers}"
+        repeated = bool(rnd.reasons) and rnd.reasons[-1] == why
+        return replace(
+            rnd,
+            barrier_deadline=now + config.rendezvous_timeout_s,
+            reasons=rnd.reasons if repeated else rnd.reasons + (why,),
+        )
+    members = tuple(sorted(arrived))
+    if everyone:
+        why = f"all {len(members)} live members arrived"
+    else:
+        missing = sorted(live.difference(arrived))
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        why = f"barrier deadline passed with {len(members)} of {len(live)} live members; missing: {shown}"
+    return replace(
+        rnd,
+        phase="running",
+        attempt=1,
+        members=members,
+        attempt_deadline=now + config.attempt_timeout_s,
+        reasons=rnd.reasons + (f"attempt 1 with {len(members)} members: {why}",),
+    )
+
+
+def _settle(rnd: Round, now: float, live: frozenset[str], gone: frozenset[str], config: CoordinatorConfig) -> Round:
+    """Move an unfinished round as far as the state allows at `now`."""
+    if rnd.finished:
+        return rnd
+    if rnd.phase == "gathering":
+        if gone.intersection(rnd.arrived):
+            rnd = replace(rnd, arrived=tuple(p for p in rnd.arrived if p not in gone))
+        return _maybe_start(rnd, now, live, config)
+    lost = tuple(p for p in rnd.members if p in gone and rnd.commit_of(p) is None)
+    if lost:
+        survivors = tuple(p for p in rnd.members if p not in lost)
+        return _next_attempt(rnd, now, survivors, f"lost {', '.join(lost)} (left or lease expired)", config)
+    if len(rnd.commits) == len(rnd.members):
+        return _finalize(rnd, now, "")
+    if now >= rnd.attempt_deadline:
+        if rnd.commits:
+            late = [p for p in rnd.members if rnd.commit_of(p) is None]
+            return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}")
+        return _abort(rnd, now, f"attempt {rnd.attempt} passed its deadline with no commit")
+    return rnd
+
+
+def _settle_rounds(
+    state: RunState,
+    now: float,
+    rounds: list[Round],
+    config: CoordinatorConfig,
+    gone: frozenset[str] = frozenset(),
+) -> tuple[Round, ...]:
+    """Settle `rounds` (possibly already changed) in stage/number order.
+
+    When a round finishes, the barrier clock of the stage's next round starts.
+    Returns every round that differs from the stored state.
+    """
+    pending = {r.key: r for r in rounds}
+    for r in rounds:
+        nxt = state.rounds.get((r.stage, r.number + 1))
+        if nxt is not None and nxt.key not in pending:
+            pending[nxt.key] = nxt
+    live_by_stage: dict[int, frozenset[str]] = {}
+    out: dict[tuple[int, int], Round] = {}
+    for key in sorted(pending):
+        rnd = out.get(key, pending[key])
+        if rnd.stage not in live_by_stage:
+            live_by_stage[rnd.stage] = frozenset(
+                m.peer_id for m in state.stage_members(rnd.stage) if m.peer_id not in gone
+            )
+        was_finished = rnd.finished
+        rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config)
+        out[key] = rnd
+        if rnd.finished and not was_finished:
+            nxt_key = (rnd.stage, rnd.number + 1)
+            nxt = out.get(nxt_key, pending.get(nxt_key, state.rounds.get(nxt_key)))
+            if nxt is not None and nxt.phase == "gathering" and nxt.barrier_deadline is None:
+                nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
+                out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config)
+    return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
+
+
+def _round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:
+    """The reasons the rounds gained, for the decision log."""
+    parts = []
+    for r in rounds:
+        old = before.rounds.get(r.key)
+        new_reasons = r.reasons[len(old.reasons) :] if old is not None and len(old.reasons) <= len(r.reasons) else r.reasons
+        parts += [f"stage {r.stage} round {r.number}: {why}" for why in new_reasons]
+    return "; ".join(parts)
+
+
+def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str, float], why: str,
+          config: CoordinatorConfig) -> Decision:
+    """Remove members and move every open round they belong to past them."""
+    affected = [r for r in state.rounds.values() if not r.finished and (peer_ids.intersection(r.arrived) or peer_ids.intersection(r.members))]
+    rounds = _settle_rounds(state, now, affected, config, gone=peer_ids)
+    reason = why
+    if rounds:
+        reason += "; " + _round_reasons(rounds, state)
+    return Decision(
+        reason=reason,
+        drop_members=tuple(sorted(peer_ids)),
+        tombstones=tuple((p, when[p]) for p in sorted(peer_ids)),
+        put_rounds=rounds,
+    )
+
+
+# ------------------------------------------------------------------ decisions
+
+
+def _tick(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
+    expired = {p: m.lease_expires_at for p, m in state.members.items() if m.lease_expires_at <= now}
+    decision = NO_CHANGE
+    if expired:
+        names = ", ".join(sorted(expired)[:8]) + (f" and {len(expired) - 8} more" if len(expired) > 8 else "")
+        decision = _drop(state, now, frozenset(expired), expired, f"lease expired: {names}", config)
+    touched = {r.key for r in decision.put_rounds}
+    due = [
+        r
+        for r in state.rounds.values()
+        if r.key not in touched
+        and (
+            (r.phase == "gathering" and r.barrier_deadline is not None and now >= r.barrier_deadline)
+            or (r.phase == "running" and now >= r.attempt_deadline)
+        )
+    ]
+    if due:
+        rounds = _settle_rounds(state, now, due, config)
+        if rounds:
+            decision = decision.then(Decision(reason=_round_reasons(rounds, state), put_rounds=rounds))
+    return decision
+
+
+def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> Decision:
+    if ev.protocol_version != PROTOCOL_VERSION:
+        raise ProtocolMismatch(
+            f"peer speaks protocol {ev.protocol_version}, this coordinator speaks {PROTOCOL_VERSION}; "
+            f"install the same swarm release on peers and coordinator"
+        )
+    _check_run(state, ev.run_id)
+    if not _PEER_ID.match(ev.peer_id):
+        raise InvalidRequest(f"peer_id {ev.peer_id!r} must match [A-Za-z0-9._-]{{1,128}}")
+    _check_text("incarnation", ev.incarnation, 64)
+    _check_address(ev.address)
+    _check_stage(ev.stage)
+    caps = ev.capabilities
+    _check_text("capabilities.device", caps.device or "-", 128)
+    for name in ("flops", "bandwidth_bytes_per_s"):
+        _check_number(f"capabilities.{name}", getattr(caps, name))
+    existing = state.members.get(ev.peer_id)
+    before = NO_CHANGE
+    if existing is not None:
+        if existing.incarnation == ev.incarnation:
+            if existing.stage != ev.stage:
+                raise InvalidRequest(
+                    f"peer {ev.peer_id!r} serves stage {existing.stage}; Leave before joining stage {ev.stage}"
+                )
+            member = replace(existing, address=ev.address, capabilities=caps, lease_expires_at=now + config.lease_s)
+            return Decision(reason=f"{ev.peer_id} re-joined stage {ev.stage} from {ev.address}", put_members=(member,))
+        if existing.lease_expires_at > now:
+            left = existing.lease_expires_at - now
+            raise DuplicatePeer(
+                f"peer id {ev.peer_id!r} is held by a live process at {existing.address} (lease ends in "
+                f"{left:.1f}s); choose another --peer-id, or wait {math.ceil(left)}s if that process is gone"
+            )
+        when = {ev.peer_id: existing.lease_expires_at}
+        before = _drop(state, now, frozenset(when), when, f"lease expired: {ev.peer_id}", config)
+    member = Member(
+        peer_id=ev.peer_id,
+        incarnation=ev.incarnation,
+        address=ev.address,
+        stage=ev.stage,
+        capabilities=caps,
+        joined_at=now,
+        lease_expires_at=now + config.lease_s,
+    )
+    return before.then(Decision(reason=f"{ev.peer_id} joined stage {ev.stage} from {ev.address}", put_members=(member,)))
+
+
+def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorConfig) -> Decision:
+    _check_run(state, ev.run_id)
+    member = _live_member(state, now, ev.peer_id, ev.incarnation)
+    p = ev.progress
+    _check_number("progress.loss", p.loss)
+    _check_number("progress.tokens_per_s", p.tokens_per_s)
+    if len(p.stage_grad_norms) > MAX_GRAD_NORMS:
+        raise InvalidRequest(f"progress.stage_grad_norms has {len(p.stage_grad_norms)} values, at most {MAX_GRAD_NORMS}")
+    for i, norm in enumerate(p.stage_grad_norms):
+        _check_number(f"progress.stage_grad_norms[{i}]", norm)
+    renewed = replace(member, lease_expires_at=now + config.lease_s, progress=p)
+    return Decision(reason="", put_members=(renewed,), durable=False)
+
+
+def _leave(state: RunState, now: float, ev: Leave, config: CoordinatorConfig) -> Decision:
+    _check_run(state, ev.run_id)
+    _live_member(state, now, ev.peer_id, ev.incarnation)
+    why = ev.reason[:MAX_REASON_CHARS] or "no reason given"
+    return _drop(state, now, frozenset((ev.peer_id,)), {ev.peer_id: now}, f"{ev.peer_id} left: {why}", config)
+
+
+def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) -> Decision:
+    _check_run(state, ev.run_id)
+    member = _live_member(state, now, ev.peer_id, ev.incarnation)
+    if ev.stage != member.stage:
+        raise InvalidRequest(f"peer {ev.peer_id!r} serves stage {member.stage}, not stage {ev.stage}")
+    latest = state.latest_round(ev.stage)
+    newest = latest.number if latest is not None else -1
+    if ev.round > newest + 1:
+        raise RoundAhead(
+            f"round {ev.round} of stage {ev.stage} is ahead of the run (next round is {next_round(state, ev.stage)}); "
+            f"resync, then Rendezvous for the round Join returned"
+        )
+    rnd = state.rounds.get((ev.stage, ev.round))
+    if ev.round == newest + 1:
+        prev_open = latest is not None and not latest.finished
+        rnd = Round(
+            stage=ev.stage,
+            number=ev.round,
+            phase="gathering",
+            opened_at=now,
+            arrived=(ev.peer_id,),
+            barrier_deadline=None if prev_open else now + config.rendezvous_timeout_s,
+        )
+        changed = _settle_rounds(state, now, [rnd], config)
+    elif rnd is not None and rnd.phase == "gathering":
+        if ev.peer_id not in rnd.arrived:
+            rnd = replace(rnd, arrived=rnd.arrived + (ev.peer_id,))
+        changed = _settle_rounds(state, now, [rnd], config)
+    else:
+        return NO_CHANGE  # started, finished or forgotten: the view tells the caller
+    return Decision(reason=_round_reasons(changed, state), put_rounds=changed, durable=True)
+
+
+def _report(state: RunState, now: float, ev: ReportFailure, config: CoordinatorConfig) -> Decision:
+    _check_run(state, ev.run_id)
+    _live_member(state, now, ev.peer_id, ev.incarnation)
+    rnd = _round(state, ev.stage, ev.round)
+    if rnd.phase == "gathering":
+        raise RoundNotReady(f"round {ev.round} of stage {ev.stage} has not started; nothing to report")
+    if ev.attempt > rnd.attempt:
+        raise InvalidRequest(f"attempt {ev.attempt} of round {ev.round} does not exist (latest is {rnd.attempt})")
+    if rnd.finished or ev.attempt < rnd.attempt:
+        return NO_CHANGE  # already handled: the view returns the current attempt or outcome
+    if ev.peer_id not in rnd.members:
+        raise InvalidRequest(f"peer {ev.peer_id!r} is not a member of attempt {rnd.attempt}; only members may report")
+    if ev.suspect not in rnd.members:
+        raise InvalidRequest(f"suspect {ev.suspect!r} is not a member of attempt {rnd.attempt} of round {ev.round}")
+    why = f"failed: {ev.peer_id} reports {ev.suspect}: {ev.reason[:MAX_REASON_CHARS] or 'no reason given'}"
+    survivors = tuple(p for p in rnd.members if p != ev.suspect)
+    changed = _settle_rounds(state, now, [_next_attempt(rnd, now, survivors, why, config)], config)
+    return Decision(reason=_round_reasons(changed, state), put_rounds=changed)
+
+
+def _commit(state: RunState, now: float, ev: Commit, config: CoordinatorConfig) -> Decision:
+    _check_run(state, ev.run_id)
+    _live_member(state, now, ev.peer_id, ev.incarnation)
+    if not _HASH.match(ev.state_hash):
+        raise InvalidRequest("state_hash must be 8 to 128 lowercase hex digits")
+    rnd = _round(state, ev.stage, ev.round)
+    if rnd.phase == "gathering":
+        raise RoundNotReady(f"round {ev.round} of stage {ev.stage} has not started; Rendezvous first")
+    if ev.attempt > rnd.attempt:
+        raise InvalidRequest(f"attempt {ev.attempt} of round {ev.round} does not exist (latest is {rnd.attempt})")
+    if ev.attempt < rnd.attempt:
+        raise StaleAttempt(
+            f"attempt {ev.attempt} of round {ev.round} was superseded by attempt {rnd.attempt} "
+            f"({rnd.reasons[-1] if rnd.reasons else 'no reason'}); run attempt {rnd.attempt} instead"
+        )
+    if rnd.finished:
+        return NO_CHANGE  # a late or repeated commit: the view compares it with the outcome
+    if ev.peer_id not in rnd.members:
+        raise InvalidRequest(f"peer {ev.peer_id!r} is not a member of attempt {rnd.attempt} of round {ev.round}")
+    previous = rnd.commit_of(ev.peer_id)
+    if previous is not None:
+        if previous != ev.state_hash:
+            raise InvalidRequest(f"peer {ev.peer_id!r} already committed {previous[:12]} for attempt {rnd.attempt}")
+        return NO_CHANGE
+    rnd = replace(rnd, commits=rnd.commits + ((ev.peer_id, ev.state_hash),))
+    changed = _settle_rounds(state, now, [rnd], config)
+    return Decision(reason=_round_reasons(changed, state), put_rounds=changed)
+
+
+# ---------------------------------------------------------------------- views
+
+
+def next_round(state: RunState, stage: int) -> int:
+    """The round of `stage` a peer should rendezvous for now."""
+    latest = state.latest_round(stage)
+    if latest is None:
+        return 0
+    return latest.number if latest.phase == "gathering" else latest.number + 1
+
+
+def recover(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
+    """After a coordinator restart: renew every lease and give open rounds time to reconnect.
+
+    The coordinator's downtime is not the peers' fault: every member gets a
+    full lease from `now`, and open barriers and attempts at least as long,
+    so peers that kept running simply re-attach with their next call.
+    """
+    members = tuple(
+        replace(m, lease_expires_at=now + config.lease_s)
+        for m in state.members.values()
+        if m.lease_expires_at < now + config.lease_s
+    )
+    rounds = []
+    for r in state.rounds.values():
+        if r.phase == "running" and r.attempt_deadline < now + config.lease_s:
+            rounds.append(replace(r, attempt_deadline=now + config.lease_s))
+        elif r.phase == "gathering" and r.barrier_deadline is not None and r.barrier_deadline < now + config.lease_s:
+            rounds.append(replace(r, barrier_deadline=now + config.lease_s))
+    if not state.members and not state.rounds:
+        return NO_CHANGE
+    committed = sorted((r.stage, r.number) for r in state.rounds.values() if r.phase == "committed")
+    return Decision(
+        reason=(
+            f"recovered {len(state.members)} members and {len(state.rounds)} rounds "
+            f"({len(committed)} committed); leases renewed for {config.lease_s:g}s"
+        ),
+        put_members=members,
+        put_rounds=tuple(rounds),
+    )

@@ -1,0 +1,268 @@
+"""The gRPC servicer: a thin adapter from protobuf to decisions and views.
+
+Each handler decodes the request into an event, lets the `Coordinator`
+decide, and encodes the view. Domain errors map to status codes here and
+only here (`_STATUS`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from swarm.coordinator import views
+from swarm.coordinator.core import Coordinator
+from swarm.coordinator.decisions import Arrive, Commit, Heartbeat, Join, Leave, ReportFailure, next_round
+from swarm.coordinator.errors import (
+    PROTOCOL_VERSION,
+    CoordinatorError,
+    DuplicatePeer,
+    InvalidRequest,
+    LeaseExpired,
+    ProtocolMismatch,
+    RoundAhead,
+    RoundNotReady,
+    StaleAttempt,
+    UnknownPeer,
+    UnknownRun,
+)
+from swarm.coordinator.state import Capabilities, Member, Progress
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("swarm.coordinator")
+
+_STATUS: dict[type[CoordinatorError], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ProtocolMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    UnknownRun: grpc.StatusCode.NOT_FOUND,
+    UnknownPeer: grpc.StatusCode.NOT_FOUND,
+    LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    DuplicatePeer: grpc.StatusCode.ALREADY_EXISTS,
+    StaleAttempt: grpc.StatusCode.ABORTED,
+    RoundNotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    RoundAhead: grpc.StatusCode.OUT_OF_RANGE,
+}
+"""Status code per domain error; clients read the code, people read the message."""
+
+# Seconds kept in hand before the caller's own gRPC deadline, so a held call
+# answers WAITING instead of the caller seeing DEADLINE_EXCEEDED.
+_DEADLINE_MARGIN_S = 0.25
+
+STATUS_ROUNDS_PER_STAGE = 8
+"""GetStatus shows this many of the latest rounds of each stage."""
+
+R = TypeVar("R")
+
+
+def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    @functools.wraps(handler)
+    async def wrapper(self: CoordinatorService, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await handler(self, request, context)
+        except CoordinatorError as e:
+            await context.abort(_STATUS[type(e)], str(e))
+            raise AssertionError("unreachable") from e
+
+    return wrapper
+
+
+def _caps_to_pb(c: Capabilities) -> pb.Capabilities:
+    return pb.Capabilities(
+        device=c.device, flops=c.flops, bandwidth_bytes_per_s=c.bandwidth_bytes_per_s, memory_bytes=c.memory_bytes
+    )
+
+
+def _member_to_pb(m: Member) -> pb.Member:
+    return pb.Member(peer_id=m.peer_id, address=m.address, capabilities=_caps_to_pb(m.capabilities))
+
+
+def _attempt_to_pb(a: views.AttemptView | None) -> pb.Attempt | None:
+    if a is None:
+        return None
+    return pb.Attempt(number=a.number, members=[_member_to_pb(m) for m in a.members], deadline_in_s=a.deadline_in_s)
+
+
+def _progress_to_pb(p: Progress) -> pb.Progress:
+    return pb.Progress(
+        step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, stage_grad_norms=list(p.stage_grad_norms)
+    )
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """Serves the Coordinator service of protos/swarm/v1/coordinator.proto."""
+
+    def __init__(self, core: Coordinator) -> None:
+        self.core = core
+
+    def _wait_budget_s(self, requested_s: float, context: grpc.aio.ServicerContext) -> float:
+        budget = self.core.config.max_wait_s if requested_s <= 0 else min(requested_s, self.core.config.max_wait_s)
+        remaining = context.time_remaining()
+        if remaining is not None:
+            budget = min(budget, remaining - _DEADLINE_MARGIN_S)
+        return max(0.0, budget)
+
+    @_mapped
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
+        c = request.capabilities
+        event = Join(
+            run_id=request.run_id,
+            peer_id=request.peer_id,
+            protocol_version=request.protocol_version,
+            address=request.address,
+            capabilities=Capabilities(c.device, c.flops, c.bandwidth_bytes_per_s, c.memory_bytes),
+            stage=request.stage,
+            incarnation=request.incarnation,
+        )
+        decision = self.core.handle(event)
+        state, cfg = self.core.state, self.core.config
+        last = state.last_committed(request.stage)
+        return pb.JoinReply(
+            lease_s=cfg.lease_s,
+            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            next_round=next_round(state, request.stage),
+            has_committed=last is not None,
+            last_committed_round=last.number if last else 0,
+            last_committed_hash=last.committed_hash if last else "",
+            reason=decision.reason,
+        )
+
+    @_mapped
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        p = request.progress
+        progress = Progress(p.step, p.loss, p.tokens_per_s, tuple(p.stage_grad_norms))
+        self.core.handle(Heartbeat(request.run_id, request.peer_id, request.incarnation, progress))
+        return pb.HeartbeatReply(lease_expires_in_s=self.core.config.lease_s)
+
+    @_mapped
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        decision = self.core.handle(Leave(request.run_id, request.peer_id, request.incarnation, request.reason))
+        return pb.LeaveReply(reason=decision.reason)
+
+    @_mapped
+    async def Rendezvous(self, request: pb.RendezvousRequest, context: grpc.aio.ServicerContext) -> pb.RendezvousReply:
+        self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round))
+        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
+        while True:
+            view = views.rendezvous(self.core.state, self.core.clock(), request.peer_id, request.stage, request.round)
+            left = give_up - time.monotonic()
+            if view.outcome != "waiting" or left <= 0:
+                break
+            await self.core.wait_round((request.stage, request.round), left)
+        return pb.RendezvousReply(
+            outcome=pb.RendezvousReply.Outcome.Value(view.outcome.upper()),
+            attempt=_attempt_to_pb(view.attempt),
+            next_round=view.next_round,
+            reason=view.reason,
+        )
+
+    @_mapped
+    async def ReportFailure(
+        self, request: pb.ReportFailureRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportFailureReply:
+        event = ReportFailure(
+            request.run_id,
+            request.peer_id,
+            request.incarnation,
+            request.stage,
+            request.round,
+            request.attempt,
+            request.suspect,
+            request.reason,
+        )
+        self.core.handle(event)
+        view = views.report(self.core.state, self.core.clock(), request.stage, request.round)
+        return pb.ReportFailureReply(
+            outcome=pb.ReportFailureReply.Outcome.Value(view.outcome.upper()),
+            attempt=_attempt_to_pb(view.attempt),
+            reason=view.reason,
+        )
+
+    @_mapped
+    async def CommitRound(
+        self, request: pb.CommitRoundRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommitRoundReply:
+        event = Commit(
+            request.run_id,
+            request.peer_id,
+            request.incarnation,
+            request.stage,
+            request.round,
+            request.attempt,
+            request.state_hash,
+        )
+        self.core.handle(event)
+        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
+        key = (request.stage, request.round)
+        while True:
+            view = views.commit(
+                self.core.state,
+                self.core.clock(),
+                request.peer_id,
+                request.stage,
+                request.round,
+                request.attempt,
+                request.state_hash,
+            )
+            left = give_up - time.monotonic()
+            if view.outcome != "waiting" or left <= 0:
+                break
+            await self.core.wait_round(key, left)
+        return pb.CommitRoundReply(
+            outcome=pb.CommitRoundReply.Outcome.Value(view.outcome.upper()),
+            donor=_member_to_pb(view.donor) if view.donor else None,
+            attempt=_attempt_to_pb(view.attempt),
+            committed_hash=view.committed_hash,
+            reason=view.reason,
+        )
+
+    @_mapped
+    async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        state, now = self.core.state, self.core.clock()
+        if request.run_id and request.run_id != state.run_id:
+            raise UnknownRun(f"this coordinator serves run {state.run_id!r}, not {request.run_id!r}")
+        members = [
+            pb.MemberStatus(
+                member=_member_to_pb(m),
+                stage=m.stage,
+                lease_expires_in_s=m.lease_expires_at - now,
+                joined_ago_s=now - m.joined_at,
+                progress=_progress_to_pb(m.progress),
+            )
+            for m in sorted(state.members.values(), key=lambda m: (m.stage, m.peer_id))
+        ]
+        latest = sorted(state.rounds.values(), key=lambda r: (r.stage, r.number))
+        per_stage: dict[int, list] = {}
+        for r in latest:
+            per_stage.setdefault(r.stage, []).append(r)
+        rounds = [
+            pb.RoundStatus(
+                stage=r.stage,
+                round=r.number,
+                phase=r.phase,
+                attempt=r.attempt,
+                members=list(r.members),
+                arrived=list(r.arrived),
+                commits=len(r.commits),
+                committed_hash=r.committed_hash,
+                diverged=list(r.diverged),
+                reasons=list(r.reasons),
+            )
+            for stage_rounds in per_stage.values()
+            for r in stage_rounds[-STATUS_ROUNDS_PER_STAGE:]
+        ]
+        events = [pb.Event(ago_s=now - at, reason=why) for at, why in self.core.events]
+        return pb.StatusReply(
+            run_id=state.run_id,
+            protocol_version=PROTOCOL_VERSION,
+            members=members,
+            rounds=rounds,
+            events=events,
+            uptime_s=now - self.core.started_at,
+        )
+

@@ -1,0 +1,176 @@
+"""The coordinator's state: plain frozen records, and the changes decisions make.
+
+Decisions (`decisions.py`) read a `RunState` and return a `Decision`: the
+records to put or drop plus a human-readable reason. They never mutate the
+state they are given; `apply` is the only writer, and stores call it after
+persisting the same changes. So `(state, now, event) -> (changes, reason)` is
+pure and tests run without sockets or clocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+Phase = Literal["gathering", "running", "committed", "aborted"]
+FINISHED: frozenset[str] = frozenset({"committed", "aborted"})
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a peer measured about itself when it started."""
+
+    device: str = ""
+    flops: float = 0.0
+    bandwidth_bytes_per_s: float = 0.0
+    memory_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Training progress from the latest heartbeat."""
+
+    step: int = 0
+    loss: float = 0.0
+    tokens_per_s: float = 0.0
+    stage_grad_norms: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A live member of the run."""
+
+    peer_id: str
+    incarnation: str
+    address: str
+    stage: int
+    capabilities: Capabilities
+    joined_at: float
+    lease_expires_at: float
+    progress: Progress = Progress()
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One round of one stage: its barrier, its current attempt and its outcome.
+
+    While `phase == "gathering"`, `arrived` fills up and `barrier_deadline`
+    (None while the stage's previous round is unfinished) bounds the wait.
+    Each attempt has an ordered member list; `commits` holds the hashes
+    offered for the current attempt only, so an old attempt can never commit.
+    """
+
+    stage: int
+    number: int
+    phase: Phase
+    opened_at: float
+    arrived: tuple[str, ...] = ()
+    barrier_deadline: float | None = None
+    attempt: int = 0
+    members: tuple[str, ...] = ()
+    attempt_deadline: float = 0.0
+    commits: tuple[tuple[str, str], ...] = ()
+    committed_hash: str = ""
+    diverged: tuple[str, ...] = ()
+    donor: str = ""
+    finished_at: float = 0.0
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.stage, self.number)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED
+
+    def commit_of(self, peer_id: str) -> str | None:
+        for peer, digest in self.commits:
+            if peer == peer_id:
+                return digest
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one event changes, and why.
+
+    `durable` is False for changes that may be lost in a crash without harm
+    (heartbeat progress and lease renewals: a restarted coordinator grants
+    every member a fresh lease anyway); stores may batch those.
+    """
+
+    reason: str
+    put_members: tuple[Member, ...] = ()
+    drop_members: tuple[str, ...] = ()
+    put_rounds: tuple[Round, ...] = ()
+    tombstones: tuple[tuple[str, float], ...] = ()
+    durable: bool = True
+
+    @property
+    def empty(self) -> bool:
+        return not (self.put_members or self.drop_members or self.put_rounds or self.tombstones)
+
+    def then(self, other: Decision) -> Decision:
+        """Both decisions' changes in order (later puts of the same key win)."""
+        reasons = "; ".join(r for r in (self.reason, other.reason) if r)
+        return Decision(
+            reason=reasons,
+            put_members=self.put_members + other.put_members,
+            drop_members=self.drop_members + other.drop_members,
+            put_rounds=self.put_rounds + other.put_rounds,
+            tombstones=self.tombstones + other.tombstones,
+            durable=self.durable or other.durable,
+        )
+
+
+NO_CHANGE = Decision(reason="", durable=False)
+
+MAX_TOMBSTONES = 10_000
+"""Expired peer ids remembered so a late heartbeat gets a precise error."""
+
+
+@dataclass(slots=True)
+class RunState:
+    """Everything the coordinator knows about its run."""
+
+    run_id: str
+    members: dict[str, Member] = field(default_factory=dict)
+    rounds: dict[tuple[int, int], Round] = field(default_factory=dict)
+    tombstones: dict[str, float] = field(default_factory=dict)
+    """peer id -> when its lease expired (or it left)."""
+
+    def latest_round(self, stage: int) -> Round | None:
+        """The highest-numbered round of `stage` still held in memory."""
+        best: Round | None = None
+        for r in self.rounds.values():
+            if r.stage == stage and (best is None or r.number > best.number):
+                best = r
+        return best
+
+    def last_committed(self, stage: int) -> Round | None:
+        best: Round | None = None
+        for r in self.rounds.values():
+            if r.stage == stage and r.phase == "committed" and (best is None or r.number > best.number):
+                best = r
+        return best
+
+    def stage_members(self, stage: int) -> Iterable[Member]:
+        return (m for m in self.members.values() if m.stage == stage)
+
+
+def apply(state: RunState, decision: Decision) -> None:
+    """Apply a decision's changes to `state` in place (the only writer of state)."""
+    for peer_id in decision.drop_members:
+        state.members.pop(peer_id, None)
+    for member in decision.put_members:
+        state.members[member.peer_id] = member
+        state.tombstones.pop(member.peer_id, None)
+    for peer_id, when in decision.tombstones:
+        state.tombstones[peer_id] = when
+    if len(state.tombstones) > MAX_TOMBSTONES:
+        for peer_id in sorted(state.tombstones, key=state.tombstones.__getitem__)[: len(state.tombstones) // 2]:
+            del state.tombstones[peer_id]
+    for rnd in decision.put_rounds:
+        state.rounds[rnd.key] = rnd

@@ -1,0 +1,108 @@
+"""Answers to callers, read from the state after a decision was applied.
+
+Pure like the decisions: each view takes the state and the clock and says
+what the caller should do next. Blocking calls (Rendezvous, CommitRound) ask
+their view again each time the round changes until it stops saying WAITING.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from swarm.coordinator.decisions import next_round
+from swarm.coordinator.state import Capabilities, Member, Round, RunState
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptView:
+    number: int
+    members: tuple[Member, ...]
+    deadline_in_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RendezvousView:
+    outcome: Literal["started", "waiting", "missed", "aborted"]
+    attempt: AttemptView | None
+    next_round: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportView:
+    outcome: Literal["retry", "aborted", "committed"]
+    attempt: AttemptView | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CommitView:
+    outcome: Literal["ok", "diverged", "retry", "aborted", "waiting"]
+    donor: Member | None
+    attempt: AttemptView | None
+    committed_hash: str
+    reason: str
+
+
+def attempt_view(state: RunState, rnd: Round, now: float) -> AttemptView:
+    """The current attempt of `rnd` with each member's address (a member gone since shows no address)."""
+    members = tuple(
+        state.members.get(p) or Member(p, "", "", rnd.stage, Capabilities(), 0.0, 0.0) for p in rnd.members
+    )
+    return AttemptView(number=rnd.attempt, members=members, deadline_in_s=max(0.0, rnd.attempt_deadline - now))
+
+
+def _last(rnd: Round) -> str:
+    return rnd.reasons[-1] if rnd.reasons else ""
+
+
+def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: int) -> RendezvousView:
+    """What a peer that arrived for round `number` should do now."""
+    rnd = state.rounds.get((stage, number))
+    nxt = next_round(state, stage)
+    if rnd is None:
+        return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} is over; resync, then join {nxt}")
+    if rnd.phase == "gathering":
+        waiting_for = "the previous round to finish" if rnd.barrier_deadline is None else (
+            f"{max(0.0, rnd.barrier_deadline - now):.1f}s more at most")
+        return RendezvousView("waiting", None, nxt, f"{len(rnd.arrived)} arrived; waiting for {waiting_for}")
+    if rnd.phase == "running" and peer_id in rnd.members:
+        return RendezvousView("started", attempt_view(state, rnd, now), nxt, _last(rnd))
+    if rnd.phase == "aborted" and peer_id in rnd.arrived:
+        return RendezvousView("aborted", None, nxt, _last(rnd))
+    return RendezvousView(
+        "missed", None, nxt, f"missed round {number} of stage {stage} (it started without you); resync, then join {nxt}"
+    )
+
+
+def report(state: RunState, now: float, stage: int, number: int) -> ReportView:
+    """What a member that reported a failure should do now."""
+    rnd = state.rounds[(stage, number)]
+    if rnd.phase == "committed":
+        return ReportView("committed", None, _last(rnd))
+    if rnd.phase == "aborted":
+        return ReportView("aborted", None, _last(rnd))
+    return ReportView("retry", attempt_view(state, rnd, now), _last(rnd))
+
+
+def commit(state: RunState, now: float, peer_id: str, stage: int, number: int, attempt: int, digest: str) -> CommitView:
+    """What a member that offered `digest` for `attempt` should do now."""
+    rnd = state.rounds[(stage, number)]
+    if rnd.phase == "aborted":
+        return CommitView("aborted", None, None, "", f"{_last(rnd)}; keep local state")
+    if rnd.phase == "committed":
+        donor = state.members.get(rnd.donor)
+        if attempt == rnd.attempt and digest == rnd.committed_hash:
+            return CommitView("ok", donor, None, rnd.committed_hash, _last(rnd))
+        why = (
+            f"your hash {digest[:12]} differs from the committed {rnd.committed_hash[:12]}"
+            if attempt == rnd.attempt
+            else f"the round committed at attempt {rnd.attempt} without you"
+        )
+        return CommitView("diverged", donor, None, rnd.committed_hash, f"{why}; resync from {rnd.donor}")
+    if rnd.attempt > attempt:
+        if peer_id in rnd.members:
+            return CommitView("retry", None, attempt_view(state, rnd, now), "", _last(rnd))
+        return CommitView("aborted", None, None, "", f"excluded from attempt {rnd.attempt}: {_last(rnd)}; keep local state and resync")
+    return CommitView("waiting", None, None, "", f"{len(rnd.commits)}/{len(rnd.members)} members committed")
