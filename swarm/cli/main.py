@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from swarm.cli import coordinator_cmd, local_cmd, status_cmd
+from swarm.cli import coordinator_cmd, local_cmd, peer_cmd, status_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "WARNING"),
                         help="logging level for stderr (default: %(default)s; env SWARM_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (coordinator_cmd, status_cmd, local_cmd):
+    for module in (coordinator_cmd, peer_cmd, status_cmd, local_cmd):
         module.add_parser(sub)
     return parser
 

@@ -24,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Ask a coordinator for its run's state and print it.",
     )
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="coordinator address")
+    p.add_argument("--run-id", default="", help="fail unless the coordinator serves this run (default: any)")
     p.add_argument("--json", action="store_true", help="print the full status as JSON")
     p.add_argument("--watch", action="store_true", help="refresh the view every --interval-s until Ctrl-C")
     p.add_argument("--interval-s", type=float, default=1.0, help="refresh interval with --watch (default: %(default)s)")
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    config = ClientConfig(target=args.coordinator, rpc_timeout_s=args.timeout_s, retry_for_s=args.timeout_s)
+    config = ClientConfig(target=args.coordinator, run_id=args.run_id, rpc_timeout_s=args.timeout_s, retry_for_s=args.timeout_s)
     client = CoordinatorClient(config)
     console = Console()
     try:

@@ -20,8 +20,8 @@ class CoordinatorConfig:
     """Name of the run this coordinator serves; peers must send the same."""
     lease_s: float = 10.0
     """A peer that sends no heartbeat for this long is dropped from the run."""
-    heartbeat_interval_s: float = 2.0
-    """How often peers are told to heartbeat; must be well below lease_s."""
+    heartbeat_interval_s: float = 0.0
+    """How often peers are told to heartbeat; at most lease_s / 2 (0: lease_s / 4)."""
     rendezvous_timeout_s: float = 30.0
     """A round's barrier closes this long after it opened even if live members are missing."""
     attempt_timeout_s: float = 120.0
@@ -40,6 +40,8 @@ class CoordinatorConfig:
     """How often heartbeat progress is written to the database (leases restart with grace)."""
 
     def __post_init__(self) -> None:
+        if self.heartbeat_interval_s == 0:
+            self.heartbeat_interval_s = self.lease_s / 4
         if not _RUN_ID.match(self.run_id):
             raise ValueError(f"run_id {self.run_id!r} must match [A-Za-z0-9._-]{{1,64}}; set coordinator.run_id")
         for f in fields(self):

@@ -1,0 +1,1 @@
+"""The peer daemon behind `swarm peer` (installed as swarm.peers)."""

@@ -1,0 +1,194 @@
+"""The peer daemon: join a run, heartbeat, and take part in every round.
+
+What a round computes is the peer's *task*. This release has one task,
+`control`: it exercises the whole control-plane protocol (barrier, attempts,
+commits, divergence and resync) with a stand-in update, the SHA-256 of the
+previous state hash, the round and the attempt's ordered member list, so every
+peer in sync offers the same hash, as real averaging would. The data plane and
+training tasks plug into `_run_round` (issues 3 and 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import signal
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
+from swarm.proto.v1 import coordinator_pb2 as pb
+
+log = logging.getLogger("swarm.peer")
+GENESIS_HASH = hashlib.sha256(b"swarm genesis").hexdigest()
+Rdv = pb.RendezvousReply.Outcome
+Cmt = pb.CommitRoundReply.Outcome
+
+
+@dataclass(kw_only=True, slots=True)
+class PeerConfig:
+    """One peer's settings."""
+
+    client: ClientConfig
+    """How to reach the coordinator (address, run id, this peer's id)."""
+    address: str = "127.0.0.1:9"
+    """Data-plane address announced to other members (not served by the `control` task)."""
+    stage: int = 0
+    """Pipeline stage this peer serves."""
+    task: Literal["control"] = "control"
+    """What a round computes; see the module docstring."""
+    rounds: int = 10
+    """Stop once rounds 0 .. rounds-1 of the run are over (0: run until stopped)."""
+    work_s: float = 0.2
+    """Simulated local work per round (the inner steps of training)."""
+    wait_s: float = 10.0
+    """Longest one held Rendezvous/CommitRound call waits before asking again."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0 or self.work_s < 0 or self.wait_s <= 0:
+            raise ValueError("rounds and work_s must be >= 0 and wait_s > 0")
+
+
+@dataclass(slots=True)
+class PeerReport:
+    """What a peer did, printed as JSON when it stops."""
+
+    peer_id: str
+    state_hash: str = GENESIS_HASH
+    rounds_committed: int = 0
+    last_round: int = -1
+    attempts: int = 0
+    retries: int = 0
+    resyncs: int = 0
+    missed: int = 0
+    aborted: int = 0
+    rejoins: int = 0
+    stopped_by: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+def _update(state_hash: str, round_: int, attempt: pb.Attempt) -> str:
+    h = hashlib.sha256(state_hash.encode())
+    h.update(f"|{round_}|".encode())
+    h.update(",".join(m.peer_id for m in attempt.members).encode())
+    return h.hexdigest()
+
+
+class Peer:
+    """A running peer; `run()` returns its report when done or stopped."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.client = CoordinatorClient(config.client)
+        self.report = PeerReport(peer_id=config.client.peer_id)
+        self.stopping = asyncio.Event()
+        self._heartbeat_s = 1.0
+
+    async def _join(self) -> int:
+        reply = await self.client.join(self.config.address, pb.Capabilities(device="cpu"), self.config.stage)
+        self._heartbeat_s = reply.heartbeat_interval_s
+        if reply.has_committed and reply.last_committed_hash != self.report.state_hash:
+            # Joining a run in progress: adopt the committed state (the donor download of issue 5).
+            self.report.state_hash = reply.last_committed_hash
+            self.report.resyncs += 1
+        return int(reply.next_round)
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            progress = pb.Progress(step=self.report.rounds_committed, loss=0.0)
+            try:
+                await self.client.heartbeat(progress)
+            except CoordinatorCallError as e:
+                log.warning("heartbeat failed: %s", e)
+                self.report.errors.append(str(e))
+
+    async def run(self) -> PeerReport:
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            round_ = await self._join()
+            heartbeats = asyncio.create_task(self._heartbeats())
+            while not self.stopping.is_set() and (self.config.rounds == 0 or round_ < self.config.rounds):
+                try:
+                    round_ = await self._run_round(round_)
+                except CoordinatorCallError as e:
+                    if e.code.name not in ("FAILED_PRECONDITION", "NOT_FOUND"):
+                        raise
+                    # Dropped (lease expired) or the round moved on: join again and resync.
+                    log.warning("%s; joining again", e)
+                    self.report.rejoins += 1
+                    round_ = await self._join()
+            self.report.stopped_by = self.report.stopped_by or "done"
+        except CoordinatorCallError as e:
+            self.report.stopped_by = "error"
+            self.report.errors.append(str(e))
+        finally:
+            if heartbeats is not None:
+                heartbeats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeats
+            with contextlib.suppress(CoordinatorCallError):
+                await self.client.leave(self.report.stopped_by or "stopped")
+            await self.client.close()
+        return self.report
+
+    async def _run_round(self, round_: int) -> int:
+        """Take part in `round_`; returns the round to go to next."""
+        stage, cfg, rep = self.config.stage, self.config, self.report
+        reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
+        while reply.outcome == Rdv.WAITING:
+            if self.stopping.is_set():
+                return round_
+            reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
+        if reply.outcome == Rdv.MISSED:
+            rep.missed += 1
+            return int(reply.next_round)
+        if reply.outcome == Rdv.ABORTED:
+            rep.aborted += 1
+            return int(reply.next_round)
+        attempt = reply.attempt
+        while True:
+            rep.attempts += 1
+            await asyncio.sleep(cfg.work_s)
+            digest = _update(rep.state_hash, round_, attempt)
+            out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
+            while out.outcome == Cmt.WAITING:
+                out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
+            if out.outcome == Cmt.RETRY:
+                rep.retries += 1
+                attempt = out.attempt
+                continue
+            rep.last_round = round_
+            if out.outcome == Cmt.OK:
+                rep.state_hash = digest
+                rep.rounds_committed += 1
+            elif out.outcome == Cmt.DIVERGED:
+                rep.state_hash = out.committed_hash
+                rep.resyncs += 1
+            else:
+                rep.aborted += 1
+            return round_ + 1
+
+
+async def run_peer(config: PeerConfig) -> PeerReport:
+    """Run a peer until it finishes its rounds or gets SIGINT/SIGTERM (then it leaves cleanly)."""
+    peer = Peer(config)
+    loop = asyncio.get_running_loop()
+
+    def stop(signame: str) -> None:
+        peer.report.stopped_by = signame
+        peer.stopping.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig.name)
+    return await peer.run()
+
+
+def print_report(report: PeerReport) -> None:
+    """The report as one JSON line on stdout (read by `swarm local`)."""
+    sys.stdout.write(json.dumps({"peer_report": asdict(report)}) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,57 @@
+"""`swarm peer`: join a run and take part in its rounds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from swarm.coordinator.client import ClientConfig
+from swarm.peers.daemon import PeerConfig, print_report, run_peer
+from swarm.utils import run_async
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "peer",
+        help="join a run and take part in its rounds",
+        description=(
+            "Join a run through its coordinator, heartbeat, and take part in every round until the run's first --rounds "
+            "rounds are over or SIGINT/SIGTERM (then it leaves the run cleanly). Prints its report as one "
+            "JSON line at the end. Task `control` runs the full control-plane protocol with a stand-in "
+            "update; training tasks arrive with the data plane."
+        ),
+    )
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="coordinator address")
+    p.add_argument("--run-id", default="default", help="run to join (default: %(default)s)")
+    p.add_argument("--peer-id", default=None, help="unique id in the run (default: HOSTNAME-PID)")
+    p.add_argument("--stage", type=int, default=0, help="pipeline stage served (default: %(default)s)")
+    p.add_argument("--task", choices=["control"], default="control", help="what a round computes")
+    p.add_argument("--rounds", type=int, default=10, help="stop once rounds 0..N-1 of the run are over; 0: run until stopped")
+    p.add_argument("--work-s", type=float, default=0.2, help="simulated local work per round (default: %(default)s)")
+    p.add_argument("--retry-for-s", type=float, default=30.0,
+                   help="keep retrying an unreachable coordinator this long (default: %(default)s)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    peer_id = args.peer_id or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        config = PeerConfig(
+            client=ClientConfig(target=args.coordinator, run_id=args.run_id, peer_id=peer_id,
+                                retry_for_s=args.retry_for_s),
+            stage=args.stage,
+            task=args.task,
+            rounds=args.rounds,
+            work_s=args.work_s,
+        )
+    except ValueError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 2
+    report = run_async(run_peer(config))
+    print_report(report)
+    if report.stopped_by == "error":
+        print(f"swarm peer: stopped on error: {report.errors[-1]}", file=sys.stderr)
+        return 1
+    return 0
