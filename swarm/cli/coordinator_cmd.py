@@ -63,11 +63,12 @@ async def _serve(config: CoordinatorConfig, store, host: str, port: int) -> int:
         store.close()
         print(f"swarm coordinator: {e}", file=sys.stderr)
         return 2
-    print(f"coordinator listening on {host}:{running.port}", flush=True)
+    # Handlers before the `listening` line: a supervisor may send SIGTERM as soon as it reads it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"coordinator listening on {host}:{running.port}", flush=True)
     try:
         await stop.wait()
     finally:

@@ -362,13 +362,32 @@ def _round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:
 
 
 def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str, float], why: str,
-          config: CoordinatorConfig) -> Decision:
-    """Remove members and move every open round they belong to past them."""
-    affected = [r for r in state.rounds.values() if not r.finished and (peer_ids.intersection(r.arrived) or peer_ids.intersection(r.members))]
+          config: CoordinatorConfig, due: tuple[Round, ...] = ()) -> Decision:
+    """Remove members and move every open round they belong to past them.
+
+    Gathering rounds of their stages are settled too: once a member that had
+    not arrived is gone, everyone left may have arrived. `due` rounds (past a
+    deadline) are settled in the same pass, so no round is decided twice from
+    the old state with the later version overwriting the first.
+    """
+    stages = {state.members[p].stage for p in peer_ids if p in state.members}
+    affected = [
+        r
+        for r in state.rounds.values()
+        if not r.finished
+        and (
+            peer_ids.intersection(r.arrived)
+            or peer_ids.intersection(r.members)
+            or (r.phase == "gathering" and r.stage in stages)
+        )
+    ]
+    keys = {r.key for r in affected}
+    affected += [r for r in due if r.key not in keys]
     rounds = _settle_rounds(state, now, affected, config, gone=peer_ids)
     reason = why
-    if rounds:
-        reason += "; " + _round_reasons(rounds, state)
+    gained = _round_reasons(rounds, state)
+    if gained:
+        reason += "; " + gained
     return Decision(
         reason=reason,
         drop_members=tuple(sorted(peer_ids)),
@@ -382,25 +401,20 @@ def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str,
 
 def _tick(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
     expired = {p: m.lease_expires_at for p, m in state.members.items() if m.lease_expires_at <= now}
-    decision = NO_CHANGE
-    if expired:
-        names = ", ".join(sorted(expired)[:8]) + (f" and {len(expired) - 8} more" if len(expired) > 8 else "")
-        decision = _drop(state, now, frozenset(expired), expired, f"lease expired: {names}", config)
-    touched = {r.key for r in decision.put_rounds}
-    due = [
+    due = tuple(
         r
         for r in state.rounds.values()
-        if r.key not in touched
-        and (
-            (r.phase == "gathering" and r.barrier_deadline is not None and now >= r.barrier_deadline)
-            or (r.phase == "running" and now >= r.attempt_deadline)
-        )
-    ]
+        if (r.phase == "gathering" and r.barrier_deadline is not None and now >= r.barrier_deadline)
+        or (r.phase == "running" and now >= r.attempt_deadline)
+    )
+    if expired:
+        names = ", ".join(sorted(expired)[:8]) + (f" and {len(expired) - 8} more" if len(expired) > 8 else "")
+        return _drop(state, now, frozenset(expired), expired, f"lease expired: {names}", config, due)
     if due:
-        rounds = _settle_rounds(state, now, due, config)
+        rounds = _settle_rounds(state, now, list(due), config)
         if rounds:
-            decision = decision.then(Decision(reason=_round_reasons(rounds, state), put_rounds=rounds))
-    return decision
+            return Decision(reason=_round_reasons(rounds, state), put_rounds=rounds)
+    return NO_CHANGE
 
 
 def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> Decision:

@@ -164,11 +164,13 @@ def apply(state: RunState, decision: Decision) -> None:
     """Apply a decision's changes to `state` in place (the only writer of state)."""
     for peer_id in decision.drop_members:
         state.members.pop(peer_id, None)
+    # Tombstones before puts: a Join that replaces an expired incarnation drops
+    # and tombstones the id, then puts the new member, which must not stay tombstoned.
+    for peer_id, when in decision.tombstones:
+        state.tombstones[peer_id] = when
     for member in decision.put_members:
         state.members[member.peer_id] = member
         state.tombstones.pop(member.peer_id, None)
-    for peer_id, when in decision.tombstones:
-        state.tombstones[peer_id] = when
     if len(state.tombstones) > MAX_TOMBSTONES:
         for peer_id in sorted(state.tombstones, key=state.tombstones.__getitem__)[: len(state.tombstones) // 2]:
             del state.tombstones[peer_id]

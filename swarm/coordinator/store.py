@@ -136,13 +136,13 @@ class SqliteStore(Store):
         db = self._db
         if d.drop_members:
             db.executemany("DELETE FROM members WHERE peer_id = ?", [(p,) for p in d.drop_members])
+        if d.tombstones:  # before puts, in the same order as state.apply
+            db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?, ?)", d.tombstones)
         if d.put_members:
             db.executemany(
                 "INSERT OR REPLACE INTO members VALUES (?, ?)", [(m.peer_id, _member_to_json(m)) for m in d.put_members]
             )
             db.executemany("DELETE FROM tombstones WHERE peer_id = ?", [(m.peer_id,) for m in d.put_members])
-        if d.tombstones:
-            db.executemany("INSERT OR REPLACE INTO tombstones VALUES (?, ?)", d.tombstones)
         if d.put_rounds:
             db.executemany(
                 "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)",

@@ -1,0 +1,92 @@
+"""End-to-end: `swarm local` with real processes, a real SIGKILL and a real Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+SWARM = [sys.executable, "-m", "swarm.cli.main"]
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_local_run_survives_sigkill_of_a_peer(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*SWARM, "local", "--peers", "4", "--rounds", "8", "--work-s", "0.1", "--lease-s", "2",
+         "--kill", "1@2", "--no-view", "--out", str(out), "--timeout-s", "90"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 30
+        while len(children) < 5 and time.monotonic() < deadline and proc.poll() is None:
+            children = _descendants(proc.pid)
+            time.sleep(0.1)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    peers = summary["peers"]
+    assert peers["peer-1"]["killed"] and peers["peer-1"]["exit_code"] == -signal.SIGKILL
+    survivors = [p for name, p in peers.items() if name != "peer-1"]
+    assert all(p["stopped_by"] == "done" and p["exit_code"] == 0 for p in survivors)
+    assert len({p["state_hash"] for p in survivors}) == 1, "survivors diverged"
+    assert summary["state_hashes_identical"]
+    rounds = {int(r["round"]): r for r in summary["coordinator"]["rounds"]}
+    assert all(rounds[n]["phase"] == "committed" for n in range(8) if n in rounds)
+    # The killed peer was excluded: a later round ran without it.
+    assert "peer-1" not in rounds[7]["members"] and len(rounds[7]["members"]) == 3
+    assert len(children) >= 5, "expected a coordinator and 4 peers"
+    assert not _alive(children), "processes left behind"
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*SWARM, "local", "--peers", "3", "--rounds", "1000", "--work-s", "0.2", "--no-view", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # Wait until the run is really going: coordinator + 3 peers alive.
+        children: list[psutil.Process] = []
+        while len(children) < 4 and time.monotonic() < deadline:
+            children = _descendants(proc.pid)
+            time.sleep(0.2)
+        time.sleep(1.5)
+        assert len(children) >= 4
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 130, stderr
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, f"left behind: {[p.pid for p in alive]}"
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["interrupted"]
+        # Peers got SIGTERM from `swarm local` and left the run cleanly.
+        assert all(p["stopped_by"] == "SIGTERM" for p in summary["peers"].values()), summary["peers"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in _descendants(proc.pid):
+            p.kill()
