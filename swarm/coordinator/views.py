@@ -57,6 +57,13 @@ def _last(rnd: Round) -> str:
     return rnd.reasons[-1] if rnd.reasons else ""
 
 
+def _live_donor(state: RunState, rnd: Round) -> Member | None:
+    """The first member, in member order, that committed the winning hash and is still live."""
+    order = {p: i for i, p in enumerate(rnd.members)}
+    holders = sorted((p for p, d in rnd.commits if d == rnd.committed_hash), key=lambda p: order.get(p, len(order)))
+    return next((state.members[p] for p in holders if p in state.members), None)
+
+
 def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: int) -> RendezvousView:
     """What a peer that arrived for round `number` should do now."""
     rnd = state.rounds.get((stage, number))
@@ -92,7 +99,7 @@ def commit(state: RunState, now: float, peer_id: str, stage: int, number: int, a
     if rnd.phase == "aborted":
         return CommitView("aborted", None, None, "", f"{_last(rnd)}; keep local state")
     if rnd.phase == "committed":
-        donor = state.members.get(rnd.donor)
+        donor = _live_donor(state, rnd)
         if attempt == rnd.attempt and digest == rnd.committed_hash:
             return CommitView("ok", donor, None, rnd.committed_hash, _last(rnd))
         why = (
@@ -100,7 +107,7 @@ def commit(state: RunState, now: float, peer_id: str, stage: int, number: int, a
             if attempt == rnd.attempt
             else f"the round committed at attempt {rnd.attempt} without you"
         )
-        return CommitView("diverged", donor, None, rnd.committed_hash, f"{why}; resync from {rnd.donor}")
+        return CommitView("diverged", donor, None, rnd.committed_hash, f"{why}; resync from {donor.peer_id if donor else 'a later round (no live donor holds it)'}")
     if rnd.attempt > attempt:
         if peer_id in rnd.members:
             return CommitView("retry", None, attempt_view(state, rnd, now), "", _last(rnd))
