@@ -1,0 +1,344 @@
+"""The coordinator's gRPC service over real sockets (in-process server on port 0).
+
+Every bad request gets one precise status code and a message that says what to
+do, and leaves the coordinator's state exactly as it was; good calls keep
+working afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from swarm.coordinator.client import CoordinatorCallError, CoordinatorClient
+from swarm.coordinator.errors import PROTOCOL_VERSION
+from swarm.coordinator.server import SERVICE_NAME, RunningServer
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+
+GOOD_HASH = "abcdef0123456789"
+OTHER_HASH = "0123456789abcdef"
+
+
+def snapshot(srv: RunningServer) -> tuple[dict, dict, dict, list]:
+    """Copies of everything a request could change: members, rounds, tombstones, decision log."""
+    state = srv.core.state
+    return dict(state.members), dict(state.rounds), dict(state.tombstones), list(srv.core.events)
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    """Await a raw stub call that must fail; return its error."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+@pytest.fixture
+async def stub(server: RunningServer) -> AsyncIterator[pb_grpc.CoordinatorStub]:
+    """A raw stub on `server`, for requests the client library would never build."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.CoordinatorStub(channel)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@dataclass
+class Run:
+    """Three members a, b, c; round 0 started, then c was reported, so attempt 2 runs with a and b."""
+
+    server: RunningServer
+    stub: pb_grpc.CoordinatorStub
+    clients: dict[str, CoordinatorClient]
+
+    def ids(self, peer: str) -> dict[str, str]:
+        c = self.clients[peer]
+        return {"run_id": c.config.run_id, "peer_id": peer, "incarnation": c.incarnation}
+
+
+@pytest.fixture
+async def run(server_factory: Callable, make_client: Callable) -> AsyncIterator[Run]:
+    # Long leases and deadlines: no tick may change the state while a test compares it.
+    srv = await server_factory(lease_s=60.0, heartbeat_interval_s=1.0, attempt_timeout_s=60.0,
+                               rendezvous_timeout_s=60.0)
+    clients = {p: make_client(srv, p) for p in ("a", "b", "c")}
+    for i, c in enumerate(clients.values()):
+        await c.join(f"127.0.0.1:{6000 + i}")
+    replies = await asyncio.gather(*(c.rendezvous(0, 0, wait_s=5.0) for c in clients.values()))
+    assert [r.outcome for r in replies] == [pb.RendezvousReply.STARTED] * 3
+    report = await clients["a"].report_failure(0, 0, 1, "c", "connection reset")
+    assert report.outcome == pb.ReportFailureReply.RETRY
+    assert report.attempt.number == 2
+    assert [m.peer_id for m in report.attempt.members] == ["a", "b"]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        yield Run(srv, pb_grpc.CoordinatorStub(channel), clients)
+
+
+def _join(r: Run, **fields: Any) -> tuple[str, pb.JoinRequest]:
+    base = {"run_id": "test-run", "peer_id": "d", "protocol_version": PROTOCOL_VERSION,
+            "address": "127.0.0.1:7000", "incarnation": "d-1"}
+    return "Join", pb.JoinRequest(**{**base, **fields})
+
+
+BAD_REQUESTS: dict[str, tuple[Callable[[Run], tuple[str, Any]], grpc.StatusCode, tuple[str, ...]]] = {
+    "protocol version": (
+        lambda r: _join(r, protocol_version=PROTOCOL_VERSION + 1),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        (f"protocol {PROTOCOL_VERSION + 1}", f"speaks {PROTOCOL_VERSION}", "install the same swarm release"),
+    ),
+    "unknown run": (
+        lambda r: _join(r, run_id="another-run"),
+        grpc.StatusCode.NOT_FOUND,
+        ("'test-run'", "'another-run'", "--run"),
+    ),
+    "status of another run": (
+        lambda r: ("GetStatus", pb.GetStatusRequest(run_id="another-run")),
+        grpc.StatusCode.NOT_FOUND,
+        ("'test-run'", "'another-run'"),
+    ),
+    "unknown peer heartbeat": (
+        lambda r: ("Heartbeat", pb.HeartbeatRequest(run_id="test-run", peer_id="zed", incarnation="z")),
+        grpc.StatusCode.NOT_FOUND,
+        ("'zed'", "call Join first"),
+    ),
+    "duplicate peer id": (
+        lambda r: _join(r, peer_id="a", incarnation="another-process"),
+        grpc.StatusCode.ALREADY_EXISTS,
+        ("'a'", "127.0.0.1:6000", "choose another --peer-id"),
+    ),
+    "duplicate incarnation heartbeat": (
+        lambda r: ("Heartbeat", pb.HeartbeatRequest(run_id="test-run", peer_id="a", incarnation="another-process")),
+        grpc.StatusCode.ALREADY_EXISTS,
+        ("'a'", "must Join with its own peer id"),
+    ),
+    "commit for a superseded attempt": (
+        lambda r: ("CommitRound", pb.CommitRoundRequest(**r.ids("a"), stage=0, round=0, attempt=1,
+                                                        state_hash=GOOD_HASH, wait_s=0.1)),
+        grpc.StatusCode.ABORTED,
+        ("attempt 1", "superseded by attempt 2", "run attempt 2 instead"),
+    ),
+    "round ahead": (
+        lambda r: ("Rendezvous", pb.RendezvousRequest(**r.ids("a"), stage=0, round=5, wait_s=0.1)),
+        grpc.StatusCode.OUT_OF_RANGE,
+        ("round 5", "next round is 1", "resync"),
+    ),
+    "NaN loss": (
+        lambda r: ("Heartbeat", pb.HeartbeatRequest(**r.ids("a"), progress=pb.Progress(step=3, loss=math.nan))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("progress.loss", "finite"),
+    ),
+    "bad address": (
+        lambda r: _join(r, address="no-port-here"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("'no-port-here'", "host:port"),
+    ),
+    "bad peer id": (
+        lambda r: _join(r, peer_id="has spaces/and slashes"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("peer_id", "[A-Za-z0-9._-]"),
+    ),
+    "bad hash": (
+        lambda r: ("CommitRound", pb.CommitRoundRequest(**r.ids("a"), stage=0, round=0, attempt=2,
+                                                        state_hash="NOT-HEX!", wait_s=0.1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ("state_hash", "hex"),
+    ),
+    "commit before rendezvous": (
+        lambda r: ("CommitRound", pb.CommitRoundRequest(**r.ids("a"), stage=0, round=1, attempt=1,
+                                                        state_hash=GOOD_HASH, wait_s=0.1)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ("round 1", "Rendezvous"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+async def test_bad_request_gets_precise_code_and_changes_nothing(run: Run, case: str) -> None:
+    build, code, fragments = BAD_REQUESTS[case]
+    method, request = build(run)
+    before = snapshot(run.server)
+
+    err = await rpc_error(getattr(run.stub, method)(request, timeout=5.0))
+
+    assert err.code() == code, err.details()
+    for fragment in fragments:
+        assert fragment in err.details(), f"{fragment!r} not in {err.details()!r}"
+    assert snapshot(run.server) == before
+    # The run goes on: a and b heartbeat and commit attempt 2 of round 0.
+    a, b = run.clients["a"], run.clients["b"]
+    await a.heartbeat(pb.Progress(step=1, loss=2.5))
+    replies = await asyncio.gather(a.commit(0, 0, 2, GOOD_HASH, wait_s=5.0), b.commit(0, 0, 2, GOOD_HASH, wait_s=5.0))
+    assert [r.outcome for r in replies] == [pb.CommitRoundReply.OK] * 2
+    assert run.server.core.state.rounds[(0, 0)].committed_hash == GOOD_HASH
+
+
+async def test_client_surfaces_code_and_message(run: Run, make_client: Callable) -> None:
+    # The client library raises CoordinatorCallError with the same code and the server's words.
+    intruder = make_client(run.server, "a", incarnation="intruder")
+    before = snapshot(run.server)
+    with pytest.raises(CoordinatorCallError) as info:
+        await intruder.join("127.0.0.1:7001")
+    assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert info.value.method == "Join"
+    assert "choose another --peer-id" in str(info.value)
+    assert snapshot(run.server) == before
+
+
+async def test_heartbeat_after_lease_expiry_says_join_again(server: RunningServer, make_client: Callable) -> None:
+    client = make_client(server, "sleepy")
+    await client.join("127.0.0.1:6000")
+    deadline = time.monotonic() + 5 * server.core.config.lease_s
+    while "sleepy" in server.core.state.members:  # no heartbeats: the tick drops it after lease_s
+        assert time.monotonic() < deadline, "lease never expired"
+        await asyncio.sleep(0.05)
+    assert "sleepy" in server.core.state.tombstones
+    before = snapshot(server)
+
+    with pytest.raises(CoordinatorCallError) as info:
+        await client.heartbeat()
+
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "Join again" in info.value.details
+    assert "'sleepy'" in info.value.details
+    assert snapshot(server) == before
+    reply = await client.join("127.0.0.1:6000")  # what the message says to do works
+    assert reply.lease_s == server.core.config.lease_s
+    assert "sleepy" in server.core.state.members
+    assert "sleepy" not in server.core.state.tombstones
+    await client.heartbeat()
+
+
+async def test_oversized_message_is_refused_and_server_keeps_serving(
+    server: RunningServer, make_client: Callable
+) -> None:
+    client = make_client(server, "big")
+    huge = pb.Capabilities(device="x" * (2 << 20))
+    before = snapshot(server)
+
+    with pytest.raises(CoordinatorCallError) as info:
+        await client.join("127.0.0.1:6000", capabilities=huge)
+
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert str(server.core.config.max_message_bytes) in info.value.details  # says what the limit is
+    assert snapshot(server) == before
+    await client.join("127.0.0.1:6000", capabilities=pb.Capabilities(device="cpu"))
+    assert server.core.state.members["big"].capabilities.device == "cpu"
+
+
+@pytest.mark.parametrize("garbage", [b"\xff" * 64, bytes([0x0A, 0xFF, 0xFF, 0xFF, 0x7F]) + b"abc"],
+                         ids=["unterminated-varint", "truncated-field"])
+async def test_garbage_request_body_fails_and_server_keeps_serving(
+    server: RunningServer, make_client: Callable, garbage: bytes
+) -> None:
+    before = snapshot(server)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        raw = channel.unary_unary("/swarm.v1.Coordinator/Join", request_serializer=None, response_deserializer=None)
+        err = await rpc_error(raw(garbage, timeout=5.0))
+    # grpc.aio reports a request it cannot parse as UNKNOWN (the sync server says INTERNAL);
+    # either way it is not served and the message names the message type that failed to parse.
+    assert err.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    assert "JoinRequest" in (err.details() or "")
+    assert snapshot(server) == before
+    client = make_client(server, "after-garbage")
+    await client.join("127.0.0.1:6000")
+    assert (await client.status()).members[0].member.peer_id == "after-garbage"
+
+
+async def test_health_service_reports_serving(server: RunningServer) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", SERVICE_NAME):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5.0)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        err = await rpc_error(health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5.0))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------ happy path
+
+
+async def test_round_over_the_wire_with_one_diverged_member(server: RunningServer, make_client: Callable) -> None:
+    peers = ["p0", "p1", "p2"]
+    clients = [make_client(server, p) for p in peers]
+    address = {p: f"127.0.0.1:{5000 + i}" for i, p in enumerate(peers)}
+    for p, c in zip(peers, clients, strict=True):
+        joined = await c.join(address[p], capabilities=pb.Capabilities(device="cpu", flops=1e9))
+        assert joined.next_round == 0 and not joined.has_committed
+
+    # Arrive in reverse order: the attempt's member order must not depend on arrival.
+    replies = await asyncio.gather(*(c.rendezvous(0, 0, wait_s=5.0) for c in reversed(clients)))
+
+    assert [r.outcome for r in replies] == [pb.RendezvousReply.STARTED] * 3
+    orders = [[(m.peer_id, m.address) for m in r.attempt.members] for r in replies]
+    assert orders == [[(p, address[p]) for p in peers]] * 3
+    assert {r.attempt.number for r in replies} == {1}
+    assert all(0 < r.attempt.deadline_in_s <= server.core.config.attempt_timeout_s for r in replies)
+
+    # p0 (first in member order) disagrees: the majority wins and the donor is its first member, p1.
+    hashes = [OTHER_HASH, GOOD_HASH, GOOD_HASH]
+    commits = await asyncio.gather(
+        *(c.commit(0, 0, 1, h, wait_s=5.0) for c, h in zip(clients, hashes, strict=True))
+    )
+
+    assert [r.outcome for r in commits] == [
+        pb.CommitRoundReply.DIVERGED, pb.CommitRoundReply.OK, pb.CommitRoundReply.OK
+    ]
+    assert {r.committed_hash for r in commits} == {GOOD_HASH}
+    assert commits[0].donor.peer_id == "p1"
+    assert commits[0].donor.address == address["p1"]
+    assert "resync from p1" in commits[0].reason
+
+    status = await clients[0].status()
+    assert status.run_id == "test-run"
+    assert status.protocol_version == PROTOCOL_VERSION
+    assert [(m.member.peer_id, m.member.address) for m in status.members] == [(p, address[p]) for p in peers]
+    assert all(m.lease_expires_in_s > 0 for m in status.members)
+    assert len(status.rounds) == 1
+    rnd = status.rounds[0]
+    assert (rnd.stage, rnd.round, rnd.phase, rnd.attempt) == (0, 0, "committed", 1)
+    assert list(rnd.members) == peers
+    assert (rnd.commits, rnd.committed_hash, list(rnd.diverged)) == (3, GOOD_HASH, ["p0"])
+    assert rnd.reasons[0] == "attempt 1 with 3 members: all 3 live members arrived"
+    assert "2/3 members agree" in rnd.reasons[-1] and "diverged: p0" in rnd.reasons[-1]
+    assert any("p0 joined stage 0" in e.reason for e in status.events)
+
+    # A re-join (same process) learns what was committed and which round comes next.
+    again = await clients[0].join(address["p0"])
+    assert (again.next_round, again.has_committed) == (1, True)
+    assert (again.last_committed_round, again.last_committed_hash) == (0, GOOD_HASH)
+
+
+async def test_held_rendezvous_answers_waiting_before_any_deadline(
+    server_factory: Callable, make_client: Callable
+) -> None:
+    srv = await server_factory(min_peers=2, lease_s=10.0, heartbeat_interval_s=1.0)
+    client = make_client(srv, "alone")
+    await client.join("127.0.0.1:6000")
+
+    t0 = time.monotonic()
+    reply = await client.rendezvous(0, 0, wait_s=0.5)
+    held_s = time.monotonic() - t0
+
+    assert reply.outcome == pb.RendezvousReply.WAITING
+    assert "1 arrived" in reply.reason
+    assert 0.4 <= held_s < 3.0  # held for its wait_s, not answered at once
+    assert srv.core.state.rounds[(0, 0)].phase == "gathering"
+
+    # A caller whose own gRPC deadline is shorter than its wait_s still gets WAITING, in time.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        raw = pb_grpc.CoordinatorStub(channel)
+        request = pb.RendezvousRequest(run_id="test-run", peer_id="alone", incarnation=client.incarnation,
+                                       stage=0, round=0, wait_s=30.0)
+        t0 = time.monotonic()
+        reply = await raw.Rendezvous(request, timeout=1.0)
+        assert reply.outcome == pb.RendezvousReply.WAITING
+        assert time.monotonic() - t0 < 1.0
+    assert srv.core.state.rounds[(0, 0)].arrived == ("alone",)
