@@ -1,11 +1,17 @@
 """The peer daemon: join a run, heartbeat, and take part in every round.
 
-What a round computes is the peer's *task*. This release has one task,
-`control`: it exercises the whole control-plane protocol (barrier, attempts,
-commits, divergence and resync) with a stand-in update, the SHA-256 of the
-previous state hash, the round and the attempt's ordered member list, so every
-peer in sync offers the same hash, as real averaging would. The data plane and
-training tasks plug into `_run_round` (issues 3 and 5).
+What a round computes is the peer's *task*:
+
+- `control`: the control-plane protocol alone (barrier, attempts, commits,
+  divergence) with a stand-in update: the SHA-256 of the previous state hash,
+  the round and the attempt's ordered member list, so peers in sync offer
+  the same hash, as real averaging would.
+- `average`: a real fault-tolerant all-reduce over the data plane of a
+  deterministic contribution per (peer, round) (`contribution()`); the hash
+  committed is the SHA-256 of the mean. Tests recompute the exact mean over
+  each round's final members from the same contributions.
+
+Training tasks plug into `_compute` (issue 5).
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import numpy as np
+
+from swarm.allreduce.driver import fault_tolerant_allreduce
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.transport.endpoint import Endpoint, TransportConfig
+from swarm.transport.faults import NO_FAULTS, FaultInjector
 
 log = logging.getLogger("swarm.peer")
 GENESIS_HASH = hashlib.sha256(b"swarm genesis").hexdigest()
@@ -39,8 +50,16 @@ class PeerConfig:
     """Data-plane address announced to other members (not served by the `control` task)."""
     stage: int = 0
     """Pipeline stage this peer serves."""
-    task: Literal["control"] = "control"
+    task: Literal["control", "average"] = "control"
     """What a round computes; see the module docstring."""
+    numel: int = 1_000_000
+    """Elements all-reduced per round by the `average` task."""
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    """The data plane's sockets, sizes and deadlines (`average` task)."""
+    faults: FaultInjector = NO_FAULTS
+    """Fault-injection seam of the data plane (tests and the chaos script)."""
+    allreduce_timeout_s: float = 60.0
+    """Cap on one all-reduce attempt."""
     rounds: int = 10
     """Stop once rounds 0 .. rounds-1 of the run are over (0: run until stopped)."""
     work_s: float = 0.2
@@ -69,6 +88,17 @@ class PeerReport:
     rejoins: int = 0
     stopped_by: str = ""
     errors: list[str] = field(default_factory=list)
+    failures_seen: list[str] = field(default_factory=list)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    per_round: dict[int, dict] = field(default_factory=dict)
+    """`average` task: round -> {attempt, members, hash} of each committed result."""
+
+
+def contribution(peer_id: str, round_: int, numel: int) -> np.ndarray:
+    """The `average` task's deterministic contribution of `peer_id` to `round_`."""
+    seed = int.from_bytes(hashlib.sha256(f"{peer_id}/{round_}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(numel, dtype=np.float32)
 
 
 def _update(state_hash: str, round_: int, attempt: pb.Attempt) -> str:
@@ -87,9 +117,11 @@ class Peer:
         self.report = PeerReport(peer_id=config.client.peer_id)
         self.stopping = asyncio.Event()
         self._heartbeat_s = 1.0
+        self.endpoint: Endpoint | None = None
+        self.address = config.address
 
     async def _join(self) -> int:
-        reply = await self.client.join(self.config.address, pb.Capabilities(device="cpu"), self.config.stage)
+        reply = await self.client.join(self.address, pb.Capabilities(device="cpu"), self.config.stage)
         self._heartbeat_s = reply.heartbeat_interval_s
         if reply.has_committed and reply.last_committed_hash != self.report.state_hash:
             # Joining a run in progress: adopt the committed state (the donor download of issue 5).
@@ -110,6 +142,10 @@ class Peer:
     async def run(self) -> PeerReport:
         heartbeats: asyncio.Task[None] | None = None
         try:
+            if self.config.task == "average":
+                self.endpoint = Endpoint(self.config.client.peer_id, self.config.client.run_id,
+                                         self.config.transport, self.config.faults)
+                self.address = await self.endpoint.start()
             round_ = await self._join()
             heartbeats = asyncio.create_task(self._heartbeats())
             while not self.stopping.is_set() and (self.config.rounds == 0 or round_ < self.config.rounds):
@@ -134,7 +170,34 @@ class Peer:
             with contextlib.suppress(CoordinatorCallError):
                 await self.client.leave(self.report.stopped_by or "stopped")
             await self.client.close()
+            if self.endpoint is not None:
+                self.report.bytes_sent = self.endpoint.bytes_sent
+                self.report.bytes_received = self.endpoint.bytes_received
+                await self.endpoint.close()
         return self.report
+
+    async def _compute(self, round_: int, attempt: pb.Attempt) -> tuple[str, pb.Attempt] | None:
+        """This round's state hash and the attempt it belongs to; None when the round went on without us."""
+        if self.endpoint is None:
+            await asyncio.sleep(self.config.work_s)
+            return _update(self.report.state_hash, round_, attempt), attempt
+        await asyncio.sleep(self.config.work_s)
+        flat = contribution(self.config.client.peer_id, round_, self.config.numel)
+        result = await fault_tolerant_allreduce(
+            self.endpoint, self.client, flat, self.config.stage, round_, attempt, self.config.allreduce_timeout_s
+        )
+        self.report.failures_seen += result.failures
+        self.report.attempts += len(result.failures)
+        if result.mean is None:
+            return None
+        digest = hashlib.sha256(memoryview(result.mean).cast("B")).hexdigest()
+        self.endpoint.close_inbox(round_, result.attempt.number)
+        self.report.per_round[round_] = {
+            "attempt": result.attempt.number,
+            "members": [m.peer_id for m in result.attempt.members],
+            "hash": digest,
+        }
+        return digest, result.attempt
 
     async def _run_round(self, round_: int) -> int:
         """Take part in `round_`; returns the round to go to next."""
@@ -153,8 +216,11 @@ class Peer:
         attempt = reply.attempt
         while True:
             rep.attempts += 1
-            await asyncio.sleep(cfg.work_s)
-            digest = _update(rep.state_hash, round_, attempt)
+            computed = await self._compute(round_, attempt)
+            if computed is None:
+                rep.aborted += 1
+                return round_ + 1
+            digest, attempt = computed
             out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
             while out.outcome == Cmt.WAITING:
                 out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)

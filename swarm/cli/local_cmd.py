@@ -45,6 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peers", type=int, default=4, help="number of peer processes (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=20, help="rounds to run (default: %(default)s)")
     p.add_argument("--work-s", type=float, default=0.2, help="simulated work per round (default: %(default)s)")
+    p.add_argument("--task", choices=["control", "average"], default="average",
+                   help="what peers compute each round (default: %(default)s; see `swarm peer --help`)")
+    p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round (default: %(default)s)")
     p.add_argument("--lease-s", type=float, default=3.0, help="drop a silent peer after this long (default: %(default)s)")
     p.add_argument("--min-peers", type=int, default=None,
                    help="a round starts with at least this many peers (default: --peers minus the --kill count)")
@@ -157,7 +160,8 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
         for i in range(args.peers):
             proc = await _spawn(
                 ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{i}",
-                 "--rounds", str(args.rounds), "--work-s", str(args.work_s)], out / f"peer-{i}.log")
+                 "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--task", args.task,
+                 "--numel", str(args.numel)], out / f"peer-{i}.log")
             peers.append(_Child(f"peer-{i}", proc))
         readers = [asyncio.create_task(_read_report(c)) for c in peers]
         client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))

@@ -9,6 +9,8 @@ import sys
 
 from swarm.coordinator.client import ClientConfig
 from swarm.peers.daemon import PeerConfig, print_report, run_peer
+from swarm.transport.endpoint import TransportConfig
+from swarm.transport.faults import FaultInjector
 from swarm.utils import run_async
 
 
@@ -27,7 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", default="default", help="run to join (default: %(default)s)")
     p.add_argument("--peer-id", default=None, help="unique id in the run (default: HOSTNAME-PID)")
     p.add_argument("--stage", type=int, default=0, help="pipeline stage served (default: %(default)s)")
-    p.add_argument("--task", choices=["control"], default="control", help="what a round computes")
+    p.add_argument("--task", choices=["control", "average"], default="control",
+                   help="control: control plane only; average: all-reduce a deterministic tensor over the data plane")
+    p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
+    p.add_argument("--data-host", default="127.0.0.1", help="address the data plane listens on (default: %(default)s)")
+    p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
+    p.add_argument("--allreduce-timeout-s", type=float, default=60.0, help="cap on one all-reduce attempt")
+    p.add_argument("--faults", default=os.environ.get("SWARM_FAULTS", ""),
+                   help="fault-injection rules as JSON (env SWARM_FAULTS); for tests and chaos runs")
     p.add_argument("--rounds", type=int, default=10, help="stop once rounds 0..N-1 of the run are over; 0: run until stopped")
     p.add_argument("--work-s", type=float, default=0.2, help="simulated local work per round (default: %(default)s)")
     p.add_argument("--retry-for-s", type=float, default=30.0,
@@ -43,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
                                 retry_for_s=args.retry_for_s),
             stage=args.stage,
             task=args.task,
+            numel=args.numel,
+            transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections),
+            faults=FaultInjector.from_json(args.faults),
+            allreduce_timeout_s=args.allreduce_timeout_s,
             rounds=args.rounds,
             work_s=args.work_s,
         )

@@ -1,0 +1,1 @@
+"""Fault-tolerant all-reduce among the members of a coordinator attempt."""

@@ -1,0 +1,176 @@
+"""Butterfly all-reduce: reduce-scatter, then all-gather, over the data plane.
+
+Each member owns one contiguous part of the flat tensor, sized by its
+bandwidth. Every member sends its slice of part j to j's owner; the owner
+sums the contributions in the attempt's fixed member order, divides by the
+member count, and sends the reduced part to everyone. Each part is computed
+by exactly one peer and copied verbatim, so all members end with the same
+bytes (bit-identical), and the fixed order makes the result reproducible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+
+from swarm.transport.endpoint import Endpoint, PeerFailure
+from swarm.transport.frames import Header
+
+ALIGN_ELEMENTS = 64
+"""Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Participant:
+    """A member of an attempt as the data plane sees it."""
+
+    peer_id: str
+    address: str
+    bandwidth: float = 0.0
+
+
+def partition(total: int, bandwidths: list[float]) -> list[tuple[int, int]]:
+    """Split `total` elements into contiguous (start, length) parts proportional to bandwidth.
+
+    Unknown (zero) bandwidths count as the mean of the known ones, or all parts
+    are equal when none is known. Integer arithmetic only, so every member
+    computes the same boundaries.
+    """
+    n = len(bandwidths)
+    known = [b for b in bandwidths if b > 0]
+    fill = sum(known) / len(known) if known else 1.0
+    weights = [b if b > 0 else fill for b in bandwidths]
+    # Quantise weights to integers so float rounding cannot differ between peers.
+    scale = [max(1, round(w / max(weights) * 1_000_000)) for w in weights]
+    units = -(-total // ALIGN_ELEMENTS)
+    acc, bounds = 0, [0]
+    for s in scale:
+        acc += s
+        bounds.append(min(total, (units * acc // sum(scale)) * ALIGN_ELEMENTS))
+    bounds[-1] = total
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+
+
+def reduce_in_order(pieces: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Mean of `pieces` summed in list order into `out` (fp32 accumulate for fp32 input)."""
+    np.copyto(out, pieces[0])
+    for piece in pieces[1:]:
+        np.add(out, piece, out=out)
+    np.divide(out, len(pieces), out=out)
+    return out
+
+
+async def _send_part(endpoint: Endpoint, to: Participant, kind: str, flat: np.ndarray, part: tuple[int, int],
+                     part_index: int, round: int, attempt: int) -> None:
+    start, length = part
+    step = max(1, endpoint.config.chunk_bytes // flat.itemsize)
+    view = memoryview(flat).cast("B")
+    sends = []
+    for lane, offset in enumerate(range(start, start + length, step)):
+        numel = min(step, start + length - offset)
+        header = Header(kind=kind, round=round, attempt=attempt, part=part_index, offset=offset, numel=numel,
+                        total=flat.size, part_start=start, part_len=length, dtype=str(flat.dtype))
+        payload = view[offset * flat.itemsize : (offset + numel) * flat.itemsize]
+        sends.append(endpoint.send(to.peer_id, to.address, header, payload, lane=lane))
+    # Lanes of one peer run concurrently; each lane serialises its own frames.
+    await asyncio.gather(*sends)
+
+
+async def allreduce_attempt(
+    endpoint: Endpoint,
+    flat: np.ndarray,
+    members: list[Participant],
+    round: int,
+    attempt: int,
+    timeout_s: float,
+) -> np.ndarray:
+    """One attempt of the all-reduce of `flat` (1-D, contiguous) among `members`.
+
+    Args:
+        endpoint: this peer's data plane (its peer id must be among `members`).
+        flat: this peer's contribution; not modified.
+        members: the attempt's members in the coordinator's fixed order.
+        round, attempt: tag every frame so frames of other attempts are discarded.
+        timeout_s: the whole attempt must finish within this long.
+    Returns:
+        The mean over all members, identical bytes on every member.
+    Raises:
+        PeerFailure: a member failed, stalled or sent garbage; the caller reports it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    ids = [m.peer_id for m in members]
+    me = ids.index(endpoint.peer_id)
+    others = [m for m in members if m.peer_id != endpoint.peer_id]
+    other_ids = [m.peer_id for m in others]
+    parts = partition(flat.size, [m.bandwidth for m in members])
+    box = endpoint.inbox(round, attempt)
+    my_start, my_len = parts[me]
+
+    sending = _send_to_all(endpoint, others, "contrib", flat, [parts[ids.index(m.peer_id)] for m in others],
+                           [ids.index(m.peer_id) for m in others], round, attempt)
+    try:
+        await box.wait(lambda: my_len == 0 or all(box.contrib_left.get(p, 1) <= 0 for p in other_ids),
+                       other_ids, deadline)
+        await _finish_sends(sending, deadline)
+    finally:
+        for task in sending.values():
+            task.cancel()
+    if box.out is None:
+        box.out = np.empty(flat.size, dtype=flat.dtype)
+    out = box.out
+    mine = flat[my_start : my_start + my_len]
+    pieces = [mine if p == endpoint.peer_id else box.contribs[p] for p in ids] if my_len else []
+    if pieces:
+        reduce_in_order(pieces, out[my_start : my_start + my_len])
+    endpoint.faults.hit("reduce.done", round=round, attempt=attempt) if endpoint.faults else None
+    endpoint.faults.hit("gather.start", round=round, attempt=attempt) if endpoint.faults else None
+    gathering = _send_to_all(endpoint, others, "result", out, [parts[me]] * len(others), [me] * len(others),
+                             round, attempt)
+    try:
+        expected_results = [p for p in other_ids if parts[ids.index(p)][1] > 0]
+        await box.wait(lambda: all(box.result_left.get(p, 1) <= 0 for p in expected_results),
+                       expected_results, deadline)
+        await _finish_sends(gathering, deadline)
+    finally:
+        for task in gathering.values():
+            task.cancel()
+    return out
+
+
+def _send_to_all(endpoint: Endpoint, to: list[Participant], kind: str, flat: np.ndarray,
+                 parts: list[tuple[int, int]], part_indices: list[int], round: int, attempt: int,
+                 ) -> dict[str, asyncio.Task[None]]:
+    """One task per receiver, so a stuck send can be blamed on its receiver.
+
+    A send that fails marks its receiver failed in the attempt's inbox, which
+    wakes a member waiting for data at once rather than at the deadline.
+    """
+    loop = asyncio.get_running_loop()
+    box = endpoint.inbox(round, attempt)
+
+    def blame(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and isinstance(task.exception(), PeerFailure):
+            error = task.exception()
+            box.fail(error.peer, error.reason)
+
+    tasks = {}
+    for m, part, index in zip(to, parts, part_indices, strict=True):
+        tasks[m.peer_id] = loop.create_task(_send_part(endpoint, m, kind, flat, part, index, round, attempt))
+        tasks[m.peer_id].add_done_callback(blame)
+    return tasks
+
+
+async def _finish_sends(tasks: dict[str, asyncio.Task[None]], deadline: float) -> None:
+    """Wait for every send; a failed or unfinished one raises PeerFailure naming its receiver."""
+    left = deadline - asyncio.get_running_loop().time()
+    if tasks:
+        await asyncio.wait(tasks.values(), timeout=max(left, 0.0))
+    for peer, task in tasks.items():
+        if not task.done():
+            raise PeerFailure(peer, "sending to it did not finish by the deadline")
+        error = task.exception()
+        if error is not None:
+            raise error  # a PeerFailure naming this receiver

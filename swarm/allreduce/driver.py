@@ -1,0 +1,76 @@
+"""Fault-tolerant all-reduce: attempts issued by the coordinator until one succeeds.
+
+A member that fails ends the attempt; this peer reports it, gets the next
+attempt (the survivors) and re-sends its own, unchanged contribution. The
+result is exactly the mean over the final attempt's members. Every wait is
+bounded by the attempt's deadline, and the coordinator caps attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from swarm.allreduce.butterfly import Participant, allreduce_attempt
+from swarm.coordinator.client import CoordinatorClient
+from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.transport.endpoint import Endpoint, PeerFailure
+
+log = logging.getLogger("swarm.allreduce")
+Retry = pb.ReportFailureReply.Outcome
+
+
+@dataclass(slots=True)
+class AllReduceResult:
+    """How a round's all-reduce ended for this peer."""
+
+    status: Literal["done", "excluded", "aborted", "committed"]
+    """done: `mean` holds the result; excluded/aborted: keep local state; committed: others finished without us."""
+    attempt: pb.Attempt
+    mean: np.ndarray | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+def participants(attempt: pb.Attempt) -> list[Participant]:
+    return [Participant(m.peer_id, m.address, m.capabilities.bandwidth_bytes_per_s) for m in attempt.members]
+
+
+async def fault_tolerant_allreduce(
+    endpoint: Endpoint,
+    client: CoordinatorClient,
+    flat: np.ndarray,
+    stage: int,
+    round: int,
+    attempt: pb.Attempt,
+    timeout_s: float,
+) -> AllReduceResult:
+    """All-reduce `flat` in `round`, starting with `attempt`, moving on past failed members.
+
+    Args:
+        timeout_s: cap on each attempt (the coordinator's deadline may be shorter).
+    Returns:
+        The outcome; `mean` is set only when status is "done".
+    Raises:
+        CoordinatorCallError: the coordinator could not be reached to report a failure.
+    """
+    failures: list[str] = []
+    while True:
+        members = participants(attempt)
+        if endpoint.peer_id not in (m.peer_id for m in members):
+            return AllReduceResult("excluded", attempt, None, failures)
+        try:
+            limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
+            mean = await allreduce_attempt(endpoint, flat, members, round, attempt.number, limit)
+            return AllReduceResult("done", attempt, mean, failures)
+        except PeerFailure as e:
+            failures.append(f"attempt {attempt.number}: {e}")
+            log.warning("round %d attempt %d: %s", round, attempt.number, e)
+            endpoint.close_inbox(round, attempt.number)
+            reply = await client.report_failure(stage, round, attempt.number, e.peer, e.reason)
+            if reply.outcome != Retry.RETRY:
+                status = "committed" if reply.outcome == Retry.COMMITTED else "aborted"
+                return AllReduceResult(status, attempt, None, failures)
+            attempt = reply.attempt

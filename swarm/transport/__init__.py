@@ -1,0 +1,1 @@
+"""Data plane: framed TCP messages between peers, with a fault-injection seam."""

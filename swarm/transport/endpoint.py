@@ -1,0 +1,380 @@
+"""A peer's data-plane endpoint: one listening socket, pooled outgoing connections.
+
+Payloads move between sockets and tensor memory without Python touching
+elements: `sock_sendall` sends from a memoryview of the tensor and
+`sock_recv_into` writes into the destination buffer. A receiver sizes its
+buffers from the first header of an attempt, so frames that arrive before the
+local side started that attempt are not copied twice.
+
+Failure detection: a connection that breaks, a frame that stalls past
+`io_timeout_s`, or a bad frame marks its sender failed in every open inbox
+that still expects data from it, which wakes the waiting all-reduce at once
+instead of at its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from swarm.transport.faults import NO_FAULTS, FaultInjector
+from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_header, decode_prefix, encode_header
+
+log = logging.getLogger("swarm.transport")
+_SCRATCH_BYTES = 1 << 20
+
+
+class PeerFailure(Exception):
+    """A remote peer failed (unreachable, broke a connection, stalled or sent garbage)."""
+
+    def __init__(self, peer: str, reason: str) -> None:
+        super().__init__(f"{peer}: {reason}")
+        self.peer = peer
+        self.reason = reason
+
+
+@dataclass(kw_only=True, slots=True)
+class TransportConfig:
+    """How a peer's data plane listens and talks."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 0
+    """Port to listen on; 0 picks a free one."""
+    advertise_host: str = ""
+    """Host others should dial (default: host)."""
+    connections_per_peer: int = 1
+    """Parallel TCP connections per peer pair (several fill a long fat pipe)."""
+    chunk_bytes: int = 4 << 20
+    """Payload bytes per frame; parts are cut into chunks of this size."""
+    max_frame_bytes: int = 256 << 20
+    """Largest payload accepted in one frame."""
+    max_pending_bytes: int = 4 << 30
+    """Memory allowed for data of attempts this peer has not started yet."""
+    connect_timeout_s: float = 5.0
+    """Give up connecting to a peer after this long."""
+    io_timeout_s: float = 30.0
+    """A frame (send or receive) that makes no progress for this long fails its peer."""
+
+    def __post_init__(self) -> None:
+        if self.connections_per_peer < 1 or self.chunk_bytes < 1024:
+            raise ValueError("connections_per_peer must be >= 1 and chunk_bytes >= 1024")
+        if self.chunk_bytes > self.max_frame_bytes:
+            raise ValueError("chunk_bytes must not exceed max_frame_bytes")
+
+
+@dataclass(slots=True)
+class Inbox:
+    """What arrived for one (round, attempt): contributions to this peer's part and reduced parts."""
+
+    round: int
+    attempt: int
+    contribs: dict[str, np.ndarray] = field(default_factory=dict)
+    contrib_left: dict[str, int] = field(default_factory=dict)
+    out: np.ndarray | None = None
+    result_left: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    started: bool = False
+    pending_bytes: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def fail(self, peer: str, reason: str) -> None:
+        self.failed.setdefault(peer, reason)
+        self.changed.set()
+
+    def owes(self, peer: str) -> bool:
+        """Whether `peer` may still owe data (unknown peers may: their first frame has not come)."""
+        return self.contrib_left.get(peer, 1) > 0 or self.result_left.get(peer, 1) > 0
+
+    async def wait(self, done: Callable[[], bool], expected: list[str], deadline: float) -> None:
+        """Wait until `done()`; raise PeerFailure for the first expected peer that failed or is late.
+
+        Raises:
+            PeerFailure: an expected peer failed, or `deadline` (loop time) passed.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            for peer in expected:
+                if peer in self.failed:
+                    raise PeerFailure(peer, self.failed[peer])
+            if done():
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                late = [p for p in expected if self.owes(p)] or expected
+                raise PeerFailure(late[0], f"no data by the deadline (round {self.round} attempt {self.attempt})")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+
+
+class Endpoint:
+    """Listens for frames from other peers and sends frames to them.
+
+    Args:
+        peer_id: this peer's id (sent in the hello frame of each connection).
+        run_id: frames of other runs are refused.
+        config: sockets, sizes and deadlines.
+        faults: the fault-injection seam (no faults by default).
+    """
+
+    def __init__(self, peer_id: str, run_id: str, config: TransportConfig, faults: FaultInjector = NO_FAULTS) -> None:
+        self.peer_id = peer_id
+        self.run_id = run_id
+        self.config = config
+        self.faults = faults
+        self.address = ""
+        self._inboxes: dict[tuple[int, int], Inbox] = {}
+        self._closed: set[tuple[int, int]] = set()
+        self._conns: dict[str, list[tuple[socket.socket, asyncio.Lock]]] = {}
+        self._readers: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> str:
+        """Start listening; returns the host:port others should dial."""
+        sock = socket.create_server((self.config.host, self.config.port), reuse_port=False)
+        sock.setblocking(False)
+        self._listener = sock
+        port = sock.getsockname()[1]
+        self.address = f"{self.config.advertise_host or self.config.host}:{port}"
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        return self.address
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for task in list(self._readers):
+            task.cancel()
+        for conns in self._conns.values():
+            for sock, _ in conns:
+                sock.close()
+        self._conns.clear()
+        if self._listener is not None:
+            self._listener.close()
+        await asyncio.gather(*self._readers, *(t for t in [self._accept_task] if t), return_exceptions=True)
+
+    # --------------------------------------------------------------- inboxes
+
+    def inbox(self, round: int, attempt: int) -> Inbox:
+        """The inbox of (round, attempt), created if needed; marks it started."""
+        box = self._inboxes.get((round, attempt))
+        if box is None:
+            box = self._inboxes[(round, attempt)] = Inbox(round, attempt)
+        box.started = True
+        box.pending_bytes = 0
+        return box
+
+    def close_inbox(self, round: int, attempt: int) -> None:
+        """Forget (round, attempt) and every older attempt of it; late frames get discarded."""
+        for key in [k for k in self._inboxes if k[0] < round or (k[0] == round and k[1] <= attempt)]:
+            del self._inboxes[key]
+            self._closed.add(key)
+        self._closed.add((round, attempt))
+        if len(self._closed) > 4096:
+            newest = max(k[0] for k in self._closed)
+            self._closed = {k for k in self._closed if k[0] > newest - 64}
+
+    def _sink(self, h: Header) -> memoryview | None:
+        """Where the payload of `h` goes, or None to discard it."""
+        key = (h.round, h.attempt)
+        if key in self._closed:
+            return None
+        box = self._inboxes.get(key)
+        if box is None:
+            box = self._inboxes[key] = Inbox(h.round, h.attempt)
+        dtype = np.dtype(h.dtype) if h.dtype != "bfloat16" else np.dtype(np.uint16)
+        if h.kind == "contrib":
+            buf = box.contribs.get(h.sender)
+            if buf is None:
+                buf = self._allocate(box, h.part_len, dtype)
+                box.contribs[h.sender] = buf
+                box.contrib_left[h.sender] = h.part_len * dtype.itemsize
+            start = h.offset - h.part_start
+        else:
+            if box.out is None:
+                box.out = self._allocate(box, h.total, dtype)
+            if h.sender not in box.result_left:
+                box.result_left[h.sender] = h.part_len * dtype.itemsize
+            buf, start = box.out, h.offset
+        if buf.dtype != dtype or start + h.numel > buf.size:
+            raise FrameError(f"frame from {h.sender} does not match the buffers of round {h.round} attempt {h.attempt}")
+        return memoryview(buf[start : start + h.numel]).cast("B")
+
+    def _allocate(self, box: Inbox, numel: int, dtype: np.dtype) -> np.ndarray:
+        if not box.started:
+            pending = sum(b.pending_bytes for b in self._inboxes.values())
+            if pending + numel * dtype.itemsize > self.config.max_pending_bytes:
+                raise FrameError(f"more than max_pending_bytes={self.config.max_pending_bytes} for attempts not started")
+            box.pending_bytes += numel * dtype.itemsize
+        return np.empty(numel, dtype=dtype)
+
+    def _delivered(self, h: Header) -> None:
+        box = self._inboxes.get((h.round, h.attempt))
+        if box is None:
+            return
+        left = box.contrib_left if h.kind == "contrib" else box.result_left
+        left[h.sender] -= h.nbytes
+        if left[h.sender] <= 0:
+            box.changed.set()
+
+    def _fail_everywhere(self, peer: str, reason: str) -> None:
+        for box in self._inboxes.values():
+            if box.owes(peer):
+                box.fail(peer, reason)
+
+    # -------------------------------------------------------------- receiving
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._read_loop(conn))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
+
+    async def _recv_exactly(self, conn: socket.socket, view: memoryview) -> None:
+        loop = asyncio.get_running_loop()
+        got = 0
+        while got < len(view):
+            n = await loop.sock_recv_into(conn, view[got:])
+            if n == 0:
+                raise ConnectionError("connection closed mid-frame")
+            got += n
+        self.bytes_received += got
+
+    async def _read_header(self, conn: socket.socket) -> Header | None:
+        prefix = bytearray(PREFIX.size)
+        loop = asyncio.get_running_loop()
+        first = await loop.sock_recv_into(conn, prefix)  # between frames a connection may idle freely
+        if first == 0:
+            return None
+        async with asyncio.timeout(self.config.io_timeout_s):
+            await self._recv_exactly(conn, memoryview(prefix)[first:])
+            body = bytearray(decode_prefix(bytes(prefix)))
+            await self._recv_exactly(conn, memoryview(body))
+        return decode_header(bytes(body), self.config.max_frame_bytes)
+
+    async def _read_loop(self, conn: socket.socket) -> None:
+        sender = ""
+        scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        try:
+            hello = await self._read_header(conn)
+            if hello is None:
+                return
+            if hello.kind != "hello" or not hello.sender:
+                raise FrameError("a connection must start with a hello frame")
+            if hello.run != self.run_id:
+                raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
+            sender = hello.sender
+            while True:
+                h = await self._read_header(conn)
+                if h is None:
+                    return
+                if h.sender != sender:
+                    raise FrameError(f"frame claims sender {h.sender!r} on {sender!r}'s connection")
+                await self._read_payload(conn, h, scratch)
+        except (FrameError, ConnectionError, OSError, TimeoutError) as e:
+            why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+            log.warning("data plane: dropping connection from %s: %s", sender or "unknown peer", why)
+            if sender:
+                self._fail_everywhere(sender, why)
+        finally:
+            conn.close()
+            if sender:
+                self._fail_everywhere(sender, "connection closed")
+
+    async def _read_payload(self, conn: socket.socket, h: Header, scratch: memoryview) -> None:
+        rule = self.faults.hit(f"recv.{h.kind}", round=h.round, attempt=h.attempt, peer=h.sender) if self.faults else None
+        if rule is not None and rule.action == "delay":
+            await asyncio.sleep(rule.delay_s)
+        if rule is not None and rule.action == "close":
+            raise ConnectionError("fault injected: connection closed")
+        sink = None if h.kind in ("hello", "abort") or (rule and rule.action == "drop") else self._sink(h)
+        async with asyncio.timeout(self.config.io_timeout_s):
+            if sink is None:
+                left = h.nbytes
+                while left:
+                    n = min(left, len(scratch))
+                    await self._recv_exactly(conn, scratch[:n])
+                    left -= n
+                return
+            await self._recv_exactly(conn, sink)
+        if rule is not None and rule.action == "corrupt" and len(sink):
+            sink[0] ^= 0xFF
+        if checksum(sink) != h.checksum:
+            raise FrameError(f"checksum mismatch in a {h.kind} frame of round {h.round} (corrupted in transit)")
+        self._delivered(h)
+
+    # ---------------------------------------------------------------- sending
+
+    async def _connection(self, peer: str, address: str, index: int) -> tuple[socket.socket, asyncio.Lock]:
+        conns = self._conns.setdefault(peer, [])
+        while len(conns) <= index:
+            conns.append((await self._dial(peer, address), asyncio.Lock()))
+        return conns[index]
+
+    async def _dial(self, peer: str, address: str) -> socket.socket:
+        host, _, port = address.rpartition(":")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await loop.sock_connect(sock, (host.strip("[]"), int(port)))
+                hello = Header(kind="hello", run=self.run_id, sender=self.peer_id)
+                await loop.sock_sendall(sock, encode_header(hello))
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise PeerFailure(peer, f"cannot connect to {address}: {e or 'timed out'}") from None
+        return sock
+
+    def _drop_connections(self, peer: str) -> None:
+        for sock, _ in self._conns.pop(peer, []):
+            sock.close()
+
+    async def send(self, peer: str, address: str, header: Header, payload: memoryview, lane: int = 0) -> None:
+        """Send one frame to `peer` on connection `lane % connections_per_peer`.
+
+        Raises:
+            PeerFailure: the peer cannot be reached or the send stalled past io_timeout_s.
+        """
+        rule = self.faults.hit(f"send.{header.kind}", round=header.round, attempt=header.attempt, peer=peer) if self.faults else None
+        if rule is not None:
+            if rule.action == "drop":
+                return
+            if rule.action == "delay":
+                await asyncio.sleep(rule.delay_s)
+            if rule.action == "close":
+                self._drop_connections(peer)
+                return
+        header = replace(header, sender=self.peer_id, run=self.run_id, nbytes=len(payload), checksum=checksum(payload))
+        if rule is not None and rule.action == "corrupt" and len(payload):
+            damaged = bytearray(payload)
+            damaged[0] ^= 0xFF
+            payload = memoryview(damaged)
+        loop = asyncio.get_running_loop()
+        sock, lock = await self._connection(peer, address, lane % self.config.connections_per_peer)
+        try:
+            async with lock, asyncio.timeout(self.config.io_timeout_s):
+                await loop.sock_sendall(sock, encode_header(header))
+                await loop.sock_sendall(sock, payload)
+        except (OSError, TimeoutError) as e:
+            self._drop_connections(peer)
+            raise PeerFailure(peer, f"send failed: {e or 'stalled'}") from None
+        self.bytes_sent += len(payload)
+
