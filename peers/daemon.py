@@ -23,8 +23,9 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -150,7 +151,10 @@ class Peer:
             heartbeats = asyncio.create_task(self._heartbeats())
             while not self.stopping.is_set() and (self.config.rounds == 0 or round_ < self.config.rounds):
                 try:
-                    round_ = await self._run_round(round_)
+                    next_round = await self._unless_stopping(self._run_round(round_))
+                    if next_round is None:
+                        break  # stopped mid-round: nothing was applied, so abandoning it is safe
+                    round_ = next_round
                 except CoordinatorCallError as e:
                     if e.code.name not in ("FAILED_PRECONDITION", "NOT_FOUND"):
                         raise
@@ -175,6 +179,21 @@ class Peer:
                 self.report.bytes_received = self.endpoint.bytes_received
                 await self.endpoint.close()
         return self.report
+
+    async def _unless_stopping(self, work: Coroutine[Any, Any, int]) -> int | None:
+        """Run `work` unless SIGINT/SIGTERM comes first; then cancel it and return None."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
 
     async def _compute(self, round_: int, attempt: pb.Attempt) -> tuple[str, pb.Attempt] | None:
         """This round's state hash and the attempt it belongs to; None when the round went on without us."""

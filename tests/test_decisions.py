@@ -450,14 +450,14 @@ def test_report_failure_moves_to_the_next_attempt_without_the_suspect() -> None:
     assert (rnd.phase, rnd.attempt, rnd.members, rnd.commits) == ("running", 2, ("a", "b"), ())
     assert rnd.attempt_deadline == 5.0 + ATTEMPT_S
     assert "a reports c: timeout" in d.reason
-    view = views.report(sim.state, 5.0, 0, 0)
+    view = views.report(sim.state, 5.0, 0, 0, 1)
     assert view.outcome == "retry" and view.attempt is not None
     assert view.attempt.number == 2 and [m.peer_id for m in view.attempt.members] == ["a", "b"]
     # b reports the same failure of attempt 1: already handled
     before = copy.deepcopy(sim.state)
     assert sim.report(6.0, "b", 0, 1, "c").empty
     assert sim.state == before
-    view = views.report(sim.state, 6.0, 0, 0)
+    view = views.report(sim.state, 6.0, 0, 0, 1)
     assert view.attempt is not None and view.attempt.number == 2
 
 
@@ -465,6 +465,7 @@ def test_commit_for_a_superseded_attempt_is_stale() -> None:
     sim = Sim()
     sim.start(0.0, ["a", "b", "c"])
     sim.report(1.0, "a", 0, 1, "c")
+    sim.report(1.0, "b", 0, 1, "c")  # every member spoke: the verdict is immediate
     err = sim.rejects(2.0, Commit(RUN, "b", inc("b"), 0, 0, 1, H1), StaleAttempt)
     assert "run attempt 2" in str(err)
 
@@ -472,14 +473,18 @@ def test_commit_for_a_superseded_attempt_is_stale() -> None:
 def test_attempts_beyond_max_attempts_abort_the_round() -> None:
     sim = Sim()
     sim.start(0.0, ["a", "b", "c", "d", "e"])
+    window = CFG.report_window_s
     sim.report(1.0, "a", 0, 1, "e")
-    sim.report(2.0, "a", 0, 2, "d")
+    sim.tick(1.0 + window)  # b, c, d stay silent: the report window decides
+    sim.report(2.0 + window, "a", 0, 2, "d")
+    sim.tick(2.0 + 2 * window)
     assert sim.round(0).attempt == CFG.max_attempts
-    d = sim.report(3.0, "a", 0, 3, "c")
+    sim.report(3.0 + 2 * window, "a", 0, 3, "c")
+    d = sim.tick(3.0 + 3 * window)
     rnd = sim.round(0)
-    assert rnd.phase == "aborted" and rnd.finished_at == 3.0
+    assert rnd.phase == "aborted" and rnd.finished_at == 3.0 + 3 * window
     assert "max_attempts=3" in d.reason
-    assert views.report(sim.state, 3.0, 0, 0).outcome == "aborted"
+    assert views.report(sim.state, 3.0, 0, 0, 3).outcome == "aborted"
     assert views.rendezvous(sim.state, 3.0, "b", 0, 0).outcome == "aborted"
     assert views.commit(sim.state, 3.0, "b", 0, 0, 3, H1).outcome == "aborted"
     assert next_round(sim.state, 0) == 1
@@ -610,7 +615,7 @@ def test_member_excluded_from_the_next_attempt_is_told_aborted() -> None:
     sim = Sim()
     sim.start(0.0, ["a", "b", "c"])
     sim.commit(1.0, "a", 0, 1, H1)
-    sim.report(2.0, "b", 0, 1, "c")
+    sim.report(2.0, "b", 0, 1, "c")  # a committed, b reported, c accused: every member spoke
     retry = views.commit(sim.state, 2.0, "a", 0, 0, 1, H1)
     assert retry.outcome == "retry" and retry.attempt is not None and retry.attempt.number == 2
     excluded = views.commit(sim.state, 2.0, "c", 0, 0, 1, H1)
@@ -821,3 +826,51 @@ def test_diverged_view_names_a_live_donor_when_the_first_one_is_gone() -> None:
     view = views.commit(store.state, 3.0, "c", 0, 0, 1, "cccccccc")
     assert view.outcome == "diverged" and view.donor is not None and view.donor.peer_id == "b"
     assert "resync from b" in view.reason
+
+
+# ------------------------------------------------------------ failure verdicts
+
+
+def test_a_report_waits_for_the_window_when_members_are_silent() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c", "d"])
+    sim.report(1.0, "a", 0, 1, "d")
+    assert sim.round(0).attempt == 1
+    assert views.report(sim.state, 1.0, 0, 0, 1).outcome == "waiting"
+    assert sim.tick(1.0 + CFG.report_window_s / 2).empty
+    d = sim.tick(1.0 + CFG.report_window_s)
+    rnd = sim.round(0)
+    assert (rnd.attempt, rnd.members) == (2, ("a", "b", "c"))
+    assert "excluded d (1 report)" in d.reason
+
+
+def test_a_stalled_peer_blaming_others_is_outvoted() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c"])
+    sim.report(1.0, "b", 0, 1, "a")
+    sim.report(1.0, "a", 0, 1, "b")  # the stalled peer blames one of its accusers
+    assert sim.round(0).attempt == 1  # a tie, and c has not spoken
+    assert sim.tick(1.0 + 3 * CFG.report_window_s).empty, "a tie waits for more voices"
+    d = sim.report(5.0, "c", 0, 1, "a")
+    rnd = sim.round(0)
+    assert (rnd.attempt, rnd.members) == (2, ("b", "c")), d.reason
+    assert "excluded a (2 reports)" in d.reason
+
+
+def test_a_tie_nobody_breaks_excludes_both_at_the_attempt_deadline() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c"])
+    sim.report(1.0, "b", 0, 1, "a")
+    sim.report(1.0, "a", 0, 1, "b")
+    sim.tick(ATTEMPT_S)
+    rnd = sim.round(0)
+    assert (rnd.attempt, rnd.members) == (2, ("c",))
+
+
+def test_the_same_report_twice_changes_nothing() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c"])
+    sim.report(1.0, "a", 0, 1, "c")
+    before = copy.deepcopy(sim.state)
+    assert sim.report(1.5, "a", 0, 1, "c").empty
+    assert sim.state == before

@@ -113,7 +113,7 @@ async def allreduce_attempt(
                            [ids.index(m.peer_id) for m in others], round, attempt)
     try:
         await box.wait(lambda: my_len == 0 or all(box.contrib_left.get(p, 1) <= 0 for p in other_ids),
-                       other_ids, deadline)
+                       other_ids, deadline, late=lambda p: box.contrib_left.get(p, 1) > 0)
         await _finish_sends(sending, deadline)
     finally:
         for task in sending.values():
@@ -132,7 +132,7 @@ async def allreduce_attempt(
     try:
         expected_results = [p for p in other_ids if parts[ids.index(p)][1] > 0]
         await box.wait(lambda: all(box.result_left.get(p, 1) <= 0 for p in expected_results),
-                       expected_results, deadline)
+                       expected_results, deadline, late=lambda p: box.result_left.get(p, 1) > 0)
         await _finish_sends(gathering, deadline)
     finally:
         for task in gathering.values():

@@ -70,6 +70,8 @@ async def fault_tolerant_allreduce(
             log.warning("round %d attempt %d: %s", round, attempt.number, e)
             endpoint.close_inbox(round, attempt.number)
             reply = await client.report_failure(stage, round, attempt.number, e.peer, e.reason)
+            while reply.outcome == Retry.WAITING:
+                reply = await client.report_failure(stage, round, attempt.number, e.peer, e.reason)
             if reply.outcome != Retry.RETRY:
                 status = "committed" if reply.outcome == Retry.COMMITTED else "aborted"
                 return AllReduceResult(status, attempt, None, failures)

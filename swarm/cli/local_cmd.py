@@ -206,7 +206,9 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
 def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, interrupted: bool,
                console: Console) -> int:
     reports = {c.name: {"exit_code": c.proc.returncode, "killed": c.killed, **(c.report or {})} for c in peers}
-    finished = [r for r in reports.values() if not r["killed"] and r.get("stopped_by") == "done"]
+    for r in reports.values():
+        r.setdefault("stopped_by", "killed" if r["killed"] else "no report")
+    finished = [r for r in reports.values() if not r["killed"] and r["stopped_by"] == "done"]
     hashes = sorted({r["state_hash"] for r in finished})
     summary = {
         "run_id": RUN_ID,

@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
     p.add_argument("--data-host", default="127.0.0.1", help="address the data plane listens on (default: %(default)s)")
     p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
+    p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
     p.add_argument("--allreduce-timeout-s", type=float, default=60.0, help="cap on one all-reduce attempt")
     p.add_argument("--faults", default=os.environ.get("SWARM_FAULTS", ""),
                    help="fault-injection rules as JSON (env SWARM_FAULTS); for tests and chaos runs")
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
             stage=args.stage,
             task=args.task,
             numel=args.numel,
-            transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections),
+            transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections,
+                                      chunk_bytes=args.chunk_bytes),
             faults=FaultInjector.from_json(args.faults),
             allreduce_timeout_s=args.allreduce_timeout_s,
             rounds=args.rounds,

@@ -116,11 +116,13 @@ class CoordinatorClient:
         request = pb.RendezvousRequest(stage=stage, round=round, wait_s=wait_s, **self._ids())
         return await self._call("Rendezvous", request, extra_s=wait_s)
 
-    async def report_failure(self, stage: int, round: int, attempt: int, suspect: str, reason: str) -> pb.ReportFailureReply:
+    async def report_failure(self, stage: int, round: int, attempt: int, suspect: str, reason: str,
+                             wait_s: float = 10.0) -> pb.ReportFailureReply:
+        """Report a failed member; the reply may be WAITING (call again: reports are idempotent)."""
         request = pb.ReportFailureRequest(
-            stage=stage, round=round, attempt=attempt, suspect=suspect, reason=reason, **self._ids()
+            stage=stage, round=round, attempt=attempt, suspect=suspect, reason=reason, wait_s=wait_s, **self._ids()
         )
-        return await self._call("ReportFailure", request)
+        return await self._call("ReportFailure", request, extra_s=wait_s)
 
     async def commit(self, stage: int, round: int, attempt: int, state_hash: str, wait_s: float = 10.0) -> pb.CommitRoundReply:
         """Offer the round's state hash; the reply may be WAITING (call again)."""

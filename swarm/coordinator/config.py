@@ -30,6 +30,9 @@ class CoordinatorConfig:
     """A round does not start with fewer arrived peers than this."""
     max_attempts: int = 5
     """A round whose attempts keep failing is aborted after this many."""
+    report_window_s: float = 1.0
+    """Failure reports of one attempt are collected this long (or until every member spoke), then
+    the most-accused member is excluded, so a stalled peer blaming others cannot exclude them."""
     max_wait_s: float = 20.0
     """Longest a Rendezvous or CommitRound call is held before answering WAITING."""
     max_message_bytes: int = 1 << 20

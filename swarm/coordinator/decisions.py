@@ -219,6 +219,8 @@ def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, 
         attempt=number,
         members=survivors,
         commits=(),
+        accusations=(),
+        first_report_at=0.0,
         attempt_deadline=now + config.attempt_timeout_s,
         reasons=rnd.reasons + (f"attempt {number} with {len(survivors)} members: attempt {rnd.attempt} {why}",),
     )
@@ -304,6 +306,13 @@ def _settle(rnd: Round, now: float, live: frozenset[str], gone: frozenset[str], 
     if lost:
         survivors = tuple(p for p in rnd.members if p not in lost)
         return _next_attempt(rnd, now, survivors, f"lost {', '.join(lost)} (left or lease expired)", config)
+    if rnd.accusations:
+        verdict = _verdict(rnd, now, config)
+        if verdict is not None:
+            excluded, why = verdict
+            survivors = tuple(p for p in rnd.members if p not in excluded)
+            return _next_attempt(rnd, now, survivors, why, config)
+        return rnd  # commits wait for the verdict: the attempt may still be superseded
     if len(rnd.commits) == len(rnd.members):
         return _finalize(rnd, now, "")
     if now >= rnd.attempt_deadline:
@@ -312,6 +321,33 @@ def _settle(rnd: Round, now: float, live: frozenset[str], gone: frozenset[str], 
             return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}")
         return _abort(rnd, now, f"attempt {rnd.attempt} passed its deadline with no commit")
     return rnd
+
+
+def _verdict(rnd: Round, now: float, config: CoordinatorConfig) -> tuple[frozenset[str], str] | None:
+    """Who the failure reports exclude, or None while the verdict should wait.
+
+    A member speaks by reporting or committing. The most-accused members are
+    excluded, so two peers blaming a stalled third exclude it, not each other.
+    A clear verdict comes once every member but the accused spoke, or when the
+    report window closes; a tie waits for every member, up to the attempt
+    deadline, then excludes all tied members.
+    """
+    spoke = {r for r, _, _ in rnd.accusations} | {p for p, _ in rnd.commits}
+    silent = set(rnd.members) - spoke
+    votes = Counter(s for _, s, _ in rnd.accusations)
+    top = max(votes.values())
+    excluded = frozenset(s for s, n in votes.items() if n == top)
+    if len(excluded) == 1:
+        # A clear verdict needs no word from the accused (it may be dead), only from the rest.
+        if not silent <= excluded and now < rnd.first_report_at + config.report_window_s:
+            return None
+    elif silent and now < rnd.attempt_deadline:
+        # A tie (typically a stalled peer blaming the peer that blames it) waits for every
+        # member to report or commit; dead members leave through lease expiry meanwhile.
+        return None
+    details = "; ".join(f"{r} reports {s}: {why}" for r, s, why in rnd.accusations[:6])
+    names = ", ".join(sorted(excluded))
+    return excluded, f"failed: excluded {names} ({top} report{'s' if top > 1 else ''}): {details}"
 
 
 def _settle_rounds(
@@ -406,6 +442,7 @@ def _tick(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
         for r in state.rounds.values()
         if (r.phase == "gathering" and r.barrier_deadline is not None and now >= r.barrier_deadline)
         or (r.phase == "running" and now >= r.attempt_deadline)
+        or (r.phase == "running" and bool(r.accusations) and now >= r.first_report_at + config.report_window_s)
     )
     if expired:
         names = ", ".join(sorted(expired)[:8]) + (f" and {len(expired) - 8} more" if len(expired) > 8 else "")
@@ -531,9 +568,15 @@ def _report(state: RunState, now: float, ev: ReportFailure, config: CoordinatorC
         raise InvalidRequest(f"peer {ev.peer_id!r} is not a member of attempt {rnd.attempt}; only members may report")
     if ev.suspect not in rnd.members:
         raise InvalidRequest(f"suspect {ev.suspect!r} is not a member of attempt {rnd.attempt} of round {ev.round}")
-    why = f"failed: {ev.peer_id} reports {ev.suspect}: {ev.reason[:MAX_REASON_CHARS] or 'no reason given'}"
-    survivors = tuple(p for p in rnd.members if p != ev.suspect)
-    changed = _settle_rounds(state, now, [_next_attempt(rnd, now, survivors, why, config)], config)
+    if any(r == ev.peer_id and s == ev.suspect for r, s, _ in rnd.accusations):
+        return NO_CHANGE  # the same report again (a retried call)
+    accusation = (ev.peer_id, ev.suspect, ev.reason[:MAX_REASON_CHARS] or "no reason given")
+    rnd = replace(
+        rnd,
+        accusations=rnd.accusations + (accusation,),
+        first_report_at=rnd.first_report_at if rnd.accusations else now,
+    )
+    changed = _settle_rounds(state, now, [rnd], config)
     return Decision(reason=_round_reasons(changed, state), put_rounds=changed)
 
 

@@ -176,7 +176,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             request.reason,
         )
         self.core.handle(event)
-        view = views.report(self.core.state, self.core.clock(), request.stage, request.round)
+        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
+        while True:
+            view = views.report(self.core.state, self.core.clock(), request.stage, request.round, request.attempt)
+            left = give_up - time.monotonic()
+            if view.outcome != "waiting" or left <= 0:
+                break
+            await self.core.wait_round((request.stage, request.round), left)
         return pb.ReportFailureReply(
             outcome=pb.ReportFailureReply.Outcome.Value(view.outcome.upper()),
             attempt=_attempt_to_pb(view.attempt),

@@ -71,6 +71,9 @@ class Round:
     members: tuple[str, ...] = ()
     attempt_deadline: float = 0.0
     commits: tuple[tuple[str, str], ...] = ()
+    accusations: tuple[tuple[str, str, str], ...] = ()
+    """(reporter, suspect, reason) failure reports against the current attempt."""
+    first_report_at: float = 0.0
     committed_hash: str = ""
     diverged: tuple[str, ...] = ()
     donor: str = ""

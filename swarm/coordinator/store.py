@@ -73,6 +73,7 @@ def _round_from_json(text: str) -> Round:
     for key in ("arrived", "members", "diverged", "reasons"):
         d[key] = tuple(d[key])
     d["commits"] = tuple((p, h) for p, h in d["commits"])
+    d["accusations"] = tuple((r, s, why) for r, s, why in d["accusations"])
     return Round(**d)
 
 

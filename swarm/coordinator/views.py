@@ -31,7 +31,7 @@ class RendezvousView:
 
 @dataclass(frozen=True, slots=True)
 class ReportView:
-    outcome: Literal["retry", "aborted", "committed"]
+    outcome: Literal["retry", "aborted", "committed", "waiting"]
     attempt: AttemptView | None
     reason: str
 
@@ -83,13 +83,15 @@ def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: in
     )
 
 
-def report(state: RunState, now: float, stage: int, number: int) -> ReportView:
-    """What a member that reported a failure should do now."""
+def report(state: RunState, now: float, stage: int, number: int, attempt: int) -> ReportView:
+    """What a member that reported a failure of `attempt` should do now."""
     rnd = state.rounds[(stage, number)]
     if rnd.phase == "committed":
         return ReportView("committed", None, _last(rnd))
     if rnd.phase == "aborted":
         return ReportView("aborted", None, _last(rnd))
+    if rnd.attempt == attempt:
+        return ReportView("waiting", None, f"{len(rnd.accusations)} failure reports; verdict within the report window")
     return ReportView("retry", attempt_view(state, rnd, now), _last(rnd))
 
 

@@ -92,9 +92,13 @@ class Inbox:
         """Whether `peer` may still owe data (unknown peers may: their first frame has not come)."""
         return self.contrib_left.get(peer, 1) > 0 or self.result_left.get(peer, 1) > 0
 
-    async def wait(self, done: Callable[[], bool], expected: list[str], deadline: float) -> None:
+    async def wait(self, done: Callable[[], bool], expected: list[str], deadline: float,
+                   late: Callable[[str], bool] | None = None) -> None:
         """Wait until `done()`; raise PeerFailure for the first expected peer that failed or is late.
 
+        Args:
+            late: whether a peer still owes what `done` waits for (default `owes`); names the culprit at
+                the deadline, so a peer that already delivered this phase is not blamed for another's stall.
         Raises:
             PeerFailure: an expected peer failed, or `deadline` (loop time) passed.
         """
@@ -107,8 +111,8 @@ class Inbox:
                 return
             left = deadline - loop.time()
             if left <= 0:
-                late = [p for p in expected if self.owes(p)] or expected
-                raise PeerFailure(late[0], f"no data by the deadline (round {self.round} attempt {self.attempt})")
+                overdue = [p for p in expected if (late or self.owes)(p)] or expected
+                raise PeerFailure(overdue[0], f"no data by the deadline (round {self.round} attempt {self.attempt})")
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), left)
@@ -133,6 +137,7 @@ class Endpoint:
         self._inboxes: dict[tuple[int, int], Inbox] = {}
         self._closed: set[tuple[int, int]] = set()
         self._conns: dict[str, list[tuple[socket.socket, asyncio.Lock]]] = {}
+        self._dialing: dict[str, asyncio.Lock] = {}
         self._readers: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -322,9 +327,13 @@ class Endpoint:
     # ---------------------------------------------------------------- sending
 
     async def _connection(self, peer: str, address: str, index: int) -> tuple[socket.socket, asyncio.Lock]:
-        conns = self._conns.setdefault(peer, [])
-        while len(conns) <= index:
-            conns.append((await self._dial(peer, address), asyncio.Lock()))
+        conns = self._conns.get(peer, [])
+        if len(conns) <= index:
+            # One dial at a time per peer: the concurrent sends of a part's chunks would each open a connection.
+            async with self._dialing.setdefault(peer, asyncio.Lock()):
+                conns = self._conns.setdefault(peer, [])
+                while len(conns) <= index:
+                    conns.append((await self._dial(peer, address), asyncio.Lock()))
         return conns[index]
 
     async def _dial(self, peer: str, address: str) -> socket.socket:
@@ -369,12 +378,17 @@ class Endpoint:
             payload = memoryview(damaged)
         loop = asyncio.get_running_loop()
         sock, lock = await self._connection(peer, address, lane % self.config.connections_per_peer)
-        try:
-            async with lock, asyncio.timeout(self.config.io_timeout_s):
-                await loop.sock_sendall(sock, encode_header(header))
-                await loop.sock_sendall(sock, payload)
-        except (OSError, TimeoutError) as e:
-            self._drop_connections(peer)
-            raise PeerFailure(peer, f"send failed: {e or 'stalled'}") from None
+        async with lock:
+            try:
+                async with asyncio.timeout(self.config.io_timeout_s):
+                    await loop.sock_sendall(sock, encode_header(header))
+                    await loop.sock_sendall(sock, payload)
+            except BaseException as e:
+                # A frame cut short (error, stall or cancellation) would make the receiver read the next
+                # frame's header as payload: the connection cannot be reused.
+                self._drop_connections(peer)
+                if not isinstance(e, (OSError, TimeoutError)):
+                    raise
+                raise PeerFailure(peer, f"send failed: {e or 'stalled'}") from None
         self.bytes_sent += len(payload)
 

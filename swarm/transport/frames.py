@@ -111,6 +111,9 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
     if not isinstance(values, list) or len(values) != len(_FIELDS):
         raise FrameError(f"frame header must be a list of {len(_FIELDS)} fields")
     d = dict(zip(_FIELDS, values, strict=True))
+    # Checked before the set lookups below: an unhashable value there would raise TypeError, not FrameError.
+    if any(not isinstance(d[k], str) for k in ("kind", "run", "sender", "codec", "dtype")):
+        raise FrameError("frame header has a non-string kind, run, sender, codec or dtype field")
     ints = [k for k in _FIELDS if k not in ("kind", "run", "sender", "codec", "dtype", "shape")]
     if any(not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0 for k in ints):
         raise FrameError("frame header has a negative or non-integer size field")

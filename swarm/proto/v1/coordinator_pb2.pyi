@@ -164,7 +164,7 @@ class RendezvousReply(_message.Message):
     def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "suspect", "reason")
+    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "suspect", "reason", "wait_s")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class ReportFailureRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SUSPECT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
@@ -181,7 +182,8 @@ class ReportFailureRequest(_message.Message):
     attempt: int
     suspect: str
     reason: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., suspect: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    wait_s: float
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., suspect: _Optional[str] = ..., reason: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class ReportFailureReply(_message.Message):
     __slots__ = ("outcome", "attempt", "reason")
@@ -191,10 +193,12 @@ class ReportFailureReply(_message.Message):
         RETRY: _ClassVar[ReportFailureReply.Outcome]
         ABORTED: _ClassVar[ReportFailureReply.Outcome]
         COMMITTED: _ClassVar[ReportFailureReply.Outcome]
+        WAITING: _ClassVar[ReportFailureReply.Outcome]
     OUTCOME_UNSPECIFIED: ReportFailureReply.Outcome
     RETRY: ReportFailureReply.Outcome
     ABORTED: ReportFailureReply.Outcome
     COMMITTED: ReportFailureReply.Outcome
+    WAITING: ReportFailureReply.Outcome
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]

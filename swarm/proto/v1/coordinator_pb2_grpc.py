@@ -103,7 +103,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportFailure(self, request, context):
-        """Say that a member of the current attempt failed; returns the next attempt.
+        """Say that a member of the current attempt failed. Reports are collected for a
+        short window (or until every member spoke); the most-accused member is
+        excluded and the reply carries the next attempt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
