@@ -106,7 +106,7 @@ async def allreduce_attempt(
     others = [m for m in members if m.peer_id != endpoint.peer_id]
     other_ids = [m.peer_id for m in others]
     parts = partition(flat.size, [m.bandwidth for m in members])
-    box = endpoint.inbox(round, attempt)
+    box = endpoint.inbox(round, attempt, total=flat.size)
     my_start, my_len = parts[me]
 
     sending = _send_to_all(endpoint, others, "contrib", flat, [parts[ids.index(m.peer_id)] for m in others],

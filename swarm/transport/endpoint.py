@@ -82,6 +82,8 @@ class Inbox:
     failed: dict[str, str] = field(default_factory=dict)
     started: bool = False
     pending_bytes: int = 0
+    total: int | None = None
+    """Elements of the tensor of this attempt; frames claiming another size are refused."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail(self, peer: str, reason: str) -> None:
@@ -171,11 +173,17 @@ class Endpoint:
 
     # --------------------------------------------------------------- inboxes
 
-    def inbox(self, round: int, attempt: int) -> Inbox:
-        """The inbox of (round, attempt), created if needed; marks it started."""
+    def inbox(self, round: int, attempt: int, total: int | None = None) -> Inbox:
+        """The inbox of (round, attempt), created if needed; marks it started.
+
+        Args:
+            total: elements of the local tensor; early frames that claimed another size are dropped.
+        """
         box = self._inboxes.get((round, attempt))
-        if box is None:
+        if box is None or (total is not None and box.total is not None and box.total != total):
             box = self._inboxes[(round, attempt)] = Inbox(round, attempt)
+        if total is not None:
+            box.total = total
         box.started = True
         box.pending_bytes = 0
         return box
@@ -198,6 +206,9 @@ class Endpoint:
         box = self._inboxes.get(key)
         if box is None:
             box = self._inboxes[key] = Inbox(h.round, h.attempt)
+        if box.total is not None and h.total != box.total:
+            # Bounds every allocation of an attempt by the size its first frame (or the local tensor) set.
+            raise FrameError(f"frame from {h.sender} claims a tensor of {h.total} elements, not {box.total}")
         dtype = np.dtype(h.dtype) if h.dtype != "bfloat16" else np.dtype(np.uint16)
         if h.kind == "contrib":
             buf = box.contribs.get(h.sender)
@@ -214,6 +225,7 @@ class Endpoint:
             buf, start = box.out, h.offset
         if buf.dtype != dtype or start + h.numel > buf.size:
             raise FrameError(f"frame from {h.sender} does not match the buffers of round {h.round} attempt {h.attempt}")
+        box.total = h.total
         return memoryview(buf[start : start + h.numel]).cast("B")
 
     def _allocate(self, box: Inbox, numel: int, dtype: np.dtype) -> np.ndarray:
@@ -277,11 +289,12 @@ class Endpoint:
         sender = ""
         scratch = memoryview(bytearray(_SCRATCH_BYTES))
         try:
-            hello = await self._read_header(conn)
+            async with asyncio.timeout(self.config.io_timeout_s):  # say hello promptly or be dropped
+                hello = await self._read_header(conn)
             if hello is None:
                 return
-            if hello.kind != "hello" or not hello.sender:
-                raise FrameError("a connection must start with a hello frame")
+            if hello.kind != "hello" or not hello.sender or hello.nbytes:
+                raise FrameError("a connection must start with a hello frame without payload")
             if hello.run != self.run_id:
                 raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
             sender = hello.sender

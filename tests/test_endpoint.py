@@ -1,0 +1,502 @@
+"""The data plane over real sockets: endpoints on 127.0.0.1:0 in this test's event loop.
+
+Faults come from the transport's own seam (`FaultInjector`), hostile input from
+raw sockets; nothing here copies production code. Every failure must surface as
+`PeerFailure` naming the culprit well within the attempt's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarm.allreduce.butterfly import ALIGN_ELEMENTS, Participant, allreduce_attempt, partition
+from swarm.transport.endpoint import Endpoint, PeerFailure, TransportConfig
+from swarm.transport.faults import NO_FAULTS, FaultInjector, FaultRule
+from swarm.transport.frames import MAGIC, PREFIX, Header, checksum, encode_header
+
+RUN = "test-run"
+
+# ------------------------------------------------------------------ harness
+
+MakeEndpoints = Callable[..., Awaitable[list[Endpoint]]]
+
+
+@pytest.fixture
+async def make_endpoints() -> AsyncIterator[MakeEndpoints]:
+    """Factory: `make_endpoints("ABC", faults={"A": [rule, ...]}, **TransportConfig)`; all closed at teardown."""
+    made: list[Endpoint] = []
+
+    async def make(ids: str, *, faults: dict[str, list[FaultRule]] | None = None, **config: Any) -> list[Endpoint]:
+        eps = []
+        for peer in ids:
+            rules = (faults or {}).get(peer)
+            ep = Endpoint(peer, RUN, TransportConfig(**config), FaultInjector(rules) if rules else NO_FAULTS)
+            made.append(ep)
+            await ep.start()
+            eps.append(ep)
+        return eps
+
+    yield make
+    for ep in made:
+        await ep.close()
+
+
+def members(eps: list[Endpoint], bandwidths: list[float] | None = None) -> list[Participant]:
+    return [Participant(ep.peer_id, ep.address, bw) for ep, bw in zip(eps, bandwidths or [0.0] * len(eps), strict=True)]
+
+
+@dataclass(slots=True)
+class Outcome:
+    value: np.ndarray | None
+    error: BaseException | None
+    elapsed_s: float
+    """From the start of this member's attempt (after any start delay) to its end."""
+
+
+async def attempt(ep: Endpoint, flat: np.ndarray, group: list[Participant], *, round: int = 0, attempt: int = 0,
+                  timeout_s: float = 5.0, start_after_s: float = 0.0) -> Outcome:
+    if start_after_s:
+        await asyncio.sleep(start_after_s)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    try:
+        value = await allreduce_attempt(ep, flat, group, round, attempt, timeout_s)
+    except PeerFailure as e:
+        return Outcome(None, e, loop.time() - t0)
+    return Outcome(value, None, loop.time() - t0)
+
+
+async def run_all(eps: list[Endpoint], xs: list[np.ndarray], group: list[Participant] | None = None,
+                  *, timeout_s: float | list[float] = 5.0, start_after_s: dict[str, float] | None = None,
+                  round: int = 0, attempt_: int = 0) -> dict[str, Outcome]:
+    group = group or members(eps)
+    timeouts = timeout_s if isinstance(timeout_s, list) else [timeout_s] * len(eps)
+    outs = await asyncio.gather(*(
+        attempt(ep, x, group, round=round, attempt=attempt_, timeout_s=t,
+                start_after_s=(start_after_s or {}).get(ep.peer_id, 0.0))
+        for ep, x, t in zip(eps, xs, timeouts, strict=True)
+    ))
+    return {ep.peer_id: o for ep, o in zip(eps, outs, strict=True)}
+
+
+def member_order_mean(xs: list[np.ndarray]) -> np.ndarray:
+    """The reference: plain numpy, summed in member order in the inputs' dtype, then divided."""
+    acc = xs[0].copy()
+    for x in xs[1:]:
+        acc = acc + x
+    return acc / len(xs)
+
+
+def inputs(n: int, numel: int, dtype: str = "float32", seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(numel).astype(dtype) * (i + 1) for i in range(n)]
+
+
+def assert_exact_mean(outcomes: dict[str, Outcome], xs: list[np.ndarray]) -> None:
+    """Every member got the member-order mean, bit for bit, and it is close to the fp64 mean."""
+    errors = {p: o.error for p, o in outcomes.items() if o.error is not None}
+    assert not errors, errors
+    expected = member_order_mean(xs)
+    for peer, o in outcomes.items():
+        assert o.value is not None
+        assert o.value.dtype == xs[0].dtype and o.value.shape == xs[0].shape, peer
+        assert o.value.tobytes() == expected.tobytes(), f"{peer}'s result is not the member-order mean"
+    if xs[0].size:
+        exact = np.mean(np.stack([x.astype(np.float64) for x in xs]), axis=0)
+        eps = np.finfo(xs[0].dtype).eps
+        scale = max(float(np.max(np.abs(x))) for x in xs)
+        assert float(np.max(np.abs(expected.astype(np.float64) - exact))) <= 2 * len(xs) * eps * scale
+
+
+def assert_failure(o: Outcome, peer: str, word: str, *, within_s: float) -> None:
+    assert isinstance(o.error, PeerFailure), f"expected PeerFailure({peer}), got {o}"
+    assert o.error.peer == peer, o.error
+    assert word in o.error.reason, o.error
+    assert o.elapsed_s < within_s, f"took {o.elapsed_s:.2f}s to notice {peer}: {o.error}"
+
+
+# ------------------------------------------------------------------ raw sockets
+
+
+def raw_frame(kind: str, *, sender: str = "X", run: str = RUN, payload: bytes = b"", bad_checksum: bool = False,
+              **fields: Any) -> bytes:
+    h = Header(kind=kind, sender=sender, run=run, nbytes=len(payload),  # type: ignore[arg-type]
+               checksum=checksum(payload) ^ int(bad_checksum), **fields)
+    return encode_header(h) + payload
+
+
+def contrib(numel: int = 16, *, round: int = 7, attempt: int = 0, dtype: str = "float32", **kw: Any) -> bytes:
+    """A whole contrib frame of X's (part = chunk = the whole tensor) carrying arange(numel)."""
+    return raw_frame("contrib", round=round, attempt=attempt, offset=0, numel=numel, total=numel, part_start=0,
+                     part_len=numel, dtype=dtype, payload=np.arange(numel, dtype=dtype).tobytes(), **kw)
+
+
+def contrib_header(numel: int, *, round: int) -> bytes:
+    """Only the header of a float32 contrib frame of `numel` elements (its payload is never sent)."""
+    return encode_header(Header(kind="contrib", run=RUN, sender="X", round=round, offset=0, numel=numel,
+                                total=numel, part_start=0, part_len=numel, nbytes=4 * numel))
+
+
+def hello(sender: str = "X", run: str = RUN) -> bytes:
+    return raw_frame("hello", sender=sender, run=run)
+
+
+async def connect(ep: Endpoint, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, _, port = ep.address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    return reader, writer
+
+
+async def closed_by_endpoint(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, within_s: float = 2.0) -> bool:
+    """Whether the endpoint closed the connection (EOF or reset) within `within_s`."""
+    try:
+        data = await asyncio.wait_for(reader.read(1 << 16), within_s)
+    except ConnectionError:
+        closed = True
+    except TimeoutError:
+        closed = False
+    else:
+        assert data == b"", "an endpoint never writes on an accepted connection"
+        closed = True
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+    return closed
+
+
+# ------------------------------------------------------------------ exact mean
+
+
+@pytest.mark.parametrize("numel", [1, 3, 63, 65, 1_000_003])
+@pytest.mark.parametrize("n", [2, 3, 5])
+async def test_allreduce_is_the_member_order_mean_on_every_member(
+    make_endpoints: MakeEndpoints, n: int, numel: int
+) -> None:
+    eps = await make_endpoints("ABCDE"[:n], chunk_bytes=64 << 10)
+    xs = inputs(n, numel, seed=numel + n)
+    before = [x.copy() for x in xs]
+    # Uneven and unknown (0) bandwidths: parts of different sizes, some empty when numel < n * ALIGN_ELEMENTS.
+    group = members(eps, [1.0, 0.0, 3.0, 2.5, 0.0][:n])
+    assert_exact_mean(await run_all(eps, xs, group), xs)
+    assert all(np.array_equal(a, b) for a, b in zip(xs, before, strict=True)), "an input was modified"
+
+
+async def test_allreduce_of_an_empty_tensor(make_endpoints: MakeEndpoints) -> None:
+    eps = await make_endpoints("ABC")
+    assert_exact_mean(await run_all(eps, inputs(3, 0)), inputs(3, 0))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+async def test_allreduce_keeps_the_dtype(make_endpoints: MakeEndpoints, dtype: str) -> None:
+    eps = await make_endpoints("ABC", chunk_bytes=1024)
+    xs = inputs(3, 1001, dtype)
+    assert_exact_mean(await run_all(eps, xs), xs)
+
+
+@pytest.mark.parametrize("per_peer", [1, 3])
+async def test_each_peer_pair_uses_connections_per_peer_connections(
+    make_endpoints: MakeEndpoints, per_peer: int
+) -> None:
+    # Tiny chunks: every part is dozens of frames sent concurrently, which must share the pooled connections.
+    eps = await make_endpoints("ABC", chunk_bytes=1024, connections_per_peer=per_peer)
+    xs = inputs(3, 50_000)
+    assert_exact_mean(await run_all(eps, xs), xs)
+    conns = psutil.Process().net_connections(kind="tcp")
+    for ep in eps:
+        port = int(ep.address.rpartition(":")[2])
+        into = [c for c in conns if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+        assert len(into) == 2 * per_peer, f"{len(into)} connections into {ep.peer_id}, expected {2 * per_peer}"
+
+
+# ------------------------------------------------------------------ partition
+
+_partition_settings = settings(max_examples=60)
+_bandwidths = st.lists(st.one_of(st.just(0.0), st.floats(1e-3, 1e3)), min_size=1, max_size=12)
+
+
+@_partition_settings
+@given(total=st.integers(0, 10**10), bandwidths=_bandwidths)
+def test_partition_covers_the_tensor_in_aligned_proportional_parts(total: int, bandwidths: list[float]) -> None:
+    parts = partition(total, bandwidths)
+    assert partition(total, list(bandwidths)) == parts  # deterministic
+    assert len(parts) == len(bandwidths)
+    pos = 0
+    for start, length in parts:
+        assert start == pos and length >= 0, parts  # contiguous, in member order
+        assert start % ALIGN_ELEMENTS == 0 or start == total, parts  # aligned except where it meets the end
+        pos += length
+    assert pos == total, parts
+    known = [b for b in bandwidths if b > 0]
+    weights = [b if b > 0 else (sum(known) / len(known) if known else 1.0) for b in bandwidths]
+    # Boundaries are rounded to ALIGN_ELEMENTS and weights quantised to 1e-6 of the largest.
+    slack = 2 * ALIGN_ELEMENTS + total * (len(weights) + 1) * 1e-6
+    for (_, length), w in zip(parts, weights, strict=True):
+        assert abs(length - total * w / sum(weights)) <= slack, (parts, weights)
+
+
+@_partition_settings
+@given(total=st.integers(0, 10**10), bandwidths=_bandwidths)
+def test_partition_treats_unknown_bandwidth_as_the_mean(total: int, bandwidths: list[float]) -> None:
+    known = [b for b in bandwidths if b > 0]
+    filled = [b if b > 0 else (sum(known) / len(known) if known else 1.0) for b in bandwidths]
+    assert partition(total, bandwidths) == partition(total, filled)
+
+
+@_partition_settings
+@given(total=st.integers(0, 10**10), n=st.integers(1, 12), bandwidth=st.floats(1e-3, 1e3))
+def test_partition_of_equal_or_unknown_bandwidths_is_even(total: int, n: int, bandwidth: float) -> None:
+    parts = partition(total, [0.0] * n)
+    assert parts == partition(total, [bandwidth] * n)
+    lengths = [length for _, length in parts]
+    assert max(lengths) - min(lengths) < 2 * ALIGN_ELEMENTS
+
+
+# ------------------------------------------------------------------ early frames
+
+
+async def test_frames_that_arrive_before_the_attempt_starts_are_kept(make_endpoints: MakeEndpoints) -> None:
+    a, b, c = await make_endpoints("ABC", chunk_bytes=64 << 10)
+    xs = inputs(3, 100_003)
+    received_before_start: list[int] = []
+
+    async def late_c() -> Outcome:
+        await asyncio.sleep(0.3)
+        received_before_start.append(c.bytes_received)
+        return await attempt(c, xs[2], members([a, b, c]))
+
+    outs = await asyncio.gather(attempt(a, xs[0], members([a, b, c])), attempt(b, xs[1], members([a, b, c])), late_c())
+    # A and B sent C its contributions while C had not started: all of them were buffered, none lost.
+    assert received_before_start[0] >= 2 * 4 * partition(100_003, [0.0] * 3)[2][1]
+    assert_exact_mean(dict(zip("ABC", outs, strict=True)), xs)
+
+
+# ------------------------------------------------------------------ fault seam
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [{"A": [FaultRule(point="send.contrib", action="corrupt", peer="B")]},
+     {"B": [FaultRule(point="recv.contrib", action="corrupt", peer="A")]}],
+    ids=["corrupted-by-sender", "corrupted-on-receipt"],
+)
+async def test_corrupted_frame_fails_its_sender_at_once(
+    make_endpoints: MakeEndpoints, faults: dict[str, list[FaultRule]]
+) -> None:
+    eps = await make_endpoints("ABC", faults=faults)
+    out = await run_all(eps, inputs(3, 1000), timeout_s=[0.5, 10.0, 0.5])
+    assert_failure(out["B"], "A", "checksum", within_s=0.5)  # 10 s deadline: caught by the checksum, not the clock
+    for peer in "AC":  # B gave up, so the others cannot finish either, but they stop by their deadline
+        assert isinstance(out[peer].error, PeerFailure) and out[peer].elapsed_s < 1.0, out[peer]
+
+
+async def test_dropped_results_fail_the_dropper_at_the_deadline(make_endpoints: MakeEndpoints) -> None:
+    eps = await make_endpoints("ABC", faults={"A": [FaultRule(point="send.result", action="drop", peer="B", times=0)]})
+    xs = inputs(3, 1000)
+    out = await run_all(eps, xs, timeout_s=0.5)
+    assert_failure(out["B"], "A", "deadline", within_s=1.0)
+    assert out["B"].elapsed_s >= 0.45, "B gave up before its deadline"
+    assert_exact_mean({p: out[p] for p in "AC"}, xs)  # A's results to C and everyone else's went through
+
+
+async def test_a_peer_that_sends_nothing_is_blamed_not_one_that_delivered(make_endpoints: MakeEndpoints) -> None:
+    eps = await make_endpoints("ABC", faults={"C": [FaultRule(point="send.contrib", action="drop", times=0)]})
+    out = await run_all(eps, inputs(3, 1000), timeout_s=0.5)
+    # A and B have each other's contributions; only C's are missing, so C is the one to report.
+    assert_failure(out["A"], "C", "deadline", within_s=1.0)
+    assert_failure(out["B"], "C", "deadline", within_s=1.0)
+
+
+async def test_close_rule_on_send_fails_the_sender_at_once(make_endpoints: MakeEndpoints) -> None:
+    eps = await make_endpoints("ABC", faults={"A": [FaultRule(point="send.contrib", action="close", peer="B",
+                                                              attempt=1)]})
+    xs = inputs(3, 1000)
+    assert_exact_mean(await run_all(eps, xs), xs)  # attempt 0 opens the connections the rule then closes
+    out = await run_all(eps, xs, attempt_=1, timeout_s=[0.5, 10.0, 0.5], start_after_s={"A": 0.05})
+    assert_failure(out["B"], "A", "connection closed", within_s=0.5)
+
+
+async def test_close_rule_on_receipt_fails_the_sender_at_once(make_endpoints: MakeEndpoints) -> None:
+    eps = await make_endpoints("ABC", faults={"B": [FaultRule(point="recv.contrib", action="close", peer="A")]})
+    out = await run_all(eps, inputs(3, 1000), timeout_s=[0.5, 10.0, 0.5])
+    assert_failure(out["B"], "A", "connection closed", within_s=0.5)
+
+
+async def test_delay_rules_only_slow_the_attempt(make_endpoints: MakeEndpoints) -> None:
+    eps = await make_endpoints("ABC", faults={
+        "A": [FaultRule(point="send.contrib", action="delay", delay_s=0.3, times=0)],
+        "C": [FaultRule(point="recv.result", action="delay", delay_s=0.2, times=0)],
+    })
+    xs = inputs(3, 10_000)
+    out = await run_all(eps, xs, timeout_s=3.0)
+    assert_exact_mean(out, xs)
+    assert out["B"].elapsed_s >= 0.29 and out["C"].elapsed_s >= 0.49, out  # the delays did happen
+
+
+# ------------------------------------------------------------------ dead peers
+
+
+async def test_peer_that_dies_mid_attempt_is_blamed_at_once(make_endpoints: MakeEndpoints) -> None:
+    # C receives and reduces, then hangs before sending its part: then its process "dies".
+    a, b, c = await make_endpoints("ABC", faults={"C": [FaultRule(point="send.result", action="delay", delay_s=60,
+                                                                  times=0)]})
+    group, xs = members([a, b, c]), inputs(3, 10_000)
+    tasks = [asyncio.create_task(attempt(ep, x, group, timeout_s=10.0)) for ep, x in zip([a, b, c], xs, strict=True)]
+    await asyncio.sleep(0.3)
+    assert not any(t.done() for t in tasks), "nothing should finish while C hangs"
+    tasks[2].cancel()
+    await c.close()
+    out = await asyncio.wait_for(asyncio.gather(*tasks[:2]), 3.0)
+    for o in out:
+        assert_failure(o, "C", "closed", within_s=1.5)
+
+
+async def test_peer_that_is_gone_before_the_attempt_is_blamed_at_once(make_endpoints: MakeEndpoints) -> None:
+    a, b, c = await make_endpoints("ABC")
+    group = members([a, b, c])
+    await c.close()
+    out = await run_all([a, b], inputs(2, 1000), group, timeout_s=10.0)
+    for peer in "AB":
+        assert_failure(out[peer], "C", "connect", within_s=2.0)
+
+
+# ------------------------------------------------------------------ hostile input
+
+_GARBAGE = [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n", set(), id="http"),
+    pytest.param(random.Random(0).randbytes(4096), set(), id="random"),
+    pytest.param(PREFIX.pack(MAGIC, 2, 0), set(), id="newer-version"),
+    pytest.param(hello() + PREFIX.pack(MAGIC, 1, 3) + b"\xc1\xc1\xc1", set(), id="bad-msgpack"),
+    pytest.param(contrib(), set(), id="no-hello"),
+    pytest.param(hello(run="other-run") + contrib(run="other-run"), set(), id="hello-of-another-run"),
+    pytest.param(hello(sender="") + contrib(sender=""), set(), id="hello-without-sender"),
+    pytest.param(hello("X") + contrib(sender="B"), set(), id="spoofed-sender"),
+    # The payload lands in place before its checksum is checked, so the buffer exists, but its sender is failed.
+    pytest.param(hello() + contrib(bad_checksum=True), {"X"}, id="bad-checksum"),
+    pytest.param(hello() + raw_frame("contrib", round=7, offset=10, numel=16, total=16, part_start=0, part_len=16,
+                                     payload=bytes(64)), set(), id="chunk-outside-part"),
+    pytest.param(hello() + contrib(16, dtype="float32") + contrib(16, dtype="float64"), {"X"},
+                 id="dtype-changes-mid-attempt"),
+]
+
+
+@pytest.mark.parametrize(("garbage", "kept"), _GARBAGE)
+async def test_garbage_on_the_port_is_refused_and_the_endpoint_keeps_serving(
+    make_endpoints: MakeEndpoints, garbage: bytes, kept: set[str]
+) -> None:
+    a, b = await make_endpoints("AB")
+    reader, writer = await connect(a, garbage)
+    assert await closed_by_endpoint(reader, writer), "the endpoint kept a connection that sent garbage"
+    box = a.inbox(7, 0)
+    assert set(box.contribs) == kept and box.out is None, "refused data reached an inbox"
+    assert all(p in box.failed for p in box.contribs), box.failed
+    xs = inputs(2, 1000)
+    assert_exact_mean(await run_all([a, b], xs, round=1), xs)
+
+
+async def test_a_valid_connection_is_kept(make_endpoints: MakeEndpoints) -> None:
+    """The control of the garbage test: the same raw client speaking properly stays connected."""
+    (a,) = await make_endpoints("A")
+    reader, writer = await connect(a, hello() + contrib())
+    assert not await closed_by_endpoint(reader, writer, within_s=0.3)
+    assert np.array_equal(a.inbox(7, 0).contribs["X"], np.arange(16, dtype="float32"))
+
+
+async def test_stalled_frame_is_dropped(make_endpoints: MakeEndpoints) -> None:
+    (a,) = await make_endpoints("A", io_timeout_s=0.3)
+    box = a.inbox(7, 0)
+    reader, writer = await connect(a, hello() + contrib()[:-10])  # the last 10 payload bytes never come
+    assert await closed_by_endpoint(reader, writer, within_s=2.0)
+    assert "stalled" in box.failed.get("X", ""), box.failed
+    reader, writer = await connect(a, hello("Y") + MAGIC + b"\x01")  # and a frame cut inside its prefix
+    assert await closed_by_endpoint(reader, writer, within_s=2.0)
+
+
+async def test_oversized_frame_is_refused_before_allocating(make_endpoints: MakeEndpoints) -> None:
+    (a,) = await make_endpoints("A", chunk_bytes=64 << 10, max_frame_bytes=1 << 20)
+    box = a.inbox(3, 0)  # started: only max_frame_bytes stands between this frame and a 256 MiB buffer
+    numel = 1 << 26
+    tracemalloc.start()
+    try:
+        reader, writer = await connect(a, hello() + contrib_header(numel, round=3))
+        closed = await closed_by_endpoint(reader, writer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert closed, "the endpoint waited for a payload over max_frame_bytes"
+    assert peak < 16 << 20, f"{peak} bytes allocated for a refused frame"
+    assert "exceeds the limit" in box.failed.get("X", ""), box.failed
+    assert not box.contribs
+
+
+async def test_late_frames_of_a_closed_attempt_are_discarded(make_endpoints: MakeEndpoints) -> None:
+    # Attempt 0: C's results come 0.6 s late; A and B give up at 0.3 s, close the attempt and start attempt 1
+    # at once, so C's late frames (several MiB, more than the discard buffer) land in the middle of attempt 1.
+    a, b, c = await make_endpoints("ABC", faults={"C": [FaultRule(point="send.result", action="delay", delay_s=0.6,
+                                                                  attempt=0, times=0)]})
+    group = members([a, b, c])
+    old, new = inputs(3, 900_001, seed=1), inputs(3, 900_001, seed=2)  # parts of 1.2 MB: frames over 1 MiB
+
+    async def give_up_then_retry(ep: Endpoint, i: int) -> tuple[Outcome, Outcome]:
+        first = await attempt(ep, old[i], group, attempt=0, timeout_s=0.3)
+        ep.close_inbox(0, 0)
+        return first, await attempt(ep, new[i], group, attempt=1)
+
+    async def late_c() -> tuple[Outcome, Outcome]:
+        first = await attempt(c, old[2], group, attempt=0)
+        c.close_inbox(0, 0)
+        return first, await attempt(c, new[2], group, attempt=1)
+
+    (a0, a1), (b0, b1), (c0, c1) = await asyncio.gather(give_up_then_retry(a, 0), give_up_then_retry(b, 1), late_c())
+    assert_failure(a0, "C", "deadline", within_s=0.6)
+    assert_failure(b0, "C", "deadline", within_s=0.6)
+    assert_exact_mean({"C": c0}, old)  # C finished attempt 0, so it did send its late results
+    assert_exact_mean({"A": a1, "B": b1, "C": c1}, new)
+    stale = a.inbox(0, 0)
+    assert stale.out is None and not stale.contribs, "late frames were stored for a closed attempt"
+
+
+async def test_pending_data_beyond_the_limit_is_refused(make_endpoints: MakeEndpoints) -> None:
+    (a,) = await make_endpoints("A", chunk_bytes=1024, max_pending_bytes=16 << 10)
+    x_reader, x_writer = await connect(a, hello("X") + contrib(2048, round=9, attempt=0))  # 8 KiB: fits
+    y_reader, y_writer = await connect(a, hello("Y") + contrib(3072, round=9, attempt=1, sender="Y"))  # 20 KiB
+    assert await closed_by_endpoint(y_reader, y_writer), "data over max_pending_bytes was accepted"
+    assert not await closed_by_endpoint(x_reader, x_writer, within_s=0.2), "data under the limit was refused"
+    refused = a.inbox(9, 1)
+    assert "max_pending_bytes" in refused.failed.get("Y", ""), refused.failed
+    assert not refused.contribs
+    assert np.array_equal(a.inbox(9, 0).contribs["X"], np.arange(2048, dtype="float32"))
+    # Once an attempt has started its data is expected, not pending: the limit no longer applies (20 KiB).
+    z_reader, z_writer = await connect(a, hello("Z") + contrib(5120, round=9, attempt=1, sender="Z"))
+    assert not await closed_by_endpoint(z_reader, z_writer, within_s=0.2)
+    assert np.array_equal(refused.contribs["Z"], np.arange(5120, dtype="float32"))
+
+
+async def test_a_send_cancelled_mid_frame_does_not_poison_the_connection(make_endpoints: MakeEndpoints) -> None:
+    # B reads the next header only after 0.5 s, so A's 64 MiB frame is still going out when it is cancelled.
+    a, b = await make_endpoints("AB", max_frame_bytes=128 << 20,
+                                faults={"B": [FaultRule(point="recv.contrib", action="delay", delay_s=0.5, round=20)]})
+    numel = 16 << 20
+    big = np.ones(numel, dtype=np.float32)
+    header = Header(kind="contrib", round=20, offset=0, numel=numel, total=numel, part_start=0, part_len=numel)
+    sending = asyncio.create_task(a.send("B", b.address, header, memoryview(big).cast("B")))
+    await asyncio.sleep(0.2)
+    assert not sending.done(), "the frame went out whole; the test needs it cut"
+    sending.cancel()
+    await asyncio.sleep(0.5)  # B discards the torn frame
+    xs = inputs(2, 1000)
+    assert_exact_mean(await run_all([a, b], xs, round=21, timeout_s=2.0), xs)
