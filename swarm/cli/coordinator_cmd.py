@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     return run_async(_serve(config, store, args.host, args.port))
 
 
-async def _serve(config: CoordinatorConfig, store, host: str, port: int) -> int:  # noqa: ANN001
+async def _serve(config: CoordinatorConfig, store, host: str, port: int) -> int:
     try:
         running = await server.start(config, store, host, port)
     except OSError as e:

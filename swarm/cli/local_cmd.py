@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import sys
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb") as log:  # noqa: ASYNC230 - opening a log file is instant
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "swarm.cli.main", *argv,
             stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,

@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
@@ -71,7 +71,7 @@ class CoordinatorClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def __aenter__(self) -> CoordinatorClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *_: object) -> None:

@@ -106,7 +106,7 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
     try:
         values = msgpack.unpackb(body, raw=False, strict_map_key=True, max_bin_len=0, max_str_len=1024,
                                  max_array_len=len(_FIELDS), max_map_len=0)
-    except Exception as e:  # msgpack raises several types for garbage
+    except Exception as e:  # noqa: BLE001 - msgpack raises many unrelated types for garbage
         raise FrameError(f"malformed frame header: {e}") from None
     if not isinstance(values, list) or len(values) != len(_FIELDS):
         raise FrameError(f"frame header must be a list of {len(_FIELDS)} fields")
