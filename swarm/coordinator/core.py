@@ -57,11 +57,17 @@ class Coordinator:
     def _commit(self, decision: Decision, now: float) -> None:
         if decision.empty:
             return
+        before = {r.key: self.store.state.rounds.get(r.key) for r in decision.put_rounds}
         self.store.commit(decision)
         if decision.reason:
             self.events.append((now, decision.reason))
             log.info("%s", decision.reason)
         for rnd in decision.put_rounds:
+            old = before[rnd.key]
+            # Held calls answer differently only once the phase or attempt changes; waking them on
+            # every arrival or commit costs a barrier of N peers O(N^2) wakeups.
+            if old is not None and (old.phase, old.attempt) == (rnd.phase, rnd.attempt):
+                continue
             waiter = self._waiters.pop(rnd.key, None)
             if waiter is not None:
                 waiter.set()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
 from swarm.coordinator.config import CoordinatorConfig
@@ -261,9 +262,10 @@ def _finalize(rnd: Round, now: float, note: str) -> Round:
     )
 
 
-def _maybe_start(rnd: Round, now: float, live: frozenset[str], config: CoordinatorConfig) -> Round:
-    arrived = tuple(p for p in rnd.arrived if p in live)
-    everyone = bool(live) and live.issubset(arrived)
+def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: CoordinatorConfig) -> Round:
+    # `_settle` removed departed peers, so arrived peers are live; compare sizes before sets.
+    arrived = rnd.arrived if len(rnd.arrived) <= len(live) else tuple(p for p in rnd.arrived if p in live)
+    everyone = bool(live) and len(arrived) >= len(live) and live.issubset(arrived)
     deadline_passed = rnd.barrier_deadline is not None and now >= rnd.barrier_deadline
     if not (everyone or deadline_passed):
         return rnd
@@ -294,7 +296,7 @@ def _maybe_start(rnd: Round, now: float, live: frozenset[str], config: Coordinat
     )
 
 
-def _settle(rnd: Round, now: float, live: frozenset[str], gone: frozenset[str], config: CoordinatorConfig) -> Round:
+def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str], config: CoordinatorConfig) -> Round:
     """Move an unfinished round as far as the state allows at `now`."""
     if rnd.finished:
         return rnd
@@ -367,14 +369,13 @@ def _settle_rounds(
         nxt = state.rounds.get((r.stage, r.number + 1))
         if nxt is not None and nxt.key not in pending:
             pending[nxt.key] = nxt
-    live_by_stage: dict[int, frozenset[str]] = {}
+    live_by_stage: dict[int, AbstractSet[str]] = {}
     out: dict[tuple[int, int], Round] = {}
     for key in sorted(pending):
         rnd = out.get(key, pending[key])
         if rnd.stage not in live_by_stage:
-            live_by_stage[rnd.stage] = frozenset(
-                m.peer_id for m in state.stage_members(rnd.stage) if m.peer_id not in gone
-            )
+            ids = state.stage_ids(rnd.stage)
+            live_by_stage[rnd.stage] = ids - gone if gone else ids  # no copy on the hot path
         was_finished = rnd.finished
         rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config)
         out[key] = rnd

@@ -53,6 +53,8 @@ async def start(config: CoordinatorConfig, store: Store, host: str, port: int,
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
+            ("grpc.server.max_pending_requests", 100_000),
+            ("grpc.server.max_pending_requests_hard_limit", 100_000),
         ]
     )
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(core), server)

@@ -99,6 +99,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def __init__(self, core: Coordinator) -> None:
         self.core = core
+        self._members_pb: dict[tuple[int, int, int], list[pb.Member]] = {}
+
+    def _attempt_pb(self, stage: int, number: int, a: views.AttemptView | None) -> pb.Attempt | None:
+        # Every member of an attempt gets the same member list: encode it once per attempt, not once
+        # per reply (N replies x N members per round otherwise).
+        if a is None:
+            return None
+        key = (stage, number, a.number)
+        members = self._members_pb.get(key)
+        if members is None:
+            if len(self._members_pb) > 64:
+                self._members_pb.clear()
+            members = self._members_pb[key] = [_member_to_pb(m) for m in a.members]
+        return pb.Attempt(number=a.number, members=members, deadline_in_s=a.deadline_in_s)
 
     def _wait_budget_s(self, requested_s: float, context: grpc.aio.ServicerContext) -> float:
         budget = self.core.config.max_wait_s if requested_s <= 0 else min(requested_s, self.core.config.max_wait_s)
@@ -156,7 +170,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self.core.wait_round((request.stage, request.round), left)
         return pb.RendezvousReply(
             outcome=pb.RendezvousReply.Outcome.Value(view.outcome.upper()),
-            attempt=_attempt_to_pb(view.attempt),
+            attempt=self._attempt_pb(request.stage, request.round, view.attempt),
             next_round=view.next_round,
             reason=view.reason,
         )

@@ -159,21 +159,40 @@ class RunState:
                 best = r
         return best
 
+    _stage_ids: dict[int, set[str]] | None = field(default=None, compare=False, repr=False)
+    """Index stage -> member ids, built on first use and kept current by `apply`."""
+
     def stage_members(self, stage: int) -> Iterable[Member]:
-        return (m for m in self.members.values() if m.stage == stage)
+        return (self.members[p] for p in self.stage_ids(stage))
+
+    def stage_ids(self, stage: int) -> set[str]:
+        """Ids of the members serving `stage` (do not modify the returned set)."""
+        if self._stage_ids is None:
+            self._stage_ids = {}
+            for m in self.members.values():
+                self._stage_ids.setdefault(m.stage, set()).add(m.peer_id)
+        return self._stage_ids.get(stage, set())
 
 
 def apply(state: RunState, decision: Decision) -> None:
     """Apply a decision's changes to `state` in place (the only writer of state)."""
+    index = state._stage_ids
     for peer_id in decision.drop_members:
-        state.members.pop(peer_id, None)
+        gone = state.members.pop(peer_id, None)
+        if gone is not None and index is not None:
+            index.get(gone.stage, set()).discard(peer_id)
     # Tombstones before puts: a Join that replaces an expired incarnation drops
     # and tombstones the id, then puts the new member, which must not stay tombstoned.
     for peer_id, when in decision.tombstones:
         state.tombstones[peer_id] = when
     for member in decision.put_members:
+        old = state.members.get(member.peer_id)
         state.members[member.peer_id] = member
         state.tombstones.pop(member.peer_id, None)
+        if index is not None and (old is None or old.stage != member.stage):
+            if old is not None:
+                index.get(old.stage, set()).discard(member.peer_id)
+            index.setdefault(member.stage, set()).add(member.peer_id)
     if len(state.tombstones) > MAX_TOMBSTONES:
         for peer_id in sorted(state.tombstones, key=state.tombstones.__getitem__)[: len(state.tombstones) // 2]:
             del state.tombstones[peer_id]

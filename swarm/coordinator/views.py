@@ -59,6 +59,11 @@ def _last(rnd: Round) -> str:
 
 def _live_donor(state: RunState, rnd: Round) -> Member | None:
     """The first member, in member order, that committed the winning hash and is still live."""
+    # `rnd.donor` is that member at commit time (decisions._finalize); while it is live, skip the
+    # O(N log N) search, which every one of the N CommitRound replies would otherwise repeat.
+    donor = state.members.get(rnd.donor)
+    if donor is not None:
+        return donor
     order = {p: i for i, p in enumerate(rnd.members)}
     holders = sorted((p for p, d in rnd.commits if d == rnd.committed_hash), key=lambda p: order.get(p, len(order)))
     return next((state.members[p] for p in holders if p in state.members), None)
