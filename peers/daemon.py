@@ -211,6 +211,7 @@ class Peer:
             return None
         digest = hashlib.sha256(memoryview(result.mean).cast("B")).hexdigest()
         self.endpoint.close_inbox(round_, result.attempt.number)
+        self.endpoint.release(result.mean)
         self.report.per_round[round_] = {
             "attempt": result.attempt.number,
             "members": [m.peer_id for m in result.attempt.members],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from swarm.transport.endpoint import Endpoint, PeerFailure
-from swarm.transport.frames import Header
+from swarm.transport.frames import Header, checksum
 
 ALIGN_ELEMENTS = 64
 """Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
@@ -55,25 +55,37 @@ def partition(total: int, bandwidths: list[float]) -> list[tuple[int, int]]:
 
 def reduce_in_order(pieces: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     """Mean of `pieces` summed in list order into `out` (fp32 accumulate for fp32 input)."""
-    np.copyto(out, pieces[0])
-    for piece in pieces[1:]:
+    if len(pieces) == 1:
+        np.copyto(out, pieces[0])
+    else:
+        np.add(pieces[0], pieces[1], out=out)  # same bits as copy-then-add, one pass less
+    for piece in pieces[2:]:
         np.add(out, piece, out=out)
     np.divide(out, len(pieces), out=out)
     return out
 
 
-async def _send_part(endpoint: Endpoint, to: Participant, kind: str, flat: np.ndarray, part: tuple[int, int],
-                     part_index: int, round: int, attempt: int) -> None:
+def _chunks(endpoint: Endpoint, flat: np.ndarray, part: tuple[int, int]) -> list[tuple[int, int, memoryview]]:
+    """(offset, numel, payload) of each frame of `part`."""
     start, length = part
     step = max(1, endpoint.config.chunk_bytes // flat.itemsize)
     view = memoryview(flat).cast("B")
+    return [
+        (offset, n, view[offset * flat.itemsize : (offset + n) * flat.itemsize])
+        for offset in range(start, start + length, step)
+        for n in [min(step, start + length - offset)]
+    ]
+
+
+async def _send_part(endpoint: Endpoint, to: Participant, kind: str, flat: np.ndarray, part: tuple[int, int],
+                     part_index: int, round: int, attempt: int, digests: list[int] | None = None) -> None:
+    start, length = part
     sends = []
-    for lane, offset in enumerate(range(start, start + length, step)):
-        numel = min(step, start + length - offset)
+    for lane, (offset, numel, payload) in enumerate(_chunks(endpoint, flat, part)):
         header = Header(kind=kind, round=round, attempt=attempt, part=part_index, offset=offset, numel=numel,
                         total=flat.size, part_start=start, part_len=length, dtype=str(flat.dtype))
-        payload = view[offset * flat.itemsize : (offset + numel) * flat.itemsize]
-        sends.append(endpoint.send(to.peer_id, to.address, header, payload, lane=lane))
+        digest = digests[lane] if digests is not None else None
+        sends.append(endpoint.send(to.peer_id, to.address, header, payload, lane=lane, digest=digest))
     # Lanes of one peer run concurrently; each lane serialises its own frames.
     await asyncio.gather(*sends)
 
@@ -95,7 +107,8 @@ async def allreduce_attempt(
         round, attempt: tag every frame so frames of other attempts are discarded.
         timeout_s: the whole attempt must finish within this long.
     Returns:
-        The mean over all members, identical bytes on every member.
+        The mean over all members, identical bytes on every member. It is the endpoint's
+        buffer: pass it to `endpoint.release()` when done to reuse its memory next round.
     Raises:
         PeerFailure: a member failed, stalled or sent garbage; the caller reports it.
     """
@@ -119,7 +132,7 @@ async def allreduce_attempt(
         for task in sending.values():
             task.cancel()
     if box.out is None:
-        box.out = np.empty(flat.size, dtype=flat.dtype)
+        box.out = endpoint.buffer(flat.size, flat.dtype)
     out = box.out
     mine = flat[my_start : my_start + my_len]
     pieces = [mine if p == endpoint.peer_id else box.contribs[p] for p in ids] if my_len else []
@@ -127,8 +140,10 @@ async def allreduce_attempt(
         reduce_in_order(pieces, out[my_start : my_start + my_len])
     endpoint.faults.hit("reduce.done", round=round, attempt=attempt) if endpoint.faults else None
     endpoint.faults.hit("gather.start", round=round, attempt=attempt) if endpoint.faults else None
+    # The reduced part goes to every other member: checksum each of its chunks once, not once per receiver.
+    digests = [checksum(payload) for _, _, payload in _chunks(endpoint, out, parts[me])] if others else None
     gathering = _send_to_all(endpoint, others, "result", out, [parts[me]] * len(others), [me] * len(others),
-                             round, attempt)
+                             round, attempt, digests)
     try:
         expected_results = [p for p in other_ids if parts[ids.index(p)][1] > 0]
         await box.wait(lambda: all(box.result_left.get(p, 1) <= 0 for p in expected_results),
@@ -137,12 +152,13 @@ async def allreduce_attempt(
     finally:
         for task in gathering.values():
             task.cancel()
+    box.out_taken = True
     return out
 
 
 def _send_to_all(endpoint: Endpoint, to: list[Participant], kind: str, flat: np.ndarray,
                  parts: list[tuple[int, int]], part_indices: list[int], round: int, attempt: int,
-                 ) -> dict[str, asyncio.Task[None]]:
+                 digests: list[int] | None = None) -> dict[str, asyncio.Task[None]]:
     """One task per receiver, so a stuck send can be blamed on its receiver.
 
     A send that fails marks its receiver failed in the attempt's inbox, which
@@ -158,7 +174,7 @@ def _send_to_all(endpoint: Endpoint, to: list[Participant], kind: str, flat: np.
 
     tasks = {}
     for m, part, index in zip(to, parts, part_indices, strict=True):
-        tasks[m.peer_id] = loop.create_task(_send_part(endpoint, m, kind, flat, part, index, round, attempt))
+        tasks[m.peer_id] = loop.create_task(_send_part(endpoint, m, kind, flat, part, index, round, attempt, digests))
         tasks[m.peer_id].add_done_callback(blame)
     return tasks
 

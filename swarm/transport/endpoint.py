@@ -28,6 +28,8 @@ from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_
 
 log = logging.getLogger("swarm.transport")
 _SCRATCH_BYTES = 1 << 20
+_POOL_PER_SIZE = 8
+"""Free buffers kept per (size, dtype): enough for the contributions of a few attempts."""
 
 
 class PeerFailure(Exception):
@@ -84,6 +86,11 @@ class Inbox:
     pending_bytes: int = 0
     total: int | None = None
     """Elements of the tensor of this attempt; frames claiming another size are refused."""
+    writing: int = 0
+    """Payloads being received into this inbox's buffers right now."""
+    closed: bool = False
+    out_taken: bool = False
+    """The caller kept `out` as its result: do not recycle it with the inbox."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail(self, peer: str, reason: str) -> None:
@@ -140,6 +147,7 @@ class Endpoint:
         self._closed: set[tuple[int, int]] = set()
         self._conns: dict[str, list[tuple[socket.socket, asyncio.Lock]]] = {}
         self._dialing: dict[str, asyncio.Lock] = {}
+        self._pool: dict[tuple[int, str], list[np.ndarray]] = {}
         self._readers: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -189,9 +197,15 @@ class Endpoint:
         return box
 
     def close_inbox(self, round: int, attempt: int) -> None:
-        """Forget (round, attempt) and every older attempt of it; late frames get discarded."""
+        """Forget (round, attempt) and every older attempt of it; late frames get discarded.
+
+        Their buffers go back to the pool once no payload is being received into them.
+        """
         for key in [k for k in self._inboxes if k[0] < round or (k[0] == round and k[1] <= attempt)]:
-            del self._inboxes[key]
+            box = self._inboxes.pop(key)
+            box.closed = True
+            if box.writing == 0:
+                self._recycle(box)
             self._closed.add(key)
         self._closed.add((round, attempt))
         if len(self._closed) > 4096:
@@ -234,7 +248,30 @@ class Endpoint:
             if pending + numel * dtype.itemsize > self.config.max_pending_bytes:
                 raise FrameError(f"more than max_pending_bytes={self.config.max_pending_bytes} for attempts not started")
             box.pending_bytes += numel * dtype.itemsize
-        return np.empty(numel, dtype=dtype)
+        return self.buffer(numel, dtype)
+
+    def buffer(self, numel: int, dtype: np.dtype | str) -> np.ndarray:
+        """An uninitialised array, reused from earlier attempts when one of that size is free.
+
+        Reuse matters: fresh large arrays cost the kernel a page fault and a zeroed page per
+        4 KiB on first touch, which was the largest single cost of a round.
+        """
+        free = self._pool.get((numel, str(np.dtype(dtype))))
+        return free.pop() if free else np.empty(numel, dtype=dtype)
+
+    def release(self, array: np.ndarray) -> None:
+        """Give back a result (or any array from `buffer`) once it is no longer used."""
+        free = self._pool.setdefault((array.size, str(array.dtype)), [])
+        if len(free) < _POOL_PER_SIZE and array.base is None and all(a is not array for a in free):
+            free.append(array)
+
+    def _recycle(self, box: Inbox) -> None:
+        for buf in box.contribs.values():
+            self.release(buf)
+        box.contribs.clear()
+        if box.out is not None and not box.out_taken:
+            self.release(box.out)
+        box.out = None
 
     def _delivered(self, h: Header) -> None:
         box = self._inboxes.get((h.round, h.attempt))
@@ -322,15 +359,25 @@ class Endpoint:
         if rule is not None and rule.action == "close":
             raise ConnectionError("fault injected: connection closed")
         sink = None if h.kind in ("hello", "abort") or (rule and rule.action == "drop") else self._sink(h)
-        async with asyncio.timeout(self.config.io_timeout_s):
-            if sink is None:
+        if sink is None:
+            async with asyncio.timeout(self.config.io_timeout_s):
                 left = h.nbytes
                 while left:
                     n = min(left, len(scratch))
                     await self._recv_exactly(conn, scratch[:n])
                     left -= n
-                return
-            await self._recv_exactly(conn, sink)
+            return
+        box = self._inboxes[(h.round, h.attempt)]
+        box.writing += 1  # its buffers must not be recycled while this payload lands in them
+        try:
+            async with asyncio.timeout(self.config.io_timeout_s):
+                await self._recv_exactly(conn, sink)
+        finally:
+            box.writing -= 1
+            if box.closed and box.writing == 0:
+                self._recycle(box)
+        if box.closed:
+            return
         if rule is not None and rule.action == "corrupt" and len(sink):
             sink[0] ^= 0xFF
         if checksum(sink) != h.checksum:
@@ -369,9 +416,12 @@ class Endpoint:
         for sock, _ in self._conns.pop(peer, []):
             sock.close()
 
-    async def send(self, peer: str, address: str, header: Header, payload: memoryview, lane: int = 0) -> None:
+    async def send(self, peer: str, address: str, header: Header, payload: memoryview, lane: int = 0,
+                   digest: int | None = None) -> None:
         """Send one frame to `peer` on connection `lane % connections_per_peer`.
 
+        Args:
+            digest: the payload's checksum when the caller already has it (a part sent to many peers).
         Raises:
             PeerFailure: the peer cannot be reached or the send stalled past io_timeout_s.
         """
@@ -384,7 +434,8 @@ class Endpoint:
             if rule.action == "close":
                 self._drop_connections(peer)
                 return
-        header = replace(header, sender=self.peer_id, run=self.run_id, nbytes=len(payload), checksum=checksum(payload))
+        header = replace(header, sender=self.peer_id, run=self.run_id, nbytes=len(payload),
+                         checksum=checksum(payload) if digest is None else digest)
         if rule is not None and rule.action == "corrupt" and len(payload):
             damaged = bytearray(payload)
             damaged[0] ^= 0xFF

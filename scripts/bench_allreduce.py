@@ -1,0 +1,448 @@
+#!/usr/bin/env python
+"""Benchmark swarm's butterfly all-reduce against torch.distributed gloo, same tensors, same machine.
+
+N worker processes (multiprocessing, spawn) each hold one deterministic fp32
+tensor (seeded per rank). Two phases run one after the other in the same
+invocation:
+
+* swarm: each worker runs an `Endpoint` (port 0); the parent collects the
+  addresses over pipes and hands every worker the member list (no coordinator).
+* gloo: `init_process_group("gloo")` over a FileStore in a temporary directory
+  (no port at all), `all_reduce(SUM)` then divide by N.
+
+Each phase does `--warmup` untimed rounds, then `--rounds` timed rounds; every
+round starts at a `multiprocessing.Barrier`. A round's time is the latest end
+minus the earliest start over all workers (time.perf_counter is the system-wide
+CLOCK_MONOTONIC on Linux, so stamps of different processes compare). With
+`--repeat K` the phases run K times, alternating, and round times are pooled,
+so a shift in background load hits both alike; `background_cpu_busy_pct` is
+what the machine was doing without us just before each run.
+
+Also reported per phase: CPU seconds and page faults inside the all-reduce
+(summed over peers), bit-identity of the result across peers and rounds, and
+the error against the exact fp64 mean.
+
+With `--lab RATE_MBIT` both phases run inside a WAN lab (scripts/wanlab.py):
+worker i joins network namespace i (setns) before opening a socket, swarm
+listens on the host's lab address, gloo uses GLOO_SOCKET_IFNAME=eth0, and every
+host's egress is shaped to RATE_MBIT. `link_utilization` = bytes a peer sent
+per round / (link rate x round time), payload bytes for swarm
+(Endpoint.bytes_sent) and wire bytes (interface counter, headers included) for
+both.
+
+Usage:
+    .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 5 --json
+    .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 5 --lab 1000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wanlab import WanLab, enter_netns
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchConfig:
+    """What every worker of one phase needs to know."""
+
+    peers: int
+    """Number of worker processes."""
+    numel: int
+    """fp32 elements per tensor."""
+    rounds: int
+    """Timed rounds."""
+    warmup: int
+    """Untimed rounds before the timed ones."""
+    seed: int
+    """Tensors are seeded with seed * 1000 + rank."""
+    round_timeout_s: float
+    """Deadline of one round (all-reduce attempt, barrier wait)."""
+    connections: int
+    """TransportConfig.connections_per_peer."""
+    chunk_bytes: int
+    """TransportConfig.chunk_bytes."""
+    loop: Literal["uvloop", "asyncio"]
+    """Event loop of the swarm workers."""
+    profile_dir: str = ""
+    """If set, rank 0 of the swarm phase writes a cProfile of its timed rounds here."""
+
+    def __post_init__(self) -> None:
+        if self.peers < 2:
+            raise ValueError("--peers must be at least 2")
+        if self.numel < 1 or self.rounds < 1 or self.warmup < 0:
+            raise ValueError("--numel and --rounds must be >= 1 and --warmup >= 0")
+
+
+def _tensor(cfg: BenchConfig, rank: int) -> np.ndarray:
+    return np.random.default_rng(cfg.seed * 1000 + rank).standard_normal(cfg.numel, dtype=np.float32)
+
+
+def _exact_mean(cfg: BenchConfig) -> np.ndarray:
+    acc = np.zeros(cfg.numel, dtype=np.float64)
+    for r in range(cfg.peers):
+        acc += _tensor(cfg, r)
+    return acc / cfg.peers
+
+
+def _digest(a: np.ndarray) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+def _tx_bytes(ifname: str) -> int:
+    """Bytes sent on `ifname` in this thread's network namespace (/proc/self/net follows it)."""
+    for line in Path("/proc/self/net/dev").read_text().splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() == ifname:
+            return int(rest.split()[8])
+    return 0
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# ------------------------------------------------------------------ workers
+
+def _swarm_worker(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier: Any,
+                  netns: str, host: str, ifname: str) -> None:
+    try:
+        if netns:
+            enter_netns(netns)
+        import uvloop
+
+        result = (uvloop.run if cfg.loop == "uvloop" else asyncio.run)(
+            _swarm_main(rank, cfg, conn, barrier, host, ifname))
+        conn.send(("result", result))
+    except Exception:  # noqa: BLE001 - any failure goes to the parent as text; peers stop at the barrier
+        barrier.abort()
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"swarm rank {rank}: {traceback.format_exc()}"))
+
+
+async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier: Any,
+                      host: str, ifname: str) -> dict[str, Any]:
+    from swarm.allreduce.butterfly import Participant, allreduce_attempt
+    from swarm.transport.endpoint import Endpoint, TransportConfig
+
+    x = _tensor(cfg, rank)
+    tcfg = TransportConfig(host=host, connections_per_peer=cfg.connections, chunk_bytes=cfg.chunk_bytes,
+                           io_timeout_s=cfg.round_timeout_s)
+    ep = Endpoint(f"p{rank}", "bench", tcfg)
+    conn.send(("address", await ep.start()))
+    # The parent answers once every worker has reported; bounded like every other wait.
+    if not await asyncio.to_thread(conn.poll, cfg.round_timeout_s):
+        raise TimeoutError("no member list from the parent")
+    members = [Participant(f"p{i}", a) for i, a in enumerate(conn.recv())]
+    profiler = None
+    if cfg.profile_dir and rank == 0:
+        import cProfile
+
+        profiler = cProfile.Profile()
+    spans, digests = [], []
+    try:
+        for rnd in range(cfg.warmup + cfg.rounds):
+            timed = rnd >= cfg.warmup
+            # Blocking the loop here is safe and wakes this worker as directly as gloo's: when a peer
+            # reaches the barrier it has received everything of the previous round, and what it still
+            # sends sits in kernel buffers. (A hop through a thread added a second wake-up per round.)
+            barrier.wait(cfg.round_timeout_s)
+            if rnd == cfg.warmup:
+                sent0, tx0, cpu, faults = ep.bytes_sent, _tx_bytes(ifname), 0.0, 0
+            if timed and profiler:
+                profiler.enable()
+            f0, c0, t0 = _minflt(), time.process_time(), time.perf_counter()
+            out = await allreduce_attempt(ep, x, members, rnd, 1, cfg.round_timeout_s)
+            t1, c1, f1 = time.perf_counter(), time.process_time(), _minflt()
+            if timed and profiler:
+                profiler.disable()
+            ep.close_inbox(rnd, 1)
+            if timed:
+                spans.append((t0, t1))
+                cpu, faults = cpu + c1 - c0, faults + f1 - f0
+                digests.append(_digest(out))
+            ep.release(out)  # as a peer does once it has applied the result
+        sent, tx = ep.bytes_sent - sent0, _tx_bytes(ifname) - tx0
+        # Peers may still be reading our last frames: close only after everyone is done (the loop keeps
+        # serving meanwhile).
+        await asyncio.to_thread(barrier.wait, cfg.round_timeout_s)
+    finally:
+        await ep.close()
+    if profiler:
+        profiler.dump_stats(os.path.join(cfg.profile_dir, "swarm_rank0.prof"))
+    err = float(np.abs(out.astype(np.float64) - _exact_mean(cfg)).max()) if rank == 0 else None
+    return {"spans": spans, "digests": digests, "bytes_sent": sent / cfg.rounds, "wire_tx": tx / cfg.rounds,
+            "cpu_s": cpu / cfg.rounds, "minflt": faults / cfg.rounds, "max_abs_err": err}
+
+
+def _gloo_worker(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier: Any,
+                 netns: str, ifname: str, store_path: str) -> None:
+    try:
+        if netns:
+            enter_netns(netns)
+        # Read by gloo when it creates its device: bind to the same interface swarm uses.
+        os.environ["GLOO_SOCKET_IFNAME"] = ifname
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        store = dist.FileStore(store_path, cfg.peers)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=cfg.peers,
+                                timeout=datetime.timedelta(seconds=cfg.round_timeout_s))
+        x = torch.from_numpy(_tensor(cfg, rank))
+        buf = torch.empty_like(x)
+        spans, digests = [], []
+        try:
+            for rnd in range(cfg.warmup + cfg.rounds):
+                timed = rnd >= cfg.warmup
+                buf.copy_(x)  # all_reduce works in place; start every round from the same input
+                barrier.wait(cfg.round_timeout_s)
+                if rnd == cfg.warmup:
+                    tx0, cpu, faults = _tx_bytes(ifname), 0.0, 0
+                f0, c0, t0 = _minflt(), time.process_time(), time.perf_counter()
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(cfg.peers)
+                t1, c1, f1 = time.perf_counter(), time.process_time(), _minflt()
+                if timed:
+                    spans.append((t0, t1))
+                    cpu, faults = cpu + c1 - c0, faults + f1 - f0
+                    digests.append(_digest(buf.numpy()))
+            tx = _tx_bytes(ifname) - tx0
+            barrier.wait(cfg.round_timeout_s)
+        finally:
+            dist.destroy_process_group()
+        err = float(np.abs(buf.numpy().astype(np.float64) - _exact_mean(cfg)).max()) if rank == 0 else None
+        conn.send(("result", {"spans": spans, "digests": digests, "bytes_sent": None, "wire_tx": tx / cfg.rounds,
+                              "cpu_s": cpu / cfg.rounds, "minflt": faults / cfg.rounds, "max_abs_err": err}))
+    except Exception:  # noqa: BLE001 - any failure goes to the parent as text; peers stop at the barrier
+        barrier.abort()
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"gloo rank {rank}: {traceback.format_exc()}"))
+
+
+# ------------------------------------------------------------------ parent
+
+def _recv(conn: mpc.Connection, proc: mp.process.BaseProcess, deadline: float, what: str) -> Any:
+    """Next message from a worker, bounded by `deadline` (perf_counter)."""
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise TimeoutError(f"{what}: no answer from {proc.name} in time")
+        if conn.poll(min(left, 0.5)):
+            try:
+                kind, payload = conn.recv()
+            except EOFError:
+                proc.join(timeout=5)
+                raise RuntimeError(f"{what}: {proc.name} exited without a result (exit code {proc.exitcode})") from None
+            if kind == "error":
+                raise RuntimeError(payload)
+            return payload
+        if not proc.is_alive() and not conn.poll(0):
+            raise RuntimeError(f"{what}: {proc.name} died (exit code {proc.exitcode})")
+
+
+def _run_phase(phase: str, cfg: BenchConfig, lab: WanLab | None) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(cfg.peers)
+    procs: list[mp.process.BaseProcess] = []
+    conns: list[mpc.Connection] = []
+    tmp = tempfile.TemporaryDirectory(prefix="bench_ar_")
+    ifname = lab.ifname if lab else "lo"
+    try:
+        for rank in range(cfg.peers):
+            parent_end, child_end = ctx.Pipe()
+            netns = lab.netns(rank) if lab else ""
+            if phase == "swarm":
+                host = lab.ip(rank) if lab else "127.0.0.1"
+                args = (rank, cfg, child_end, barrier, netns, host, ifname)
+                target = _swarm_worker
+            else:
+                args = (rank, cfg, child_end, barrier, netns, ifname, os.path.join(tmp.name, "store"))
+                target = _gloo_worker
+            proc = ctx.Process(target=target, args=args, name=f"{phase}-{rank}", daemon=True)
+            proc.start()
+            child_end.close()
+            procs.append(proc)
+            conns.append(parent_end)
+        setup_deadline = time.perf_counter() + 60 + cfg.round_timeout_s
+        if phase == "swarm":
+            addresses = [_recv(c, p, setup_deadline, "start") for c, p in zip(conns, procs)]
+            for c in conns:
+                c.send(addresses)
+        deadline = setup_deadline + (cfg.warmup + cfg.rounds + 2) * cfg.round_timeout_s
+        results = [_recv(c, p, deadline, "rounds") for c, p in zip(conns, procs)]
+        for p in procs:
+            p.join(timeout=10)
+        return results
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for c in conns:
+            c.close()
+        tmp.cleanup()
+
+
+def _summarise(prefix: str, runs: list[list[dict[str, Any]]], cfg: BenchConfig, rate_mbit: float) -> dict[str, Any]:
+    """Figures of one phase over all its runs (`--repeat`): round times pooled, the rest averaged."""
+    rounds = [max(r["spans"][k][1] for r in results) - min(r["spans"][k][0] for r in results)
+              for results in runs for k in range(cfg.rounds)]
+    med = statistics.median(rounds)
+    ranks = [[results[rank] for results in runs] for rank in range(cfg.peers)]
+
+    def per_rank(key: str) -> list[float]:
+        return [statistics.mean(r[key] for r in runs_of_rank) for runs_of_rank in ranks]
+
+    digests = {d for results in runs for r in results for d in r["digests"]}
+    out: dict[str, Any] = {
+        f"{prefix}_median_s": round(med, 4),
+        f"{prefix}_all_s": [round(t, 4) for t in rounds],
+        f"{prefix}_max_abs_err": max(results[0]["max_abs_err"] for results in runs),
+        f"{prefix}_bitwise_equal_across_peers": all(r["digests"] == results[0]["digests"]
+                                                    for results in runs for r in results),
+        f"{prefix}_same_result_every_round": len(digests) == 1,
+        # CPU seconds (all threads of a worker) spent inside the all-reduce per round, summed over peers.
+        f"{prefix}_cpu_s_per_round_all_peers": round(sum(per_rank("cpu_s")), 4),
+        # Page faults inside the all-reduce per round, summed over peers (fresh buffers fault on first touch).
+        f"{prefix}_minor_faults_per_round_all_peers": int(sum(per_rank("minflt"))),
+    }
+    if rate_mbit:  # on loopback the interface counter is shared by every worker: meaningless per peer
+        out[f"{prefix}_wire_tx_bytes_per_peer"] = [int(b) for b in per_rank("wire_tx")]
+    if runs[0][0]["bytes_sent"] is not None:
+        out[f"{prefix}_bytes_sent_per_peer"] = [int(b) for b in per_rank("bytes_sent")]
+    if rate_mbit:
+        link_bytes = rate_mbit * 1e6 / 8 * med
+        for key, kind in (("bytes_sent", "payload"), ("wire_tx", "wire")):
+            if runs[0][0][key] is None:
+                continue
+            util = [b / link_bytes for b in per_rank(key)]
+            out[f"{prefix}_link_utilization_{kind}"] = {"mean": round(statistics.mean(util), 3),
+                                                        "min": round(min(util), 3)}
+    return out
+
+
+def _cpu_busy_pct(window_s: float = 1.0) -> float:
+    """How busy the machine's CPUs are (all processes, /proc/stat) over `window_s`: background load."""
+    def sample() -> tuple[int, int]:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v[:8]) - idle, sum(v[:8])
+    b0, t0 = sample()
+    time.sleep(window_s)
+    b1, t1 = sample()
+    return round(100 * (b1 - b0) / max(1, t1 - t0), 1)
+
+
+def _machine() -> str:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    return (f"{len(os.sched_getaffinity(0))} usable cores ({os.cpu_count()} online), {model}, "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--numel", type=int, default=25_000_000)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the phases this many times, alternating; round times are pooled over the runs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--round-timeout-s", type=float, default=120.0)
+    ap.add_argument("--connections", type=int, default=1, help="TransportConfig.connections_per_peer")
+    ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="TransportConfig.chunk_bytes")
+    ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    ap.add_argument("--only", choices=["swarm", "gloo"], help="run one phase only")
+    ap.add_argument("--lab", type=float, default=0.0, metavar="RATE_MBIT",
+                    help="run inside a WAN lab of --peers namespaces, egress shaped to RATE_MBIT")
+    ap.add_argument("--profile-dir", default="", help="write a cProfile of swarm rank 0's timed rounds here")
+    ap.add_argument("--vs-hivemind", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (default: indented)")
+    args = ap.parse_args()
+    cfg = BenchConfig(peers=args.peers, numel=args.numel, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
+                      round_timeout_s=args.round_timeout_s, connections=args.connections,
+                      chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir)
+    report: dict[str, Any] = {"peers": cfg.peers, "numel": cfg.numel, "rounds": cfg.rounds, "repeat": args.repeat,
+                              "mbytes_per_peer": round(cfg.numel * 4 / 1e6, 1),
+                              "network": f"wanlab tbf {args.lab} Mbit/s egress per host" if args.lab else "loopback",
+                              "transport": {"connections_per_peer": cfg.connections, "chunk_bytes": cfg.chunk_bytes,
+                                            "loop": cfg.loop},
+                              "machine": _machine(),
+                              "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "background_cpu_busy_pct": []}
+    phases = [args.only] if args.only else ["swarm", "gloo"]
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks kill the workers and tear the lab down.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.lab:
+        report["latency"] = "not shaped (no netem here): inject it with FaultRule(action='delay')"
+    with contextlib.ExitStack() as stack:
+        try:
+            lab = stack.enter_context(WanLab(cfg.peers, args.lab)) if args.lab else None
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            report["lab_error"] = (f"cannot build the WAN lab (network namespaces need root and iproute2: "
+                                   f"apt-get install -y iproute2): {e}")
+            print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+            return 1
+        runs: dict[str, list[list[dict[str, Any]]]] = {phase: [] for phase in phases}
+        # Phases alternate (swarm, gloo, swarm, gloo, ...) so a change in background load hits both alike.
+        for _ in range(args.repeat):
+            for phase in phases:
+                if f"{phase}_error" in report:
+                    continue
+                # Sampled while no worker runs: what else (other users' jobs) keeps the CPUs busy.
+                report["background_cpu_busy_pct"].append(_cpu_busy_pct())
+                try:
+                    runs[phase].append(_run_phase(phase, cfg, lab))
+                except (RuntimeError, TimeoutError) as e:
+                    report[f"{phase}_error"] = str(e)
+        for phase in phases:
+            if runs[phase]:
+                report.update(_summarise(phase, runs[phase], cfg, args.lab))
+    # The names the brief asks for, as aliases of the swarm phase's figures.
+    for alias, key in (("max_abs_err", "swarm_max_abs_err"), ("bitwise_equal_across_peers",
+                       "swarm_bitwise_equal_across_peers"), ("bytes_sent_per_peer", "swarm_bytes_sent_per_peer"),
+                       ("link_utilization", "swarm_link_utilization_payload")):
+        if key in report:
+            report[alias] = report[key]
+    report["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    if "swarm_median_s" in report and "gloo_median_s" in report:
+        report["ratio"] = round(report["swarm_median_s"] / report["gloo_median_s"], 3)
+    if args.vs_hivemind:
+        try:
+            import hivemind  # noqa: F401
+
+            report["hivemind"] = "installed, but this script has no hivemind phase; see /work/shared/ANCHORS.md"
+        except ImportError:
+            report["hivemind"] = "not installed"
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return 0 if not any(k.endswith("_error") for k in report) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The codec interface, error-feedback state and the hook through which kernels take over CUDA tensors.
+
+The wire formats are specified in docs/codecs.md. A `Codec`'s public `encode`/`decode` validate their
+arguments, then run either a registered kernel (CUDA tensors, when `swarm.kernels` provides one) or
+the plain-PyTorch reference (`encode_reference`/`decode_reference`), which defines the result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+
+if sys.byteorder != "little":  # pragma: no cover - every platform torch ships for is little-endian
+    # The payload is built with Tensor.view(torch.uint8), which exposes host byte order; the wire
+    # format is little-endian.
+    raise ImportError("swarm.compression needs a little-endian host")
+
+
+@dataclass(slots=True)
+class ErrorFeedback:
+    """Error-feedback state of one peer for one flat tensor (docs/codecs.md, "Error feedback").
+
+    `acc = x + residual`, `payload = encode(acc)`, `residual = acc - decode(payload)`. The caller owns
+    one instance per tensor it encodes and saves it with the peer (`state_dict`).
+    """
+
+    residual: torch.Tensor | None = None
+    """What earlier encodes left out (fp32, one value per element); None means all zeros."""
+
+    def reset(self) -> None:
+        """Forget the accumulated residual (as after a restart without saved state)."""
+        self.residual = None
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """Returns the state to save with the peer: `{"residual": tensor or None}` (not a copy)."""
+        return {"residual": self.residual}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned.
+
+        Raises:
+            ValueError: the dict is not an ErrorFeedback state or the residual is not a 1-D fp32 tensor.
+        """
+        if set(state) != {"residual"}:
+            raise ValueError(f"ErrorFeedback state must have exactly the key 'residual', got {sorted(state)}")
+        residual = state["residual"]
+        if residual is not None and (
+            not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 or residual.dim() != 1
+        ):
+            raise ValueError("ErrorFeedback state 'residual' must be None or a 1-D float32 tensor")
+        self.residual = None if residual is None else residual.contiguous()
+
+
+class CodecKernel(Protocol):
+    """A fast implementation of one codec for CUDA tensors, registered with `register_kernel`.
+
+    It must produce the same payload bytes and decoded values as the codec's reference. It receives
+    arguments already checked for type, shape, dtype, device and payload size; `feedback`, when given,
+    has a residual of the right size (allocated, zero, if it was None).
+    """
+
+    checks_values: bool
+    """True if `encode` itself rejects NaN/Inf (and values whose decode would overflow) with the
+    codec's ValueError before writing the payload or the residual; False to have the caller check
+    first (one extra read of the input)."""
+
+    def encode(self, x: torch.Tensor, feedback: ErrorFeedback | None) -> torch.Tensor:
+        """Returns the payload of `x` (plus and updating `feedback.residual`, when given)."""
+        ...
+
+    def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor) -> torch.Tensor:
+        """Writes the decoded values into `out` (fp32, `numel` elements, zeroed by nobody) and returns it."""
+        ...
+
+
+KernelFactory = Callable[["Codec"], CodecKernel | None]
+"""Given a codec (its parameters), returns a kernel for it, or None when it does not support them."""
+
+_factories: dict[str, KernelFactory] = {}
+_kernel_cache: dict[Codec, CodecKernel | None] = {}
+_kernels_imported = False
+_lock = threading.Lock()
+
+
+def register_kernel(family: str, factory: KernelFactory) -> None:
+    """Make `factory` the fast path for CUDA tensors of every codec of `family`.
+
+    `swarm.kernels` calls this when imported; `swarm.compression` imports it lazily, the first time
+    a codec meets a CUDA tensor, and carries on with the reference if the import fails.
+
+    Args:
+        family: the codec family, `Codec.family`: "none", "bf16", "fp16", "int8" or "topk" (sparseloco
+            is a topk codec with error feedback).
+        factory: called once per codec instance; returns a `CodecKernel` or None to leave that codec
+            to the reference.
+    """
+    with _lock:
+        _factories[family] = factory
+        _kernel_cache.clear()
+
+
+def kernel_for(codec: Codec) -> CodecKernel | None:
+    """Returns the registered kernel for `codec`, or None; imports `swarm.kernels` on first use.
+
+    Raises nothing when `swarm.kernels` (or Triton) is missing: the reference then runs.
+    """
+    global _kernels_imported
+    if not _kernels_imported:
+        _kernels_imported = True
+        try:
+            importlib.import_module("swarm.kernels")
+        except ImportError as e:
+            log.debug("swarm.kernels not importable (%s); codecs run the reference on CUDA", e)
+    with _lock:
+        if codec not in _kernel_cache:
+            factory = _factories.get(codec.family)
+            _kernel_cache[codec] = None if factory is None else factory(codec)
+        return _kernel_cache[codec]
+
+
+def as_dtype(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reinterpret a 1-D uint8 slice as `dtype`, copying only when its offset is misaligned for it."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if buf.storage_offset() % itemsize:
+        buf = buf.clone()
+    return buf.view(dtype)
+
+
+class Codec(ABC):
+    """Turns a flat fp32 tensor into a uint8 payload of a size known in advance, and back.
+
+    Subclasses implement `payload_nbytes`, `_encode` and `_decode` (plain PyTorch, vectorised,
+    any device); validation, error feedback and kernel dispatch live here.
+    """
+
+    name: str
+    """The codec's name in configs: "none", "bf16", "fp16", "int8", "topk" or "sparseloco"."""
+    family: str
+    """The wire format it writes, the key for `register_kernel` (sparseloco's is "topk")."""
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        """Whether peers should keep an `ErrorFeedback` for this codec and pass it to `encode`."""
+        return False
+
+    @abstractmethod
+    def payload_nbytes(self, numel: int) -> int:
+        """Returns the exact payload size for `numel` input elements, known before encoding."""
+
+    def result_codec(self, members: int) -> Codec:
+        """Returns the codec an all-reduce owner encodes its reduced part with (docs/codecs.md).
+
+        Args:
+            members: how many peers' contributions were summed (>= 1).
+
+        Raises:
+            ValueError: members < 1.
+        """
+        _check_members(members)
+        return self
+
+    # ------------------------------------------------------------------ numerics hooks
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor, payload: torch.Tensor) -> None:
+        """Writes the payload of finite, non-empty `x` into `payload` (uint8, payload_nbytes)."""
+
+    @abstractmethod
+    def _decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor) -> None:
+        """Writes the decoded values into `out` (fp32, numel > 0 elements, contents undefined)."""
+
+    def _overflows(self, absmax: torch.Tensor) -> torch.Tensor:
+        """Whether an input whose largest |x| is `absmax` (0-d fp32) encodes or decodes to Inf.
+
+        The spec only rejects NaN/Inf input; finite inputs this large would otherwise come back as
+        Inf (fp16 rounding, or the decode formula's product overflowing), so they are rejected too.
+        """
+        return torch.zeros((), dtype=torch.bool, device=absmax.device)
+
+    # ------------------------------------------------------------------ public face
+
+    def encode(self, x: torch.Tensor, feedback: ErrorFeedback | None = None) -> torch.Tensor:
+        """Encode `x` (with error feedback when `feedback` is given).
+
+        Runs a registered kernel for CUDA tensors when there is one, else `encode_reference`.
+
+        Args:
+            x: 1-D contiguous float32 tensor, any device.
+            feedback: this peer's error-feedback state for `x`; its residual is added to `x` before
+                encoding and replaced by what the payload leaves out. Untouched when this raises.
+
+        Returns:
+            1-D uint8 tensor of `payload_nbytes(x.numel())` bytes on x's device.
+
+        Raises:
+            ValueError: x is not a 1-D contiguous float32 tensor, contains NaN/Inf or values too large
+                for the format, or feedback's residual does not match x.
+        """
+        self._check_input(x, feedback)
+        kernel = kernel_for(self) if x.is_cuda and x.numel() else None
+        if kernel is None:
+            return self._encode_checked(x, feedback)
+        if not kernel.checks_values:
+            self._check_values(x, feedback)
+        if feedback is not None and feedback.residual is None:
+            feedback.residual = torch.zeros_like(x)  # same state as None: all zeros
+        return kernel.encode(x, feedback)
+
+    def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode a payload of `numel` elements.
+
+        Args:
+            payload: 1-D uint8 tensor of exactly `payload_nbytes(numel)` bytes.
+            numel: number of elements that were encoded.
+            out: optional 1-D contiguous float32 tensor of `numel` elements on payload's device to
+                write into.
+
+        Returns:
+            `out`, or a new 1-D float32 tensor on payload's device.
+
+        Raises:
+            ValueError: payload is not 1-D uint8 of the right size, or `out` does not fit.
+        """
+        payload, out = self._check_payload(payload, numel, out)
+        kernel = kernel_for(self) if payload.is_cuda and numel else None
+        if kernel is not None:
+            return kernel.decode(payload, numel, out)
+        if numel:
+            self._decode(payload, numel, out)
+        return out
+
+    def encode_reference(self, x: torch.Tensor, feedback: ErrorFeedback | None = None) -> torch.Tensor:
+        """`encode` without the kernel fast path: the plain-PyTorch result kernels must match."""
+        self._check_input(x, feedback)
+        return self._encode_checked(x, feedback)
+
+    def decode_reference(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`decode` without the kernel fast path: the plain-PyTorch result kernels must match."""
+        payload, out = self._check_payload(payload, numel, out)
+        if numel:
+            self._decode(payload, numel, out)
+        return out
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode_checked(self, x: torch.Tensor, feedback: ErrorFeedback | None) -> torch.Tensor:
+        n = x.numel()
+        payload = torch.empty(self.payload_nbytes(n), dtype=torch.uint8, device=x.device)
+        if n == 0:
+            return payload
+        if feedback is None:
+            self._check_values(x, None)
+            self._encode(x, payload)
+            return payload
+        acc = x if feedback.residual is None else x + feedback.residual
+        self._check_values(x, feedback, acc)
+        self._encode(acc, payload)
+        decoded = torch.empty_like(acc)
+        self._decode(payload, n, decoded)
+        # Written only now, after every check passed: a rejected input leaves the state untouched.
+        feedback.residual = acc - decoded
+        return payload
+
+    def _check_input(self, x: torch.Tensor, feedback: ErrorFeedback | None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.name} codec: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous():
+            raise ValueError(
+                f"{self.name} codec: input must be a 1-D contiguous float32 tensor, got dtype={x.dtype} "
+                f"shape={tuple(x.shape)} contiguous={x.is_contiguous()}; pass x.float().reshape(-1).contiguous()"
+            )
+        if feedback is not None and feedback.residual is not None:
+            r = feedback.residual
+            if r.dtype != torch.float32 or r.dim() != 1 or r.numel() != x.numel() or r.device != x.device:
+                raise ValueError(
+                    f"{self.name} codec: feedback.residual (dtype={r.dtype}, shape={tuple(r.shape)}, "
+                    f"device={r.device}) does not match the input (float32, ({x.numel()},), {x.device}); "
+                    f"keep one ErrorFeedback per tensor, or reset() it"
+                )
+
+    def _check_values(self, x: torch.Tensor, feedback: ErrorFeedback | None, acc: torch.Tensor | None = None) -> None:
+        """Raise ValueError if the encoded tensor (x, or x + residual) holds NaN/Inf or overflows.
+
+        One reduction on the happy path: max|.| is NaN if any element is NaN and Inf if any is Inf.
+        """
+        if acc is None:
+            acc = x if feedback is None or feedback.residual is None else x + feedback.residual
+        absmax = acc.abs().amax()
+        if bool(torch.isfinite(absmax)):
+            if bool(self._overflows(absmax)):
+                raise ValueError(
+                    f"{self.name} codec: input has values of magnitude {float(absmax):.6g}, whose encoding "
+                    f"would decode to Inf; scale the tensor down or use a wider codec"
+                )
+            return
+        if acc is not x and bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{self.name} codec: input plus the error-feedback residual is not finite; "
+                f"reset() the ErrorFeedback or lower the learning rate"
+            )
+        raise ValueError(f"{self.name} codec: input contains NaN or Inf; nothing was encoded")
+
+    def _check_payload(
+        self, payload: torch.Tensor, numel: int, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"{self.name} codec: numel must be a non-negative int, got {numel!r}")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"{self.name} codec: payload must be a 1-D uint8 tensor")
+        expected = self.payload_nbytes(numel)
+        if payload.numel() != expected:
+            raise ValueError(
+                f"{self.name} codec: payload has {payload.numel()} bytes but {numel} elements need "
+                f"{expected}; sender and receiver must agree on the codec and the element count"
+            )
+        if not payload.is_contiguous():
+            payload = payload.contiguous()
+        if out is None:
+            return payload, torch.empty(numel, dtype=torch.float32, device=payload.device)
+        if (
+            out.dtype != torch.float32
+            or out.dim() != 1
+            or out.numel() != numel
+            or not out.is_contiguous()
+            or out.device != payload.device
+        ):
+            raise ValueError(
+                f"{self.name} codec: out must be a 1-D contiguous float32 tensor of {numel} elements on "
+                f"{payload.device}, got dtype={out.dtype} shape={tuple(out.shape)} device={out.device}"
+            )
+        return payload, out
+
+
+def _check_members(members: int) -> None:
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"result_codec: members must be an int >= 1, got {members!r}")
