@@ -57,6 +57,9 @@ _DEADLINE_MARGIN_S = 0.25
 STATUS_ROUNDS_PER_STAGE = 8
 """GetStatus shows this many of the latest rounds of each stage."""
 
+STARTED_REPLY_TTL_S = 1.0
+"""How long one built STARTED reply is handed to further members of the same attempt."""
+
 R = TypeVar("R")
 
 
@@ -100,6 +103,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, core: Coordinator) -> None:
         self.core = core
         self._members_pb: dict[tuple[int, int, int], list[pb.Member]] = {}
+        self._started: dict[tuple[int, int, int], tuple[float, pb.RendezvousReply]] = {}
 
     def _attempt_pb(self, stage: int, number: int, a: views.AttemptView | None) -> pb.Attempt | None:
         # Every member of an attempt gets the same member list: encode it once per attempt, not once
@@ -163,17 +167,40 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round))
         give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
         while True:
+            cached = self._cached_start(request)
+            if cached is not None:
+                return cached
             view = views.rendezvous(self.core.state, self.core.clock(), request.peer_id, request.stage, request.round)
             left = give_up - time.monotonic()
             if view.outcome != "waiting" or left <= 0:
                 break
             await self.core.wait_round((request.stage, request.round), left)
-        return pb.RendezvousReply(
+        reply = pb.RendezvousReply(
             outcome=pb.RendezvousReply.Outcome.Value(view.outcome.upper()),
             attempt=self._attempt_pb(request.stage, request.round, view.attempt),
             next_round=view.next_round,
             reason=view.reason,
         )
+        if view.attempt is not None and view.outcome == "started":
+            if len(self._started) > 64:
+                self._started.clear()
+            self._started[(request.stage, request.round, view.attempt.number)] = (time.monotonic(), reply)
+        return reply
+
+    def _cached_start(self, request: pb.RendezvousRequest) -> pb.RendezvousReply | None:
+        """The STARTED reply already built for this attempt, if fresh and the caller is a member.
+
+        When a barrier of N peers releases, all N get the same answer; building it once instead
+        of N times (each listing N members) is what keeps a release of thousands of peers fast.
+        Its `deadline_in_s` may be up to STARTED_REPLY_TTL_S stale.
+        """
+        rnd = self.core.state.rounds.get((request.stage, request.round))
+        if rnd is None or rnd.phase != "running":
+            return None
+        hit = self._started.get((request.stage, request.round, rnd.attempt))
+        if hit is None or time.monotonic() - hit[0] > STARTED_REPLY_TTL_S or request.peer_id not in rnd.members:
+            return None
+        return hit[1]
 
     @_mapped
     async def ReportFailure(
