@@ -183,7 +183,9 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                         peers[i].killed = True
                         del kills[i]
                 if view is not None:
-                    view.update(Group(render(status, max_events=8), _peer_table(peers)))
+                    headline = (f"swarm local: round {latest + 1}/{args.rounds}, {time.monotonic() - started:.0f}s, "
+                                f"task {args.task}; Ctrl-C stops everything")
+                    view.update(Group(headline, render(status, max_events=8), _peer_table(peers)))
                 elif time.monotonic() - last_line > 2:
                     last_line = time.monotonic()
                     console.print(f"round {latest + 1}/{args.rounds}, {len(status.members)} members")
