@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from swarm.compression.base import Codec, _check_members, as_dtype
+from swarm.compression.base import Codec, _check_members, as_dtype, true_div
 
 VALUE_BITS = (2, 4, 8)
 """Allowed value-code widths `b`."""
@@ -46,6 +46,9 @@ class TopKCodec(Codec):
     """Whether peers should keep an ErrorFeedback for this codec (sparseloco: on)."""
     name: Literal["topk", "sparseloco"] = "topk"
     """The config name it was built from."""
+    zero_level: bool = False
+    """Value codes on 2^b - 1 levels that include an exact zero (result codecs): slots a chunk
+    cannot fill with non-zeros then decode to 0 instead of to the smallest level."""
 
     family = "topk"
 
@@ -76,15 +79,20 @@ class TopKCodec(Codec):
         """Returns `topk(C, min(C, members*k), 8)` without error feedback: every entry of the union of
         the members' selections fits, with 8-bit values (docs/codecs.md, "In the all-reduce")."""
         _check_members(members)
-        return TopKCodec(chunk=self.chunk, k=min(self.chunk, members * self.k), bits=8)
+        return TopKCodec(chunk=self.chunk, k=min(self.chunk, members * self.k), bits=8, zero_level=True)
 
     # ------------------------------------------------------------------ numerics
 
     def _overflows(self, absmax: torch.Tensor) -> torch.Tensor:
         # Decode multiplies (2c - (L-1)), up to L-1 in magnitude, by the scale before dividing by
         # L-1: a chunk max above about FLT_MAX / (L-1) would decode to Inf.
-        levels = float((1 << self.bits) - 1)
-        return torch.isinf((absmax * levels) / levels)
+        levels = float(self._half_levels if self.zero_level else (1 << self.bits) - 1)
+        return torch.isinf(true_div(absmax * levels, levels))
+
+    @property
+    def _half_levels(self) -> int:
+        """H = 2^(b-1) - 1: zero-level codes span -H..H around the code H."""
+        return (1 << (self.bits - 1)) - 1
 
     def _encode(self, x: torch.Tensor, payload: torch.Tensor) -> None:
         n, chunk, k = x.numel(), self.chunk, self.k
@@ -97,15 +105,21 @@ class TopKCodec(Codec):
         # Selection key: |x| ordered by its fp32 bit pattern (monotone for non-negative floats), then
         # the lower index first. Keys are unique, so topk's choice is fully determined on any device.
         order = torch.arange(chunk - 1, -1, -1, dtype=torch.int64, device=x.device)
-        key = (mag.view(torch.int32).to(torch.int64) << ib) | order
+        key = mag.view(torch.int32).to(torch.int64).bitwise_left_shift_(ib).bitwise_or_(order)
         idx = key.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # slots in ascending index order
         scale = mag.amax(dim=1)
         values = xc.gather(1, idx)
         nonzero = (scale > 0).unsqueeze(1)
         safe = torch.where(nonzero, scale.unsqueeze(1), 1.0)
-        # Evaluated left to right in fp32, exactly as written in the spec: ((v / scale + 1) * (L-1)) / 2.
-        t = (values / safe + 1.0) * float(levels) / 2.0
-        code = torch.where(nonzero, torch.round(t).clamp_(0, levels), 0.0).to(torch.int64)
+        if self.zero_level:
+            # c = clamp(round_half_even((v / scale) * H), -H, H) + H; zero maps to the code H exactly.
+            h = self._half_levels
+            t = torch.round((values / safe) * float(h)).clamp_(-h, h) + h
+            code = torch.where(nonzero, t, float(h)).to(torch.int64)
+        else:
+            # Evaluated left to right in fp32, exactly as written in the spec: ((v / scale + 1) * (L-1)) / 2.
+            t = true_div((values / safe + 1.0) * float(levels), 2.0)
+            code = torch.where(nonzero, torch.round(t).clamp_(0, levels), 0.0).to(torch.int64)
 
         index_words = nc * k * ib // 32
         as_dtype(payload[: 4 * nc], torch.float32).copy_(scale)
@@ -121,12 +135,19 @@ class TopKCodec(Codec):
         scale = as_dtype(payload[: 4 * nc], torch.float32)
         idx = _unpack(as_dtype(payload[4 * nc : 4 * (nc + index_words)], torch.int32), ib, nc * k).view(nc, k)
         code = _unpack(as_dtype(payload[4 * (nc + index_words) :], torch.int32), self.bits, nc * k).view(nc, k)
-        # ((2c - (L-1)) as fp32 * scale) / (L-1) as fp32, as the spec writes it.
-        values = ((2 * code - levels).to(torch.float32) * scale.unsqueeze(1)) / float(levels)
+        if self.zero_level:
+            h = self._half_levels  # ((c - H) as fp32 * scale) / H as fp32
+            values = true_div((code - h).to(torch.float32) * scale.unsqueeze(1), float(h))
+        else:
+            # ((2c - (L-1)) as fp32 * scale) / (L-1) as fp32, as the spec writes it.
+            values = true_div((2 * code - levels).to(torch.float32) * scale.unsqueeze(1), float(levels))
         pos = idx + torch.arange(nc, dtype=torch.int64, device=payload.device).unsqueeze(1) * chunk
-        keep = pos < numel  # slots in the zero padding of the last chunk are dropped
         out.zero_()
-        out[pos[keep]] = values[keep]
+        if numel == nc * chunk:
+            out[pos.view(-1)] = values.view(-1)
+        else:
+            keep = pos < numel  # slots in the zero padding of the last chunk are dropped
+            out[pos[keep]] = values[keep]
 
 
 def _pack(fields: torch.Tensor, width: int) -> torch.Tensor:
