@@ -128,6 +128,16 @@ def kernel_for(codec: Codec) -> CodecKernel | None:
         return _kernel_cache[codec]
 
 
+def true_div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """`a / b` as an IEEE fp32 division on every device.
+
+    PyTorch's CUDA kernel turns a division by a Python scalar into a multiplication by its reciprocal,
+    which rounds differently; dividing by a 0-d tensor on a's device keeps the true division the
+    wire formats specify (and what the CPU computes).
+    """
+    return a / torch.full((), b, dtype=a.dtype, device=a.device)
+
+
 def as_dtype(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Reinterpret a 1-D uint8 slice as `dtype`, copying only when its offset is misaligned for it."""
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -203,6 +213,7 @@ class Codec(ABC):
             1-D uint8 tensor of `payload_nbytes(x.numel())` bytes on x's device.
 
         Raises:
+            TypeError: x is not a tensor.
             ValueError: x is not a 1-D contiguous float32 tensor, contains NaN/Inf or values too large
                 for the format, or feedback's residual does not match x.
         """
@@ -273,7 +284,7 @@ class Codec(ABC):
 
     def _check_input(self, x: torch.Tensor, feedback: ErrorFeedback | None) -> None:
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{self.name} codec: input must be a torch.Tensor, got {type(x).__name__}")
+            raise TypeError(f"{self.name} codec: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous():
             raise ValueError(
                 f"{self.name} codec: input must be a 1-D contiguous float32 tensor, got dtype={x.dtype} "
@@ -291,11 +302,13 @@ class Codec(ABC):
     def _check_values(self, x: torch.Tensor, feedback: ErrorFeedback | None, acc: torch.Tensor | None = None) -> None:
         """Raise ValueError if the encoded tensor (x, or x + residual) holds NaN/Inf or overflows.
 
-        One reduction on the happy path: max|.| is NaN if any element is NaN and Inf if any is Inf.
+        One reduction on the happy path and no temporary: min and max are NaN if any element is NaN,
+        and max|.| = max(-min, max) is Inf if any element is +-Inf.
         """
         if acc is None:
             acc = x if feedback is None or feedback.residual is None else x + feedback.residual
-        absmax = acc.abs().amax()
+        lo, hi = torch.aminmax(acc)
+        absmax = torch.maximum(-lo, hi)
         if bool(torch.isfinite(absmax)):
             if bool(self._overflows(absmax)):
                 raise ValueError(

@@ -56,7 +56,10 @@ class CodecConfig:
                         f"{preset[option]!r}); remove it, or set codec.name = 'topk' to choose your own"
                     )
             self.chunk, self.k, self.bits, self.error_feedback = (
-                SPARSELOCO["chunk"], SPARSELOCO["k"], SPARSELOCO["bits"], True
+                SPARSELOCO["chunk"],
+                SPARSELOCO["k"],
+                SPARSELOCO["bits"],
+                True,
             )
             return
         self.chunk = SPARSELOCO["chunk"] if self.chunk is None else self.chunk
@@ -64,7 +67,8 @@ class CodecConfig:
         self.bits = SPARSELOCO["bits"] if self.bits is None else self.bits
         self.error_feedback = False if self.error_feedback is None else self.error_feedback
         if not isinstance(self.error_feedback, bool):
-            raise ValueError(f"codec.error_feedback must be true or false, got {self.error_feedback!r}")
+            # ValueError like every other config check, so callers catch one type for bad config.
+            raise ValueError(f"codec.error_feedback must be true or false, got {self.error_feedback!r}")  # noqa: TRY004
         check_topk_params(self.chunk, self.k, self.bits, prefix="codec.")
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from swarm.compression.base import Codec, as_dtype
+from swarm.compression.base import Codec, as_dtype, true_div
 
 
 @dataclass(frozen=True)
@@ -80,34 +80,46 @@ class Int8Codec(Codec):
     def _overflows(self, absmax: torch.Tensor) -> torch.Tensor:
         # Decoding the extreme code 127 multiplies back by the rounded scale; only inputs within a few
         # ulps of fp32's max can overflow, but they must not come back as Inf.
-        return torch.isinf((absmax / 127.0) * 127.0)
+        return torch.isinf(true_div(absmax, 127.0) * 127.0)
 
     def _encode(self, x: torch.Tensor, payload: torch.Tensor) -> None:
         n = x.numel()
         nb = _ceil_div(n, INT8_BLOCK)
-        blocks = _pad_to(x, nb * INT8_BLOCK).view(nb, INT8_BLOCK)  # zero padding leaves max|x| unchanged
-        scale = blocks.abs().amax(dim=1) / 127.0  # true fp32 division, as the spec requires
-        nonzero = scale > 0
-        # A true division by the scale (not a multiply by its reciprocal): the spec fixes the rounding.
-        q = blocks / torch.where(nonzero, scale, 1.0).unsqueeze(1)
-        code = torch.round(q).clamp_(-127, 127)  # torch.round rounds half to even
-        code = torch.where(nonzero.unsqueeze(1), code, 0.0)
-        as_dtype(payload[: 4 * nb], torch.float32).copy_(scale)
-        payload[4 * nb :].view(torch.int8).copy_(code.view(-1)[:n])
+        full = n // INT8_BLOCK
+        scale = as_dtype(payload[: 4 * nb], torch.float32)
+        code = payload[4 * nb :].view(torch.int8)
+        # Whole blocks straight from x; the short last block on its own (no padded copy of x).
+        _int8_blocks(x[: full * INT8_BLOCK].view(full, INT8_BLOCK), scale[:full], code[: full * INT8_BLOCK])
+        if full < nb:
+            _int8_blocks(x[full * INT8_BLOCK :].view(1, -1), scale[full:], code[full * INT8_BLOCK :])
 
     def _decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor) -> None:
         nb = _ceil_div(numel, INT8_BLOCK)
-        scale = as_dtype(payload[: 4 * nb], torch.float32)
-        code = _pad_to(payload[4 * nb :].view(torch.int8).float(), nb * INT8_BLOCK).view(nb, INT8_BLOCK)
-        out.copy_((code * scale.unsqueeze(1)).view(-1)[:numel])
+        full = numel // INT8_BLOCK
+        scale = as_dtype(payload[: 4 * nb], torch.float32).unsqueeze(1)
+        code = payload[4 * nb :].view(torch.int8)
+        # int8 * fp32 promotes to fp32: code (exact in fp32) times its block's scale, written in place.
+        cut = full * INT8_BLOCK
+        torch.mul(code[:cut].view(full, INT8_BLOCK), scale[:full], out=out[:cut].view(full, INT8_BLOCK))
+        if full < nb:
+            torch.mul(code[cut:].view(1, -1), scale[full:], out=out[cut:].view(1, -1))
+
+
+def _int8_blocks(blocks: torch.Tensor, scale_out: torch.Tensor, code_out: torch.Tensor) -> None:
+    """Quantize rows of `blocks` (one int8 block each) into their scales and codes."""
+    if blocks.numel() == 0:
+        return
+    lo, hi = torch.aminmax(blocks, dim=1)
+    # abs_ turns the -0.0 that maximum(-lo, hi) gives for a block of -0.0s into the spec's +0.0.
+    scale = true_div(torch.maximum(-lo, hi).abs_(), 127.0)  # true fp32 division, as the spec requires
+    # A true division by the scale (not a multiply by its reciprocal): the spec fixes the rounding.
+    # Where the scale is 0 (an all-zero block, or max|x| so small that max|x| / 127 underflows)
+    # dividing by 1 instead leaves |q| < 0.5, so the code is 0 as the spec requires.
+    q = blocks / torch.where(scale > 0, scale, 1.0).unsqueeze(1)
+    q.round_().clamp_(-127, 127)  # round() rounds half to even
+    scale_out.copy_(scale)
+    code_out.copy_(q.view(-1))
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """`x` followed by zeros up to `size` elements (x itself when already that long)."""
-    if x.numel() == size:
-        return x
-    return torch.nn.functional.pad(x, (0, size - x.numel()))
