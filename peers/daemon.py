@@ -28,8 +28,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from swarm.allreduce.driver import fault_tolerant_allreduce
+from swarm.allreduce.encoded import residual_after
+from swarm.compression import CodecConfig, ErrorFeedback, make_codec
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, TransportConfig
@@ -61,6 +64,8 @@ class PeerConfig:
     """Fault-injection seam of the data plane (tests and the chaos script)."""
     allreduce_timeout_s: float = 60.0
     """Cap on one all-reduce attempt."""
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """What the `average` task sends on the wire (error feedback kept by the peer when the codec asks)."""
     rounds: int = 10
     """Stop once rounds 0 .. rounds-1 of the run are over (0: run until stopped)."""
     work_s: float = 0.2
@@ -120,6 +125,8 @@ class Peer:
         self._heartbeat_s = 1.0
         self.endpoint: Endpoint | None = None
         self.address = config.address
+        self.codec = make_codec(config.codec)
+        self.feedback = ErrorFeedback() if self.codec.uses_error_feedback else None
 
     async def _join(self) -> int:
         reply = await self.client.join(self.address, pb.Capabilities(device="cpu"), self.config.stage)
@@ -202,9 +209,17 @@ class Peer:
             return _update(self.report.state_hash, round_, attempt), attempt
         await asyncio.sleep(self.config.work_s)
         flat = contribution(self.config.client.peer_id, round_, self.config.numel)
+        acc = flat
+        if self.feedback is not None and self.feedback.residual is not None:
+            acc = flat + self.feedback.residual.numpy()  # error feedback: what earlier rounds did not send
         result = await fault_tolerant_allreduce(
-            self.endpoint, self.client, flat, self.config.stage, round_, attempt, self.config.allreduce_timeout_s
+            self.endpoint, self.client, acc, self.config.stage, round_, attempt, self.config.allreduce_timeout_s,
+            self.codec,
         )
+        if self.feedback is not None and result.mean is not None:
+            # Kept only when this peer's contribution made it into the result; the residual is
+            # what the codec dropped of it. (Issue 5 applies it after the commit and saves it.)
+            self.feedback.residual = residual_after(self.codec, torch.from_numpy(acc))
         self.report.failures_seen += result.failures
         self.report.attempts += len(result.failures)
         if result.mean is None:

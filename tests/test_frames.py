@@ -257,9 +257,32 @@ def test_payload_limit_applies_to_every_kind() -> None:
             decode_header(body, _LIMIT - 1)
 
 
-def test_compressed_payload_size_is_not_tied_to_numel() -> None:
-    h = replace(_GOOD, codec="q8", nbytes=13)
+def _encoded(**changes: object) -> Header:
+    """A valid frame of an encoded part: bytes 100..112 of a 500-byte payload of part [0, 1000)."""
+    base = {"kind": "contrib", "codec": "int8", "dtype": "uint8", "shape": (500,), "offset": 100, "numel": 13,
+            "nbytes": 13, "part_start": 0, "part_len": 1000, "total": 4000}
+    return replace(_GOOD, **{**base, **changes})
+
+
+def test_an_encoded_part_travels_as_a_byte_range_of_its_payload() -> None:
+    h = _encoded()
     assert decode_header(encode_header(h)[PREFIX.size :], _LIMIT) == h
+
+
+@pytest.mark.parametrize(
+    ("changes", "word"),
+    [
+        ({"dtype": "float32"}, "uint8"),
+        ({"numel": 12}, "uint8"),
+        ({"shape": (500, 2)}, "uint8"),
+        ({"offset": 490}, "outside"),
+        ({"shape": (8 * 1000 + 4097,), "offset": 0}, "implausibly"),
+        ({"part_start": 1000, "part_len": 3500}, "outside"),
+    ],
+)
+def test_bad_encoded_frames_are_rejected(changes: dict, word: str) -> None:
+    with pytest.raises(FrameError, match=word):
+        decode_header(encode_header(_encoded(**changes))[PREFIX.size :], _LIMIT)
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])

@@ -11,11 +11,16 @@ bytes (bit-identical), and the fixed order makes the result reproducible.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from swarm.transport.endpoint import Endpoint, PeerFailure
+
+if TYPE_CHECKING:
+    from swarm.compression import Codec
 from swarm.transport.frames import Header, checksum
 
 ALIGN_ELEMENTS = 64
@@ -31,12 +36,12 @@ class Participant:
     bandwidth: float = 0.0
 
 
-def partition(total: int, bandwidths: list[float]) -> list[tuple[int, int]]:
+def partition(total: int, bandwidths: list[float], align: int = ALIGN_ELEMENTS) -> list[tuple[int, int]]:
     """Split `total` elements into contiguous (start, length) parts proportional to bandwidth.
 
     Unknown (zero) bandwidths count as the mean of the known ones, or all parts
     are equal when none is known. Integer arithmetic only, so every member
-    computes the same boundaries.
+    computes the same boundaries. Boundaries fall on multiples of `align`.
     """
     n = len(bandwidths)
     known = [b for b in bandwidths if b > 0]
@@ -44,11 +49,11 @@ def partition(total: int, bandwidths: list[float]) -> list[tuple[int, int]]:
     weights = [b if b > 0 else fill for b in bandwidths]
     # Quantise weights to integers so float rounding cannot differ between peers.
     scale = [max(1, round(w / max(weights) * 1_000_000)) for w in weights]
-    units = -(-total // ALIGN_ELEMENTS)
+    units = -(-total // align)
     acc, bounds = 0, [0]
     for s in scale:
         acc += s
-        bounds.append(min(total, (units * acc // sum(scale)) * ALIGN_ELEMENTS))
+        bounds.append(min(total, (units * acc // sum(scale)) * align))
     bounds[-1] = total
     return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
 
@@ -97,6 +102,7 @@ async def allreduce_attempt(
     round: int,
     attempt: int,
     timeout_s: float,
+    codec: Codec | None = None,
 ) -> np.ndarray:
     """One attempt of the all-reduce of `flat` (1-D, contiguous) among `members`.
 
@@ -106,12 +112,17 @@ async def allreduce_attempt(
         members: the attempt's members in the coordinator's fixed order.
         round, attempt: tag every frame so frames of other attempts are discarded.
         timeout_s: the whole attempt must finish within this long.
+        codec: what goes on the wire (None or "none": raw values); see `encoded.py`.
     Returns:
         The mean over all members, identical bytes on every member. It is the endpoint's
         buffer: pass it to `endpoint.release()` when done to reuse its memory next round.
     Raises:
         PeerFailure: a member failed, stalled or sent garbage; the caller reports it.
     """
+    if codec is not None and codec.name != "none":
+        from swarm.allreduce.encoded import allreduce_encoded  # imports torch only when a codec is used
+
+        return await allreduce_encoded(endpoint, flat, members, round, attempt, timeout_s, codec)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     ids = [m.peer_id for m in members]
@@ -127,7 +138,7 @@ async def allreduce_attempt(
     try:
         await box.wait(lambda: my_len == 0 or all(box.contrib_left.get(p, 1) <= 0 for p in other_ids),
                        other_ids, deadline, late=lambda p: box.contrib_left.get(p, 1) > 0)
-        await _finish_sends(sending, deadline)
+        await finish_sends(sending, deadline)
     finally:
         for task in sending.values():
             task.cancel()
@@ -148,7 +159,7 @@ async def allreduce_attempt(
         expected_results = [p for p in other_ids if parts[ids.index(p)][1] > 0]
         await box.wait(lambda: all(box.result_left.get(p, 1) <= 0 for p in expected_results),
                        expected_results, deadline, late=lambda p: box.result_left.get(p, 1) > 0)
-        await _finish_sends(gathering, deadline)
+        await finish_sends(gathering, deadline)
     finally:
         for task in gathering.values():
             task.cancel()
@@ -159,7 +170,16 @@ async def allreduce_attempt(
 def _send_to_all(endpoint: Endpoint, to: list[Participant], kind: str, flat: np.ndarray,
                  parts: list[tuple[int, int]], part_indices: list[int], round: int, attempt: int,
                  digests: list[int] | None = None) -> dict[str, asyncio.Task[None]]:
-    """One task per receiver, so a stuck send can be blamed on its receiver.
+    """One task per receiver, so a stuck send can be blamed on its receiver."""
+    return spawn_sends(endpoint, round, attempt, {
+        m.peer_id: _send_part(endpoint, m, kind, flat, part, index, round, attempt, digests)
+        for m, part, index in zip(to, parts, part_indices, strict=True)
+    })
+
+
+def spawn_sends(endpoint: Endpoint, round: int, attempt: int,
+                sends: dict[str, Coroutine[Any, Any, None]]) -> dict[str, asyncio.Task[None]]:
+    """Run each receiver's sends as a task.
 
     A send that fails marks its receiver failed in the attempt's inbox, which
     wakes a member waiting for data at once rather than at the deadline.
@@ -173,13 +193,13 @@ def _send_to_all(endpoint: Endpoint, to: list[Participant], kind: str, flat: np.
             box.fail(error.peer, error.reason)
 
     tasks = {}
-    for m, part, index in zip(to, parts, part_indices, strict=True):
-        tasks[m.peer_id] = loop.create_task(_send_part(endpoint, m, kind, flat, part, index, round, attempt, digests))
-        tasks[m.peer_id].add_done_callback(blame)
+    for peer, coro in sends.items():
+        tasks[peer] = loop.create_task(coro)
+        tasks[peer].add_done_callback(blame)
     return tasks
 
 
-async def _finish_sends(tasks: dict[str, asyncio.Task[None]], deadline: float) -> None:
+async def finish_sends(tasks: dict[str, asyncio.Task[None]], deadline: float) -> None:
     """Wait for every send; a failed or unfinished one raises PeerFailure naming its receiver."""
     left = deadline - asyncio.get_running_loop().time()
     if tasks:

@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
+from swarm.compression import Codec
 from swarm.coordinator.client import CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, PeerFailure
@@ -46,11 +47,14 @@ async def fault_tolerant_allreduce(
     round: int,
     attempt: pb.Attempt,
     timeout_s: float,
+    codec: Codec | None = None,
 ) -> AllReduceResult:
     """All-reduce `flat` in `round`, starting with `attempt`, moving on past failed members.
 
     Args:
         timeout_s: cap on each attempt (the coordinator's deadline may be shorter).
+        codec: what goes on the wire (default: raw fp32); `flat` is then the caller's
+            `x + residual`, re-sent unchanged by every attempt.
     Returns:
         The outcome; `mean` is set only when status is "done".
     Raises:
@@ -63,7 +67,7 @@ async def fault_tolerant_allreduce(
             return AllReduceResult("excluded", attempt, None, failures)
         try:
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
-            mean = await allreduce_attempt(endpoint, flat, members, round, attempt.number, limit)
+            mean = await allreduce_attempt(endpoint, flat, members, round, attempt.number, limit, codec)
             return AllReduceResult("done", attempt, mean, failures)
         except PeerFailure as e:
             failures.append(f"attempt {attempt.number}: {e}")

@@ -47,6 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["control", "average"], default="average",
                    help="what peers compute each round (default: %(default)s; see `swarm peer --help`)")
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round (default: %(default)s)")
+    p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
+                   help="what the all-reduce sends on the wire (default: %(default)s)")
     p.add_argument("--lease-s", type=float, default=3.0, help="drop a silent peer after this long (default: %(default)s)")
     p.add_argument("--min-peers", type=int, default=None,
                    help="a round starts with at least this many peers (default: --peers minus the --kill count)")
@@ -160,7 +162,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
             proc = await _spawn(
                 ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{i}",
                  "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--task", args.task,
-                 "--numel", str(args.numel)], out / f"peer-{i}.log")
+                 "--numel", str(args.numel), "--codec", args.codec], out / f"peer-{i}.log")
             peers.append(_Child(f"peer-{i}", proc))
         readers = [asyncio.create_task(_read_report(c)) for c in peers]
         client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))

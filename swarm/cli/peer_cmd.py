@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+from swarm.compression import CodecConfig
 from swarm.coordinator.client import ClientConfig
 from swarm.peers.daemon import PeerConfig, print_report, run_peer
 from swarm.transport.endpoint import TransportConfig
@@ -32,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=["control", "average"], default="control",
                    help="control: control plane only; average: all-reduce a deterministic tensor over the data plane")
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
+    p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
+                   help="what the all-reduce sends: fp32, casts, blockwise int8, or top-k (default: %(default)s)")
     p.add_argument("--data-host", default="127.0.0.1", help="address the data plane listens on (default: %(default)s)")
     p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
     p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             stage=args.stage,
             task=args.task,
             numel=args.numel,
+            codec=CodecConfig(name=args.codec),
             transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections,
                                       chunk_bytes=args.chunk_bytes),
             faults=FaultInjector.from_json(args.faults),

@@ -163,6 +163,15 @@ class Codec(ABC):
         """Whether peers should keep an `ErrorFeedback` for this codec and pass it to `encode`."""
         return False
 
+    @property
+    def block(self) -> int:
+        """Elements encoded independently of their neighbours (int8 block, top-k chunk; 1 for casts).
+
+        Encoding slices that start on multiples of `block` gives the same values as encoding the
+        whole tensor, which lets the all-reduce cut a tensor into parts anywhere on that grid.
+        """
+        return 1
+
     @abstractmethod
     def payload_nbytes(self, numel: int) -> int:
         """Returns the exact payload size for `numel` input elements, known before encoding."""

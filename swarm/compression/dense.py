@@ -73,6 +73,11 @@ class Int8Codec(Codec):
     name: ClassVar[str] = "int8"
     family: ClassVar[str] = "int8"
 
+    @property
+    def block(self) -> int:
+        """Blocks of INT8_BLOCK elements share one scale."""
+        return INT8_BLOCK
+
     def payload_nbytes(self, numel: int) -> int:
         """Returns `4 * ceil(numel / 256) + numel`."""
         return 4 * _ceil_div(numel, INT8_BLOCK) + numel

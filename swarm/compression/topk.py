@@ -66,6 +66,11 @@ class TopKCodec(Codec):
         return self.error_feedback
 
     @property
+    def block(self) -> int:
+        """Each chunk is selected and scaled on its own."""
+        return self.chunk
+
+    @property
     def index_bits(self) -> int:
         """`ib = log2(chunk)`, the width of one packed index."""
         return self.chunk.bit_length() - 1

@@ -79,6 +79,8 @@ class Inbox:
     attempt: int
     contribs: dict[str, np.ndarray] = field(default_factory=dict)
     contrib_left: dict[str, int] = field(default_factory=dict)
+    encoded: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    """(kind, sender) -> the encoded part received (codec frames); contribs/out hold raw ones."""
     out: np.ndarray | None = None
     result_left: dict[str, int] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -224,6 +226,15 @@ class Endpoint:
             # Bounds every allocation of an attempt by the size its first frame (or the local tensor) set.
             raise FrameError(f"frame from {h.sender} claims a tensor of {h.total} elements, not {box.total}")
         dtype = np.dtype(h.dtype) if h.dtype != "bfloat16" else np.dtype(np.uint16)
+        if h.codec != "none":
+            buf = box.encoded.get((h.kind, h.sender))
+            if buf is None:
+                buf = box.encoded[(h.kind, h.sender)] = self._allocate(box, h.shape[0], dtype)
+                (box.contrib_left if h.kind == "contrib" else box.result_left)[h.sender] = h.shape[0]
+            if buf.size != h.shape[0] or h.offset + h.numel > buf.size:
+                raise FrameError(f"frame from {h.sender} does not match its encoded part in round {h.round}")
+            box.total = h.total
+            return memoryview(buf[h.offset : h.offset + h.numel]).cast("B")
         if h.kind == "contrib":
             buf = box.contribs.get(h.sender)
             if buf is None:
@@ -266,9 +277,10 @@ class Endpoint:
             free.append(array)
 
     def _recycle(self, box: Inbox) -> None:
-        for buf in box.contribs.values():
+        for buf in (*box.contribs.values(), *box.encoded.values()):
             self.release(buf)
         box.contribs.clear()
+        box.encoded.clear()
         if box.out is not None and not box.out_taken:
             self.release(box.out)
         box.out = None

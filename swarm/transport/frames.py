@@ -128,9 +128,18 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
         raise FrameError(f"payload of {d['nbytes']} bytes exceeds the limit of {max_payload_bytes}")
     header = Header(**d)
     if header.kind in ("contrib", "result"):
-        if header.codec == "none" and header.numel * DTYPES[header.dtype] != header.nbytes:
-            raise FrameError(f"payload of {header.nbytes} bytes does not hold {header.numel} {header.dtype}")
-        if not (header.part_start <= header.offset and header.offset + header.numel <= header.part_start + header.part_len
-                and header.part_start + header.part_len <= header.total):
+        if not header.part_start + header.part_len <= header.total:
             raise FrameError("chunk lies outside its part or the tensor")
+        if header.codec == "none":
+            if header.numel * DTYPES[header.dtype] != header.nbytes:
+                raise FrameError(f"payload of {header.nbytes} bytes does not hold {header.numel} {header.dtype}")
+            if not (header.part_start <= header.offset and header.offset + header.numel <= header.part_start + header.part_len):
+                raise FrameError("chunk lies outside its part or the tensor")
+        else:
+            # An encoded part travels as bytes: offset/numel are a byte range of the part's payload,
+            # whose length is shape[0]; no codec expands data beyond a few bytes per element.
+            if header.dtype != "uint8" or len(header.shape) != 1 or header.numel != header.nbytes:
+                raise FrameError("an encoded frame must carry uint8 bytes with shape (payload length,)")
+            if header.shape[0] > 8 * header.part_len + 4096 or header.offset + header.numel > header.shape[0]:
+                raise FrameError("chunk lies outside its encoded part, or the encoded part is implausibly large")
     return header
