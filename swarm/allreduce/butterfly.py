@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from swarm.transport.endpoint import Endpoint, PeerFailure
+from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
 
 if TYPE_CHECKING:
     from swarm.compression import Codec
@@ -135,13 +135,7 @@ async def allreduce_attempt(
 
     sending = _send_to_all(endpoint, others, "contrib", flat, [parts[ids.index(m.peer_id)] for m in others],
                            [ids.index(m.peer_id) for m in others], round, attempt)
-    try:
-        await box.wait(lambda: my_len == 0 or all(box.contrib_left.get(p, 1) <= 0 for p in other_ids),
-                       other_ids, deadline, late=lambda p: box.contrib_left.get(p, 1) > 0)
-        await finish_sends(sending, deadline)
-    finally:
-        for task in sending.values():
-            task.cancel()
+    await finish_phase(box, box.contrib_left, other_ids if my_len else [], sending, deadline)
     if box.out is None:
         box.out = endpoint.buffer(flat.size, flat.dtype)
     out = box.out
@@ -155,14 +149,7 @@ async def allreduce_attempt(
     digests = [checksum(payload) for _, _, payload in _chunks(endpoint, out, parts[me])] if others else None
     gathering = _send_to_all(endpoint, others, "result", out, [parts[me]] * len(others), [me] * len(others),
                              round, attempt, digests)
-    try:
-        expected_results = [p for p in other_ids if parts[ids.index(p)][1] > 0]
-        await box.wait(lambda: all(box.result_left.get(p, 1) <= 0 for p in expected_results),
-                       expected_results, deadline, late=lambda p: box.result_left.get(p, 1) > 0)
-        await finish_sends(gathering, deadline)
-    finally:
-        for task in gathering.values():
-            task.cancel()
+    await finish_phase(box, box.result_left, [p for p in other_ids if parts[ids.index(p)][1] > 0], gathering, deadline)
     box.out_taken = True
     return out
 
@@ -197,6 +184,23 @@ def spawn_sends(endpoint: Endpoint, round: int, attempt: int,
         tasks[peer] = loop.create_task(coro)
         tasks[peer].add_done_callback(blame)
     return tasks
+
+
+async def finish_phase(box: Inbox, owed: dict[str, int], senders: list[str],
+                       sending: dict[str, asyncio.Task[None]], deadline: float) -> None:
+    """Wait until every one of `senders` delivered its data of this phase and our own sends finished.
+
+    Raises:
+        PeerFailure: naming the first sender that failed or still owes data at the deadline, or the
+            first receiver our sends to could not finish; unfinished sends are cancelled either way.
+    """
+    try:
+        await box.wait(lambda: all(owed.get(p, 1) <= 0 for p in senders), senders, deadline,
+                       late=lambda p: owed.get(p, 1) > 0)
+        await finish_sends(sending, deadline)
+    finally:
+        for task in sending.values():
+            task.cancel()
 
 
 async def finish_sends(tasks: dict[str, asyncio.Task[None]], deadline: float) -> None:

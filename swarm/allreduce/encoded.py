@@ -18,7 +18,14 @@ import math
 import numpy as np
 import torch
 
-from swarm.allreduce.butterfly import ALIGN_ELEMENTS, Participant, finish_sends, partition, reduce_in_order, spawn_sends
+from swarm.allreduce.butterfly import (
+    ALIGN_ELEMENTS,
+    Participant,
+    finish_phase,
+    partition,
+    reduce_in_order,
+    spawn_sends,
+)
 from swarm.compression import Codec
 from swarm.transport.endpoint import Endpoint
 from swarm.transport.frames import Header, checksum
@@ -87,13 +94,7 @@ async def allreduce_encoded(
         for m in others if parts[ids.index(m.peer_id)][1] > 0
     })
     my_start, my_len = parts[me]
-    try:
-        await box.wait(lambda: my_len == 0 or all(box.contrib_left.get(p, 1) <= 0 for p in other_ids),
-                       other_ids, deadline, late=lambda p: box.contrib_left.get(p, 1) > 0)
-        await finish_sends(sending, deadline)
-    finally:
-        for task in sending.values():
-            task.cancel()
+    await finish_phase(box, box.contrib_left, other_ids if my_len else [], sending, deadline)
 
     out = endpoint.buffer(flat.size, np.float32)
     box.out = out
@@ -107,6 +108,9 @@ async def allreduce_encoded(
         reduced = reduce_in_order(pieces, endpoint.buffer(my_len, np.float32))
         final = result.encode(torch.from_numpy(reduced)).numpy()
         endpoint.release(reduced)
+        if endpoint.faults:
+            endpoint.faults.hit("reduce.done", round=round, attempt=attempt)
+            endpoint.faults.hit("gather.start", round=round, attempt=attempt)
         # The owner keeps the decoded payload, not its fp32 sum: every member must hold the same bytes.
         result.decode(torch.from_numpy(final), my_len, out=torch.from_numpy(out[my_start : my_start + my_len]))
         digests = _digests(endpoint, final)
@@ -115,14 +119,8 @@ async def allreduce_encoded(
                                      attempt, digests)
             for m in others
         })
-    try:
-        expected = [p for p in other_ids if parts[ids.index(p)][1] > 0]
-        await box.wait(lambda: all(box.result_left.get(p, 1) <= 0 for p in expected),
-                       expected, deadline, late=lambda p: box.result_left.get(p, 1) > 0)
-        await finish_sends(gathering, deadline)
-    finally:
-        for task in gathering.values():
-            task.cancel()
+    expected = [p for p in other_ids if parts[ids.index(p)][1] > 0]
+    await finish_phase(box, box.result_left, expected, gathering, deadline)
     for p in expected:
         start, length = parts[ids.index(p)]
         result.decode(torch.from_numpy(box.encoded[("result", p)]), length,
