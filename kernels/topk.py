@@ -17,13 +17,16 @@ Encode runs three kernels on the stream:
 1. Check: `x + residual` everywhere, for NaN/Inf and for values whose decode would overflow. It sets
    a flag that the next two read before storing anything, so a rejected call leaves the residual
    untouched; the launcher then raises. (One extra read of x and the residual, and one host sync.)
-2. Select, one program per chunk: the threshold T, the k-th largest |acc|, is found by binary
-   search over the fp32 bit patterns of |acc| (non-negative floats order like their bits as
-   integers), between the chunk max and the smallest of k group maxima, one counting pass per
-   halving. Selected: entries above T, plus the lowest-index entries equal to T up to k in all. A
-   prefix count (`tl.cumsum`) in index order gives each its slot, so slots come out in ascending
-   index order without a sort; the indices go to a scratch array in slot order. Entries not
-   selected get their residual (`acc`: they decode to 0).
+2. Select, one program per chunk: the threshold T, the k-th largest |acc|, is found by a
+   four-way search over the fp32 bit patterns of |acc| (non-negative floats order like their bits
+   as integers), between the chunk max and the smallest of k group maxima: each pass counts at
+   three thresholds in one reduction (16-bit fields of an int64) and keeps a quarter of the range,
+   so about half the passes of a binary search; the count above T falls out of the search.
+   Selected: entries above T, plus the lowest-index entries equal to T up to k in all. A prefix
+   count (`tl.cumsum`) in index order, over sub-tiles of 1,024 reloaded from cache (fewer
+   registers), gives each its slot, so slots come out in ascending index order without a sort;
+   the indices go to a scratch array in slot order. Entries not selected get their residual
+   (`acc`: they decode to 0).
 3. Pack, several chunks per program, on the k selected entries only: quantize, write their
    residual, and build the index and value words in registers (plain stores, no atomics).
 
@@ -39,6 +42,7 @@ import triton.language as tl
 from swarm.kernels._common import LAUNCH_OPTIONS, _rne, check_async, check_payload, flat_f32, raise_for_flag
 
 _MAX_TILE = 8192  # largest chunk kept in registers (32 values per thread at 8 warps)
+_SUB = 1024  # entries per step of the select kernel's final (prefix-scan) pass
 _PACK_SLOTS = 256  # (chunk, slot) pairs quantized and packed per program
 _DECODE_SLOTS = 2048  # (chunk, slot) pairs decoded per program
 
@@ -97,6 +101,15 @@ def _magnitude_bits(acc):
 
 
 @triton.jit
+def _count3(u, t1, t2, t3):
+    """Per-chunk counts of u >= t1, t2, t3 (t1 <= t2 <= t3) in one reduction: an int64 of 16-bit
+    fields at bits 0, 16 and 32 (a chunk's counts are at most 8,192)."""
+    a = (tl.where(u >= t1, 1, 0) + tl.where(u >= t2, 65536, 0)).to(tl.int64)
+    s = tl.sum(a + tl.where(u >= t3, 0x100000000, 0).to(tl.int64), axis=0)
+    return (s & 0xFFFF).to(tl.int32), ((s >> 16) & 0xFFFF).to(tl.int32), (s >> 32).to(tl.int32)
+
+
+@triton.jit
 def _select_kernel(
     x_ptr,
     r_ptr,
@@ -107,6 +120,7 @@ def _select_kernel(
     C: tl.constexpr,
     K: tl.constexpr,
     TILE: tl.constexpr,
+    SUB: tl.constexpr,
     GROUP: tl.constexpr,
     HAS_RES: tl.constexpr,
 ):
@@ -119,8 +133,7 @@ def _select_kernel(
     # Written by the check kernel queued before this one on the same stream: when set, nothing
     # below is stored (the residual stays as it was) and the launcher raises.
     flag = tl.load(flag_ptr)
-    ok = (flag + tl.zeros([TILE], dtype=tl.int32)) == 0  # (the interpreter mis-broadcasts a bool scalar)
-    if NT == 1:  # only |acc|'s bits stay in registers; acc is reloaded (from cache) at the end
+    if NT == 1:  # only |acc|'s bits stay in registers through the search
         u0 = _magnitude_bits(_load_acc(x_ptr, r_ptr, base + lane, n, HAS_RES))
 
     # Bounds of the threshold T = the k-th largest |acc| bit pattern: T <= max, and, when the chunk
@@ -136,41 +149,52 @@ def _select_kernel(
         umax = tl.maximum(umax, tl.max(u, axis=0))
         if GROUP > 0:
             lo = tl.minimum(lo, tl.min(tl.max(tl.reshape(u, [TILE // GROUP, GROUP]), axis=1), axis=0))
-    # Binary search for the largest t with #(|acc| >= t) >= K: one counting pass per halving
-    # (none when the input was rejected).
+    # Four-way search for the largest t with #(|acc| >= t) >= K: each pass counts at three
+    # thresholds and keeps a quarter of [lo, hi] (none when the input was rejected). Invariants:
+    # #(u >= lo) >= K, T in [lo, hi], above = #(u > hi) (< K).
     hi = tl.where(flag == 0, umax, lo)
-    while lo < hi:
-        mid = lo + ((hi - lo + 1) >> 1)
-        cnt = tl.full([], 0, tl.int32)
-        for t in range(NT):
-            if NT == 1:
-                u = u0
-            else:
-                u = _magnitude_bits(_load_acc(x_ptr, r_ptr, base + t * TILE + lane, n, HAS_RES))
-            cnt += tl.sum((u >= mid).to(tl.int32), axis=0)
-        big = cnt >= K
-        lo = tl.where(big, mid, lo)
-        hi = tl.where(big, hi, mid - 1)
-    thr = lo
     above = tl.full([], 0, tl.int32)
-    for t in range(NT):
+    while lo < hi:
+        step = (hi - lo + 3) >> 2
+        t1 = lo + step
+        t2 = tl.minimum(t1 + step, hi)
+        t3 = tl.minimum(t2 + step, hi)
         if NT == 1:
-            u = u0
+            c1, c2, c3 = _count3(u0, t1, t2, t3)
         else:
-            u = _magnitude_bits(_load_acc(x_ptr, r_ptr, base + t * TILE + lane, n, HAS_RES))
-        above += tl.sum((u > thr).to(tl.int32), axis=0)
+            c1 = tl.full([], 0, tl.int32)
+            c2 = tl.full([], 0, tl.int32)
+            c3 = tl.full([], 0, tl.int32)
+            for t in range(NT):
+                u = _magnitude_bits(_load_acc(x_ptr, r_ptr, base + t * TILE + lane, n, HAS_RES))
+                d1, d2, d3 = _count3(u, t1, t2, t3)
+                c1 += d1
+                c2 += d2
+                c3 += d3
+        b3 = c3 >= K
+        b2 = c2 >= K
+        b1 = c1 >= K
+        new_lo = tl.where(b3, t3, tl.where(b2, t2, tl.where(b1, t1, lo)))
+        new_hi = tl.where(b3, hi, tl.where(b2, t3 - 1, tl.where(b1, t2 - 1, t1 - 1)))
+        above = tl.where(b3, above, tl.where(b2, c3, tl.where(b1, c2, c1)))
+        lo = new_lo
+        hi = new_hi
+    thr = lo
     # #(|acc| > T) = above < K <= #(|acc| >= T): take the `need` lowest-index entries equal to T.
     need = K - above
 
+    # Final pass in sub-tiles of SUB (acc reloaded, from cache), which keeps the prefix scans small.
+    sub = tl.arange(0, SUB)
+    ok = (flag + tl.zeros([SUB], dtype=tl.int32)) == 0  # (the interpreter mis-broadcasts a bool scalar)
     seen_gt = tl.full([], 0, tl.int32)
     seen_eq = tl.full([], 0, tl.int32)
-    for t in range(NT):
-        offs = base + t * TILE + lane
+    for t in range(C // SUB):
+        offs = base + t * SUB + sub
         acc = _load_acc(x_ptr, r_ptr, offs, n, HAS_RES)
         u = _magnitude_bits(acc)
         gt = (u > thr).to(tl.int32)
         eq = (u == thr).to(tl.int32)
-        # One scan for both prefix counts: within a tile each fits in 16 bits (TILE <= 8192).
+        # One scan for both prefix counts: within a sub-tile each fits in 16 bits (SUB <= 8192).
         both = gt | (eq << 16)
         before = tl.cumsum(both, 0) - both
         before_gt = seen_gt + (before & 0xFFFF)
@@ -179,11 +203,12 @@ def _select_kernel(
         slot = before_gt + tl.minimum(before_eq, need)
         # Slots are distinct, so these are plain stores; padding entries may be selected too.
         # (After a rejection the search was skipped and `sel` means nothing: store nothing.)
-        tl.store(sel_ptr + chunk * K + slot, t * TILE + lane, mask=sel & ok)
+        tl.store(sel_ptr + chunk * K + slot, t * SUB + sub, mask=sel & ok)
         if HAS_RES:
             tl.store(r_ptr + offs, acc, mask=~sel & (offs < n) & ok)
-        seen_gt += tl.sum(gt, axis=0)
-        seen_eq += tl.sum(eq, axis=0)
+        tot = tl.sum(both, axis=0)
+        seen_gt += tot & 0xFFFF
+        seen_eq += tot >> 16
     tl.store(scale_ptr + chunk, umax.to(tl.float32, bitcast=True), mask=flag == 0)
 
 
@@ -357,7 +382,7 @@ def encode(
     group = chunk // k if chunk % k == 0 and chunk // k <= tile else 0
     _select_kernel[(nc,)](
         xf, r_arg, scales, selected, flag, n,
-        C=chunk, K=k, TILE=tile, GROUP=group, HAS_RES=rf is not None,
+        C=chunk, K=k, TILE=tile, SUB=min(tile, _SUB), GROUP=group, HAS_RES=rf is not None,
         num_warps=_select_warps(tile), **LAUNCH_OPTIONS,
     )  # fmt: skip
     kp = triton.next_power_of_2(k)
