@@ -30,8 +30,19 @@ per round / (link rate x round time), payload bytes for swarm
 (Endpoint.bytes_sent) and wire bytes (interface counter, headers included) for
 both.
 
+With `--vs-hivemind` a third phase follows: hivemind 1.1.12's DecentralizedAverager on the same tensors.
+hivemind's pins conflict with swarm's, so it runs in its own venv (scripts/setup_hivemind_venv.sh makes
+.hivemind-venv; `--hivemind-python` picks another interpreter): N processes of scripts/hivemind_worker.py,
+which does not import swarm, one DHT bootstrapped from rank 0's visible multiaddrs (loopback), one averager
+per worker with target_group_size = min_group_size = N. Each round the workers call
+`step(wait=False, require_trigger=True)`, report once their group is assembled (matchmaking over the DHT),
+and get the go from the parent (a barrier over stdin/stdout lines); `hivemind_median_s` times trigger ->
+result, i.e. the all-reduce alone like the other phases, `hivemind_step_median_s` the whole step (first
+step() call to the last result, matchmaking included). Not available with `--lab`.
+
 Usage:
     .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 5 --json
+    .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 3 --vs-hivemind --json
     .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 5 --lab 1000 --json
 """
 
@@ -45,12 +56,14 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 import platform
+import queue
 import resource
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -347,6 +360,185 @@ def _summarise(prefix: str, runs: list[list[dict[str, Any]]], cfg: BenchConfig, 
     return out
 
 
+# ------------------------------------------------------------------ hivemind (separate venv)
+
+_REPO = Path(__file__).resolve().parent.parent
+_HM_WORKER = Path(__file__).resolve().parent / "hivemind_worker.py"
+_HM_MARK = "@@HM "  # prefix of the worker's protocol lines on stdout; anything else there is ignored
+
+
+def _hivemind_python(explicit: str) -> str | None:
+    """The interpreter of a venv with hivemind: --hivemind-python, else .hivemind-venv, else /tmp/hmvenv."""
+    candidates = [Path(explicit)] if explicit else [_REPO / ".hivemind-venv" / "bin" / "python",
+                                                    Path("/tmp/hmvenv/bin/python")]
+    return next((str(c) for c in candidates if c.exists()), None)
+
+
+def _pump(stream: Any, q: queue.Queue) -> None:
+    """Reader thread: the worker's protocol lines into `q`, None at EOF."""
+    try:
+        for line in stream:
+            if line.startswith(_HM_MARK):
+                with contextlib.suppress(ValueError):
+                    q.put(json.loads(line[len(_HM_MARK):]))
+    finally:
+        q.put(None)
+
+
+def _run_hivemind(cfg: BenchConfig, python: str, compression: str) -> dict[str, Any]:
+    """One hivemind run: N worker processes of `python scripts/hivemind_worker.py`; per-round stamps back."""
+    tmp = tempfile.TemporaryDirectory(prefix="bench_hm_")
+    procs: list[subprocess.Popen] = []
+    queues: list[queue.Queue] = []
+    logs: list[Path] = []
+    # A clean environment for the other venv: nothing of this one's import path.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def start(rank: int, initial_peers: str) -> None:
+        log = Path(tmp.name) / f"stderr_{rank}.log"
+        logs.append(log)
+        cmd = [python, str(_HM_WORKER), "--rank", str(rank), "--peers", str(cfg.peers), "--numel", str(cfg.numel),
+               "--seed", str(cfg.seed), "--warmup", str(cfg.warmup), "--rounds", str(cfg.rounds),
+               "--timeout-s", str(cfg.round_timeout_s), "--compression", compression,
+               "--initial-peers", initial_peers, "--out-dir", tmp.name]
+        with open(log, "wb") as err:
+            # Own session: the finally below kills the worker with its DHT / averager processes and p2pd daemons.
+            p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                 bufsize=1, env=env, start_new_session=True)
+        procs.append(p)
+        q: queue.Queue = queue.Queue()
+        queues.append(q)
+        threading.Thread(target=_pump, args=(p.stdout, q), daemon=True).start()
+
+    def stderr_tail(rank: int) -> str:
+        return logs[rank].read_text(errors="replace")[-2000:]
+
+    def expect(rank: int, key: str, deadline: float) -> Any:
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"hivemind rank {rank}: no {key!r} in time; stderr tail:\n{stderr_tail(rank)}")
+            try:
+                msg = queues[rank].get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if msg is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    procs[rank].wait(timeout=10)
+                raise RuntimeError(f"hivemind rank {rank} exited (code {procs[rank].returncode}) "
+                                   f"before {key!r}; stderr tail:\n{stderr_tail(rank)}")
+            if "error" in msg:
+                raise RuntimeError(msg["error"])
+            if key in msg:
+                return msg[key]
+
+    try:
+        setup = 120 + cfg.round_timeout_s
+        start(0, "")
+        maddrs = expect(0, "maddrs", time.perf_counter() + setup)
+        for rank in range(1, cfg.peers):
+            start(rank, ",".join(maddrs))
+        for rnd in range(cfg.warmup + cfg.rounds):
+            # Barrier: everyone has its group (matchmaking done) before anyone starts the all-reduce.
+            deadline = time.perf_counter() + (setup if rnd == 0 else 0) + cfg.round_timeout_s
+            for rank in range(cfg.peers):
+                if (got := expect(rank, "ready", deadline)) != rnd:
+                    raise RuntimeError(f"hivemind rank {rank}: ready for round {got}, expected {rnd}")
+            for p in procs:
+                p.stdin.write(f"go {rnd}\n")
+                p.stdin.flush()
+        deadline = time.perf_counter() + cfg.round_timeout_s + 60
+        results = [expect(rank, "result", deadline) for rank in range(cfg.peers)]
+        # Only now may a peer shut down: until every peer has its result, some may still be serving reduced parts.
+        for p in procs:
+            p.stdin.write("bye\n")
+            p.stdin.flush()
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=30)
+        results[0]["out"] = np.load(Path(tmp.name) / "result.npy")
+        # hivemind logs "Averaging: received NN.N% results" when a peer got only part of the average.
+        partial = sum(log.read_text(errors="replace").count("Averaging: received") for log in logs)
+        return {"results": results, "partial": partial}
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)  # the worker's own session: it and what it started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=10)
+            for f in (p.stdin, p.stdout):
+                with contextlib.suppress(OSError, ValueError):
+                    f.close()
+        tmp.cleanup()
+
+
+def _summarise_hivemind(prefix: str, run: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    results = run["results"]
+    # Inputs: the worker generated them itself; check they are the ones the other phases used.
+    acc = np.zeros(cfg.numel, dtype=np.float64)
+    for rank in range(cfg.peers):
+        x = _tensor(cfg, rank)
+        if [float(v) for v in x[:4]] != results[rank]["head"] or [float(v) for v in x[-4:]] != results[rank]["tail"]:
+            raise RuntimeError(f"hivemind rank {rank} generated a different input tensor than the other phases")
+        acc += x
+    exact = acc / cfg.peers
+    stamps = [r["stamps"] for r in results]  # per rank, per round: (step called, group assembled, trigger, done)
+    ar = [max(s[k][3] for s in stamps) - min(s[k][2] for s in stamps) for k in range(cfg.rounds)]
+    step = [max(s[k][3] for s in stamps) - min(s[k][0] for s in stamps) for k in range(cfg.rounds)]
+    mm = [max(s[k][1] for s in stamps) - min(s[k][0] for s in stamps) for k in range(cfg.rounds)]
+    err = results[0]["out"].astype(np.float64) - exact
+    return {
+        f"{prefix}_median_s": round(statistics.median(ar), 4),
+        f"{prefix}_all_s": [round(t, 4) for t in ar],
+        f"{prefix}_step_median_s": round(statistics.median(step), 4),
+        f"{prefix}_step_all_s": [round(t, 4) for t in step],
+        f"{prefix}_matchmaking_median_s": round(statistics.median(mm), 4),
+        f"{prefix}_max_abs_err": float(np.abs(err).max()),
+        f"{prefix}_rms_err": float(np.sqrt(np.mean(err * err))),
+        # Times hivemind logged that a peer got only part of the average (should be 0).
+        f"{prefix}_partial_results_logged": run["partial"],
+        f"{prefix}_bitwise_equal_across_peers": all(r["digests"] == results[0]["digests"] for r in results),
+        # Per peer: does each peer get the same bits in every round (peers may differ from each other)?
+        f"{prefix}_same_result_every_round": all(len(set(r["digests"])) == 1 for r in results),
+    }
+
+
+def _hivemind_phase(args: argparse.Namespace, cfg: BenchConfig, report: dict[str, Any]) -> None:
+    """--vs-hivemind: run the hivemind phase(s) after swarm and gloo, add its figures and ratios to `report`."""
+    if args.lab:
+        report["hivemind"] = "not run: the hivemind phase supports loopback only (no --lab)"
+        return
+    python = _hivemind_python(args.hivemind_python)
+    if python is None:
+        report["hivemind"] = ("not installed" + (f" ({args.hivemind_python} does not exist)" if args.hivemind_python
+                                                 else ": run scripts/setup_hivemind_venv.sh or pass --hivemind-python"))
+        return
+    info: dict[str, Any] = {"python": python, "warmup": cfg.warmup, "target_group_size": cfg.peers,
+                            "min_group_size": cfg.peers, "timing": "median_s: trigger -> result (all-reduce); "
+                            "step_median_s: first step() call -> last result (matchmaking + all-reduce)"}
+    report["hivemind"] = info
+    for compression in args.hivemind_compression.split(","):
+        prefix = "hivemind" if compression == "none" else f"hivemind_{compression}"
+        if compression not in ("none", "uniform8bit"):
+            report[f"{prefix}_error"] = f"unknown --hivemind-compression {compression!r} (none, uniform8bit)"
+            continue
+        report["background_cpu_busy_pct"].append(_cpu_busy_pct())
+        try:
+            run = _run_hivemind(cfg, python, compression)
+            info.setdefault("version", run["results"][0]["hivemind"])
+            info.setdefault("torch", run["results"][0]["torch"])
+            report.update(_summarise_hivemind(prefix, run, cfg))
+        except (RuntimeError, TimeoutError, OSError) as e:
+            report[f"{prefix}_error"] = str(e)
+            continue
+        med = report[f"{prefix}_median_s"]
+        if "gloo_median_s" in report:
+            report[f"{prefix}_ratio_vs_gloo"] = round(med / report["gloo_median_s"], 3)
+        if "swarm_median_s" in report:
+            report[f"ratio_{prefix}_over_swarm"] = round(med / report["swarm_median_s"], 3)
+
+
 def _cpu_busy_pct(window_s: float = 1.0) -> float:
     """How busy the machine's CPUs are (all processes, /proc/stat) over `window_s`: background load."""
     def sample() -> tuple[int, int]:
@@ -383,7 +575,14 @@ def main() -> int:
     ap.add_argument("--lab", type=float, default=0.0, metavar="RATE_MBIT",
                     help="run inside a WAN lab of --peers namespaces, egress shaped to RATE_MBIT")
     ap.add_argument("--profile-dir", default="", help="write a cProfile of swarm rank 0's timed rounds here")
-    ap.add_argument("--vs-hivemind", action="store_true")
+    ap.add_argument("--vs-hivemind", action="store_true",
+                    help="after swarm and gloo, run hivemind's DecentralizedAverager on the same tensors")
+    ap.add_argument("--hivemind-python", default="",
+                    help="interpreter of a venv with hivemind 1.1.12 (default: .hivemind-venv/bin/python, "
+                         "else /tmp/hmvenv/bin/python)")
+    ap.add_argument("--hivemind-compression", default="none",
+                    help="comma-separated, each a hivemind run: none (hivemind_* keys), uniform8bit "
+                         "(hivemind_uniform8bit_* keys)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: indented)")
     args = ap.parse_args()
     cfg = BenchConfig(peers=args.peers, numel=args.numel, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
@@ -430,16 +629,11 @@ def main() -> int:
                        ("link_utilization", "swarm_link_utilization_payload")):
         if key in report:
             report[alias] = report[key]
-    report["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     if "swarm_median_s" in report and "gloo_median_s" in report:
         report["ratio"] = round(report["swarm_median_s"] / report["gloo_median_s"], 3)
     if args.vs_hivemind:
-        try:
-            import hivemind  # noqa: F401
-
-            report["hivemind"] = "installed, but this script has no hivemind phase; see /work/shared/ANCHORS.md"
-        except ImportError:
-            report["hivemind"] = "not installed"
+        _hivemind_phase(args, cfg, report)
+    report["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(report) if args.json else json.dumps(report, indent=2))
     return 0 if not any(k.endswith("_error") for k in report) else 1
 
