@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,17 +68,22 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         [*SWARM, "local", "--peers", "3", "--rounds", "1000", "--work-s", "0.2", "--no-view", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    assert proc.stderr is not None
+    progress: list[str] = []
+    reader = threading.Thread(target=lambda: progress.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     try:
         deadline = time.monotonic() + 60
-        # Wait until the run is really going: coordinator + 3 peers alive.
-        children: list[psutil.Process] = []
-        while len(children) < 4 and time.monotonic() < deadline:
-            children = _descendants(proc.pid)
+        # Wait until the run is really going: all 3 peers joined (the progress line counts members),
+        # so every peer has its signal handlers and can leave cleanly.
+        while not any("3 members" in line for line in progress) and time.monotonic() < deadline:
             time.sleep(0.2)
-        time.sleep(1.5)
-        assert len(children) >= 4
+        children = _descendants(proc.pid)
+        assert len(children) >= 4, progress
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+        stderr = "".join(progress)
         assert proc.returncode == 130, stderr
         _, alive = psutil.wait_procs(children, timeout=10)
         assert not alive, f"left behind: {[p.pid for p in alive]}"

@@ -5,7 +5,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+
+
+def _terminate_early(signum: int, frame: object) -> None:
+    # Until a command installs its own handlers (after its imports), SIGTERM ends the process
+    # as an exception, so cleanup code runs and nothing prints a traceback.
+    raise SystemExit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, _terminate_early)
 
 from swarm.cli import coordinator_cmd, local_cmd, peer_cmd, status_cmd
 
