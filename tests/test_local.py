@@ -114,3 +114,27 @@ def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
         assert peer["rounds_committed"] == 3
         # far below raw fp32: 141x on contributions, 8-bit union of three selections on results
         assert peer["bytes_sent"] < 3 * fp32_bytes_per_round / 20
+
+
+@pytest.mark.slow
+def test_children_stop_when_swarm_local_is_sigkilled(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*SWARM, "local", "--peers", "2", "--rounds", "1000", "--work-s", "0.2", "--no-view",
+         "--out", str(tmp_path / "run")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(children) < 3 and time.monotonic() < deadline:
+            children = _descendants(proc.pid)
+            time.sleep(0.2)
+        assert len(children) >= 3
+        proc.kill()
+        proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"outlived swarm local: {[p.cmdline() for p in alive]}"
+    finally:
+        for p in children:
+            if p.is_running():
+                p.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import shutil
 import signal
@@ -89,11 +90,25 @@ def run(args: argparse.Namespace) -> int:
     return run_async(_local(args, kills))
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when `swarm local` dies, even by SIGKILL (Linux), so none outlives it.
+
+    Children run in their own sessions (Ctrl-C must reach only this process), so nothing else
+    would stop them; SIGTERM lets peers leave and the coordinator flush as usual.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 async def _spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
     with open(log_path, "wb") as log:  # noqa: ASYNC230 - opening a log file is instant
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "swarm.cli.main", *argv,
-            stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+            stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True, preexec_fn=_die_with_parent,
         )
 
 
@@ -147,7 +162,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
     interrupted = False
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
         loop.add_signal_handler(sig, stop_requested.set)
     client: CoordinatorClient | None = None
     final_status: dict = {}
