@@ -61,6 +61,7 @@ STARTED_REPLY_TTL_S = 1.0
 """How long one built STARTED reply is handed to further members of the same attempt."""
 
 R = TypeVar("R")
+V = TypeVar("V")
 
 
 def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
@@ -125,6 +126,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             budget = min(budget, remaining - _DEADLINE_MARGIN_S)
         return max(0.0, budget)
 
+    async def _hold(self, request: Any, context: grpc.aio.ServicerContext, view_of: Callable[[], V]) -> V:
+        """Re-read `view_of()` each time the request's round changes, until it stops saying
+        "waiting" or the wait budget (request.wait_s, capped, within the caller's deadline) is spent."""
+        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
+        while True:
+            view = view_of()
+            left = give_up - time.monotonic()
+            if view.outcome != "waiting" or left <= 0:
+                return view
+            await self.core.wait_round((request.stage, request.round), left)
+
     @_mapped
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         c = request.capabilities
@@ -165,16 +177,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     @_mapped
     async def Rendezvous(self, request: pb.RendezvousRequest, context: grpc.aio.ServicerContext) -> pb.RendezvousReply:
         self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round))
-        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
-        while True:
-            cached = self._cached_start(request)
-            if cached is not None:
-                return cached
-            view = views.rendezvous(self.core.state, self.core.clock(), request.peer_id, request.stage, request.round)
-            left = give_up - time.monotonic()
-            if view.outcome != "waiting" or left <= 0:
-                break
-            await self.core.wait_round((request.stage, request.round), left)
+        view = await self._hold(request, context, lambda: self._cached_start(request) or views.rendezvous(
+            self.core.state, self.core.clock(), request.peer_id, request.stage, request.round))
+        if isinstance(view, pb.RendezvousReply):
+            return view
         reply = pb.RendezvousReply(
             outcome=pb.RendezvousReply.Outcome.Value(view.outcome.upper()),
             attempt=self._attempt_pb(request.stage, request.round, view.attempt),
@@ -217,13 +223,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             request.reason,
         )
         self.core.handle(event)
-        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
-        while True:
-            view = views.report(self.core.state, self.core.clock(), request.stage, request.round, request.attempt)
-            left = give_up - time.monotonic()
-            if view.outcome != "waiting" or left <= 0:
-                break
-            await self.core.wait_round((request.stage, request.round), left)
+        view = await self._hold(request, context, lambda: views.report(
+            self.core.state, self.core.clock(), request.stage, request.round, request.attempt))
         return pb.ReportFailureReply(
             outcome=pb.ReportFailureReply.Outcome.Value(view.outcome.upper()),
             attempt=_attempt_to_pb(view.attempt),
@@ -244,22 +245,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             request.state_hash,
         )
         self.core.handle(event)
-        give_up = time.monotonic() + self._wait_budget_s(request.wait_s, context)
-        key = (request.stage, request.round)
-        while True:
-            view = views.commit(
-                self.core.state,
-                self.core.clock(),
-                request.peer_id,
-                request.stage,
-                request.round,
-                request.attempt,
-                request.state_hash,
-            )
-            left = give_up - time.monotonic()
-            if view.outcome != "waiting" or left <= 0:
-                break
-            await self.core.wait_round(key, left)
+        view = await self._hold(request, context, lambda: views.commit(
+            self.core.state, self.core.clock(), request.peer_id, request.stage, request.round, request.attempt,
+            request.state_hash))
         return pb.CommitRoundReply(
             outcome=pb.CommitRoundReply.Outcome.Value(view.outcome.upper()),
             donor=_member_to_pb(view.donor) if view.donor else None,
