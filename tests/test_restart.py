@@ -7,6 +7,7 @@ the SQLite store keeps members and rounds, and recovery renews every lease.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -63,12 +64,22 @@ async def test_sigkill_and_restart_is_transparent_to_peers(
     first = coordinator_proc(db=db, config_text=_config(3.0, 1.0))
     clients = _clients(make_client, first)
     await _join_all(clients)
+
+    async def heartbeat_until_killed() -> None:  # as a real peer does; the 3 s lease must not lapse before the kill
+        while first.proc.poll() is None:
+            await asyncio.gather(*(c.heartbeat(pb.Progress(step=1)) for c in clients))
+            await asyncio.sleep(0.5)
+
+    beating = asyncio.create_task(heartbeat_until_killed())
     await _round(clients, 0)
     commits = await asyncio.gather(*(c.commit(0, 0, 1, HASH_0, wait_s=5.0) for c in clients))
     assert [r.outcome for r in commits] == [pb.CommitRoundReply.OK] * 3
     started = await _round(clients, 1)
     attempt = started[0].attempt.number
 
+    beating.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await beating
     first.kill()
     # Peers keep calling while the coordinator is down: their calls must wait, not fail.
     heartbeats = [asyncio.create_task(c.heartbeat(pb.Progress(step=7, loss=1.5))) for c in clients]
