@@ -1,6 +1,11 @@
-"""The peer daemon: join a run, heartbeat, and take part in every round.
+"""The peer: join a run, heartbeat, and take part in its rounds.
 
-What a round computes is the peer's *task*:
+`Peer` is the network side of a peer, on one asyncio loop: it joins, keeps
+its lease, serves the data plane, and runs one round at a time with `sync`:
+rendezvous, fault-tolerant all-reduce, commit, and resync from a donor when
+the run went on without it. What a round's result does to the peer's state is
+the caller's `RoundState`, so the same protocol serves training (DiLoCo's
+global state, `swarm.diloco`) and the two test tasks here:
 
 - `control`: the control-plane protocol alone (barrier, attempts, commits,
   divergence) with a stand-in update: the SHA-256 of the previous state hash,
@@ -11,7 +16,7 @@ What a round computes is the peer's *task*:
   committed is the SHA-256 of the mean. Tests recompute the exact mean over
   each round's final members from the same contributions.
 
-Training tasks plug into `_compute` (issue 5).
+The `train` task (the built-in model) lives in `swarm.peers.train`.
 """
 
 from __future__ import annotations
@@ -23,25 +28,26 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from swarm.allreduce.driver import fault_tolerant_allreduce
 from swarm.allreduce.encoded import residual_after
-from swarm.compression import CodecConfig, ErrorFeedback, make_codec
+from swarm.compression import Codec, CodecConfig, ErrorFeedback, make_codec
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
-from swarm.transport.endpoint import Endpoint, TransportConfig
+from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
 
 log = logging.getLogger("swarm.peer")
 GENESIS_HASH = hashlib.sha256(b"swarm genesis").hexdigest()
 Rdv = pb.RendezvousReply.Outcome
 Cmt = pb.CommitRoundReply.Outcome
+T = TypeVar("T")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -51,25 +57,31 @@ class PeerConfig:
     client: ClientConfig
     """How to reach the coordinator (address, run id, this peer's id)."""
     address: str = "127.0.0.1:9"
-    """Data-plane address announced to other members (not served by the `control` task)."""
+    """Data-plane address announced when the peer serves no data plane (`control` task)."""
     stage: int = 0
     """Pipeline stage this peer serves."""
-    task: Literal["control", "average"] = "control"
+    device: str = "cpu"
+    """What this peer computes on, as told to the coordinator."""
+    task: Literal["control", "average", "train"] = "control"
     """What a round computes; see the module docstring."""
+    data_plane: bool = True
+    """Serve the data plane (all-reduce, state downloads); the `control` task does without."""
     numel: int = 1_000_000
     """Elements all-reduced per round by the `average` task."""
     transport: TransportConfig = field(default_factory=TransportConfig)
-    """The data plane's sockets, sizes and deadlines (`average` task)."""
+    """The data plane's sockets, sizes and deadlines."""
     faults: FaultInjector = NO_FAULTS
     """Fault-injection seam of the data plane (tests and the chaos script)."""
     allreduce_timeout_s: float = 60.0
     """Cap on one all-reduce attempt."""
+    state_timeout_s: float = 300.0
+    """Cap on one state download from a donor."""
     codec: CodecConfig = field(default_factory=CodecConfig)
-    """What the `average` task sends on the wire (error feedback kept by the peer when the codec asks)."""
+    """What the all-reduce sends on the wire (error feedback kept by the state's owner when the codec asks)."""
     rounds: int = 10
-    """Stop once rounds 0 .. rounds-1 of the run are over (0: run until stopped)."""
+    """`control`/`average`: stop once rounds 0 .. rounds-1 of the run are over (0: run until stopped)."""
     work_s: float = 0.2
-    """Simulated local work per round (the inner steps of training)."""
+    """`control`/`average`: simulated local work per round."""
     wait_s: float = 10.0
     """Longest one held Rendezvous/CommitRound call waits before asking again."""
 
@@ -98,97 +110,255 @@ class PeerReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     per_round: dict[int, dict] = field(default_factory=dict)
-    """`average` task: round -> {attempt, members, hash} of each committed result."""
+    """round -> {attempt, members, hash} of each committed result."""
+    extra: dict = field(default_factory=dict)
+    """Task-specific results (training: losses, steps, tokens)."""
 
 
-def contribution(peer_id: str, round_: int, numel: int) -> np.ndarray:
-    """The `average` task's deterministic contribution of `peer_id` to `round_`."""
-    seed = int.from_bytes(hashlib.sha256(f"{peer_id}/{round_}".encode()).digest()[:8], "little")
-    return np.random.default_rng(seed).standard_normal(numel, dtype=np.float32)
+class RoundState(Protocol):
+    """What a round's result does to a peer's state: the task's side of `Peer.sync`.
+
+    `propose` must not change the committed state: the commit may come back RETRY (another attempt,
+    another mean) or DIVERGED. `adopt` makes the last proposal the committed state. Snapshots given
+    to donors must stay valid after later adoptions (adopt replaces arrays, never writes into them).
+    """
+
+    @property
+    def digest(self) -> str:
+        """Hash of the committed state (what the coordinator compares)."""
+        ...
+
+    def propose(self, mean: np.ndarray | None, round_: int, attempt: pb.Attempt) -> str:
+        """Compute the state after this round from the all-reduced `mean`; returns its hash."""
+        ...
+
+    def adopt(self, round_: int) -> None:
+        """Make the last proposal the committed state of `round_`."""
+        ...
+
+    def snapshot(self) -> StateSnapshot | None:
+        """The committed state for a peer that resyncs (None: nothing to give)."""
+        ...
+
+    def restore(self, snapshot: StateSnapshot) -> str:
+        """Replace the committed state with a donor's; returns the hash of what was restored.
+
+        Raises:
+            ValueError: the snapshot does not fit this state (nothing is changed then).
+        """
+        ...
 
 
-def _update(state_hash: str, round_: int, attempt: pb.Attempt) -> str:
-    h = hashlib.sha256(state_hash.encode())
-    h.update(f"|{round_}|".encode())
-    h.update(",".join(m.peer_id for m in attempt.members).encode())
-    return h.hexdigest()
+SyncOutcome = Literal["committed", "resynced", "kept"]
+
+
+@dataclass(slots=True)
+class SyncResult:
+    """How one round ended for this peer."""
+
+    outcome: SyncOutcome
+    """committed: the state adopted the round's result; resynced: it was replaced by a donor's;
+    kept: the round went on without it or was abandoned, and the state is unchanged."""
+    round: int
+    members: int = 0
+    reason: str = ""
 
 
 class Peer:
-    """A running peer; `run()` returns its report when done or stopped."""
+    """The network side of one peer; `start`, then `sync` once per round, then `close`."""
 
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
         self.client = CoordinatorClient(config.client)
         self.report = PeerReport(peer_id=config.client.peer_id)
         self.stopping = asyncio.Event()
+        self.progress = pb.Progress()
+        """Sent with every heartbeat; the owner updates it."""
+        self.round = 0
+        """The round to rendezvous for next."""
         self._heartbeat_s = 1.0
+        self._heartbeats: asyncio.Task[None] | None = None
         self.endpoint: Endpoint | None = None
         self.address = config.address
-        self.codec = make_codec(config.codec)
-        self.feedback = ErrorFeedback() if self.codec.uses_error_feedback else None
+        self._state: RoundState | None = None
 
-    async def _join(self) -> int:
-        reply = await self.client.join(self.address, pb.Capabilities(device="cpu"), self.config.stage)
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, state: RoundState) -> None:
+        """Serve the data plane, join the run, and resync `state` if the run already committed rounds.
+
+        Raises:
+            CoordinatorCallError: the coordinator refused the join or could not be reached.
+        """
+        self._state = state
+        if self.config.data_plane:
+            self.endpoint = Endpoint(self.config.client.peer_id, self.config.client.run_id,
+                                     self.config.transport, self.config.faults)
+            self.endpoint.state_provider = state.snapshot
+            self.address = await self.endpoint.start()
+        await self._join()
+        self._heartbeats = asyncio.create_task(self._heartbeat_loop())
+
+    async def close(self, reason: str) -> PeerReport:
+        """Leave the run and stop serving; returns the report."""
+        self.report.stopped_by = self.report.stopped_by or reason
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+        with contextlib.suppress(CoordinatorCallError):
+            await self.client.leave(self.report.stopped_by)
+        await self.client.close()
+        if self.endpoint is not None:
+            self.report.bytes_sent = self.endpoint.bytes_sent
+            self.report.bytes_received = self.endpoint.bytes_received
+            await self.endpoint.close()
+        return self.report
+
+    async def _join(self) -> None:
+        caps = pb.Capabilities(device=self.config.device)
+        reply = await self.client.join(self.address, caps, self.config.stage)
         self._heartbeat_s = reply.heartbeat_interval_s
-        if reply.has_committed and reply.last_committed_hash != self.report.state_hash:
-            # Joining a run in progress: adopt the committed state (the donor download of issue 5).
-            self.report.state_hash = reply.last_committed_hash
-            self.report.resyncs += 1
-        return int(reply.next_round)
+        self.round = int(reply.next_round)
+        assert self._state is not None
+        if reply.has_committed and reply.last_committed_hash != self._state.digest:
+            # Joining a run in progress: take the committed state from the donor the coordinator named.
+            donor = reply.donor if reply.HasField("donor") else None
+            await self._resync(donor, int(reply.last_committed_round), reply.last_committed_hash, "joined a run in progress")
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_s)
-            progress = pb.Progress(step=self.report.rounds_committed, loss=0.0)
             try:
-                await self.client.heartbeat(progress)
+                await self.client.heartbeat(self.progress)
             except CoordinatorCallError as e:
                 log.warning("heartbeat failed: %s", e)
                 self.report.errors.append(str(e))
 
-    async def run(self) -> PeerReport:
-        heartbeats: asyncio.Task[None] | None = None
-        try:
-            if self.config.task == "average":
-                self.endpoint = Endpoint(self.config.client.peer_id, self.config.client.run_id,
-                                         self.config.transport, self.config.faults)
-                self.address = await self.endpoint.start()
-            round_ = await self._join()
-            heartbeats = asyncio.create_task(self._heartbeats())
-            while not self.stopping.is_set() and (self.config.rounds == 0 or round_ < self.config.rounds):
-                try:
-                    next_round = await self._unless_stopping(self._run_round(round_))
-                    if next_round is None:
-                        break  # stopped mid-round: nothing was applied, so abandoning it is safe
-                    round_ = next_round
-                except CoordinatorCallError as e:
-                    if e.code.name not in ("FAILED_PRECONDITION", "NOT_FOUND"):
-                        raise
-                    # Dropped (lease expired) or the round moved on: join again and resync.
-                    log.warning("%s; joining again", e)
-                    self.report.rejoins += 1
-                    round_ = await self._join()
-            self.report.stopped_by = self.report.stopped_by or "done"
-        except CoordinatorCallError as e:
-            self.report.stopped_by = "error"
-            self.report.errors.append(str(e))
-        finally:
-            if heartbeats is not None:
-                heartbeats.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeats
-            with contextlib.suppress(CoordinatorCallError):
-                await self.client.leave(self.report.stopped_by or "stopped")
-            await self.client.close()
-            if self.endpoint is not None:
-                self.report.bytes_sent = self.endpoint.bytes_sent
-                self.report.bytes_received = self.endpoint.bytes_received
-                await self.endpoint.close()
-        return self.report
+    # --------------------------------------------------------------- rounds
 
-    async def _unless_stopping(self, work: Coroutine[Any, Any, int]) -> int | None:
-        """Run `work` unless SIGINT/SIGTERM comes first; then cancel it and return None."""
+    async def sync(self, flat: np.ndarray | None, codec: Codec | None = None) -> SyncResult:
+        """Take part in the next round with `flat` (None: the control task's stand-in update).
+
+        Rejoins (and resyncs) when the coordinator forgot this peer (lease expired, restart).
+
+        Raises:
+            CoordinatorCallError: the coordinator refused a call for another reason or is unreachable.
+        """
+        try:
+            return await self._round(flat, codec)
+        except CoordinatorCallError as e:
+            if e.code.name not in ("FAILED_PRECONDITION", "NOT_FOUND"):
+                raise
+            log.warning("%s; joining again", e)
+            self.report.rejoins += 1
+            await self._join()
+            return SyncResult("kept", self.round, reason=f"joined again: {e}")
+
+    async def _round(self, flat: np.ndarray | None, codec: Codec | None) -> SyncResult:
+        stage, cfg, rep, state = self.config.stage, self.config, self.report, self._state
+        assert state is not None, "start() first"
+        round_ = self.round
+        reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
+        while reply.outcome == Rdv.WAITING:
+            reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
+        if reply.outcome == Rdv.MISSED:
+            rep.missed += 1
+            self.round = int(reply.next_round)
+            donor = reply.donor if reply.HasField("donor") else None
+            if self.endpoint is None:
+                return SyncResult("kept", round_, reason=reply.reason)
+            resynced = await self._resync(donor, -1, "", reply.reason)
+            return SyncResult("resynced" if resynced else "kept", round_, reason=reply.reason)
+        if reply.outcome == Rdv.ABORTED:
+            rep.aborted += 1
+            self.round = int(reply.next_round)
+            return SyncResult("kept", round_, reason=reply.reason)
+        attempt = reply.attempt
+        while True:
+            rep.attempts += 1
+            mean: np.ndarray | None = None
+            if flat is not None:
+                assert self.endpoint is not None, "the data plane is off"
+                result = await fault_tolerant_allreduce(
+                    self.endpoint, self.client, flat, stage, round_, attempt, cfg.allreduce_timeout_s, codec)
+                rep.failures_seen += result.failures
+                rep.attempts += len(result.failures)
+                if result.mean is None:
+                    rep.aborted += 1
+                    self.round = round_ + 1
+                    return SyncResult("kept", round_, reason=f"all-reduce {result.status}")
+                mean, attempt = result.mean, result.attempt
+            try:
+                digest = await asyncio.to_thread(state.propose, mean, round_, attempt)
+            finally:
+                if mean is not None and self.endpoint is not None:
+                    self.endpoint.close_inbox(round_, attempt.number)
+                    self.endpoint.release(mean)
+            out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
+            while out.outcome == Cmt.WAITING:
+                out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
+            if out.outcome == Cmt.RETRY:
+                rep.retries += 1
+                attempt = out.attempt
+                continue
+            rep.last_round = round_
+            self.round = round_ + 1
+            if out.outcome == Cmt.OK:
+                state.adopt(round_)
+                rep.state_hash = digest
+                rep.rounds_committed += 1
+                rep.per_round[round_] = {"attempt": attempt.number, "members": [m.peer_id for m in attempt.members],
+                                         "hash": digest}
+                return SyncResult("committed", round_, len(attempt.members), out.reason)
+            if out.outcome == Cmt.DIVERGED:
+                donor = out.donor if out.HasField("donor") else None
+                resynced = await self._resync(donor, round_, out.committed_hash, out.reason)
+                return SyncResult("resynced" if resynced else "kept", round_, reason=out.reason)
+            rep.aborted += 1
+            return SyncResult("kept", round_, reason=out.reason)
+
+    async def _resync(self, donor: pb.Member | None, round_: int, committed_hash: str, why: str) -> bool:
+        """Replace the state with the donor's committed one; False (state kept) when that is impossible.
+
+        Args:
+            round_, committed_hash: what the coordinator says was committed (round -1: not known);
+                a donor's state of that round must have that hash.
+        """
+        state, rep = self._state, self.report
+        assert state is not None
+        if self.endpoint is None:
+            # The control task's state is its hash alone: adopting the committed hash is the resync.
+            state.restore(StateSnapshot({"round": round_, "hash": committed_hash}, {}))
+            rep.state_hash, rep.resyncs = committed_hash, rep.resyncs + 1
+            return True
+        if donor is None or not donor.address:
+            log.warning("cannot resync (%s): no live donor holds the committed state; keeping local state", why)
+            rep.errors.append(f"resync impossible: no live donor ({why})")
+            return False
+        try:
+            snap = await self.endpoint.fetch_state(donor.peer_id, donor.address, self.config.state_timeout_s)
+            got_round, got_hash = int(snap.meta.get("round", -1)), str(snap.meta.get("hash", ""))
+            if round_ >= 0 and got_round == round_ and got_hash != committed_hash:
+                raise ValueError(f"donor {donor.peer_id} offers hash {got_hash[:12]} for round {round_}, "
+                                 f"the coordinator committed {committed_hash[:12]}")
+            if 0 <= got_round < round_:
+                raise ValueError(f"donor {donor.peer_id} holds round {got_round}, older than round {round_}")
+            digest = await asyncio.to_thread(state.restore, snap)
+        except (PeerFailure, ValueError) as e:
+            log.warning("resync from %s failed: %s; keeping local state", donor.peer_id, e)
+            rep.errors.append(f"resync from {donor.peer_id} failed: {e}")
+            return False
+        self.round = max(self.round, got_round + 1)
+        rep.state_hash, rep.resyncs = digest, rep.resyncs + 1
+        log.info("resynced round %d (hash %s) from %s: %s", got_round, digest[:12], donor.peer_id, why)
+        return True
+
+    async def unless_stopping(self, work: Awaitable[T]) -> T | None:
+        """Run `work` unless SIGINT/SIGTERM comes first; then cancel it and return None.
+
+        Abandoning a round is safe: nothing is adopted before its commit came back OK.
+        """
         task = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
@@ -202,82 +372,82 @@ class Peer:
             await task
         return None
 
-    async def _compute(self, round_: int, attempt: pb.Attempt) -> tuple[str, pb.Attempt] | None:
-        """This round's state hash and the attempt it belongs to; None when the round went on without us."""
-        if self.endpoint is None:
-            await asyncio.sleep(self.config.work_s)
-            return _update(self.report.state_hash, round_, attempt), attempt
-        await asyncio.sleep(self.config.work_s)
-        flat = contribution(self.config.client.peer_id, round_, self.config.numel)
-        acc = flat
-        if self.feedback is not None and self.feedback.residual is not None:
-            acc = flat + self.feedback.residual.numpy()  # error feedback: what earlier rounds did not send
-        result = await fault_tolerant_allreduce(
-            self.endpoint, self.client, acc, self.config.stage, round_, attempt, self.config.allreduce_timeout_s,
-            self.codec,
-        )
-        if self.feedback is not None and result.mean is not None:
-            # Kept only when this peer's contribution made it into the result; the residual is
-            # what the codec dropped of it. (Issue 5 applies it after the commit and saves it.)
-            self.feedback.residual = residual_after(self.codec, torch.from_numpy(acc))
-        self.report.failures_seen += result.failures
-        self.report.attempts += len(result.failures)
-        if result.mean is None:
-            return None
-        digest = hashlib.sha256(memoryview(result.mean).cast("B")).hexdigest()
-        self.endpoint.close_inbox(round_, result.attempt.number)
-        self.endpoint.release(result.mean)
-        self.report.per_round[round_] = {
-            "attempt": result.attempt.number,
-            "members": [m.peer_id for m in result.attempt.members],
-            "hash": digest,
-        }
-        return digest, result.attempt
 
-    async def _run_round(self, round_: int) -> int:
-        """Take part in `round_`; returns the round to go to next."""
-        stage, cfg, rep = self.config.stage, self.config, self.report
-        reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
-        while reply.outcome == Rdv.WAITING:
-            if self.stopping.is_set():
-                return round_
-            reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
-        if reply.outcome == Rdv.MISSED:
-            rep.missed += 1
-            return int(reply.next_round)
-        if reply.outcome == Rdv.ABORTED:
-            rep.aborted += 1
-            return int(reply.next_round)
-        attempt = reply.attempt
-        while True:
-            rep.attempts += 1
-            computed = await self._compute(round_, attempt)
-            if computed is None:
-                rep.aborted += 1
-                return round_ + 1
-            digest, attempt = computed
-            out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
-            while out.outcome == Cmt.WAITING:
-                out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
-            if out.outcome == Cmt.RETRY:
-                rep.retries += 1
-                attempt = out.attempt
-                continue
-            rep.last_round = round_
-            if out.outcome == Cmt.OK:
-                rep.state_hash = digest
-                rep.rounds_committed += 1
-            elif out.outcome == Cmt.DIVERGED:
-                rep.state_hash = out.committed_hash
-                rep.resyncs += 1
-            else:
-                rep.aborted += 1
-            return round_ + 1
+# ------------------------------------------------------------- test tasks
 
 
-async def run_peer(config: PeerConfig) -> PeerReport:
-    """Run a peer until it finishes its rounds or gets SIGINT/SIGTERM (then it leaves cleanly)."""
-    peer = Peer(config)
+def contribution(peer_id: str, round_: int, numel: int) -> np.ndarray:
+    """The `average` task's deterministic contribution of `peer_id` to `round_`."""
+    seed = int.from_bytes(hashlib.sha256(f"{peer_id}/{round_}".encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(numel, dtype=np.float32)
+
+
+class HashState:
+    """The state of the `control` and `average` tasks: a hash chain of the rounds' results."""
+
+    def __init__(self) -> None:
+        self._digest = GENESIS_HASH
+        self._round = -1
+        self._proposal = ""
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    def propose(self, mean: np.ndarray | None, round_: int, attempt: pb.Attempt) -> str:
+        if mean is None:
+            h = hashlib.sha256(self._digest.encode())
+            h.update(f"|{round_}|".encode())
+            h.update(",".join(m.peer_id for m in attempt.members).encode())
+        else:
+            h = hashlib.sha256(memoryview(mean).cast("B"))
+        self._proposal = h.hexdigest()
+        return self._proposal
+
+    def adopt(self, round_: int) -> None:
+        self._digest, self._round = self._proposal, round_
+
+    def snapshot(self) -> StateSnapshot | None:
+        return StateSnapshot({"round": self._round, "hash": self._digest}, {}) if self._round >= 0 else None
+
+    def restore(self, snapshot: StateSnapshot) -> str:
+        digest = snapshot.meta.get("hash")
+        if not isinstance(digest, str) or not digest:
+            raise ValueError("a hash-chain state needs a non-empty 'hash'")
+        self._digest, self._round = digest, int(snapshot.meta.get("round", -1))
+        return digest
+
+
+async def run_test_task(peer: Peer) -> PeerReport:
+    """Run the `control` or `average` task until its rounds are over or the peer is stopped."""
+    cfg = peer.config
+    state = HashState()
+    codec = make_codec(cfg.codec)
+    feedback = ErrorFeedback() if codec.uses_error_feedback else None
+    try:
+        await peer.start(state)
+        while not peer.stopping.is_set() and (cfg.rounds == 0 or peer.round < cfg.rounds):
+            await peer.unless_stopping(asyncio.sleep(cfg.work_s))
+            acc = None
+            if cfg.task == "average":
+                acc = contribution(cfg.client.peer_id, peer.round, cfg.numel)
+                if feedback is not None and feedback.residual is not None:
+                    acc = acc + feedback.residual.numpy()  # error feedback: what earlier rounds did not send
+            result = await peer.unless_stopping(peer.sync(acc, codec))
+            if result is None:
+                break  # stopped mid-round: nothing was adopted, so abandoning it is safe
+            if feedback is not None and acc is not None and result.outcome == "committed":
+                # The residual moves on only once the round committed with this contribution in it.
+                feedback.residual = residual_after(codec, torch.from_numpy(acc))
+        reason = "done"
+    except CoordinatorCallError as e:
+        peer.report.errors.append(str(e))
+        reason = "error"
+    return await peer.close(reason)
+
+
+def install_stop_handlers(peer: Peer) -> None:
+    """SIGINT/SIGTERM stop the peer: it abandons the round in flight and leaves the run."""
     loop = asyncio.get_running_loop()
 
     def stop(signame: str) -> None:
@@ -286,7 +456,15 @@ async def run_peer(config: PeerConfig) -> PeerReport:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig.name)
-    return await peer.run()
+
+
+async def run_peer(config: PeerConfig) -> PeerReport:
+    """Run a `control`/`average` peer until its rounds are over or SIGINT/SIGTERM (then it leaves cleanly)."""
+    if config.task == "control":
+        config.data_plane = False
+    peer = Peer(config)
+    install_stop_handlers(peer)
+    return await run_test_task(peer)
 
 
 def print_report(report: PeerReport) -> None:

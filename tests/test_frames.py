@@ -67,6 +67,11 @@ def headers(draw: st.DrawFn) -> Header:
         numel = draw(st.integers(0, part_start + part_len - offset))
         return Header(**common, total=total, part_start=part_start, part_len=part_len, offset=offset, numel=numel,
                       nbytes=numel * DTYPES[dtype])
+    if kind == "state":
+        total = draw(st.integers(0, BIG))
+        offset = draw(st.integers(0, total))
+        numel = draw(st.integers(0, total - offset))
+        return Header(**{**common, "dtype": "uint8"}, offset=offset, numel=numel, total=total, nbytes=numel)
     return Header(**common, codec=draw(_names), offset=draw(_u64), numel=draw(_u64), total=draw(_u64),
                   part_start=draw(_u64), part_len=draw(_u64), nbytes=draw(st.integers(0, BIG)))
 
@@ -114,6 +119,8 @@ def _assert_valid(h: Header, max_payload_bytes: int) -> None:
         if h.codec == "none":
             assert h.nbytes == h.numel * DTYPES[h.dtype]
         assert h.part_start <= h.offset <= h.offset + h.numel <= h.part_start + h.part_len <= h.total
+    if h.kind == "state":
+        assert h.dtype == "uint8" and h.nbytes == h.numel and h.offset + h.numel <= h.total
 
 
 # ------------------------------------------------------------------ round trips
@@ -251,6 +258,8 @@ def test_bad_header_is_rejected(body: bytes, word: str) -> None:
 def test_payload_limit_applies_to_every_kind() -> None:
     for kind in sorted(KINDS):
         h = replace(_GOOD, kind=kind, numel=_LIMIT // 4, part_len=_LIMIT, total=_LIMIT, part_start=0, offset=0)
+        if kind == "state":
+            h = replace(h, dtype="uint8", numel=_LIMIT)
         body = encode_header(replace(h, nbytes=_LIMIT))[PREFIX.size :]
         assert decode_header(body, _LIMIT).nbytes == _LIMIT  # exactly at the limit is fine
         with pytest.raises(FrameError, match="limit"):
@@ -411,3 +420,11 @@ def test_exit_rule_kills_the_process_without_cleanup() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == -9, proc.stderr
     assert proc.stdout == "miss None\n"
+
+
+def test_state_frames_stay_inside_their_declared_total() -> None:
+    good = Header(kind="state", dtype="uint8", part=1, offset=10, numel=5, total=15, nbytes=5)
+    assert decode_header(encode_header(good)[PREFIX.size :], 100) == good
+    for bad in (replace(good, total=14), replace(good, dtype="float32"), replace(good, nbytes=4)):
+        with pytest.raises(FrameError, match="state frame"):
+            decode_header(encode_header(bad)[PREFIX.size :], 100)

@@ -160,6 +160,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             last_committed_round=last.number if last else 0,
             last_committed_hash=last.committed_hash if last else "",
             reason=decision.reason,
+            donor=_member_to_pb(donor) if (donor := views.donor_for(state, request.stage, request.peer_id)) else None,
         )
 
     @_mapped
@@ -186,6 +187,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             attempt=self._attempt_pb(request.stage, request.round, view.attempt),
             next_round=view.next_round,
             reason=view.reason,
+            donor=_member_to_pb(view.donor) if view.donor else None,
         )
         if view.attempt is not None and view.outcome == "started":
             if len(self._started) > 64:

@@ -27,6 +27,8 @@ class RendezvousView:
     attempt: AttemptView | None
     next_round: int
     reason: str
+    donor: Member | None = None
+    """missed: a live member holding the last committed state, to resync from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +71,25 @@ def _live_donor(state: RunState, rnd: Round) -> Member | None:
     return next((state.members[p] for p in holders if p in state.members), None)
 
 
+def donor_for(state: RunState, stage: int, peer_id: str) -> Member | None:
+    """A live member other than `peer_id` that holds the last committed state of `stage`, if any."""
+    last = state.last_committed(stage)
+    if last is None:
+        return None
+    donor = _live_donor(state, last)
+    if donor is not None and donor.peer_id != peer_id:
+        return donor
+    holders = [p for p, d in last.commits if d == last.committed_hash and p != peer_id and p in state.members]
+    return state.members[holders[0]] if holders else None
+
+
 def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: int) -> RendezvousView:
     """What a peer that arrived for round `number` should do now."""
     rnd = state.rounds.get((stage, number))
     nxt = next_round(state, stage)
     if rnd is None:
-        return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} is over; resync, then join {nxt}")
+        return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} is over; resync, then join {nxt}",
+                              donor_for(state, stage, peer_id))
     if rnd.phase == "gathering":
         waiting_for = "the previous round to finish" if rnd.barrier_deadline is None else (
             f"{max(0.0, rnd.barrier_deadline - now):.1f}s more at most")
@@ -84,7 +99,8 @@ def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: in
     if rnd.phase == "aborted" and peer_id in rnd.arrived:
         return RendezvousView("aborted", None, nxt, _last(rnd))
     return RendezvousView(
-        "missed", None, nxt, f"missed round {number} of stage {stage} (it started without you); resync, then join {nxt}"
+        "missed", None, nxt, f"missed round {number} of stage {stage} (it started without you); resync, then join {nxt}",
+        donor_for(state, stage, peer_id),
     )
 
 

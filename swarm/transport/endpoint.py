@@ -20,7 +20,9 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
+import msgpack
 import numpy as np
 
 from swarm.transport.faults import NO_FAULTS, FaultInjector
@@ -30,6 +32,19 @@ log = logging.getLogger("swarm.transport")
 _SCRATCH_BYTES = 1 << 20
 _POOL_PER_SIZE = 8
 """Free buffers kept per (size, dtype): enough for the contributions of a few attempts."""
+
+
+_MAX_STATE_META_BYTES = 1 << 20
+
+
+@dataclass(slots=True)
+class StateSnapshot:
+    """A donor's committed state as it travels: a small description and named flat arrays."""
+
+    meta: dict[str, Any]
+    """msgpack-able facts about the state (its round and hash, say)."""
+    arrays: dict[str, np.ndarray]
+    """name -> array (any shape; sent as its bytes in C order)."""
 
 
 class PeerFailure(Exception):
@@ -63,6 +78,8 @@ class TransportConfig:
     """Give up connecting to a peer after this long."""
     io_timeout_s: float = 30.0
     """A frame (send or receive) that makes no progress for this long fails its peer."""
+    max_state_bytes: int = 64 << 30
+    """Largest state accepted from a donor."""
 
     def __post_init__(self) -> None:
         if self.connections_per_peer < 1 or self.chunk_bytes < 1024:
@@ -155,6 +172,8 @@ class Endpoint:
         self._accept_task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.state_provider: Callable[[], StateSnapshot | None] | None = None
+        """What this peer serves to a peer that asks for its state (None: nothing to give)."""
 
     # ------------------------------------------------------------- lifecycle
 
@@ -347,13 +366,17 @@ class Endpoint:
             if hello.run != self.run_id:
                 raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
             sender = hello.sender
-            while True:
-                h = await self._read_header(conn)
-                if h is None:
-                    return
+            first = await self._read_header(conn)
+            if first is not None and first.kind == "state_req":
+                sender = ""  # a state download is not a member of any attempt: its end fails nothing
+                await self._serve_state(conn, hello.sender)
+                return
+            h = first
+            while h is not None:
                 if h.sender != sender:
                     raise FrameError(f"frame claims sender {h.sender!r} on {sender!r}'s connection")
                 await self._read_payload(conn, h, scratch)
+                h = await self._read_header(conn)
         except (FrameError, ConnectionError, OSError, TimeoutError) as e:
             why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             log.warning("data plane: dropping connection from %s: %s", sender or "unknown peer", why)
@@ -468,3 +491,106 @@ class Endpoint:
                 raise PeerFailure(peer, f"send failed: {e or 'stalled'}") from None
         self.bytes_sent += len(payload)
 
+
+    # ------------------------------------------------------ state transfer
+
+    async def _serve_state(self, conn: socket.socket, asker: str) -> None:
+        """Answer a `state_req` on its own connection: the description, then the bytes in chunks."""
+        loop = asyncio.get_running_loop()
+        snapshot = self.state_provider() if self.state_provider is not None else None
+        if snapshot is None:
+            meta: dict[str, Any] = {"error": f"{self.peer_id} holds no committed state to give"}
+            views: list[memoryview] = []
+        else:
+            views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in snapshot.arrays.values()]
+            meta = dict(snapshot.meta, arrays=[[name, str(a.dtype), list(a.shape)] for name, a in snapshot.arrays.items()])
+        body = msgpack.packb(meta, use_bin_type=True)
+        total = sum(len(v) for v in views)
+        log.info("data plane: sending state (%d bytes) to %s", total, asker)
+        frames = [(Header(kind="state", part=0, numel=len(body), total=len(body), dtype="uint8"), memoryview(body))]
+        offset = 0
+        for view in views:
+            for start in range(0, len(view), self.config.chunk_bytes):
+                chunk = view[start : start + self.config.chunk_bytes]
+                frames.append((Header(kind="state", part=1, offset=offset, numel=len(chunk), total=total,
+                                      dtype="uint8"), chunk))
+                offset += len(chunk)
+        for header, payload in frames:
+            header = replace(header, run=self.run_id, sender=self.peer_id, nbytes=len(payload), checksum=checksum(payload))
+            async with asyncio.timeout(self.config.io_timeout_s):
+                await loop.sock_sendall(conn, encode_header(header))
+                await loop.sock_sendall(conn, payload)
+            self.bytes_sent += len(payload)
+
+    async def fetch_state(self, peer: str, address: str, timeout_s: float) -> StateSnapshot:
+        """Download `peer`'s committed state over a connection of its own.
+
+        Args:
+            timeout_s: cap on the whole download (each frame is also bounded by io_timeout_s).
+        Returns:
+            The donor's description (without the array list) and its arrays.
+        Raises:
+            PeerFailure: the donor is unreachable, stalls, has no state, or sends a malformed or corrupted state.
+        """
+        sock = await self._dial(peer, address)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.get_running_loop().sock_sendall(
+                    sock, encode_header(Header(kind="state_req", run=self.run_id, sender=self.peer_id)))
+                head = await self._read_state_frame(sock, peer, _MAX_STATE_META_BYTES)
+                if head.part != 0:
+                    raise FrameError("a state download must start with its description")
+                meta = msgpack.unpackb(bytes(head.payload), raw=False)
+                if not isinstance(meta, dict):
+                    raise FrameError("state description is not a map")
+                if "error" in meta:
+                    raise PeerFailure(peer, f"no state to give: {meta['error']}")
+                specs = meta.pop("arrays")
+                arrays = {name: np.empty(shape, dtype=np.dtype(dtype)) for name, dtype, shape in specs}
+                total = sum(a.nbytes for a in arrays.values())
+                if total > self.config.max_state_bytes:
+                    raise FrameError(f"state of {total} bytes exceeds max_state_bytes={self.config.max_state_bytes}")
+                flat = np.empty(total, dtype=np.uint8)
+                got = 0
+                while got < total:
+                    frame = await self._read_state_frame(sock, peer, self.config.max_frame_bytes, into=flat)
+                    if frame.part != 1 or frame.offset != got or frame.total != total:
+                        raise FrameError("state chunks out of order or of another size")
+                    got += frame.numel
+                offset = 0
+                for a in arrays.values():
+                    a.reshape(-1).view(np.uint8)[:] = flat[offset : offset + a.nbytes]
+                    offset += a.nbytes
+                return StateSnapshot(meta, arrays)
+        except (FrameError, ConnectionError, OSError, TimeoutError, ValueError, TypeError, KeyError) as e:
+            why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+            raise PeerFailure(peer, f"state download failed: {why}") from None
+        finally:
+            sock.close()
+
+    async def _read_state_frame(self, sock: socket.socket, peer: str, limit: int,
+                                into: np.ndarray | None = None) -> _StateFrame:
+        h = await self._read_header(sock)
+        if h is None:
+            raise ConnectionError(f"{peer} closed the connection during a state download")
+        if h.kind != "state" or h.sender != peer or h.nbytes > limit:
+            raise FrameError(f"unexpected {h.kind} frame from {h.sender} during a state download")
+        if into is None:
+            payload = memoryview(bytearray(h.nbytes))
+        else:
+            if h.offset + h.nbytes > into.size:
+                raise FrameError("state chunk lies outside the declared state")
+            payload = memoryview(into[h.offset : h.offset + h.nbytes]).cast("B")
+        await self._recv_exactly(sock, payload)
+        if checksum(payload) != h.checksum:
+            raise FrameError("checksum mismatch in a state frame (corrupted in transit)")
+        return _StateFrame(h.part, h.offset, h.nbytes, h.total, payload)
+
+
+@dataclass(slots=True)
+class _StateFrame:
+    part: int
+    offset: int
+    numel: int
+    total: int
+    payload: memoryview

@@ -27,8 +27,11 @@ PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 64 * 1024
 DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1, "float64": 8, "int32": 4}
 
-Kind = Literal["hello", "contrib", "result", "abort"]
-KINDS: frozenset[str] = frozenset({"hello", "contrib", "result", "abort"})
+Kind = Literal["hello", "contrib", "result", "abort", "state_req", "state"]
+KINDS: frozenset[str] = frozenset({"hello", "contrib", "result", "abort", "state_req", "state"})
+"""`state_req` asks a donor for its committed state on a connection of its own; the donor answers on
+that connection with `state` frames: part 0 carries the msgpack description, then parts 1.. carry
+the state's bytes in chunks (`offset`/`numel` a byte range of `total` bytes)."""
 
 
 class FrameError(Exception):
@@ -142,4 +145,8 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
                 raise FrameError("an encoded frame must carry uint8 bytes with shape (payload length,)")
             if header.shape[0] > 8 * header.part_len + 4096 or header.offset + header.numel > header.shape[0]:
                 raise FrameError("chunk lies outside its encoded part, or the encoded part is implausibly large")
+    if header.kind == "state" and (
+        header.dtype != "uint8" or header.numel != header.nbytes or header.offset + header.numel > header.total
+    ):
+        raise FrameError("a state frame must carry uint8 bytes inside its declared total")
     return header

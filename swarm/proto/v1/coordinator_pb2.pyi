@@ -70,7 +70,7 @@ class JoinRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason")
+    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor")
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class JoinReply(_message.Message):
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMITTED_HASH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DONOR_FIELD_NUMBER: _ClassVar[int]
     lease_s: float
     heartbeat_interval_s: float
     next_round: int
@@ -85,7 +86,8 @@ class JoinReply(_message.Message):
     last_committed_round: int
     last_committed_hash: str
     reason: str
-    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    donor: Member
+    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "progress")
@@ -140,7 +142,7 @@ class RendezvousRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
-    __slots__ = ("outcome", "attempt", "next_round", "reason")
+    __slots__ = ("outcome", "attempt", "next_round", "reason", "donor")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[RendezvousReply.Outcome]
@@ -157,11 +159,13 @@ class RendezvousReply(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DONOR_FIELD_NUMBER: _ClassVar[int]
     outcome: RendezvousReply.Outcome
     attempt: Attempt
     next_round: int
     reason: str
-    def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    donor: Member
+    def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "suspect", "reason", "wait_s")
