@@ -8,8 +8,10 @@ import socket
 import sys
 
 from swarm.compression import CodecConfig
-from swarm.coordinator.client import ClientConfig
+from swarm.coordinator.client import ClientConfig, CoordinatorCallError
+from swarm.diloco import OuterConfig
 from swarm.peers.daemon import PeerConfig, print_report, run_peer
+from swarm.task import DataConfig
 from swarm.transport.endpoint import TransportConfig
 from swarm.transport.faults import FaultInjector
 from swarm.utils import run_async
@@ -22,16 +24,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Join a run through its coordinator, heartbeat, and take part in every round until the run's first --rounds "
             "rounds are over or SIGINT/SIGTERM (then it leaves the run cleanly). Prints its report as one "
-            "JSON line at the end. Task `control` runs the full control-plane protocol with a stand-in "
-            "update; training tasks arrive with the data plane."
+            "JSON line at the end. Task `train` trains the built-in byte-level model (or your --data) with "
+            "DiLoCo; `control` and `average` exercise the protocol and the all-reduce with stand-in updates."
         ),
     )
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="coordinator address")
     p.add_argument("--run-id", default="default", help="run to join (default: %(default)s)")
     p.add_argument("--peer-id", default=None, help="unique id in the run (default: HOSTNAME-PID)")
     p.add_argument("--stage", type=int, default=0, help="pipeline stage served (default: %(default)s)")
-    p.add_argument("--task", choices=["control", "average"], default="control",
-                   help="control: control plane only; average: all-reduce a deterministic tensor over the data plane")
+    p.add_argument("--task", choices=["train", "control", "average"], default="train",
+                   help="train: DiLoCo on the built-in model (default); control: control plane only; average: "
+                        "all-reduce a deterministic tensor over the data plane")
+    t = p.add_argument_group("training (--task train; the same on every peer of a run, except the shard)")
+    t.add_argument("--model", default="tiny", help="model size: tiny, small or 124m (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=200, help="global inner steps of the run (default: %(default)s)")
+    t.add_argument("--inner-steps", type=int, default=20, metavar="H", help="inner steps between syncs (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
+    t.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD lr (default: %(default)s)")
+    t.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="initial weights' seed, the same on every peer (default: %(default)s)")
+    t.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                   help="text files or folders to train on (default: this Python's standard library source)")
+    t.add_argument("--batch-size", type=int, default=8, help="windows per inner step (default: %(default)s)")
+    t.add_argument("--seq-len", type=int, default=128, help="bytes of context per window (default: %(default)s)")
+    t.add_argument("--shard", default="0/1", metavar="I/N", help="train on shard I of N of the corpus (default: %(default)s)")
+    t.add_argument("--device", default="cpu", help="where inner steps run: cpu, cuda, cuda:1 (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
     p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
                    help="what the all-reduce sends: fp32, casts, blockwise int8, or top-k (default: %(default)s)")
@@ -52,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     peer_id = args.peer_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
         config = PeerConfig(
+            device=getattr(args, "device", "cpu"),
+            data_plane=args.task != "control",
             client=ClientConfig(target=args.coordinator, run_id=args.run_id, peer_id=peer_id,
                                 retry_for_s=args.retry_for_s),
             stage=args.stage,
@@ -68,9 +88,39 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 2
+    if args.task == "train":
+        return _train(args, config)
     report = run_async(run_peer(config))
     print_report(report)
     if report.stopped_by == "error":
         print(f"swarm peer: stopped on error: {report.errors[-1]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
+    from swarm.peers.train import TrainConfig, train  # torch-heavy: only for this task
+
+    try:
+        index, sep, count = args.shard.partition("/")
+        if not sep or not index.isdigit() or not count.isdigit():
+            raise ValueError(f"--shard {args.shard!r} must be I/N, e.g. 0/4")
+        config = TrainConfig(
+            model=args.model, seed=args.seed, steps=args.steps, sync_every=args.inner_steps, lr=args.lr,
+            data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
+            shard_index=int(index), shard_count=int(count),
+            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=args.device,
+        )
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        report = train(config, peer)
+    except ValueError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 2
+    except CoordinatorCallError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 1
+    print_report(report)
     return 0

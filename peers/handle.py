@@ -1,0 +1,92 @@
+"""A blocking handle on a peer for synchronous training code.
+
+The peer's network side (`Peer`: heartbeats, the data plane, rounds) runs on
+one asyncio loop in one worker thread; the training loop stays synchronous in
+the caller's thread and calls `start`, `sync` and `close`, each of which
+waits for the loop with a deadline-free but interruptible wait: Ctrl-C or
+SIGTERM in the training thread stops the peer (the round in flight is
+abandoned, nothing half-applied) and leaves the run before the exception
+goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import numpy as np
+from swarm.peers.daemon import Peer, PeerConfig, PeerReport, RoundState, SyncResult
+
+from swarm.compression import Codec
+from swarm.proto.v1 import coordinator_pb2 as pb
+
+T = TypeVar("T")
+_POLL_S = 0.2
+"""How often a waiting training thread wakes to let Python run its signal handlers."""
+
+
+class SwarmPeer:
+    """A peer of a swarm run for use with `swarm.DiLoCo(..., peer=SwarmPeer(config))`.
+
+    Args:
+        config: the peer's settings (coordinator address, run id, peer id, data plane).
+    """
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-peer", daemon=True)
+        self._thread.start()
+        self.peer: Peer = self._call(self._make_peer())
+        self.report: PeerReport | None = None
+
+    async def _make_peer(self) -> Peer:
+        return Peer(self.config)  # built on the loop: its asyncio objects belong there
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            while True:
+                try:
+                    return fut.result(timeout=_POLL_S)
+                except concurrent.futures.TimeoutError:
+                    continue
+        except BaseException:
+            # Ctrl-C/SIGTERM (or an error) in the training thread: stop the work on the loop too.
+            fut.cancel()
+            raise
+
+    @property
+    def round(self) -> int:
+        """The round this peer rendezvouses for next."""
+        return self.peer.round
+
+    def start(self, state: RoundState) -> None:
+        """Serve the data plane, join, and resync `state` when the run already committed rounds.
+
+        Raises:
+            CoordinatorCallError: the join was refused or the coordinator is unreachable.
+        """
+        self._call(self.peer.start(state))
+
+    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
+        """One round with `flat` as this peer's contribution (see `Peer.sync`)."""
+        return self._call(self.peer.sync(flat, codec))
+
+    def set_progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        """What the next heartbeats report (shown by `swarm status` and `swarm local`)."""
+        progress = pb.Progress(step=step, loss=loss, tokens_per_s=tokens_per_s)
+        self._loop.call_soon_threadsafe(setattr, self.peer, "progress", progress)
+
+    def close(self, reason: str = "done") -> None:
+        """Leave the run, stop the loop and its thread; idempotent."""
+        if self.report is not None:
+            return
+        try:
+            self.report = self._call(self.peer.close(reason))
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)

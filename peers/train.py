@@ -1,0 +1,143 @@
+"""The `train` task: the built-in byte-level model trained with DiLoCo across the swarm.
+
+A synchronous training loop in the main thread (STYLE 9), the peer's network
+side in one worker thread (`SwarmPeer`), joined by `swarm.DiLoCo`: exactly
+the one-line change a user makes to their own loop. The run stops when
+θ_global reaches `steps` global inner steps (rounds × sync_every), so every
+peer, a late joiner too, stops at the same round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from swarm.peers.daemon import PeerConfig, PeerReport, SyncResult
+from swarm.peers.handle import SwarmPeer
+
+from swarm.compression import CodecConfig
+from swarm.diloco import DiLoCo, OuterConfig
+from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
+
+log = logging.getLogger("swarm.train")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The built-in task's training settings (the same on every peer of a run, except the shard)."""
+
+    model: str = "tiny"
+    """Model size: tiny, small or 124m (`swarm.task.SIZES`)."""
+    seed: int = 0
+    """Initial weights' seed; every peer of a run must use the same one."""
+    steps: int = 200
+    """Global inner steps of the run (rounds × sync_every); each peer stops there."""
+    sync_every: int = 20
+    """H: inner steps between syncs."""
+    lr: float = 3e-3
+    """Peak inner AdamW learning rate."""
+    warmup_steps: int = 20
+    """Linear warmup of the inner lr, then cosine decay to 10 % at `steps`."""
+    weight_decay: float = 0.1
+    """Inner AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this (0: off)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and batches."""
+    shard_index: int = 0
+    """Which shard of the train set this peer trains on."""
+    shard_count: int = 1
+    """How many shards the train set is cut into (usually the number of peers)."""
+    eval_batches: int = 8
+    """Eval windows' batches scored after every sync."""
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    """The outer optimizer."""
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """What pseudo-gradients are sent as."""
+    device: str = "cpu"
+    """Where the inner steps run (cpu, cuda, cuda:1, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.sync_every < 1 or self.steps < self.sync_every:
+            raise ValueError(f"train.steps ({self.steps}) must be >= train.sync_every ({self.sync_every}) >= 1")
+        if not 0 <= self.shard_index < self.shard_count:
+            raise ValueError(f"train.shard_index must be in [0, {self.shard_count}), got {self.shard_index}")
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError("train.lr must be > 0 and train.warmup_steps >= 0")
+
+
+def inner_lr(config: TrainConfig, step: int) -> float:
+    """Warmup then cosine to 10 % of the peak, by global step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
+    """Train until θ_global reaches `config.steps` global steps, or Ctrl-C/SIGTERM; returns the report.
+
+    Raises:
+        ValueError: bad settings or data (the message names the option).
+        CoordinatorCallError: the coordinator refused the join or is unreachable.
+    """
+    device = torch.device(config.device)
+    model = build_model(config.model, seed=config.seed).to(device)
+    inner = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    corpus = Corpus.load(config.data)
+    batches = Batches(corpus.shard(config.shard_index, config.shard_count), seq_len=config.data.seq_len,
+                      batch_size=config.data.batch_size, seed=config.data.seed, peer=config.shard_index)
+    H = config.sync_every
+    evals: list[dict] = []
+    handle = SwarmPeer(peer_config)
+    tokens = 0
+    started = time.perf_counter()
+    last_loss = float("nan")
+
+    def global_step() -> int:
+        return (dl.state.round + 1) * H + dl.local_step
+
+    def on_sync(result: SyncResult) -> None:
+        loss = evaluate(model, corpus.eval, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                        batches=config.eval_batches, device=device)
+        ep = handle.peer.endpoint
+        evals.append({"round": dl.state.round, "step": (dl.state.round + 1) * H, "eval_loss": round(loss, 5),
+                      "outcome": result.outcome, "members": result.members, "train_loss": round(last_loss, 5),
+                      "bytes_sent": ep.bytes_sent if ep else 0, "bytes_received": ep.bytes_received if ep else 0,
+                      "time_s": round(time.perf_counter() - started, 3)})
+        log.info("round %d %s: eval loss %.4f", dl.state.round, result.outcome, loss)
+
+    stopped_by = "done"
+    dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec, on_sync=on_sync)
+    try:
+        with dl:
+            while global_step() < config.steps:
+                for group in inner.param_groups:
+                    group["lr"] = inner_lr(config, global_step())
+                batch = next(batches).to(device, non_blocking=True)
+                loss = model.loss(batch)
+                loss.backward()
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                last_loss = float(loss.detach())
+                tokens += batch.shape[0] * (batch.shape[1] - 1)
+                handle.set_progress(global_step() + 1, last_loss, tokens / (time.perf_counter() - started))
+                inner.step()  # the DiLoCo hook syncs here every H steps
+                inner.zero_grad(set_to_none=True)
+    except KeyboardInterrupt:
+        stopped_by = "SIGINT"
+    except SystemExit:
+        stopped_by = "SIGTERM"
+    report = handle.report or PeerReport(peer_id=peer_config.client.peer_id)
+    if report.stopped_by in ("", "done", "KeyboardInterrupt", "SystemExit"):
+        report.stopped_by = stopped_by
+    report.extra = {
+        "model": config.model, "params": count_params(model), "sync_every": H, "codec": config.codec.name,
+        "tokens": tokens, "train_s": round(time.perf_counter() - started, 3),
+        "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "evals": evals,
+        "final_round": dl.state.round, "hooks": asdict(dl.stats) | {"history": []},
+    }
+    return report

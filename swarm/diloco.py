@@ -1,0 +1,360 @@
+"""DiLoCo training hooks: the user's loop changes by one `with` line.
+
+    with swarm.DiLoCo(model, inner_opt, peer=peer, sync_every=500):
+        for batch in data:
+            loss = model(batch).loss
+            loss.backward()
+            inner_opt.step()        # every sync_every steps, this also syncs with the swarm
+            inner_opt.zero_grad()
+
+Every `sync_every` inner steps: Δ = θ_global − θ_local (fp32, on the CPU), plus
+the error-feedback residual when the codec keeps one, goes through the
+fault-tolerant all-reduce; the outer optimizer (SGD with Nesterov momentum)
+steps θ_global with the mean Δ, and the model is loaded with θ_global.
+
+Bit-identical state: every member gets the same mean bytes from the
+all-reduce, and the outer step is a fixed sequence of separate fp32 IEEE
+operations (no fused multiply-add), so every member computes the same
+θ_global on any CPU. The committed hash covers θ_global and the momentum.
+
+When the run goes on without this peer (it missed a round, or its hash
+diverged), the peer downloads θ_global and the momentum from a donor the
+coordinator names, checks the hash, and continues from there; its inner
+steps since the last sync are dropped. A joiner does the same at start and
+then syncs when the donor does (it starts its inner-step count where the
+donor's is, so it contributes a short Δ, zero if it joined just before a
+sync, instead of holding the others at the barrier).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, Self
+
+import numpy as np
+import torch
+import xxhash
+from torch import nn
+
+from swarm.allreduce.butterfly import reduce_in_order
+from swarm.compression import Codec, CodecConfig, ErrorFeedback, make_codec
+from swarm.peers.daemon import RoundState, SyncResult
+from swarm.transport.endpoint import StateSnapshot
+
+log = logging.getLogger("swarm.diloco")
+
+
+@dataclass(kw_only=True, slots=True)
+class OuterConfig:
+    """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
+
+    lr: float = 0.7
+    """Outer learning rate (DiLoCo: 0.7)."""
+    momentum: float = 0.9
+    """Outer momentum (DiLoCo: 0.9)."""
+    nesterov: bool = True
+    """Nesterov momentum (DiLoCo: on)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"outer.lr must be > 0 and outer.momentum in [0, 1), got {self.lr}, {self.momentum}")
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = xxhash.xxh3_128()
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
+
+
+class GlobalState:
+    """θ_global and the outer momentum as flat fp32 CPU tensors; the `RoundState` of a DiLoCo peer.
+
+    Args:
+        theta: the initial global parameters (copied).
+        outer: the outer optimizer's settings.
+    """
+
+    def __init__(self, theta: torch.Tensor, outer: OuterConfig) -> None:
+        self.outer = outer
+        self.theta = theta.detach().to("cpu", torch.float32).clone()
+        self.momentum = torch.zeros_like(self.theta)
+        self.round = -1
+        self._digest = _digest(self.theta.numpy(), self.momentum.numpy())
+        self._proposal: tuple[torch.Tensor, torch.Tensor, str] | None = None
+        self.inner_step: Callable[[], int] = lambda: 0
+        """Inner steps this peer made since its last sync (told to joiners with the state)."""
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    def propose(self, mean: np.ndarray | None, round_: int, attempt: object = None) -> str:
+        """θ_global and momentum after an outer step with the mean pseudo-gradient; returns their hash."""
+        if mean is None or mean.size != self.theta.numel():
+            raise ValueError(f"the mean pseudo-gradient must have {self.theta.numel()} elements")
+        g = torch.from_numpy(mean)
+        mu, lr = self.outer.momentum, self.outer.lr
+        # New tensors, never in place: the committed ones stay valid for a RETRY and for donors.
+        # Separate mul and add (no addcmul/alpha): one IEEE rounding each, the same on every CPU.
+        momentum = self.momentum * mu + g if mu > 0 else g.clone()
+        step = g + momentum * mu if self.outer.nesterov and mu > 0 else momentum
+        theta = self.theta - step * lr
+        digest = _digest(theta.numpy(), momentum.numpy())
+        self._proposal = (theta, momentum, digest)
+        return digest
+
+    def adopt(self, round_: int) -> None:
+        assert self._proposal is not None, "propose() before adopt()"
+        self.theta, self.momentum, self._digest = self._proposal
+        self._proposal = None
+        self.round = round_
+
+    def snapshot(self) -> StateSnapshot | None:
+        if self.round < 0:
+            return None
+        meta = {"round": self.round, "hash": self._digest, "inner_step": int(self.inner_step())}
+        return StateSnapshot(meta, {"theta": self.theta.numpy(), "momentum": self.momentum.numpy()})
+
+    def restore(self, snapshot: StateSnapshot) -> str:
+        arrays = snapshot.arrays
+        n = self.theta.numel()
+        for name in ("theta", "momentum"):
+            a = arrays.get(name)
+            if a is None or a.dtype != np.float32 or a.size != n:
+                raise ValueError(f"donor state needs {name!r} as {n} float32 values (another model or size?)")
+        theta, momentum = arrays["theta"].reshape(-1), arrays["momentum"].reshape(-1)
+        digest = _digest(theta, momentum)
+        if digest != snapshot.meta.get("hash"):
+            raise ValueError(f"donor state hashes to {digest[:12]}, not the {str(snapshot.meta.get('hash'))[:12]} it claims")
+        if not (np.isfinite(theta).all() and np.isfinite(momentum).all()):
+            raise ValueError("donor state holds NaN or Inf")
+        self.theta, self.momentum = torch.from_numpy(theta.copy()), torch.from_numpy(momentum.copy())
+        self._digest, self.round = digest, int(snapshot.meta.get("round", -1))
+        self._proposal = None
+        self.restored_inner_step = int(snapshot.meta.get("inner_step", 0))
+        return digest
+
+    restored_inner_step: int = 0
+
+
+class Averager(Protocol):
+    """What DiLoCo needs from the swarm side: a blocking round per call (see `swarm.peers.handle`)."""
+
+    def start(self, state: RoundState) -> None:
+        """Join the run; resyncs `state` from a donor when the run is in progress."""
+        ...
+
+    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
+        """One round with `flat` as this peer's contribution; `state` adopts or restores as the round ends."""
+        ...
+
+    def close(self, reason: str) -> None:
+        """Leave the run."""
+        ...
+
+
+@dataclass(slots=True)
+class SyncStats:
+    """What the hooks did, for reports and progress."""
+
+    syncs: int = 0
+    committed: int = 0
+    resynced: int = 0
+    kept: int = 0
+    sync_s: float = 0.0
+    last: str = ""
+    history: list[dict] = field(default_factory=list)
+
+
+class DiLoCo:
+    """Wrap a model and its inner optimizer so every `sync_every` inner steps sync with the swarm.
+
+    Args:
+        model: any `nn.Module`; its trainable parameters (in `parameters()` order) are synced.
+        inner_optimizer: the optimizer the loop steps; a post-step hook counts its steps.
+        peer: the swarm side (`swarm.peers.handle.SwarmPeer`, or `LocalGroup.member(i)` in one process).
+        sync_every: H, inner steps between syncs.
+        outer: the outer optimizer.
+        codec: what the pseudo-gradient is sent as (name or CodecConfig).
+        on_sync: called after each sync with the result (progress displays, logging).
+    Raises:
+        ValueError: bad settings, or a model without trainable parameters.
+    """
+
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, peer: Averager,
+                 sync_every: int = 500, outer: OuterConfig | None = None, codec: CodecConfig | str = "none",
+                 on_sync: Callable[[SyncResult], None] | None = None) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.peer = peer
+        self.sync_every = sync_every
+        self.outer = outer or OuterConfig()
+        self.codec_config = CodecConfig(name=codec) if isinstance(codec, str) else codec
+        self.codec = make_codec(self.codec_config)
+        self.feedback = ErrorFeedback() if self.codec.uses_error_feedback else None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.numel = sum(p.numel() for p in self.params)
+        self.state = GlobalState(self._flat_params(), self.outer)
+        self.state.inner_step = lambda: self.local_step
+        self.on_sync = on_sync
+        self.local_step = 0
+        """Inner steps since the last sync."""
+        self.stats = SyncStats()
+        self._hook: object | None = None
+        self._syncing = threading.Lock()
+
+    # ---------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> Self:
+        self.peer.start(self.state)
+        if self.state.round >= 0:  # resynced at join: train from the run's θ_global
+            self._load_global()
+            self.local_step = min(self.state.restored_inner_step, self.sync_every)
+            self.stats.resynced += 1
+        self._hook = self.inner_optimizer.register_step_post_hook(self._after_step)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self._hook.remove()  # type: ignore[attr-defined]
+            self._hook = None
+        reason = "done" if exc[0] is None else type(exc[0]).__name__
+        self.peer.close(reason)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self.local_step += 1
+        if self.local_step >= self.sync_every:
+            self.sync()
+
+    # --------------------------------------------------------------- sync
+
+    def _flat_params(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+
+    def _load_global(self) -> None:
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                p.copy_(self.state.theta[offset : offset + n].view_as(p))
+                offset += n
+
+    def sync(self) -> SyncResult:
+        """Sync now (called by the step hook every `sync_every` steps); returns how the round ended."""
+        import time
+
+        with self._syncing:
+            started = time.perf_counter()
+            delta = self.state.theta - self._flat_params()
+            if not torch.isfinite(delta).all():
+                raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
+            acc = delta + self.feedback.residual if self.feedback is not None and self.feedback.residual is not None else delta
+            result = self.peer.sync(acc.numpy(), self.codec)
+            if result.outcome == "committed":
+                if self.feedback is not None:
+                    # The residual moves on only once the round committed with this contribution in it.
+                    self.feedback.residual = acc - self.codec.decode(self.codec.encode(acc), acc.numel())
+                self._load_global()
+                self.local_step = 0
+                self.stats.committed += 1
+            elif result.outcome == "resynced":
+                self._load_global()
+                self.local_step = min(self.state.restored_inner_step, self.sync_every)
+                if self.feedback is not None:
+                    self.feedback.reset()  # it belonged to a trajectory the run did not take
+                self.stats.resynced += 1
+            else:
+                # The round went on without us or was abandoned: θ_global is unchanged and the local
+                # progress is kept, so the next Δ carries these steps too.
+                self.local_step = 0
+                self.stats.kept += 1
+            self.stats.syncs += 1
+            self.stats.sync_s += time.perf_counter() - started
+            self.stats.last = result.outcome
+            if self.on_sync is not None:
+                self.on_sync(result)
+            return result
+
+    def state_dict(self) -> dict[str, object]:
+        """θ_global, the outer momentum, the round and the error-feedback residual, to save with the peer."""
+        return {"theta": self.state.theta, "momentum": self.state.momentum, "round": self.state.round,
+                "hash": self.state.digest, "local_step": self.local_step,
+                "feedback": self.feedback.state_dict() if self.feedback is not None else None}
+
+
+class LocalGroup:
+    """N DiLoCo peers in one process (threads), averaging like the swarm's all-reduce does.
+
+    For experiments and tests without sockets: each member's contribution goes through the codec,
+    the decoded contributions are reduced in member order in fp32, and the result goes through the
+    codec's result codec, as in `swarm.allreduce.encoded`. Bytes are counted as a butterfly would
+    send them: each member sends (N−1)/N of its payload and of its part of the result.
+
+    Args:
+        size: members; every member must call `sync` for a round to finish.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+        self._barrier = threading.Barrier(size)
+        self._contribs: dict[int, np.ndarray] = {}
+        self._mean: np.ndarray | None = None
+        self.bytes_sent = 0
+        """Total over members, as a butterfly all-reduce would put on the wire."""
+        self.rounds = 0
+
+    def member(self, index: int) -> _LocalMember:
+        """The averager of member `index` (0-based)."""
+        return _LocalMember(self, index)
+
+    def _reduce(self, codec: Codec) -> None:
+        n = self.size
+        pieces = []
+        for i in range(n):
+            x = torch.from_numpy(self._contribs[i])
+            pieces.append(codec.decode(codec.encode(x), x.numel()).numpy())
+        out = reduce_in_order(pieces, np.empty_like(pieces[0]))
+        result = codec.result_codec(n)
+        payload = result.encode(torch.from_numpy(out))
+        self._mean = result.decode(payload, out.size).numpy()
+        if n > 1:
+            per_member = codec.payload_nbytes(out.size) + result.payload_nbytes(out.size)
+            self.bytes_sent += int(per_member * (n - 1))
+        self.rounds += 1
+
+
+class _LocalMember:
+    def __init__(self, group: LocalGroup, index: int) -> None:
+        self.group, self.index = group, index
+        self.state: RoundState | None = None
+
+    def start(self, state: RoundState) -> None:
+        self.state = state
+
+    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
+        g = self.group
+        assert self.state is not None
+        g._contribs[self.index] = flat
+        if g._barrier.wait() == 0:
+            g._reduce(codec)
+        g._barrier.wait()
+        assert g._mean is not None
+        round_ = g.rounds - 1
+        self.state.propose(g._mean.copy(), round_, None)
+        self.state.adopt(round_)
+        g._barrier.wait()  # nobody starts the next round while another still reads this mean
+        return SyncResult("committed", round_, g.size)
+
+    def close(self, reason: str) -> None:
+        pass
