@@ -149,7 +149,7 @@ class RoundState(Protocol):
         ...
 
 
-SyncOutcome = Literal["committed", "resynced", "kept"]
+SyncOutcome = Literal["committed", "resynced", "kept", "start"]
 
 
 @dataclass(slots=True)
@@ -158,7 +158,8 @@ class SyncResult:
 
     outcome: SyncOutcome
     """committed: the state adopted the round's result; resynced: it was replaced by a donor's;
-    kept: the round went on without it or was abandoned, and the state is unchanged."""
+    kept: the round went on without it or was abandoned, and the state is unchanged;
+    start: no round yet (a progress record's marker)."""
     round: int
     members: int = 0
     reason: str = ""

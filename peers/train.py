@@ -114,6 +114,7 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec, on_sync=on_sync)
     try:
         with dl:
+            on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)
             while global_step() < config.steps:
                 for group in inner.param_groups:
                     group["lr"] = inner_lr(config, global_step())

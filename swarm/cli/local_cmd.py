@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import signal
 import sys
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from swarm.cli.status_cmd import render, status_to_dict
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
+from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.utils import run_async
 
 RUN_ID = "local"
@@ -34,29 +36,43 @@ STOP_GRACE_S = 10.0
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "local",
-        help="run a coordinator and N peers on this machine with a live view",
+        help="train on this machine: a coordinator and N peers, with a live view",
         description=(
-            "Start a coordinator and --peers peer processes on loopback, show the run live, and write "
-            "OUT/summary.json (per peer: state hash, rounds, attempts, retries, resyncs; the coordinator's "
-            "final status). Ctrl-C stops everything cleanly. OUT is reset at start. Peers run the `control` "
-            "task (the full control-plane protocol with a stand-in update) until training tasks land."
+            "Start a coordinator and --peers peer processes on loopback that train the built-in byte-level model "
+            "(or --data) with DiLoCo, show the run live, and write OUT/summary.json (per peer: final eval loss, "
+            "state hash, bytes sent/received, rounds, attempts, failures seen) and OUT/loss.png (eval loss vs "
+            "step and vs bytes communicated). Ctrl-C stops everything cleanly. OUT is reset at start. "
+            "--task control/average run the protocol with stand-in updates instead of training."
         ),
     )
     p.add_argument("--peers", type=int, default=4, help="number of peer processes (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=20, help="rounds to run (default: %(default)s)")
-    p.add_argument("--work-s", type=float, default=0.2, help="simulated work per round (default: %(default)s)")
-    p.add_argument("--task", choices=["control", "average"], default="average",
-                   help="what peers compute each round (default: %(default)s; see `swarm peer --help`)")
-    p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round (default: %(default)s)")
+    p.add_argument("--model", default="tiny", help="model size: tiny, small or 124m (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="global inner steps to train (default: %(default)s)")
+    p.add_argument("--inner-steps", type=int, default=20, metavar="H",
+                   help="inner steps between syncs (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
+    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
+                   help="text files or folders to train on (default: this Python's standard library source)")
     p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
-                   help="what the all-reduce sends on the wire (default: %(default)s)")
+                   help="what pseudo-gradients are sent as (default: %(default)s)")
+    p.add_argument("--kill", action="append", default=[], metavar="I@STEP",
+                   help="SIGKILL peer I once the run reached STEP (a round for --task control/average); repeatable")
+    p.add_argument("--join", action="append", type=int, default=[], metavar="STEP",
+                   help="start one more peer once the run reached STEP; it downloads the state from a donor (repeatable)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per peer (default: CPU cores / peers, at least 1)")
+    p.add_argument("--task", choices=["train", "control", "average"], default="train",
+                   help="what peers do (default: %(default)s; see `swarm peer --help`)")
+    p.add_argument("--rounds", type=int, default=20, help="--task control/average: rounds to run (default: %(default)s)")
+    p.add_argument("--work-s", type=float, default=0.2, help="--task control/average: simulated work per round")
+    p.add_argument("--numel", type=int, default=1_000_000, help="--task average: elements all-reduced per round")
     p.add_argument("--lease-s", type=float, default=3.0, help="drop a silent peer after this long (default: %(default)s)")
+    p.add_argument("--rendezvous-timeout-s", type=float, default=120.0,
+                   help="longest a round's barrier waits for late peers (default: %(default)s)")
     p.add_argument("--min-peers", type=int, default=None,
                    help="a round starts with at least this many peers (default: --peers minus the --kill count)")
-    p.add_argument("--kill", action="append", default=[], metavar="I@ROUND",
-                   help="SIGKILL peer I once round ROUND started (repeatable), to watch the run survive it")
     p.add_argument("--out", default="runs/local", help="output folder (default: %(default)s)")
-    p.add_argument("--timeout-s", type=float, default=600.0, help="stop everything after this long (default: %(default)s)")
+    p.add_argument("--timeout-s", type=float, default=1800.0, help="stop everything after this long (default: %(default)s)")
     p.add_argument("--no-view", action="store_true", help="print progress lines instead of the live view")
     p.set_defaults(run=run)
 
@@ -72,10 +88,10 @@ class _Child:
 def _parse_kills(specs: list[str], peers: int) -> dict[int, int]:
     kills: dict[int, int] = {}
     for spec in specs:
-        index, sep, round_ = spec.partition("@")
-        if not sep or not index.isdigit() or not round_.isdigit() or int(index) >= peers:
-            raise ValueError(f"--kill {spec!r} must be I@ROUND with 0 <= I < --peers")
-        kills[int(index)] = int(round_)
+        index, sep, at = spec.partition("@")
+        if not sep or not index.isdigit() or not at.isdigit() or int(index) >= peers:
+            raise ValueError(f"--kill {spec!r} must be I@STEP with 0 <= I < --peers")
+        kills[int(index)] = int(at)
     return kills
 
 
@@ -84,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         kills = _parse_kills(args.kill, args.peers)
         if args.peers < 1 or args.rounds < 1:
             raise ValueError("--peers and --rounds must be at least 1")
+        if args.task == "train" and not 1 <= args.inner_steps <= args.steps:
+            raise ValueError(f"--inner-steps must be in [1, --steps={args.steps}], got {args.inner_steps}")
+        if any(j < 0 for j in args.join):
+            raise ValueError("--join STEP must be >= 0")
     except ValueError as e:
         print(f"swarm local: {e}", file=sys.stderr)
         return 2
@@ -147,6 +167,24 @@ def _peer_table(peers: list[_Child]) -> Table:
     return t
 
 
+def _peer_argv(args: argparse.Namespace, target: str, index: int, shards: int) -> list[str]:
+    argv = ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{index}", "--task", args.task,
+            "--codec", args.codec]
+    if args.task != "train":
+        return [*argv, "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--numel", str(args.numel)]
+    threads = args.threads or max(1, (os.cpu_count() or 1) // (args.peers + len(args.join)))
+    argv += ["--model", args.model, "--steps", str(args.steps), "--inner-steps", str(args.inner_steps),
+             "--lr", str(args.lr), "--shard", f"{index}/{shards}", "--threads", str(threads)]
+    return [*argv, "--data", *args.data] if args.data else argv
+
+
+def _progress(args: argparse.Namespace, status: pb.StatusReply) -> int:
+    """How far the run is: the global step (train) or the latest started round (control/average)."""
+    if args.task == "train":
+        return max((m.progress.step for m in status.members), default=0)
+    return max((r.round for r in status.rounds if r.phase != "gathering"), default=-1)
+
+
 async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
     out = Path(args.out)
     if out.exists():
@@ -156,7 +194,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
     console = Console(stderr=True)
     coordinator = _Child("coordinator", await _spawn(
         ["coordinator", "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
-         "--run-id", RUN_ID, "--lease-s", str(args.lease_s),
+         "--run-id", RUN_ID, "--lease-s", str(args.lease_s), "--rendezvous-timeout-s", str(args.rendezvous_timeout_s),
          "--min-peers", str(args.min_peers or max(1, args.peers - len(kills)))], out / "coordinator.log"))
     peers: list[_Child] = []
     interrupted = False
@@ -173,13 +211,12 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
             log = (out / "coordinator.log").read_text().strip().splitlines()
             raise RuntimeError(f"coordinator did not start: {log[-1] if log else 'no output'}")
         target = line.decode().rsplit(" ", 1)[1].strip()
+        shards = args.peers + len(args.join)
         for i in range(args.peers):
-            proc = await _spawn(
-                ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{i}",
-                 "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--task", args.task,
-                 "--numel", str(args.numel), "--codec", args.codec], out / f"peer-{i}.log")
+            proc = await _spawn(_peer_argv(args, target, i, shards), out / f"peer-{i}.log")
             peers.append(_Child(f"peer-{i}", proc))
         readers = [asyncio.create_task(_read_report(c)) for c in peers]
+        joins = sorted(args.join)
         client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))
         view = Live(console=console, refresh_per_second=4) if not args.no_view else None
         last_line = 0.0
@@ -193,19 +230,26 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                     interrupted = True
                     break
                 status = await client.status()
-                latest = max((r.round for r in status.rounds if r.phase != "gathering"), default=-1)
-                for i, at in list(kills.items()):
-                    if latest >= at and peers[i].proc.returncode is None:
+                at = _progress(args, status)
+                for i, when in list(kills.items()):
+                    if at >= when and peers[i].proc.returncode is None:
                         peers[i].proc.kill()
                         peers[i].killed = True
                         del kills[i]
+                while joins and at >= joins[0]:
+                    joins.pop(0)
+                    i = len(peers)
+                    proc = await _spawn(_peer_argv(args, target, i, shards), out / f"peer-{i}.log")
+                    peers.append(_Child(f"peer-{i}", proc))
+                    readers.append(asyncio.create_task(_read_report(peers[-1])))
+                where = (f"step {at}/{args.steps}, model {args.model}, H={args.inner_steps}, codec {args.codec}"
+                         if args.task == "train" else f"round {at + 1}/{args.rounds}, task {args.task}")
                 if view is not None:
-                    headline = (f"swarm local: round {latest + 1}/{args.rounds}, {time.monotonic() - started:.0f}s, "
-                                f"task {args.task}; Ctrl-C stops everything")
+                    headline = f"swarm local: {where}, {time.monotonic() - started:.0f}s; Ctrl-C stops everything"
                     view.update(Group(headline, render(status, max_events=8), _peer_table(peers)))
                 elif time.monotonic() - last_line > 2:
                     last_line = time.monotonic()
-                    console.print(f"round {latest + 1}/{args.rounds}, {len(status.members)} members")
+                    console.print(f"{where}, {len(status.members)} members")
                 await asyncio.sleep(0.25)
         if not interrupted:
             await asyncio.wait_for(asyncio.gather(*readers), STOP_GRACE_S)
@@ -236,13 +280,51 @@ def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, inte
         "finished_peers": len(finished),
         "state_hashes_identical": len(hashes) == 1,
         "final_state_hash": hashes[0] if len(hashes) == 1 else None,
+        "final_eval_loss": {name: (r.get("extra") or {}).get("final_eval_loss") for name, r in reports.items()},
         "coordinator": status,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    wrote = [out / "summary.json"]
+    if any((r.get("extra") or {}).get("evals") for r in reports.values()):
+        try:
+            plot_losses(reports, out / "loss.png")
+            wrote.append(out / "loss.png")
+        except Exception as e:  # noqa: BLE001 - a failed plot must not lose the summary
+            console.print(f"swarm local: could not draw loss.png: {e}")
+    losses = [v for v in summary["final_eval_loss"].values() if v is not None]
     console.print(
-        f"{len(finished)}/{len(peers)} peers finished, identical state: {summary['state_hashes_identical']}, "
-        f"{wall_s:.1f}s; wrote {out / 'summary.json'}"
+        f"{len(finished)}/{len(peers)} peers finished, identical state: {summary['state_hashes_identical']}"
+        + (f", final eval loss {min(losses):.4f}" if losses else "")
+        + f", {wall_s:.1f}s; wrote {', '.join(str(w) for w in wrote)}"
     )
     if interrupted:
         return 130
     return 0 if finished and summary["state_hashes_identical"] else 1
+
+
+def plot_losses(reports: dict[str, dict], path: Path) -> None:
+    """Eval loss per peer vs global step and vs bytes the peer communicated, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_bytes) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for name, r in sorted(reports.items()):
+        evals = (r.get("extra") or {}).get("evals") or []
+        if not evals:
+            continue
+        steps = [e["step"] for e in evals]
+        losses = [e["eval_loss"] for e in evals]
+        sent = [(e["bytes_sent"] + e["bytes_received"]) / 1e6 for e in evals]
+        label = name + (" (killed)" if r.get("killed") else "")
+        by_step.plot(steps, losses, marker=".", label=label)
+        by_bytes.plot(sent, losses, marker=".", label=label)
+    by_step.set(xlabel="global inner step", ylabel="eval loss (nats/byte)", title="eval loss vs step")
+    by_bytes.set(xlabel="MB sent + received by the peer", ylabel="eval loss (nats/byte)",
+                 title="eval loss vs bytes communicated")
+    by_step.legend(fontsize="small")
+    for ax in (by_step, by_bytes):
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
