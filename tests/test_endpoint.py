@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarm.allreduce.butterfly import ALIGN_ELEMENTS, Participant, allreduce_attempt, partition
-from swarm.transport.endpoint import Endpoint, PeerFailure, TransportConfig
+from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector, FaultRule
 from swarm.transport.frames import MAGIC, PREFIX, Header, checksum, encode_header
 
@@ -500,3 +501,45 @@ async def test_a_send_cancelled_mid_frame_does_not_poison_the_connection(make_en
     await asyncio.sleep(0.5)  # B discards the torn frame
     xs = inputs(2, 1000)
     assert_exact_mean(await run_all([a, b], xs, round=21, timeout_s=2.0), xs)
+
+
+# ------------------------------------------------------------ state transfer
+
+
+async def test_state_download_returns_the_donors_arrays_in_chunks(make_endpoints: MakeEndpoints) -> None:
+    donor, joiner = await make_endpoints("DJ", chunk_bytes=1024)
+    theta = np.arange(5000, dtype=np.float32)
+    counts = np.array([[1, 2], [3, 4]], dtype=np.int32)
+    donor.state_provider = lambda: StateSnapshot({"round": 7, "hash": "abc"}, {"theta": theta, "counts": counts})
+    snap = await joiner.fetch_state("D", donor.address, timeout_s=10)
+    assert snap.meta == {"round": 7, "hash": "abc"}
+    assert np.array_equal(snap.arrays["theta"], theta) and np.array_equal(snap.arrays["counts"], counts)
+    assert snap.arrays["counts"].dtype == np.int32 and snap.arrays["counts"].shape == (2, 2)
+    assert joiner.bytes_received >= theta.nbytes + counts.nbytes
+
+
+async def test_state_download_from_a_peer_without_state_fails_clearly(make_endpoints: MakeEndpoints) -> None:
+    donor, joiner = await make_endpoints("DJ")
+    with pytest.raises(PeerFailure, match="no committed state"):
+        await joiner.fetch_state("D", donor.address, timeout_s=10)
+    donor.state_provider = lambda: None
+    with pytest.raises(PeerFailure, match="no committed state"):
+        await joiner.fetch_state("D", donor.address, timeout_s=10)
+
+
+async def test_state_download_from_a_dead_address_fails_within_its_deadline(make_endpoints: MakeEndpoints) -> None:
+    (joiner,) = await make_endpoints("J", connect_timeout_s=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused at once
+    with pytest.raises(PeerFailure, match="cannot connect"):
+        await joiner.fetch_state("D", dead, timeout_s=5)
+
+
+async def test_a_state_download_does_not_fail_the_donors_rounds(make_endpoints: MakeEndpoints) -> None:
+    donor, joiner = await make_endpoints("DJ")
+    donor.state_provider = lambda: StateSnapshot({"round": 0, "hash": "h"}, {"x": np.ones(10, np.float32)})
+    box = donor.inbox(3, 1)
+    await joiner.fetch_state("D", donor.address, timeout_s=10)
+    await asyncio.sleep(0.1)
+    assert "J" not in box.failed  # the download's connection closing is not a member failing

@@ -31,7 +31,7 @@ def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
 def test_local_run_survives_sigkill_of_a_peer(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [*SWARM, "local", "--peers", "4", "--rounds", "8", "--work-s", "0.1", "--lease-s", "2",
+        [*SWARM, "local", "--task", "average", "--peers", "4", "--rounds", "8", "--work-s", "0.1", "--lease-s", "2",
          "--kill", "1@2", "--no-view", "--out", str(out), "--timeout-s", "90"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -65,7 +65,7 @@ def test_local_run_survives_sigkill_of_a_peer(tmp_path: Path) -> None:
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [*SWARM, "local", "--peers", "3", "--rounds", "1000", "--work-s", "0.2", "--no-view", "--out", str(out)],
+        [*SWARM, "local", "--task", "average", "--peers", "3", "--rounds", "1000", "--work-s", "0.2", "--no-view", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert proc.stderr is not None
@@ -102,7 +102,7 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
 def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
-        [*SWARM, "local", "--peers", "3", "--rounds", "3", "--work-s", "0", "--numel", "100000",
+        [*SWARM, "local", "--task", "average", "--peers", "3", "--rounds", "3", "--work-s", "0", "--numel", "100000",
          "--codec", "sparseloco", "--no-view", "--out", str(out), "--timeout-s", "90"],
         capture_output=True, text=True, timeout=120, check=False,
     )
@@ -119,7 +119,7 @@ def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_children_stop_when_swarm_local_is_sigkilled(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [*SWARM, "local", "--peers", "2", "--rounds", "1000", "--work-s", "0.2", "--no-view",
+        [*SWARM, "local", "--task", "average", "--peers", "2", "--rounds", "1000", "--work-s", "0.2", "--no-view",
          "--out", str(tmp_path / "run")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )

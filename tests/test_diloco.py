@@ -1,0 +1,211 @@
+"""DiLoCo hooks: the outer step, bit-identical members, resync checks, and the step hook."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from swarm.peers.daemon import RoundState, SyncResult
+from torch import nn
+
+from swarm.compression import Codec
+from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig
+from swarm.transport.endpoint import StateSnapshot
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _train_members(n: int, steps: int, H: int, codec: str, outer: OuterConfig) -> tuple[list[DiLoCo], LocalGroup]:
+    """n members in threads, each on its own data, all starting from the same weights."""
+    group = LocalGroup(n)
+    hooks: list[DiLoCo] = []
+    errors: list[BaseException] = []
+    models = [_model(0) for _ in range(n)]  # here, not in the threads: the global RNG is not thread-safe
+
+    def worker(i: int) -> None:
+        try:
+            model = models[i]
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+            gen = torch.Generator().manual_seed(100 + i)
+            with DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=outer, codec=codec) as dl:
+                hooks.append(dl)
+                for _ in range(steps):
+                    x = torch.randn(32, 8, generator=gen)
+                    loss = ((model(x) - x[:, :4].sin()) ** 2).mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+        except BaseException as e:  # noqa: BLE001 - surfaced below: a failing thread must fail the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return hooks, group
+
+
+@pytest.mark.parametrize("codec", ["none", "int8", "sparseloco"])
+def test_members_end_bit_identical(codec: str) -> None:
+    hooks, group = _train_members(3, steps=30, H=5, codec=codec, outer=OuterConfig())
+    assert group.rounds == 6 and all(h.stats.committed == 6 for h in hooks)
+    assert len({h.state.digest for h in hooks}) == 1
+    thetas = [h.state.theta for h in hooks]
+    assert all(torch.equal(thetas[0], t) for t in thetas[1:])
+    # The model holds θ_global right after a sync.
+    for h in hooks:
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in h.params]), h.state.theta)
+
+
+def test_outer_lr_one_without_momentum_averages_the_models() -> None:
+    """With outer lr 1 and no momentum, θ_global − mean(θ_global − θ_i) is the mean of the local models."""
+    n, H = 3, 4
+    group = LocalGroup(n)
+    locals_: list[torch.Tensor] = [torch.empty(0)] * n
+    results: list[torch.Tensor] = [torch.empty(0)] * n
+    models = [_model(0) for _ in range(n)]
+
+    def worker(i: int) -> None:
+        model = models[i]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        # sync_every beyond the steps taken: the test syncs by hand, after recording the local model.
+        with DiLoCo(model, opt, peer=group.member(i), sync_every=1000, outer=OuterConfig(lr=1.0, momentum=0.0)) as dl:
+            gen = torch.Generator().manual_seed(i)
+            for _ in range(H):
+                model(torch.randn(4, 8, generator=gen)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            locals_[i] = dl._flat_params()
+            dl.sync()
+            results[i] = dl.state.theta.clone()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    mean = torch.stack(locals_).mean(0)
+    for r in results:
+        torch.testing.assert_close(r, mean, rtol=0, atol=1e-6)
+
+
+def test_outer_step_matches_torch_sgd_nesterov() -> None:
+    torch.manual_seed(0)
+    theta = torch.randn(1000)
+    outer = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+    state = GlobalState(theta, outer)
+    ref = theta.clone().requires_grad_(True)
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    for round_ in range(4):
+        g = torch.randn(1000)
+        state.propose(g.numpy(), round_)
+        state.adopt(round_)
+        ref.grad = g.clone()
+        sgd.step()
+    torch.testing.assert_close(state.theta, ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_propose_leaves_the_committed_state_alone_until_adopt() -> None:
+    state = GlobalState(torch.ones(10), OuterConfig())
+    before, digest = state.theta.clone(), state.digest
+    h1 = state.propose(np.full(10, 0.5, np.float32), 0)
+    h2 = state.propose(np.full(10, 0.25, np.float32), 0)  # a RETRY: another attempt, another mean
+    assert h1 != h2 and state.digest == digest and torch.equal(state.theta, before)
+    state.adopt(0)
+    assert state.digest == h2 and state.round == 0
+    with pytest.raises(ValueError, match="elements"):
+        state.propose(np.zeros(3, np.float32), 1)
+
+
+def test_restore_checks_the_donors_state_and_changes_nothing_when_it_is_bad() -> None:
+    donor = GlobalState(torch.arange(10, dtype=torch.float32), OuterConfig())
+    donor.propose(np.ones(10, np.float32), 0)
+    donor.adopt(0)
+    good = donor.snapshot()
+    assert good is not None and good.meta["round"] == 0
+    joiner = GlobalState(torch.zeros(10), OuterConfig())
+    digest = joiner.digest
+    bad = [
+        StateSnapshot(dict(good.meta, hash="0" * 32), good.arrays),  # hash does not match the arrays
+        StateSnapshot(good.meta, {"theta": np.zeros(9, np.float32), "momentum": good.arrays["momentum"]}),
+        StateSnapshot(good.meta, {"theta": good.arrays["theta"]}),
+        StateSnapshot(good.meta, {"theta": good.arrays["theta"].astype(np.float64), "momentum": good.arrays["momentum"]}),
+    ]
+    for snap in bad:
+        with pytest.raises(ValueError):
+            joiner.restore(snap)
+        assert joiner.digest == digest and joiner.round == -1
+    nan = good.arrays["theta"].copy()
+    nan[3] = np.nan
+    from swarm.diloco import _digest
+
+    with pytest.raises(ValueError, match="NaN"):
+        joiner.restore(StateSnapshot(dict(good.meta, hash=_digest(nan, good.arrays["momentum"])),
+                                     {"theta": nan, "momentum": good.arrays["momentum"]}))
+    assert joiner.restore(good) == donor.digest and torch.equal(joiner.theta, donor.theta)
+    assert joiner.round == 0
+
+
+class _Recorder:
+    """An averager that answers each round with this peer's own contribution (a swarm of one)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.state: RoundState | None = None
+        self.closed = ""
+
+    def start(self, state: RoundState) -> None:
+        self.state = state
+
+    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
+        assert self.state is not None
+        self.calls.append(len(self.calls))
+        self.state.propose(flat.copy(), len(self.calls) - 1, None)
+        self.state.adopt(len(self.calls) - 1)
+        return SyncResult("committed", len(self.calls) - 1, 1)
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+
+
+def test_the_hook_syncs_every_h_inner_steps_and_closes_the_peer() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    peer = _Recorder()
+    with DiLoCo(model, opt, peer=peer, sync_every=7):
+        for _ in range(30):
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(peer.calls) == 4 and peer.closed == "done"
+    opt.step()  # the hook is gone after the with block
+    assert len(peer.calls) == 4
+
+
+def test_nan_in_the_local_model_stops_the_sync_instead_of_spreading() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    peer = _Recorder()
+    with pytest.raises(FloatingPointError, match="NaN"), DiLoCo(model, opt, peer=peer, sync_every=1):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        opt.step()
+    assert peer.calls == [] and peer.closed == "FloatingPointError"
+
+
+def test_bad_settings_are_refused() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="sync_every"):
+        DiLoCo(model, opt, peer=_Recorder(), sync_every=0)
+    with pytest.raises(ValueError, match="outer.lr"):
+        OuterConfig(lr=0)
+    with pytest.raises(ValueError, match="codec.name"):
+        DiLoCo(model, opt, peer=_Recorder(), codec="zip")
