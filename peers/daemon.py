@@ -39,6 +39,7 @@ from swarm.allreduce.driver import fault_tolerant_allreduce
 from swarm.allreduce.encoded import residual_after
 from swarm.compression import Codec, CodecConfig, ErrorFeedback, make_codec
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
+from swarm.metrics import Metric, MetricsServer
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
@@ -84,6 +85,10 @@ class PeerConfig:
     """`control`/`average`: simulated local work per round."""
     wait_s: float = 10.0
     """Longest one held Rendezvous/CommitRound call waits before asking again."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: a free port; None: off)."""
+    metrics_host: str = "127.0.0.1"
+    """Address the metrics server listens on."""
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.work_s < 0 or self.wait_s <= 0:
@@ -182,6 +187,7 @@ class Peer:
         self.endpoint: Endpoint | None = None
         self.address = config.address
         self._state: RoundState | None = None
+        self.metrics: MetricsServer | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -197,8 +203,31 @@ class Peer:
                                      self.config.transport, self.config.faults)
             self.endpoint.state_provider = state.snapshot
             self.address = await self.endpoint.start()
+        if self.config.metrics_port is not None:
+            self.metrics = MetricsServer(self._metrics, self.config.metrics_host, self.config.metrics_port)
+            log.info("metrics at http://%s/metrics", await self.metrics.start())
         await self._join()
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
+
+    def _metrics(self) -> list[Metric]:
+        r, p, ep = self.report, self.progress, self.endpoint
+        return [
+            Metric("swarm_peer_rounds_committed_total", "counter", "Rounds this peer committed.", r.rounds_committed),
+            Metric("swarm_peer_attempts_total", "counter", "All-reduce attempts started.", r.attempts),
+            Metric("swarm_peer_retries_total", "counter", "Commits answered RETRY (a member failed).", r.retries),
+            Metric("swarm_peer_resyncs_total", "counter", "State downloads from a donor.", r.resyncs),
+            Metric("swarm_peer_missed_total", "counter", "Rounds that started without this peer.", r.missed),
+            Metric("swarm_peer_aborted_total", "counter", "Rounds abandoned or left without a result.", r.aborted),
+            Metric("swarm_peer_failures_seen_total", "counter", "Member failures seen in all-reduces.",
+                   len(r.failures_seen)),
+            Metric("swarm_peer_bytes_sent_total", "counter", "Data-plane payload bytes sent.", ep.bytes_sent if ep else 0),
+            Metric("swarm_peer_bytes_received_total", "counter", "Data-plane payload bytes received.",
+                   ep.bytes_received if ep else 0),
+            Metric("swarm_peer_round", "gauge", "The round this peer rendezvouses for next.", self.round),
+            Metric("swarm_peer_step", "gauge", "Training step reported with heartbeats.", p.step),
+            Metric("swarm_peer_loss", "gauge", "Training loss reported with heartbeats.", p.loss),
+            Metric("swarm_peer_tokens_per_second", "gauge", "Training throughput.", p.tokens_per_s),
+        ]
 
     async def close(self, reason: str) -> PeerReport:
         """Leave the run and stop serving; returns the report."""
@@ -210,6 +239,8 @@ class Peer:
         with contextlib.suppress(CoordinatorCallError):
             await self.client.leave(self.report.stopped_by)
         await self.client.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         if self.endpoint is not None:
             self.report.bytes_sent = self.endpoint.bytes_sent
             self.report.bytes_received = self.endpoint.bytes_received

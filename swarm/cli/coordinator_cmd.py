@@ -10,6 +10,7 @@ import sys
 from swarm.coordinator import server
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.store import open_store
+from swarm.metrics import Metric, MetricsServer
 from swarm.utils import run_async
 
 
@@ -31,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lease-s", type=float, help="drop peers silent this long (default 10)")
     p.add_argument("--min-peers", type=int, help="rounds start with at least this many peers (default 1)")
     p.add_argument("--rendezvous-timeout-s", type=float, help="longest a round's barrier waits (default 30)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port; default: off)")
     p.set_defaults(run=run)
 
 
@@ -53,16 +56,41 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"swarm coordinator: {e}", file=sys.stderr)
         return 2
-    return run_async(_serve(config, store, args.host, args.port))
+    return run_async(_serve(config, store, args.host, args.port, args.metrics_port))
 
 
-async def _serve(config: CoordinatorConfig, store, host: str, port: int) -> int:
+def _coordinator_metrics(running: server.RunningServer) -> list[Metric]:
+    state = running.core.state
+    phases: dict[str, int] = {}
+    for rnd in state.rounds.values():
+        phases[rnd.phase] = phases.get(rnd.phase, 0) + 1
+    out = [Metric("swarm_coordinator_members", "gauge", "Live members of the run.", len(state.members))]
+    out += [Metric("swarm_coordinator_rounds", "gauge", "Rounds held in memory, by phase.", n, (("phase", phase),))
+            for phase, n in sorted(phases.items())]
+    stages = {r.stage for r in state.rounds.values()}
+    for stage in sorted(stages):
+        last = state.last_committed(stage)
+        out.append(Metric("swarm_coordinator_last_committed_round", "gauge", "Latest committed round, by stage.",
+                          last.number if last else -1, (("stage", str(stage)),)))
+    return out
+
+
+async def _serve(config: CoordinatorConfig, store, host: str, port: int, metrics_port: int | None) -> int:
+    metrics: MetricsServer | None = None
     try:
         running = await server.start(config, store, host, port)
     except OSError as e:
         store.close()
         print(f"swarm coordinator: {e}", file=sys.stderr)
         return 2
+    if metrics_port is not None:
+        metrics = MetricsServer(lambda: _coordinator_metrics(running), host, metrics_port)
+        try:
+            print(f"swarm coordinator: metrics at http://{await metrics.start()}/metrics", file=sys.stderr)
+        except OSError as e:
+            await running.stop()
+            print(f"swarm coordinator: metrics port: {e}", file=sys.stderr)
+            return 2
     # Handlers before the `listening` line: a supervisor may send SIGTERM as soon as it reads it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,6 +100,8 @@ async def _serve(config: CoordinatorConfig, store, host: str, port: int) -> int:
     try:
         await stop.wait()
     finally:
+        if metrics is not None:
+            await metrics.close()
         await running.stop()
     print("coordinator stopped", file=sys.stderr)
     return 0

@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fault-injection rules as JSON (env SWARM_FAULTS); for tests and chaos runs")
     p.add_argument("--rounds", type=int, default=10, help="stop once rounds 0..N-1 of the run are over; 0: run until stopped")
     p.add_argument("--work-s", type=float, default=0.2, help="simulated local work per round (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port, logged; default: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
     p.add_argument("--retry-for-s", type=float, default=30.0,
                    help="keep retrying an unreachable coordinator this long (default: %(default)s)")
     p.set_defaults(run=run)
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
                                       chunk_bytes=args.chunk_bytes),
             faults=FaultInjector.from_json(args.faults),
             allreduce_timeout_s=args.allreduce_timeout_s,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
             rounds=args.rounds,
             work_s=args.work_s,
         )
