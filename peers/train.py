@@ -37,6 +37,8 @@ class TrainConfig:
     """Global inner steps of the run (rounds × sync_every); each peer stops there."""
     sync_every: int = 20
     """H: inner steps between syncs."""
+    fragments: int = 1
+    """Streaming DiLoCo: sync this many fragments at staggered steps, overlapped with training (1: off)."""
     lr: float = 3e-3
     """Peak inner AdamW learning rate."""
     warmup_steps: int = 20
@@ -98,20 +100,22 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     last_loss = float("nan")
 
     def global_step() -> int:
-        return (dl.state.round + 1) * H + dl.local_step
+        # A round syncs all of θ every H steps, or one fragment every H / fragments steps when streaming.
+        return (dl.state.round + 1) * dl.stride + dl.local_step
 
     def on_sync(result: SyncResult) -> None:
         loss = evaluate(model, corpus.eval, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                         batches=config.eval_batches, device=device)
         ep = handle.peer.endpoint
-        evals.append({"round": dl.state.round, "step": (dl.state.round + 1) * H, "eval_loss": round(loss, 5),
+        evals.append({"round": dl.state.round, "step": (dl.state.round + 1) * dl.stride, "eval_loss": round(loss, 5),
                       "outcome": result.outcome, "members": result.members, "train_loss": round(last_loss, 5),
                       "bytes_sent": ep.bytes_sent if ep else 0, "bytes_received": ep.bytes_received if ep else 0,
                       "time_s": round(time.perf_counter() - started, 3)})
         log.info("round %d %s: eval loss %.4f", dl.state.round, result.outcome, loss)
 
     stopped_by = "done"
-    dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec, on_sync=on_sync)
+    dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec,
+               fragments=config.fragments, on_sync=on_sync)
     try:
         with dl:
             on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)
@@ -137,8 +141,9 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         report.stopped_by = stopped_by
     report.extra = {
         "model": config.model, "params": count_params(model), "sync_every": H, "codec": config.codec.name,
+        "fragments": config.fragments,
         "tokens": tokens, "train_s": round(time.perf_counter() - started, 3),
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "evals": evals,
-        "final_round": dl.state.round, "hooks": asdict(dl.stats) | {"history": []},
+        "final_round": dl.state.round, "hooks": asdict(dl.stats),
     }
     return report

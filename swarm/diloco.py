@@ -28,10 +28,13 @@ sync, instead of holding the others at the barrier).
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, Self
 
 import numpy as np
@@ -73,6 +76,10 @@ def _digest(*arrays: np.ndarray) -> str:
 class GlobalState:
     """θ_global and the outer momentum as flat fp32 CPU tensors; the `RoundState` of a DiLoCo peer.
 
+    A round updates `fragment` (all of θ by default; one slice per round in streaming mode). Proposals
+    are computed into new tensors, so the committed state stays valid for a RETRY; `adopt` copies
+    the fragment in place, and `snapshot` copies the state for donors (both on the peer's loop).
+
     Args:
         theta: the initial global parameters (copied).
         outer: the outer optimizer's settings.
@@ -83,33 +90,50 @@ class GlobalState:
         self.theta = theta.detach().to("cpu", torch.float32).clone()
         self.momentum = torch.zeros_like(self.theta)
         self.round = -1
+        self.fragment = slice(0, self.theta.numel())
+        """The part of θ the next round updates."""
         self._digest = _digest(self.theta.numpy(), self.momentum.numpy())
-        self._proposal: tuple[torch.Tensor, torch.Tensor, str] | None = None
+        self._proposal: tuple[slice, torch.Tensor, torch.Tensor, str] | None = None
         self.inner_step: Callable[[], int] = lambda: 0
         """Inner steps this peer made since its last sync (told to joiners with the state)."""
+        self.restored_inner_step = 0
+        """The donor's `inner_step` at the last restore."""
 
     @property
     def digest(self) -> str:
         return self._digest
 
+    def _hash_with(self, frag: slice, theta_f: torch.Tensor, momentum_f: torch.Tensor) -> str:
+        t, m = self.theta.numpy(), self.momentum.numpy()
+        return _digest(t[: frag.start], theta_f.numpy(), t[frag.stop :], m[: frag.start], momentum_f.numpy(),
+                       m[frag.stop :])
+
     def propose(self, mean: np.ndarray | None, round_: int, attempt: object = None) -> str:
-        """θ_global and momentum after an outer step with the mean pseudo-gradient; returns their hash."""
-        if mean is None or mean.size != self.theta.numel():
-            raise ValueError(f"the mean pseudo-gradient must have {self.theta.numel()} elements")
+        """The fragment of θ_global and momentum after an outer step with the mean pseudo-gradient.
+
+        Returns:
+            The hash of the whole state with that fragment updated.
+        Raises:
+            ValueError: `mean` does not have the fragment's size.
+        """
+        frag = self.fragment
+        if mean is None or mean.size != frag.stop - frag.start:
+            raise ValueError(f"the mean pseudo-gradient must have {frag.stop - frag.start} elements")
         g = torch.from_numpy(mean)
         mu, lr = self.outer.momentum, self.outer.lr
-        # New tensors, never in place: the committed ones stay valid for a RETRY and for donors.
         # Separate mul and add (no addcmul/alpha): one IEEE rounding each, the same on every CPU.
-        momentum = self.momentum * mu + g if mu > 0 else g.clone()
+        momentum = self.momentum[frag] * mu + g if mu > 0 else g.clone()
         step = g + momentum * mu if self.outer.nesterov and mu > 0 else momentum
-        theta = self.theta - step * lr
-        digest = _digest(theta.numpy(), momentum.numpy())
-        self._proposal = (theta, momentum, digest)
+        theta = self.theta[frag] - step * lr
+        digest = self._hash_with(frag, theta, momentum)
+        self._proposal = (frag, theta, momentum, digest)
         return digest
 
     def adopt(self, round_: int) -> None:
         assert self._proposal is not None, "propose() before adopt()"
-        self.theta, self.momentum, self._digest = self._proposal
+        frag, theta, momentum, self._digest = self._proposal
+        self.theta[frag] = theta
+        self.momentum[frag] = momentum
         self._proposal = None
         self.round = round_
 
@@ -117,7 +141,8 @@ class GlobalState:
         if self.round < 0:
             return None
         meta = {"round": self.round, "hash": self._digest, "inner_step": int(self.inner_step())}
-        return StateSnapshot(meta, {"theta": self.theta.numpy(), "momentum": self.momentum.numpy()})
+        # Copies: a later adopt writes in place while the donor may still be sending.
+        return StateSnapshot(meta, {"theta": self.theta.numpy().copy(), "momentum": self.momentum.numpy().copy()})
 
     def restore(self, snapshot: StateSnapshot) -> str:
         arrays = snapshot.arrays
@@ -137,8 +162,6 @@ class GlobalState:
         self._proposal = None
         self.restored_inner_step = int(snapshot.meta.get("inner_step", 0))
         return digest
-
-    restored_inner_step: int = 0
 
 
 class Averager(Protocol):
@@ -167,19 +190,27 @@ class SyncStats:
     kept: int = 0
     sync_s: float = 0.0
     last: str = ""
-    history: list[dict] = field(default_factory=list)
 
 
 class DiLoCo:
     """Wrap a model and its inner optimizer so every `sync_every` inner steps sync with the swarm.
 
+    Streaming (`fragments` > 1): the parameters are cut into that many fragments (on parameter
+    boundaries, about equal in size); every sync_every / fragments inner steps the next fragment
+    (round r syncs fragment r mod fragments) goes out in the background while training goes on,
+    so each fragment still syncs every sync_every steps and the network is busy all the time with
+    1/fragments of the bytes. A fragment's result is applied at the first inner step after it
+    arrived (at least one step later): θ_local ← θ_global + (the local progress made while it was
+    in flight). At most one round is in flight; a sync that comes due while one is waits for it.
+
     Args:
         model: any `nn.Module`; its trainable parameters (in `parameters()` order) are synced.
         inner_optimizer: the optimizer the loop steps; a post-step hook counts its steps.
         peer: the swarm side (`swarm.peers.handle.SwarmPeer`, or `LocalGroup.member(i)` in one process).
-        sync_every: H, inner steps between syncs.
+        sync_every: H, inner steps between syncs (of each fragment, when streaming).
         outer: the outer optimizer.
         codec: what the pseudo-gradient is sent as (name or CodecConfig).
+        fragments: 1 (plain DiLoCo) or the number of streaming fragments (a divisor of sync_every).
         on_sync: called after each sync with the result (progress displays, logging).
     Raises:
         ValueError: bad settings, or a model without trainable parameters.
@@ -187,9 +218,11 @@ class DiLoCo:
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, peer: Averager,
                  sync_every: int = 500, outer: OuterConfig | None = None, codec: CodecConfig | str = "none",
-                 on_sync: Callable[[SyncResult], None] | None = None) -> None:
+                 fragments: int = 1, on_sync: Callable[[SyncResult], None] | None = None) -> None:
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if fragments < 1 or sync_every % fragments:
+            raise ValueError(f"fragments must be >= 1 and divide sync_every ({sync_every}), got {fragments}")
         self.model = model
         self.inner_optimizer = inner_optimizer
         self.peer = peer
@@ -202,14 +235,26 @@ class DiLoCo:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.numel = sum(p.numel() for p in self.params)
+        self.fragments = _cut(self.params, fragments)
         self.state = GlobalState(self._flat_params(), self.outer)
         self.state.inner_step = lambda: self.local_step
         self.on_sync = on_sync
         self.local_step = 0
-        """Inner steps since the last sync."""
+        """Inner steps since the last sync (of any fragment, when streaming)."""
         self.stats = SyncStats()
         self._hook: object | None = None
         self._syncing = threading.Lock()
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: tuple[concurrent.futures.Future[SyncResult], slice, torch.Tensor, torch.Tensor, float] | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return len(self.fragments) > 1
+
+    @property
+    def stride(self) -> int:
+        """Inner steps between two syncs (of consecutive fragments, when streaming)."""
+        return self.sync_every // len(self.fragments)
 
     # ---------------------------------------------------------- lifecycle
 
@@ -217,8 +262,10 @@ class DiLoCo:
         self.peer.start(self.state)
         if self.state.round >= 0:  # resynced at join: train from the run's θ_global
             self._load_global()
-            self.local_step = min(self.state.restored_inner_step, self.sync_every)
+            self.local_step = min(self.state.restored_inner_step, self.stride)
             self.stats.resynced += 1
+        if self.streaming:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-streaming")
         self._hook = self.inner_optimizer.register_step_post_hook(self._after_step)
         return self
 
@@ -226,69 +273,150 @@ class DiLoCo:
         if self._hook is not None:
             self._hook.remove()  # type: ignore[attr-defined]
             self._hook = None
-        reason = "done" if exc[0] is None else type(exc[0]).__name__
-        self.peer.close(reason)
+        reason = "done" if exc[0] is None else exc[0].__name__  # type: ignore[attr-defined]
+        try:
+            if self._in_flight is not None and exc[0] is None:
+                self._finish(wait=True)  # the last fragment's round completes before leaving
+        finally:
+            self.peer.close(reason)  # on an error this abandons a round in flight
+            if self._worker is not None:
+                self._worker.shutdown(wait=True, cancel_futures=True)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self.local_step += 1
-        if self.local_step >= self.sync_every:
-            self.sync()
+        if not self.streaming:
+            if self.local_step >= self.sync_every:
+                self.sync()
+            return
+        if self._in_flight is not None:
+            self._finish(wait=False)
+        if self.local_step >= self.stride:
+            self._finish(wait=True)
+            self._launch()
 
     # --------------------------------------------------------------- sync
 
-    def _flat_params(self) -> torch.Tensor:
+    def _flat_params(self, part: slice | None = None) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+            flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+        return flat if part is None else flat[part]
 
-    def _load_global(self) -> None:
+    def _load_global(self, part: slice | None = None, extra: torch.Tensor | None = None) -> None:
+        """Load θ_global (only `part` of it, plus `extra` when given) into the model's parameters."""
+        part = part or slice(0, self.numel)
+        values = self.state.theta[part] if extra is None else self.state.theta[part] + extra
         with torch.no_grad():
             offset = 0
             for p in self.params:
                 n = p.numel()
-                p.copy_(self.state.theta[offset : offset + n].view_as(p))
+                lo, hi = max(offset, part.start), min(offset + n, part.stop)
+                if lo < hi:
+                    p.view(-1)[lo - offset : hi - offset].copy_(values[lo - part.start : hi - part.start])
                 offset += n
 
-    def sync(self) -> SyncResult:
-        """Sync now (called by the step hook every `sync_every` steps); returns how the round ended."""
-        import time
+    def _delta(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ_local of `part`, Δ + residual of `part`)."""
+        local = self._flat_params(part)
+        delta = self.state.theta[part] - local
+        if not torch.isfinite(delta).all():
+            raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
+        if self.feedback is not None and self.feedback.residual is not None:
+            delta = delta + self.feedback.residual[part]
+        return local, delta
 
+    def _settle(self, result: SyncResult, part: slice, acc: torch.Tensor, started: float,
+                in_flight: torch.Tensor | None = None) -> None:
+        """Bring the model and the residual in line with how a round of `part` ended."""
+        if result.outcome == "committed":
+            if self.feedback is not None:
+                # The residual moves on only once the round committed with this contribution in it.
+                if self.feedback.residual is None:
+                    self.feedback.residual = torch.zeros(self.numel)
+                self.feedback.residual[part] = acc - self.codec.decode(self.codec.encode(acc), acc.numel())
+            self._load_global(part, in_flight)
+            self.stats.committed += 1
+        elif result.outcome == "resynced":
+            self._load_global()
+            self.local_step = min(self.state.restored_inner_step, self.stride)
+            if self.feedback is not None:
+                self.feedback.reset()  # it belonged to a trajectory the run did not take
+            self.stats.resynced += 1
+        else:
+            # The round went on without us or was abandoned: θ_global is unchanged and the local
+            # progress is kept, so the next Δ carries these steps too.
+            self.stats.kept += 1
+        self.stats.syncs += 1
+        self.stats.sync_s += time.perf_counter() - started
+        self.stats.last = result.outcome
+        if self.on_sync is not None:
+            self.on_sync(result)
+
+    def _next_part(self) -> slice:
+        return self.fragments[(self.state.round + 1) % len(self.fragments)]
+
+    def sync(self) -> SyncResult:
+        """Sync all fragments now, waiting for the round (the step hook calls it every `sync_every` steps)."""
         with self._syncing:
+            if self.streaming:
+                self._finish(wait=True)
             started = time.perf_counter()
-            delta = self.state.theta - self._flat_params()
-            if not torch.isfinite(delta).all():
-                raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
-            acc = delta + self.feedback.residual if self.feedback is not None and self.feedback.residual is not None else delta
+            part = slice(0, self.numel)
+            self.state.fragment = part
+            _, acc = self._delta(part)
             result = self.peer.sync(acc.numpy(), self.codec)
-            if result.outcome == "committed":
-                if self.feedback is not None:
-                    # The residual moves on only once the round committed with this contribution in it.
-                    self.feedback.residual = acc - self.codec.decode(self.codec.encode(acc), acc.numel())
-                self._load_global()
-                self.local_step = 0
-                self.stats.committed += 1
-            elif result.outcome == "resynced":
-                self._load_global()
-                self.local_step = min(self.state.restored_inner_step, self.sync_every)
-                if self.feedback is not None:
-                    self.feedback.reset()  # it belonged to a trajectory the run did not take
-                self.stats.resynced += 1
-            else:
-                # The round went on without us or was abandoned: θ_global is unchanged and the local
-                # progress is kept, so the next Δ carries these steps too.
-                self.local_step = 0
-                self.stats.kept += 1
-            self.stats.syncs += 1
-            self.stats.sync_s += time.perf_counter() - started
-            self.stats.last = result.outcome
-            if self.on_sync is not None:
-                self.on_sync(result)
+            self.local_step = 0
+            self._settle(result, part, acc, started)
             return result
+
+    def _launch(self) -> None:
+        """Send the next fragment's Δ in the background (streaming)."""
+        assert self._worker is not None and self._in_flight is None
+        part = self._next_part()
+        self.state.fragment = part
+        local, acc = self._delta(part)
+        self.local_step = 0
+        fut = self._worker.submit(self.peer.sync, acc.numpy(), self.codec)
+        self._in_flight = (fut, part, local, acc, time.perf_counter())
+
+    def _finish(self, wait: bool) -> None:
+        """Apply the fragment in flight once its round ended (streaming)."""
+        if self._in_flight is None:
+            return
+        fut, part, sent_local, acc, started = self._in_flight
+        if not wait and not fut.done():
+            return
+        while True:
+            try:
+                result = fut.result(timeout=0.2)  # short waits: Ctrl-C reaches this thread
+                break
+            except concurrent.futures.TimeoutError:
+                continue
+        self._in_flight = None
+        # Local progress made on this fragment while its round was in flight is kept on top of θ_global.
+        progress = self._flat_params(part) - sent_local
+        self._settle(result, part, acc, started, progress)
 
     def state_dict(self) -> dict[str, object]:
         """θ_global, the outer momentum, the round and the error-feedback residual, to save with the peer."""
         return {"theta": self.state.theta, "momentum": self.state.momentum, "round": self.state.round,
                 "hash": self.state.digest, "local_step": self.local_step,
                 "feedback": self.feedback.state_dict() if self.feedback is not None else None}
+
+
+def _cut(params: list[nn.Parameter], n: int) -> list[slice]:
+    """`n` contiguous slices of the flat parameters, on parameter boundaries, about equal in size."""
+    sizes = [p.numel() for p in params]
+    if n > len(sizes):
+        raise ValueError(f"fragments ({n}) must not exceed the number of parameter tensors ({len(sizes)})")
+    total, bounds, acc = sum(sizes), [0], 0
+    for i, size in enumerate(sizes):
+        acc += size
+        left_params, left_cuts = len(sizes) - i - 1, n - len(bounds)
+        # Cut when this fragment reached its share, keeping enough tensors for the fragments left.
+        if left_cuts > 0 and (acc >= total * len(bounds) / n or left_params == left_cuts):
+            bounds.append(acc)
+    bounds.append(total)
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 class LocalGroup:

@@ -11,7 +11,7 @@ from swarm.peers.daemon import RoundState, SyncResult
 from torch import nn
 
 from swarm.compression import Codec
-from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig
+from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig, _cut
 from swarm.transport.endpoint import StateSnapshot
 
 
@@ -20,7 +20,8 @@ def _model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
 
 
-def _train_members(n: int, steps: int, H: int, codec: str, outer: OuterConfig) -> tuple[list[DiLoCo], LocalGroup]:
+def _train_members(n: int, steps: int, H: int, codec: str, outer: OuterConfig,
+                   fragments: int = 1) -> tuple[list[DiLoCo], LocalGroup]:
     """n members in threads, each on its own data, all starting from the same weights."""
     group = LocalGroup(n)
     hooks: list[DiLoCo] = []
@@ -32,7 +33,8 @@ def _train_members(n: int, steps: int, H: int, codec: str, outer: OuterConfig) -
             model = models[i]
             opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
             gen = torch.Generator().manual_seed(100 + i)
-            with DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=outer, codec=codec) as dl:
+            with DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=outer, codec=codec,
+                        fragments=fragments) as dl:
                 hooks.append(dl)
                 for _ in range(steps):
                     x = torch.randn(32, 8, generator=gen)
@@ -209,3 +211,27 @@ def test_bad_settings_are_refused() -> None:
         OuterConfig(lr=0)
     with pytest.raises(ValueError, match="codec.name"):
         DiLoCo(model, opt, peer=_Recorder(), codec="zip")
+
+
+@pytest.mark.parametrize("codec", ["none", "sparseloco"])
+def test_streaming_syncs_one_fragment_per_stride_and_members_stay_identical(codec: str) -> None:
+    hooks, group = _train_members(3, steps=24, H=8, codec=codec, outer=OuterConfig(), fragments=2)
+    assert group.rounds == 6  # a fragment every H / fragments = 4 steps
+    assert all(h.stats.committed == 6 for h in hooks)
+    assert len({h.state.digest for h in hooks}) == 1
+    # Both fragments moved away from the initial weights.
+    start = torch.cat([p.detach().reshape(-1) for p in _model(0).parameters()])
+    for part in hooks[0].fragments:
+        assert not torch.equal(hooks[0].state.theta[part], start[part])
+
+
+def test_fragments_cut_on_parameter_boundaries() -> None:
+    params = [nn.Parameter(torch.zeros(n)) for n in (10, 10, 10, 70)]
+    parts = _cut(params, 2)
+    assert parts == [slice(0, 30), slice(30, 100)]
+    assert _cut(params, 4) == [slice(0, 10), slice(10, 20), slice(20, 30), slice(30, 100)]
+    with pytest.raises(ValueError, match="fragments"):
+        _cut(params, 5)
+    model = _model()
+    with pytest.raises(ValueError, match="divide"):
+        DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), peer=_Recorder(), sync_every=10, fragments=3)

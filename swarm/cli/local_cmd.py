@@ -50,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=200, help="global inner steps to train (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, default=20, metavar="H",
                    help="inner steps between syncs (default: %(default)s)")
+    p.add_argument("--fragments", type=int, default=1,
+                   help="streaming DiLoCo: fragments synced at staggered steps, overlapped with training (default: 1)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files or folders to train on (default: this Python's standard library source)")
@@ -174,7 +176,7 @@ def _peer_argv(args: argparse.Namespace, target: str, index: int, shards: int) -
         return [*argv, "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--numel", str(args.numel)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.peers + len(args.join)))
     argv += ["--model", args.model, "--steps", str(args.steps), "--inner-steps", str(args.inner_steps),
-             "--lr", str(args.lr), "--shard", f"{index}/{shards}", "--threads", str(threads)]
+             "--lr", str(args.lr), "--fragments", str(args.fragments), "--shard", f"{index}/{shards}", "--threads", str(threads)]
     return [*argv, "--data", *args.data] if args.data else argv
 
 

@@ -39,6 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", default="tiny", help="model size: tiny, small or 124m (default: %(default)s)")
     t.add_argument("--steps", type=int, default=200, help="global inner steps of the run (default: %(default)s)")
     t.add_argument("--inner-steps", type=int, default=20, metavar="H", help="inner steps between syncs (default: %(default)s)")
+    t.add_argument("--fragments", type=int, default=1,
+                   help="streaming DiLoCo: fragments synced at staggered steps, overlapped with training (default: 1, off)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
     t.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD lr (default: %(default)s)")
     t.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
@@ -111,7 +113,8 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
         if not sep or not index.isdigit() or not count.isdigit():
             raise ValueError(f"--shard {args.shard!r} must be I/N, e.g. 0/4")
         config = TrainConfig(
-            model=args.model, seed=args.seed, steps=args.steps, sync_every=args.inner_steps, lr=args.lr,
+            model=args.model, seed=args.seed, steps=args.steps, sync_every=args.inner_steps, fragments=args.fragments,
+            lr=args.lr,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
             shard_index=int(index), shard_count=int(count),
             outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=args.device,
