@@ -9,6 +9,7 @@ peer, a late joiner too, stops at the same round.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -61,6 +62,11 @@ class TrainConfig:
     """What pseudo-gradients are sent as."""
     device: str = "cpu"
     """Where the inner steps run (cpu, cuda, cuda:1, ...)."""
+    intra_host: bool = False
+    """This peer is several processes of one host started by torchrun (data-parallel inside the peer,
+    NCCL on GPUs); rank 0 talks to the swarm. torchrun's environment says the rank and world size."""
+    log_every: int = 10
+    """Read the training loss (a device sync) every this many steps."""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.sync_every < 1 or self.steps < self.sync_every:
@@ -87,14 +93,26 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         CoordinatorCallError: the coordinator refused the join or is unreachable.
     """
     device = torch.device(config.device)
+    group, rank = None, 0
+    if config.intra_host:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        group, rank = dist.group.WORLD, dist.get_rank()
     model = build_model(config.model, seed=config.seed).to(device)
+    # DDP averages gradients across this host's processes every step; DiLoCo syncs across peers.
+    step_model = torch.nn.parallel.DistributedDataParallel(model) if group is not None else model
     inner = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     corpus = Corpus.load(config.data)
     batches = Batches(corpus.shard(config.shard_index, config.shard_count), seq_len=config.data.seq_len,
-                      batch_size=config.data.batch_size, seed=config.data.seed, peer=config.shard_index)
+                      batch_size=config.data.batch_size, seed=config.data.seed,
+                      peer=config.shard_index * 4096 + rank)  # each process of the peer its own windows
     H = config.sync_every
     evals: list[dict] = []
-    handle = SwarmPeer(peer_config)
+    handle = SwarmPeer(peer_config) if rank == 0 else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tokens = 0
     started = time.perf_counter()
     last_loss = float("nan")
@@ -104,6 +122,8 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         return (dl.state.round + 1) * dl.stride + dl.local_step
 
     def on_sync(result: SyncResult) -> None:
+        if handle is None:
+            return  # rank 0 of this peer evaluates and reports
         loss = evaluate(model, corpus.eval, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
                         batches=config.eval_batches, device=device)
         ep = handle.peer.endpoint
@@ -115,28 +135,36 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
 
     stopped_by = "done"
     dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec,
-               fragments=config.fragments, on_sync=on_sync)
+                fragments=config.fragments, on_sync=on_sync, intra_group=group)
     try:
         with dl:
             on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)
             while global_step() < config.steps:
-                for group in inner.param_groups:
-                    group["lr"] = inner_lr(config, global_step())
+                for param_group in inner.param_groups:
+                    param_group["lr"] = inner_lr(config, global_step())
                 batch = next(batches).to(device, non_blocking=True)
-                loss = model.loss(batch)
+                with autocast:
+                    loss = step_model(batch[:, :-1]) if group is not None else None
+                    loss = _next_byte_loss(loss, batch) if loss is not None else model.loss(batch)
                 loss.backward()
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                last_loss = float(loss.detach())
                 tokens += batch.shape[0] * (batch.shape[1] - 1)
-                handle.set_progress(global_step() + 1, last_loss, tokens / (time.perf_counter() - started))
+                if handle is not None and global_step() % config.log_every == 0:
+                    last_loss = float(loss.detach())
+                    handle.set_progress(global_step() + 1, last_loss, tokens / (time.perf_counter() - started))
                 inner.step()  # the DiLoCo hook syncs here every H steps
                 inner.zero_grad(set_to_none=True)
     except KeyboardInterrupt:
         stopped_by = "SIGINT"
     except SystemExit:
         stopped_by = "SIGTERM"
-    report = handle.report or PeerReport(peer_id=peer_config.client.peer_id)
+    finally:
+        if group is not None:
+            torch.distributed.destroy_process_group()
+    report = (handle.report if handle else None) or PeerReport(peer_id=peer_config.client.peer_id)
+    if handle is None:
+        report.stopped_by = f"rank {rank} of the peer"
     if report.stopped_by in ("", "done", "KeyboardInterrupt", "SystemExit"):
         report.stopped_by = stopped_by
     report.extra = {
@@ -147,3 +175,8 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         "final_round": dl.state.round, "hooks": asdict(dl.stats),
     }
     return report
+
+
+def _next_byte_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of `logits` (of batch[:, :-1]) against the next bytes, in fp32."""
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 import torch
@@ -212,13 +212,23 @@ class DiLoCo:
         codec: what the pseudo-gradient is sent as (name or CodecConfig).
         fragments: 1 (plain DiLoCo) or the number of streaming fragments (a divisor of sync_every).
         on_sync: called after each sync with the result (progress displays, logging).
+        intra_group: a torch.distributed group of this peer's own processes (several GPUs of one host
+            training data-parallel, e.g. with DDP): its rank 0 talks to the swarm (`peer`; the other
+            ranks pass None) and broadcasts θ_global to the others after each sync.
     Raises:
         ValueError: bad settings, or a model without trainable parameters.
     """
 
-    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, peer: Averager,
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, peer: Averager | None,
                  sync_every: int = 500, outer: OuterConfig | None = None, codec: CodecConfig | str = "none",
-                 fragments: int = 1, on_sync: Callable[[SyncResult], None] | None = None) -> None:
+                 fragments: int = 1, on_sync: Callable[[SyncResult], None] | None = None,
+                 intra_group: Any = None) -> None:
+        self.intra_group = intra_group
+        self.intra_rank = torch.distributed.get_rank(intra_group) if intra_group is not None else 0
+        if intra_group is not None and fragments > 1:
+            raise ValueError("streaming (fragments > 1) inside a multi-process peer is not supported; use fragments=1")
+        if (peer is None) != (self.intra_rank != 0):
+            raise ValueError("pass a peer on rank 0 of the intra-host group (or without one), and None elsewhere")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
         if fragments < 1 or sync_every % fragments:
@@ -259,11 +269,13 @@ class DiLoCo:
     # ---------------------------------------------------------- lifecycle
 
     def __enter__(self) -> Self:
-        self.peer.start(self.state)
+        if self.peer is not None:
+            self.peer.start(self.state)
         if self.state.round >= 0:  # resynced at join: train from the run's θ_global
             self._load_global()
             self.local_step = min(self.state.restored_inner_step, self.stride)
             self.stats.resynced += 1
+        self._share("start")
         if self.streaming:
             self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="swarm-streaming")
         self._hook = self.inner_optimizer.register_step_post_hook(self._after_step)
@@ -278,7 +290,8 @@ class DiLoCo:
             if self._in_flight is not None and exc[0] is None:
                 self._finish(wait=True)  # the last fragment's round completes before leaving
         finally:
-            self.peer.close(reason)  # on an error this abandons a round in flight
+            if self.peer is not None:
+                self.peer.close(reason)  # on an error this abandons a round in flight
             if self._worker is not None:
                 self._worker.shutdown(wait=True, cancel_futures=True)
 
@@ -361,12 +374,33 @@ class DiLoCo:
                 self._finish(wait=True)
             started = time.perf_counter()
             part = slice(0, self.numel)
+            self.local_step = 0
+            if self.peer is None:  # another rank of this peer talks to the swarm
+                result = SyncResult(self._share(""), self.state.round)  # type: ignore[arg-type]
+                self.stats.syncs += 1
+                self.stats.last = result.outcome
+                return result
             self.state.fragment = part
             _, acc = self._delta(part)
             result = self.peer.sync(acc.numpy(), self.codec)
-            self.local_step = 0
             self._settle(result, part, acc, started)
+            self._share(result.outcome)
             return result
+
+    def _share(self, outcome: str) -> str:
+        """Intra-host group: rank 0's outcome and parameters go to every rank (a no-op without a group)."""
+        if self.intra_group is None:
+            return outcome
+        dist = torch.distributed
+        src = dist.get_global_rank(self.intra_group, 0)
+        # The round and step counters too: every rank decides alike when to sync and when to stop.
+        box = [(outcome, self.state.round, self.local_step)]
+        dist.broadcast_object_list(box, src=src, group=self.intra_group)
+        outcome, self.state.round, self.local_step = box[0]
+        with torch.no_grad():
+            for p in self.params:
+                dist.broadcast(p.data, src=src, group=self.intra_group)
+        return outcome
 
     def _launch(self) -> None:
         """Send the next fragment's Δ in the background (streaming)."""

@@ -25,7 +25,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = subprocess.run(
         [*SWARM, "local", "--peers", "3", "--steps", "120", "--inner-steps", "20", "--kill", "1@50",
          "--join", "60", "--lease-s", "2", "--no-view", "--out", str(out), "--timeout-s", "240"],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"out": out, "summary": json.loads((out / "summary.json").read_text()), "stderr": proc.stderr}
@@ -113,3 +113,21 @@ def test_ctrl_c_during_training_leaves_nothing_behind(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_peer_of_two_processes_trains_with_a_single_process_peer(coordinator_proc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """torchrun: 2 processes (gloo on CPU; NCCL on GPUs) form one peer; the swarm sees one member."""
+    coord = coordinator_proc(extra_args=["--run-id", "mp", "--min-peers", "2"])
+    common = ["peer", "--coordinator", coord.target, "--run-id", "mp", "--steps", "40", "--inner-steps", "20",
+              "--threads", "1"]
+    multi = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "swarm.cli.main", *common,
+         "--peer-id", "multi", "--shard", "0/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    single = subprocess.run([*SWARM, *common, "--peer-id", "single", "--shard", "1/2"],
+                            check=False, capture_output=True, text=True, timeout=200)
+    out, err = multi.communicate(timeout=200)
+    assert multi.returncode == 0 and single.returncode == 0, err[-2000:] + single.stderr[-2000:]
+    reports = [json.loads(line)["peer_report"] for line in (out + single.stdout).splitlines() if "peer_report" in line]
+    assert len(reports) == 2, "exactly one report per peer (rank 0 of the two-process peer)"
+    assert {r["peer_id"] for r in reports} == {"multi", "single"}
+    assert len({r["state_hash"] for r in reports}) == 1 and all(r["rounds_committed"] == 2 for r in reports)

@@ -112,12 +112,18 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
         index, sep, count = args.shard.partition("/")
         if not sep or not index.isdigit() or not count.isdigit():
             raise ValueError(f"--shard {args.shard!r} must be I/N, e.g. 0/4")
+        # Under torchrun this peer is several processes of one host (read here, at the entry point).
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        device = args.device
+        if world > 1 and device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         config = TrainConfig(
+            intra_host=world > 1,
             model=args.model, seed=args.seed, steps=args.steps, sync_every=args.inner_steps, fragments=args.fragments,
             lr=args.lr,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
             shard_index=int(index), shard_count=int(count),
-            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=args.device,
+            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=device,
         )
         if args.threads > 0:
             import torch
@@ -130,5 +136,6 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
     except CoordinatorCallError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 1
-    print_report(report)
+    if not report.stopped_by.startswith("rank "):
+        print_report(report)
     return 0
