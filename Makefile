@@ -23,9 +23,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-# The main job: coordinator + 4 peers on loopback, live status, runs/local/summary.json.
+# The main job: coordinator + 4 peers train the built-in model on loopback; summary.json and loss.png.
 local: setup
-	$(BIN)/swarm local --peers 4 --rounds 20 --out runs/local
+	$(BIN)/swarm local --peers 4 --steps 200 --inner-steps 20 --out runs/local
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
