@@ -93,14 +93,14 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         CoordinatorCallError: the coordinator refused the join or is unreachable.
     """
     device = torch.device(config.device)
-    group, rank = None, 0
+    group, rank, world, backend = None, 0, 1, ""
     if config.intra_host:
         import torch.distributed as dist
 
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        group, rank = dist.group.WORLD, dist.get_rank()
+        group, rank, world, backend = dist.group.WORLD, dist.get_rank(), dist.get_world_size(), dist.get_backend()
     model = build_model(config.model, seed=config.seed).to(device)
     # DDP averages gradients across this host's processes every step; DiLoCo syncs across peers.
     step_model = torch.nn.parallel.DistributedDataParallel(model) if group is not None else model
@@ -172,7 +172,8 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         "fragments": config.fragments,
         "tokens": tokens, "train_s": round(time.perf_counter() - started, 3),
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "evals": evals,
-        "final_round": dl.state.round, "hooks": asdict(dl.stats),
+        "final_round": dl.state.round, "hooks": asdict(dl.stats), "device": str(device),
+        "processes": world, "intra_backend": backend,
     }
     return report
 
