@@ -182,6 +182,8 @@ class Peer:
         """Sent with every heartbeat; the owner updates it."""
         self.round = 0
         """The round to rendezvous for next."""
+        self.run_committed = -1
+        """The latest round the run committed, as the coordinator said at the last join (-1: none)."""
         self._heartbeat_s = 1.0
         self._heartbeats: asyncio.Task[None] | None = None
         self.endpoint: Endpoint | None = None
@@ -252,6 +254,7 @@ class Peer:
         reply = await self.client.join(self.address, caps, self.config.stage)
         self._heartbeat_s = reply.heartbeat_interval_s
         self.round = int(reply.next_round)
+        self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1
         assert self._state is not None
         if reply.has_committed and reply.last_committed_hash != self._state.digest:
             # Joining a run in progress: take the committed state from the donor the coordinator named.

@@ -139,7 +139,11 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     try:
         with dl:
             on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)
-            while global_step() < config.steps:
+            if handle is not None and (handle.peer.run_committed + 1) * dl.stride >= config.steps:
+                # Joined a run that already reached its last step (and whose peers may all be gone).
+                log.warning("the run already committed round %d, its last; nothing to do", handle.peer.run_committed)
+                stopped_by = "run already finished"
+            while stopped_by == "done" and global_step() < config.steps:
                 for param_group in inner.param_groups:
                     param_group["lr"] = inner_lr(config, global_step())
                 batch = next(batches).to(device, non_blocking=True)
