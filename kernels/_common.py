@@ -79,6 +79,52 @@ def check_async(x: torch.Tensor, residual: torch.Tensor | None, flag: torch.Tens
     )
 
 
+_RESIDENT: dict[tuple, int] = {}
+"""(kernel, device, launch options) -> programs the GPU runs at once, from its compiled resources."""
+
+
+def resident_programs(kernel: triton.runtime.JITFunction, args: tuple, options: dict, work: int) -> int:
+    """Grid size of a persistent kernel: at most `work` programs, and no more than fit on the GPU at once.
+
+    A persistent program walks several work items and may own scratch memory; programs that did not
+    fit would wait for a free slot and leave a tail. The count comes from the compiled kernel's
+    registers and shared memory (compiled once here, as the launch would; `args` only need the
+    launch's dtypes and alignments). CPU tensors (the interpreter) get 3 programs, so the tests
+    walk several items per program too.
+
+    Args:
+        kernel: the `@triton.jit` function.
+        args: positional launch arguments.
+        options: constexpr and launch keyword arguments (`num_warps`, ...).
+        work: number of work items.
+
+    Returns:
+        The number of programs to launch, between 1 and `work`.
+    """
+    device = args[0].device
+    if device.type != "cuda":
+        return max(1, min(work, 3))
+    key = (kernel, device.index, tuple(sorted(options.items())))
+    per_gpu = _RESIDENT.get(key)
+    if per_gpu is None:
+        props = torch.cuda.get_device_properties(device)
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **options)
+            compiled._init_handles()  # loads the binary: n_regs is read from it
+            warps = compiled.metadata.num_warps
+            regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256  # allocated per warp, 256 at a time
+            per_sm = min(
+                getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),
+                props.max_threads_per_multi_processor // (32 * warps),
+                getattr(props, "shared_memory_per_multiprocessor", 233472) // (compiled.metadata.shared + 1024),
+                32,
+            )
+        except (AttributeError, TypeError, ZeroDivisionError):  # another Triton's internals: a safe guess
+            per_sm = 2
+        per_gpu = _RESIDENT[key] = props.multi_processor_count * max(1, per_sm)
+    return max(1, min(work, per_gpu))
+
+
 def raise_for_flag(flag: int, codec: str) -> None:
     """Raise the ValueError a non-zero check flag stands for (NaN/Inf before overflow)."""
     if flag & NONFINITE:

@@ -61,9 +61,16 @@ class _Int8Kernel:
 
 
 class _TopKKernel:
-    """topk / sparseloco through the fused Triton kernels (error feedback inside the kernel)."""
+    """topk / sparseloco through the fused Triton kernels (error feedback inside the kernel).
 
-    checks_values = True  # a check kernel flags NaN/Inf and overflow before anything is written
+    With error feedback the new residual goes to a fresh tensor that replaces `feedback.residual`
+    once the encode succeeded, as the reference does (`feedback.residual = acc - decoded`): the
+    value check then runs in the encode pass itself, and x and the residual are read once. That
+    costs a second residual-sized buffer during the call (the caching allocator reuses the old one
+    on the next call).
+    """
+
+    checks_values = True  # the encode kernel flags NaN/Inf and overflow; the state is replaced only after
 
     def __init__(self, codec: TopKCodec, module: ModuleType) -> None:
         self._codec = codec
@@ -71,12 +78,16 @@ class _TopKKernel:
         self._params = {"chunk": codec.chunk, "k": codec.k, "bits": codec.bits}
 
     def encode(self, x: torch.Tensor, feedback: ErrorFeedback | None) -> torch.Tensor:
-        """Returns the payload of `x` (plus `feedback.residual`, which is updated in place)."""
+        """Returns the payload of `x` (plus `feedback.residual`, which is then replaced by a new tensor)."""
         residual = None if feedback is None else feedback.residual
+        new_residual = None if residual is None else torch.empty_like(residual)
         try:
-            return self._k.encode(x, residual, **self._params)
+            payload = self._k.encode(x, residual, residual_out=new_residual, **self._params)
         except ValueError as err:
             _reraise_as_codec(self._codec, x, feedback, err)
+        if feedback is not None:
+            feedback.residual = new_residual
+        return payload
 
     def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor) -> torch.Tensor:
         """Writes the decoded values into `out` (zeros outside the selection) and returns it."""
@@ -90,7 +101,10 @@ def int8_factory(codec: Codec) -> _Int8Kernel | None:
 
 
 def topk_factory(codec: Codec) -> _TopKKernel | None:
-    """The fused topk kernel for `codec` (every valid chunk/k/bits), or None without Triton.
+    """The fused topk kernel for `codec`, or None without Triton.
+
+    Every valid chunk/k/bits; chunks above 4096 are encoded by the reference inside it (see
+    `swarm.kernels.topk.encode`) and decoded by the kernel.
 
     Zero-level codes (result codecs) have no kernel yet: the reference runs them.
     """

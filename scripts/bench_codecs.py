@@ -13,7 +13,12 @@ Per codec, on a random normal fp32 vector of --numel elements:
 - With CUDA: the same for the reference on the GPU (cuda.reference) and, when swarm.kernels registers a
   kernel for the codec, for it (cuda.kernel), plus hbm_gbps (bytes the kernel must move per second:
   encode reads x [and the residual], writes the payload [and the residual]; decode reads the payload
-  and writes fp32) and fraction_of_hbm = hbm_gbps / --hbm-gbps.
+  and writes fp32) and fraction_of_hbm = hbm_gbps / --hbm-gbps; kernel_vs_reference is the kernel's
+  speed over the reference's on the same GPU and tensors.
+- cuda_copy_gbps: a device-to-device copy of --numel fp32 values (bytes read plus written per second),
+  the practical ceiling of a kernel that streams memory; copy_vs_reference (per codec) is how much
+  faster than the reference such a copy of the bytes the kernel must move would be: no kernel can
+  beat the reference by more.
 
 Timings are reported, never asserted.
 
@@ -118,7 +123,15 @@ def throughput(
     }
 
 
-def bench_codec(codec: Codec, args: argparse.Namespace) -> dict[str, Any]:
+def copy_gbps(numel: int, repeats: int) -> float:
+    """Bytes read plus written per second of a device-to-device copy of `numel` fp32 values."""
+    src = torch.randn(numel, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = time_cuda(lambda: dst.copy_(src), repeats)
+    return 8 * numel / seconds / 1e9
+
+
+def bench_codec(codec: Codec, args: argparse.Namespace, copy_rate: float | None) -> dict[str, Any]:
     n = args.numel
     x = torch.randn(n, generator=torch.Generator().manual_seed(args.seed))
     payload_nbytes = codec.payload_nbytes(n)
@@ -131,7 +144,7 @@ def bench_codec(codec: Codec, args: argparse.Namespace) -> dict[str, Any]:
         "rel_l2_error": rel_l2(codec.decode(codec.encode(x), n), x),
         f"rel_l2_error_after_ef_{args.rounds}_rounds": with_ef,
         f"rel_l2_error_no_ef_{args.rounds}_rounds": without,
-        "cpu": throughput(codec, x, reference=True, timer=time_cpu, repeats=args.repeats),
+        "cpu": None if args.skip_cpu else throughput(codec, x, reference=True, timer=time_cpu, repeats=args.repeats),
     }
     if torch.cuda.is_available():
         xc = x.cuda()
@@ -147,6 +160,12 @@ def bench_codec(codec: Codec, args: argparse.Namespace) -> dict[str, Any]:
             kernel["decode_hbm_gbps"] = dec_bytes / kernel["decode_s"] / 1e9
             kernel["encode_fraction_of_hbm"] = kernel["encode_hbm_gbps"] / args.hbm_gbps
             kernel["decode_fraction_of_hbm"] = kernel["decode_hbm_gbps"] / args.hbm_gbps
+            ref = cuda["reference"]
+            kernel["encode_kernel_vs_reference"] = ref["encode_s"] / kernel["encode_s"]
+            kernel["decode_kernel_vs_reference"] = ref["decode_s"] / kernel["decode_s"]
+            if copy_rate is not None:  # the best ratio a kernel moving these bytes at copy speed could get
+                kernel["encode_copy_vs_reference"] = ref["encode_s"] / (enc_bytes / (copy_rate * 1e9))
+                kernel["decode_copy_vs_reference"] = ref["decode_s"] / (dec_bytes / (copy_rate * 1e9))
             cuda["kernel"] = kernel
         else:
             cuda["kernel"] = None
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codecs", default=DEFAULT_CODECS, help=f"comma-separated (default {DEFAULT_CODECS})")
     parser.add_argument("--hbm-gbps", type=float, default=3350.0, help="GPU memory bandwidth (H100 SXM: 3350)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-cpu", action="store_true", help="skip the CPU reference timings (slow at 1B)")
     args = parser.parse_args(argv)
     if args.numel < 1 or args.rounds < 1 or args.repeats < 1:
         parser.error("--numel, --rounds and --repeats must be positive")
@@ -181,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "hbm_gbps": args.hbm_gbps,
-        "codecs": [bench_codec(c, args) for c in codecs],
     }
+    copy_rate = copy_gbps(args.numel, args.repeats) if torch.cuda.is_available() else None
+    report["cuda_copy_gbps"] = copy_rate
+    report["codecs"] = [bench_codec(c, args, copy_rate) for c in codecs]
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -195,10 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in report["codecs"]:
         kernel = (r.get("cuda") or {}).get("kernel")
         k = f"{kernel['encode_gbps']:.0f}/{kernel['decode_gbps']:.0f}" if kernel else "-"
-        print(
-            f"{r['codec']:<18}{r['ratio_vs_fp32']:>9.1f}{r['rel_l2_error']:>10.4f}{r[ef_key]:>10.4f}"
-            f"{r['cpu']['encode_gbps']:>10.2f}{r['cpu']['decode_gbps']:>10.2f}{k:>18}"
-        )
+        cpu = f"{r['cpu']['encode_gbps']:>10.2f}{r['cpu']['decode_gbps']:>10.2f}" if r["cpu"] else f"{'-':>10}{'-':>10}"
+        print(f"{r['codec']:<18}{r['ratio_vs_fp32']:>9.1f}{r['rel_l2_error']:>10.4f}{r[ef_key]:>10.4f}{cpu}{k:>18}")
     return 0
 
 

@@ -179,7 +179,7 @@ def test_int8_empty_and_bad_arguments() -> None:
 # ---------------------------------------------------------------------------------- topk
 
 # (chunk, k, bits): the sparseloco preset, its 4-member result codec, small and odd-k ones,
-# k == chunk, and chunks larger than the kernel's 8,192-value register tile.
+# k == chunk, and a chunk above MAX_KERNEL_CHUNK (4096: the reference encodes, the kernel decodes).
 CONFIGS = [(4096, 64, 2), (4096, 256, 8), (256, 32, 4), (1024, 96, 8), (256, 256, 2), (16384, 64, 4)]
 
 
@@ -202,15 +202,25 @@ def _topk_case(name: str, n: int, chunk: int, seed: int) -> torch.Tensor:
 
 
 def _check_topk(x: torch.Tensor, residual: torch.Tensor | None, chunk: int, k: int, bits: int) -> None:
+    """Both encode modes (residual in place, and to `residual_out`) and decode against the reference."""
     n = x.numel()
     want_payload, want_decoded, want_residual = ref_topk(x, residual, chunk, k, bits)
     r = residual.clone().to(DEVICE) if residual is not None else None
     payload = topk_encode(x.to(DEVICE), r, chunk=chunk, k=k, bits=bits)
     assert payload.numel() == topk_payload_nbytes(n, chunk=chunk, k=k, bits=bits)
     assert_bitwise_equal(payload, want_payload, "payload")
-    assert_bitwise_equal(topk_decode(payload, n, chunk=chunk, k=k, bits=bits), want_decoded, "decoded")
+    # Decode over NaN: every value must be written (zeros outside the selection).
+    out = torch.full((n,), float("nan"), device=DEVICE)
+    assert_bitwise_equal(topk_decode(payload, n, chunk=chunk, k=k, bits=bits, out=out), want_decoded, "decoded")
     if r is not None:
+        assert residual is not None
         assert_bitwise_equal(r, want_residual, "residual")
+        r = residual.clone().to(DEVICE)
+        new = torch.full((n,), float("nan"), device=DEVICE)
+        payload = topk_encode(x.to(DEVICE), r, chunk=chunk, k=k, bits=bits, residual_out=new)
+        assert_bitwise_equal(payload, want_payload, "payload (residual_out)")
+        assert_bitwise_equal(new, want_residual, "residual_out")
+        assert_bitwise_equal(r, residual, "residual beside residual_out")
 
 
 @pytest.mark.parametrize(("chunk", "k", "bits"), CONFIGS)
@@ -225,6 +235,15 @@ def test_topk_matches_reference(name: str, chunk: int, k: int, bits: int) -> Non
     else:  # keep the zeros zero
         residual = torch.zeros(n)
     _check_topk(x, residual, chunk, k, bits)
+
+
+@pytest.mark.parametrize(("chunk", "k", "bits"), [(4096, 64, 2), (4096, 256, 8), (1024, 32, 4)])
+def test_topk_normal_data_many_chunks(chunk: int, k: int, bits: int) -> None:
+    # Normal data of one scale: the search on the compacted candidates decides (few of them), and
+    # each program walks several chunks, reusing its scratch.
+    n = 7 * chunk + 1000
+    x = torch.randn(n, generator=_gen(chunk + k))
+    _check_topk(x, 0.3 * torch.randn(n, generator=_gen(12)), chunk, k, bits)
 
 
 @pytest.mark.parametrize("n", [1, 100, 256, 4095, 4097, 20_000])
@@ -274,6 +293,9 @@ def test_topk_rejects_non_finite_and_leaves_residual(where: str) -> None:
     with pytest.raises(ValueError, match="topk: input has NaN/Inf"):
         topk_encode(x.to(DEVICE), r, chunk=1024, k=32, bits=2)
     assert_bitwise_equal(r, residual, "residual after rejection")
+    with pytest.raises(ValueError, match="topk: input has NaN/Inf"):  # the check fused into the encode pass
+        topk_encode(x.to(DEVICE), r, chunk=1024, k=32, bits=2, residual_out=torch.empty_like(r))
+    assert_bitwise_equal(r, residual, "residual after rejection (residual_out)")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy computing on Inf
@@ -287,6 +309,9 @@ def test_topk_rejects_values_whose_decode_overflows() -> None:
     with pytest.raises(ValueError, match="topk: input has values so large"):
         topk_encode(x.to(DEVICE), r, chunk=256, k=32, bits=8)
     assert_bitwise_equal(r, residual, "residual after rejection")
+    with pytest.raises(ValueError, match="topk: input has values so large"):
+        topk_encode(x.to(DEVICE), r, chunk=256, k=32, bits=8, residual_out=torch.empty_like(r))
+    assert_bitwise_equal(r, residual, "residual after rejection (residual_out)")
     x[100] = 1.3e36  # accepted with 8 bits
     _check_topk(x, residual, 256, 32, 8)
 
@@ -305,6 +330,13 @@ def test_topk_bad_parameters() -> None:
             topk_encode(x, chunk=chunk, k=k, bits=bits)
     with pytest.raises(ValueError, match="residual has"):
         topk_encode(x, torch.zeros(999, device=DEVICE), chunk=256, k=32, bits=2)
+    r = torch.zeros(1000, device=DEVICE)
+    with pytest.raises(ValueError, match="residual_out must be another tensor"):
+        topk_encode(x, r, chunk=256, k=32, bits=2, residual_out=r)
+    with pytest.raises(ValueError, match="residual_out needs residual"):
+        topk_encode(x, chunk=256, k=32, bits=2, residual_out=r)
+    with pytest.raises(ValueError, match="residual_out has"):
+        topk_encode(x, r, chunk=256, k=32, bits=2, residual_out=torch.zeros(999, device=DEVICE))
     with pytest.raises(ValueError, match="expected"):
         topk_decode(torch.zeros(3, dtype=torch.uint8, device=DEVICE), 1000, chunk=256, k=32, bits=2)
 
