@@ -23,6 +23,13 @@ from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_STATUS_BYTES = 256 << 20
+_RECONNECT_MIN_MS = 100
+_RECONNECT_MAX_MS = 1000
+_RETRY_MAX_S = 0.5
+"""Longest pause between retries of an unavailable coordinator (times up to 1.5 with jitter).
+
+Together with the reconnect backoff above, a peer reaches a restarted coordinator within
+about 2.5 s, well inside the lease it is renewed on recovery (lease_s, 10 s by default)."""
 
 
 class CoordinatorCallError(Exception):
@@ -64,7 +71,15 @@ class CoordinatorClient:
         self.config = config
         self.incarnation = incarnation or os.urandom(8).hex()
         self._channel = grpc.aio.insecure_channel(
-            config.target, options=[("grpc.max_receive_message_length", MAX_STATUS_BYTES)]
+            config.target,
+            options=[
+                ("grpc.max_receive_message_length", MAX_STATUS_BYTES),
+                # gRPC's default reconnect backoff grows to 120 s: after a coordinator restart a peer
+                # could wait longer than its lease to reconnect, and be dropped though it was alive.
+                ("grpc.initial_reconnect_backoff_ms", _RECONNECT_MIN_MS),
+                ("grpc.min_reconnect_backoff_ms", _RECONNECT_MIN_MS),
+                ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
+            ],
         )
         self._stub = pb_grpc.CoordinatorStub(self._channel)
 
@@ -88,7 +103,7 @@ class CoordinatorClient:
                 if e.code() not in _RETRYABLE or time.monotonic() + backoff_s > give_up:
                     raise CoordinatorCallError(method, e.code(), e.details() or "") from None
             await asyncio.sleep(backoff_s * (0.5 + random.random()))
-            backoff_s = min(backoff_s * 2, 2.0)
+            backoff_s = min(backoff_s * 2, _RETRY_MAX_S)
 
     def _ids(self) -> dict[str, str]:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
