@@ -317,8 +317,8 @@ def _encode_kernel(
             t1 = lo + step
             t2 = tl.minimum(t1 + step, hi)
             t3 = tl.minimum(t2 + step, hi)
-            c1, c2, c3 = _count3(u0, t1, t2, t3)
-            lo, hi, above, c_lo = _search_step(lo, hi, above, c_lo, c1, c2, c3, t1, t2, t3, K)
+            n1, n2, n3 = _count3(u0, t1, t2, t3)  # not c1: that is the chunk bound argument
+            lo, hi, above, c_lo = _search_step(lo, hi, above, c_lo, n1, n2, n3, t1, t2, t3, K)
         # Candidates: the entries >= lo (thr = lo - 1, need = 0); or, if ties kept more than CAP
         # there, the k selected entries themselves: above T = lo, and the first `need` equal to it.
         few = c_lo <= CAP
@@ -364,10 +364,10 @@ def _encode_kernel(
             t2 = tl.minimum(t1 + step, hi)
             t3 = tl.minimum(t2 + step, hi)
             if CAP < 1024:
-                c1, c2, c3 = _count3_small(u_c, t1, t2, t3)
+                n1, n2, n3 = _count3_small(u_c, t1, t2, t3)
             else:
-                c1, c2, c3 = _count3(u_c, t1, t2, t3)
-            lo, hi, above, c_lo = _search_step(lo, hi, above, c_lo, c1, c2, c3, t1, t2, t3, K)
+                n1, n2, n3 = _count3(u_c, t1, t2, t3)
+            lo, hi, above, c_lo = _search_step(lo, hi, above, c_lo, n1, n2, n3, t1, t2, t3, K)
         # #(|acc| > T) = above < K <= #(|acc| >= T): take the `need` lowest-index entries equal to T.
         need = K - above
         gt = (u_c > lo).to(tl.int32)
