@@ -59,8 +59,8 @@ class PeerConfig:
     """How to reach the coordinator (address, run id, this peer's id)."""
     address: str = "127.0.0.1:9"
     """Data-plane address announced when the peer serves no data plane (`control` task)."""
-    stage: int = 0
-    """Pipeline stage this peer serves."""
+    stage: int | None = 0
+    """Pipeline stage this peer serves (None: the coordinator chooses; `Peer.stage` says which)."""
     device: str = "cpu"
     """What this peer computes on, as told to the coordinator."""
     task: Literal["control", "average", "train"] = "control"
@@ -182,6 +182,10 @@ class Peer:
         """Sent with every heartbeat; the owner updates it."""
         self.round = 0
         """The round to rendezvous for next."""
+        self.stage: int | None = None
+        """The stage this peer serves, once joined."""
+        self.recover = False
+        """The coordinator gave this peer a stage that lost every replica: it must rebuild it (issue 6)."""
         self.run_committed = -1
         """The latest round the run committed, as the coordinator said at the last join (-1: none)."""
         self._heartbeat_s = 1.0
@@ -251,7 +255,10 @@ class Peer:
 
     async def _join(self) -> None:
         caps = pb.Capabilities(device=self.config.device)
-        reply = await self.client.join(self.address, caps, self.config.stage)
+        # A re-join asks for the stage it was given, so a lease expiry never moves a peer.
+        reply = await self.client.join(self.address, caps, self.stage if self.stage is not None else self.config.stage)
+        self.stage = int(reply.stage)
+        self.recover = reply.recover
         self._heartbeat_s = reply.heartbeat_interval_s
         self.round = int(reply.next_round)
         self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1
@@ -291,7 +298,7 @@ class Peer:
             return SyncResult("kept", self.round, reason=f"joined again: {e}")
 
     async def _round(self, flat: np.ndarray | None, codec: Codec | None) -> SyncResult:
-        stage, cfg, rep, state = self.config.stage, self.config, self.report, self._state
+        stage, cfg, rep, state = self.stage, self.config, self.report, self._state
         assert state is not None, "start() first"
         round_ = self.round
         reply = await self.client.rendezvous(stage, round_, cfg.wait_s)

@@ -29,8 +29,10 @@ from swarm.coordinator.decisions import (
     ReportFailure,
     Tick,
     decide,
+    lost_stages,
     next_round,
     recover,
+    thinnest_stage,
 )
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
@@ -45,7 +47,7 @@ from swarm.coordinator.errors import (
     UnknownPeer,
     UnknownRun,
 )
-from swarm.coordinator.state import Capabilities, Decision, Progress, Round, RunState
+from swarm.coordinator.state import Capabilities, Decision, Progress, Round, RunState, apply
 from swarm.coordinator.store import MemoryStore
 
 RUN = "run"
@@ -874,3 +876,63 @@ def test_the_same_report_twice_changes_nothing() -> None:
     before = copy.deepcopy(sim.state)
     assert sim.report(1.5, "a", 0, 1, "c").empty
     assert sim.state == before
+
+
+# ------------------------------------------------------------- stage map (issue 6)
+
+
+def _staged(stages: int) -> CoordinatorConfig:
+    return replace(CFG, stages=stages)
+
+
+def decide_apply(state: RunState, now: float, event: Event, config: CoordinatorConfig) -> Decision:
+    decision = decide(state, now, event, config)
+    apply(state, decision)
+    return decision
+
+
+def test_any_stage_joiners_fill_the_thinnest_stage_lowest_first() -> None:
+    cfg = _staged(3)
+    state = RunState(RUN)
+    got = []
+    for i in range(7):
+        decide_apply(state, 0.0, Join(RUN, f"p{i}", PROTOCOL_VERSION, f"h:{9000 + i}", Capabilities(), 0, f"i{i}",
+                                      any_stage=True), cfg)
+        got.append(state.members[f"p{i}"].stage)
+    assert got == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_a_rejoin_asking_for_any_stage_keeps_its_stage() -> None:
+    cfg = _staged(3)
+    state = RunState(RUN)
+    for i in range(3):
+        decide_apply(state, 0.0, Join(RUN, f"p{i}", PROTOCOL_VERSION, f"h:{9000 + i}", Capabilities(), 0, f"i{i}",
+                                      any_stage=True), cfg)
+    decide_apply(state, 1.0, Join(RUN, "p1", PROTOCOL_VERSION, "h:9001", Capabilities(), 0, "i1", any_stage=True), cfg)
+    assert state.members["p1"].stage == 1
+
+
+def test_a_stage_that_trained_and_lost_every_replica_is_filled_first() -> None:
+    cfg = _staged(3)
+    state = RunState(RUN)
+    for i in range(6):  # two replicas per stage
+        decide_apply(state, 0.0, Join(RUN, f"p{i}", PROTOCOL_VERSION, f"h:{9000 + i}", Capabilities(), 0, f"i{i}",
+                                      any_stage=True), cfg)
+    for stage in range(3):  # every stage committed a round: each holds trained weights
+        state.rounds[(stage, 0)] = Round(stage=stage, number=0, phase="committed", opened_at=0.0, committed_hash="h")
+    assert lost_stages(state, cfg) == []
+    for p in ("p1", "p4"):  # both replicas of stage 1
+        decide_apply(state, 1.0, Leave(RUN, p, state.members[p].incarnation, "gone"), cfg)
+    assert lost_stages(state, cfg) == [1]
+    decide_apply(state, 2.0, Leave(RUN, "p0", "i0", "gone"), cfg)  # stage 0 is thinner now, but not lost
+    assert thinnest_stage(state, cfg) == 1
+    decide_apply(state, 3.0, Join(RUN, "new", PROTOCOL_VERSION, "h:9100", Capabilities(), 0, "n", any_stage=True), cfg)
+    assert state.members["new"].stage == 1 and lost_stages(state, cfg) == []
+
+
+def test_a_stage_outside_the_run_is_refused_and_changes_nothing() -> None:
+    cfg = _staged(3)
+    state = RunState(RUN)
+    with pytest.raises(InvalidRequest, match=r"stages 0\.\.2"):
+        decide(state, 0.0, Join(RUN, "p", PROTOCOL_VERSION, "h:9000", Capabilities(), 3, "i"), cfg)
+    assert not state.members

@@ -342,3 +342,26 @@ async def test_held_rendezvous_answers_waiting_before_any_deadline(
         assert reply.outcome == pb.RendezvousReply.WAITING
         assert time.monotonic() - t0 < 1.0
     assert srv.core.state.rounds[(0, 0)].arrived == ("alone",)
+
+
+async def test_join_any_stage_and_recovery_of_a_lost_stage(server_factory, make_client) -> None:  # type: ignore[no-untyped-def]
+    srv = await server_factory(stages=3, min_peers=1)
+    clients = [make_client(srv, f"p{i}") for i in range(3)]
+    replies = [await c.join(f"127.0.0.1:{9000 + i}", stage=None) for i, c in enumerate(clients)]
+    assert [r.stage for r in replies] == [0, 1, 2] and not any(r.recover for r in replies)
+    # Stage 1 trains a round with its only replica, then that replica goes away.
+    started = await clients[1].rendezvous(1, 0, wait_s=5.0)
+    assert started.outcome == pb.RendezvousReply.STARTED
+    done = await clients[1].commit(1, 0, started.attempt.number, "a" * 32, wait_s=5.0)
+    assert done.outcome == pb.CommitRoundReply.OK
+    await clients[1].leave("killed")
+    assert list((await clients[0].status()).lost_stages) == [1]
+    newcomer = make_client(srv, "new")
+    reply = await newcomer.join("127.0.0.1:9100", stage=None)
+    assert reply.stage == 1 and reply.recover
+    assert [m.peer_id for m in reply.neighbours] == ["p0", "p2"]
+    assert list((await clients[0].status()).lost_stages) == []
+    # Asking for a stage the run does not have is refused.
+    with pytest.raises(CoordinatorCallError) as e:
+        await make_client(srv, "bad").join("127.0.0.1:9200", stage=3)
+    assert e.value.code.name == "INVALID_ARGUMENT" and "stages 0..2" in e.value.details

@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lease-s", type=float, help="drop peers silent this long (default 10)")
     p.add_argument("--min-peers", type=int, help="rounds start with at least this many peers (default 1)")
     p.add_argument("--rendezvous-timeout-s", type=float, help="longest a round's barrier waits (default 30)")
+    p.add_argument("--stages", type=int, help="pipeline stages of the run; peers with --stage auto get the thinnest (default 1)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port; default: off)")
     p.set_defaults(run=run)
@@ -43,6 +44,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
         "lease_s": args.lease_s,
         "min_peers": args.min_peers,
         "rendezvous_timeout_s": args.rendezvous_timeout_s,
+        "stages": args.stages,
     }
     if args.config:
         return CoordinatorConfig.from_toml(args.config, **overrides)

@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="coordinator address")
     p.add_argument("--run-id", default="default", help="run to join (default: %(default)s)")
     p.add_argument("--peer-id", default=None, help="unique id in the run (default: HOSTNAME-PID)")
-    p.add_argument("--stage", type=int, default=0, help="pipeline stage served (default: %(default)s)")
+    p.add_argument("--stage", default="0",
+                   help="pipeline stage served, or `auto` to let the coordinator choose the thinnest (default: %(default)s)")
     p.add_argument("--task", choices=["train", "control", "average"], default="train",
                    help="train: DiLoCo on the built-in model (default); control: control plane only; average: "
                         "all-reduce a deterministic tensor over the data plane")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             data_plane=args.task != "control",
             client=ClientConfig(target=args.coordinator, run_id=args.run_id, peer_id=peer_id,
                                 retry_for_s=args.retry_for_s),
-            stage=args.stage,
+            stage=None if args.stage == "auto" else _stage(args.stage),
             task=args.task,
             numel=args.numel,
             codec=CodecConfig(name=args.codec),
@@ -139,3 +140,9 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
     if not report.stopped_by.startswith("rank "):
         print_report(report)
     return 0
+
+
+def _stage(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"--stage {text!r} must be a stage number or `auto`")
+    return int(text)

@@ -108,10 +108,15 @@ class CoordinatorClient:
     def _ids(self) -> dict[str, str]:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
 
-    async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int = 0) -> pb.JoinReply:
-        """Join the run (again, after a lease expiry, with the same incarnation)."""
+    async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int | None = 0) -> pb.JoinReply:
+        """Join the run (again, after a lease expiry, with the same incarnation).
+
+        Args:
+            stage: the pipeline stage to serve; None lets the coordinator choose (the reply says which).
+        """
         request = pb.JoinRequest(
-            protocol_version=PROTOCOL_VERSION, address=address, capabilities=capabilities, stage=stage, **self._ids()
+            protocol_version=PROTOCOL_VERSION, address=address, capabilities=capabilities, stage=stage or 0,
+            any_stage=stage is None, **self._ids()
         )
         return await self._call("Join", request)
 

@@ -41,6 +41,10 @@ class CoordinatorConfig:
     """How often deadlines and leases are checked."""
     flush_interval_s: float = 1.0
     """How often heartbeat progress is written to the database (leases restart with grace)."""
+    stages: int = 1
+    """Pipeline stages of the run. Above 1, peers serve stages 0 .. stages-1 and a peer that asks
+    for any stage gets the thinnest one (a stage that lost every replica first); at 1, stage
+    numbers are free-form groups and a peer asking for any stage gets stage 0."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s == 0:

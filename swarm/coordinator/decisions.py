@@ -58,6 +58,8 @@ class Join:
     capabilities: Capabilities
     stage: int
     incarnation: str
+    any_stage: bool = False
+    """Let the coordinator choose the stage (the thinnest); `stage` is then ignored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,11 +469,19 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
     _check_text("incarnation", ev.incarnation, 64)
     _check_address(ev.address)
     _check_stage(ev.stage)
+    existing = state.members.get(ev.peer_id)
+    if ev.any_stage:
+        keep = existing is not None and existing.incarnation == ev.incarnation
+        ev = replace(ev, stage=existing.stage if keep and existing is not None else thinnest_stage(state, config))
+    elif config.stages > 1 and ev.stage >= config.stages:
+        raise InvalidRequest(
+            f"stage {ev.stage} does not exist: the run has stages 0..{config.stages - 1}; "
+            f"ask for any stage to be given the thinnest"
+        )
     caps = ev.capabilities
     _check_text("capabilities.device", caps.device or "-", 128)
     for name in ("flops", "bandwidth_bytes_per_s"):
         _check_number(f"capabilities.{name}", getattr(caps, name))
-    existing = state.members.get(ev.peer_id)
     before = NO_CHANGE
     if existing is not None:
         if existing.incarnation == ev.incarnation:
@@ -611,6 +621,27 @@ def _commit(state: RunState, now: float, ev: Commit, config: CoordinatorConfig) 
 
 
 # ---------------------------------------------------------------------- views
+
+
+def thinnest_stage(state: RunState, config: CoordinatorConfig) -> int:
+    """The stage a peer that asks for any stage should serve.
+
+    A lost stage (it committed rounds, so it held trained weights, and has no live replica now)
+    comes first, then the stage with the fewest live members; ties go to the lowest index.
+    """
+    if config.stages <= 1:
+        return 0
+    counts = [len(state.stage_ids(s)) for s in range(config.stages)]
+    lost = lost_stages(state, config)
+    return min(range(config.stages), key=lambda s: (s not in lost, counts[s], s))
+
+
+def lost_stages(state: RunState, config: CoordinatorConfig) -> list[int]:
+    """Stages that trained (committed a round) and have no live replica now: they need recovery."""
+    if config.stages <= 1:
+        return []
+    return [s for s in range(config.stages)
+            if not state.stage_ids(s) and state.last_committed(s) is not None]
 
 
 def next_round(state: RunState, stage: int) -> int:

@@ -17,7 +17,16 @@ import grpc
 
 from swarm.coordinator import views
 from swarm.coordinator.core import Coordinator
-from swarm.coordinator.decisions import Arrive, Commit, Heartbeat, Join, Leave, ReportFailure, next_round
+from swarm.coordinator.decisions import (
+    Arrive,
+    Commit,
+    Heartbeat,
+    Join,
+    Leave,
+    ReportFailure,
+    lost_stages,
+    next_round,
+)
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
     CoordinatorError,
@@ -148,19 +157,26 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             capabilities=Capabilities(c.device, c.flops, c.bandwidth_bytes_per_s, c.memory_bytes),
             stage=request.stage,
             incarnation=request.incarnation,
+            any_stage=request.any_stage,
         )
+        lost_before = lost_stages(self.core.state, self.core.config)
         decision = self.core.handle(event)
         state, cfg = self.core.state, self.core.config
-        last = state.last_committed(request.stage)
+        stage = state.members[request.peer_id].stage
+        last = state.last_committed(stage)
         return pb.JoinReply(
             lease_s=cfg.lease_s,
             heartbeat_interval_s=cfg.heartbeat_interval_s,
-            next_round=next_round(state, request.stage),
+            next_round=next_round(state, stage),
             has_committed=last is not None,
             last_committed_round=last.number if last else 0,
             last_committed_hash=last.committed_hash if last else "",
             reason=decision.reason,
-            donor=_member_to_pb(donor) if (donor := views.donor_for(state, request.stage, request.peer_id)) else None,
+            donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
+            stage=stage,
+            recover=stage in lost_before,
+            neighbours=[_member_to_pb(m) for s in (stage - 1, stage + 1) if 0 <= s
+                        for m in sorted(state.stage_members(s), key=lambda m: m.peer_id)[:1]] if stage in lost_before else [],
         )
 
     @_mapped
@@ -301,5 +317,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             rounds=rounds,
             events=events,
             uptime_s=now - self.core.started_at,
+            lost_stages=lost_stages(state, self.core.config),
         )
 

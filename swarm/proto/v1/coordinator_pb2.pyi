@@ -52,7 +52,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation")
+    __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class JoinRequest(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    ANY_STAGE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     protocol_version: int
@@ -67,10 +68,11 @@ class JoinRequest(_message.Message):
     capabilities: Capabilities
     stage: int
     incarnation: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ...) -> None: ...
+    any_stage: bool
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor")
+    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours")
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,9 @@ class JoinReply(_message.Message):
     LAST_COMMITTED_HASH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DONOR_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RECOVER_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     lease_s: float
     heartbeat_interval_s: float
     next_round: int
@@ -87,7 +92,10 @@ class JoinReply(_message.Message):
     last_committed_hash: str
     reason: str
     donor: Member
-    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
+    stage: int
+    recover: bool
+    neighbours: _containers.RepeatedCompositeFieldContainer[Member]
+    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "progress")
@@ -312,17 +320,19 @@ class Event(_message.Message):
     def __init__(self, ago_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("run_id", "protocol_version", "members", "rounds", "events", "uptime_s")
+    __slots__ = ("run_id", "protocol_version", "members", "rounds", "events", "uptime_s", "lost_stages")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    LOST_STAGES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     protocol_version: int
     members: _containers.RepeatedCompositeFieldContainer[MemberStatus]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundStatus]
     events: _containers.RepeatedCompositeFieldContainer[Event]
     uptime_s: float
-    def __init__(self, run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    lost_stages: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundStatus, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., lost_stages: _Optional[_Iterable[int]] = ...) -> None: ...
