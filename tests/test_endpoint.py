@@ -543,3 +543,18 @@ async def test_a_state_download_does_not_fail_the_donors_rounds(make_endpoints: 
     await joiner.fetch_state("D", donor.address, timeout_s=10)
     await asyncio.sleep(0.1)
     assert "J" not in box.failed  # the download's connection closing is not a member failing
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+async def test_a_member_sending_nan_or_inf_is_blamed_and_nobody_gets_a_poisoned_part(
+    make_endpoints: MakeEndpoints, bad: float
+) -> None:
+    eps = await make_endpoints("ABC", chunk_bytes=64 << 10)
+    xs = inputs(3, 3 * ALIGN_ELEMENTS, seed=7)
+    xs[1][5] = bad  # B's contribution to A's part
+    xs[1][-5] = bad  # and to C's part
+    outs = await run_all(eps, xs, timeout_s=2.0)
+    for peer in "AC":
+        error = outs[peer].error
+        assert isinstance(error, PeerFailure) and error.peer == "B" and "NaN/Inf" in error.reason
+        assert outs[peer].value is None

@@ -70,6 +70,23 @@ def reduce_in_order(pieces: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_finite(reduced: np.ndarray, pieces: list[np.ndarray], ids: list[str], me: str) -> None:
+    """Refuse a reduced part holding NaN/Inf, naming the member whose contribution brought it.
+
+    One pass over the reduced part in the normal case; the culprit is searched only on failure.
+    A member that sends NaN or Inf (a diverged or malicious peer) is then reported and excluded
+    by the next attempt instead of poisoning every member's state.
+
+    Raises:
+        PeerFailure: naming the first other member (in member order) whose piece is not finite.
+    """
+    if reduced.dtype.kind != "f" or np.isfinite(reduced).all():
+        return
+    for peer, piece in zip(ids, pieces, strict=True):
+        if peer != me and not np.isfinite(piece).all():
+            raise PeerFailure(peer, "sent NaN/Inf values")
+
+
 def _chunks(endpoint: Endpoint, flat: np.ndarray, part: tuple[int, int]) -> list[tuple[int, int, memoryview]]:
     """(offset, numel, payload) of each frame of `part`."""
     start, length = part
@@ -143,6 +160,7 @@ async def allreduce_attempt(
     pieces = [mine if p == endpoint.peer_id else box.contribs[p] for p in ids] if my_len else []
     if pieces:
         reduce_in_order(pieces, out[my_start : my_start + my_len])
+        check_finite(out[my_start : my_start + my_len], pieces, ids, endpoint.peer_id)
     endpoint.faults.hit("reduce.done", round=round, attempt=attempt) if endpoint.faults else None
     endpoint.faults.hit("gather.start", round=round, attempt=attempt) if endpoint.faults else None
     # The reduced part goes to every other member: checksum each of its chunks once, not once per receiver.

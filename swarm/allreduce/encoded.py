@@ -13,7 +13,9 @@ once the round is committed (see `residual_after`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,13 +23,14 @@ import torch
 from swarm.allreduce.butterfly import (
     ALIGN_ELEMENTS,
     Participant,
+    check_finite,
     finish_phase,
     partition,
     reduce_in_order,
     spawn_sends,
 )
 from swarm.compression import Codec
-from swarm.transport.endpoint import Endpoint
+from swarm.transport.endpoint import Endpoint, PeerFailure
 from swarm.transport.frames import Header, checksum
 
 
@@ -104,8 +107,10 @@ async def allreduce_encoded(
         pieces = []
         for p in ids:  # decode in member order, then reduce in fp32 in that order
             payload = encoded[me] if p == endpoint.peer_id else box.encoded[("contrib", p)]
-            pieces.append(codec.decode(torch.from_numpy(payload), my_len).numpy())
+            with _blame(p):
+                pieces.append(codec.decode(torch.from_numpy(payload), my_len).numpy())
         reduced = reduce_in_order(pieces, endpoint.buffer(my_len, np.float32))
+        check_finite(reduced, pieces, ids, endpoint.peer_id)
         final = result.encode(torch.from_numpy(reduced)).numpy()
         endpoint.release(reduced)
         if endpoint.faults:
@@ -123,10 +128,21 @@ async def allreduce_encoded(
     await finish_phase(box, box.result_left, expected, gathering, deadline)
     for p in expected:
         start, length = parts[ids.index(p)]
-        result.decode(torch.from_numpy(box.encoded[("result", p)]), length,
-                      out=torch.from_numpy(out[start : start + length]))
+        view = out[start : start + length]
+        with _blame(p):
+            result.decode(torch.from_numpy(box.encoded[("result", p)]), length, out=torch.from_numpy(view))
+        check_finite(view, [view], [p], endpoint.peer_id)
     box.out_taken = True
     return out
+
+
+@contextlib.contextmanager
+def _blame(sender: str) -> Iterator[None]:
+    """Around a decode of `sender`'s payload: one the codec refuses fails that sender, not this peer."""
+    try:
+        yield
+    except ValueError as e:
+        raise PeerFailure(sender, f"sent a payload its codec refuses: {e}") from None
 
 
 def residual_after(codec: Codec, acc: torch.Tensor) -> torch.Tensor:
