@@ -310,14 +310,22 @@ class DiLoCo:
     # --------------------------------------------------------------- sync
 
     def _flat_params(self, part: slice | None = None) -> torch.Tensor:
+        """θ_local (or `part` of it) as one fp32 CPU tensor."""
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
+            # Concatenated where the parameters live, then one transfer (not one per tensor).
+            if len({p.device for p in self.params}) == 1:
+                flat = torch.cat([p.detach().reshape(-1).float() for p in self.params]).to("cpu")
+            else:
+                flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
         return flat if part is None else flat[part]
 
     def _load_global(self, part: slice | None = None, extra: torch.Tensor | None = None) -> None:
         """Load θ_global (only `part` of it, plus `extra` when given) into the model's parameters."""
         part = part or slice(0, self.numel)
         values = self.state.theta[part] if extra is None else self.state.theta[part] + extra
+        devices = {p.device for p in self.params}
+        if len(devices) == 1:
+            values = values.to(next(iter(devices)))  # one transfer, then copies on the device
         with torch.no_grad():
             offset = 0
             for p in self.params:
