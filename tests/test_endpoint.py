@@ -13,9 +13,10 @@ import random
 import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+import msgpack
 import numpy as np
 import psutil
 import pytest
@@ -558,3 +559,103 @@ async def test_a_member_sending_nan_or_inf_is_blamed_and_nobody_gets_a_poisoned_
         error = outs[peer].error
         assert isinstance(error, PeerFailure) and error.peer == "B" and "NaN/Inf" in error.reason
         assert outs[peer].value is None
+
+
+# ---------------------------------------------------------------------- calls
+
+
+async def test_a_call_reaches_the_handler_and_returns_its_reply_over_reused_connections(
+    make_endpoints: MakeEndpoints,
+) -> None:
+    server, client = await make_endpoints("SC", chunk_bytes=1024)
+    seen: list[str] = []
+
+    async def double(asker: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        seen.append(asker)
+        await asyncio.sleep(0.05)
+        return {"n": meta["n"] + 1}, {"y": arrays["x"] * 2}
+
+    server.call_handler = double
+    xs = [np.arange(3000, dtype=np.float32) + i for i in range(4)]
+    replies = await asyncio.gather(*(client.call("S", server.address, {"n": i}, {"x": x}, timeout_s=10)
+                                     for i, x in enumerate(xs)))
+    for i, (meta, arrays) in enumerate(replies):
+        assert meta == {"n": i + 1} and np.array_equal(arrays["y"], xs[i] * 2)
+    assert seen == ["C"] * 4
+    again, _ = await client.call("S", server.address, {"n": 9}, {"x": xs[0]}, timeout_s=10)
+    assert again == {"n": 10}
+    assert len(client._idle_calls["S"]) == 4  # concurrent calls opened four connections, now kept for reuse
+
+
+async def test_a_handler_error_comes_back_as_an_error_reply_and_the_server_goes_on(
+    make_endpoints: MakeEndpoints,
+) -> None:
+    server, client = await make_endpoints("SC")
+
+    async def picky(asker: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        if "x" not in arrays:
+            raise ValueError("no x")
+        return {"ok": True}, {}
+
+    meta, _ = await client.call("S", server.address, {}, {}, timeout_s=10)
+    assert "takes no calls" in meta["error"]
+    server.call_handler = picky
+    meta, _ = await client.call("S", server.address, {}, {}, timeout_s=10)
+    assert meta == {"error": "ValueError: no x"}
+    meta, _ = await client.call("S", server.address, {}, {"x": np.zeros(3, np.float32)}, timeout_s=10)
+    assert meta == {"ok": True}
+
+
+async def test_a_stalled_handler_fails_the_call_at_its_deadline(make_endpoints: MakeEndpoints) -> None:
+    server, client = await make_endpoints("SC")
+
+    async def stuck(asker: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        await asyncio.sleep(30)
+        return {}, {}
+
+    server.call_handler = stuck
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(PeerFailure, match="timed out"):
+        await client.call("S", server.address, {}, {}, timeout_s=0.5)
+    assert loop.time() - started < 3
+
+
+async def _raw_call(address: str, frames: list[tuple[Header, bytes]]) -> bytes:
+    """Send a hello and `frames` on a raw socket; returns what the server sent back before closing."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(encode_header(Header(kind="hello", run=RUN, sender="X")))
+    for h, payload in frames:
+        writer.write(encode_header(replace(h, run=RUN, sender="X", nbytes=len(payload), checksum=checksum(payload))))
+        writer.write(payload)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("description, word", [
+    (b"\xc1garbage", "malformed"),
+    (msgpack.packb({"arrays": [["x", "object", [3]]]}), "bad array"),
+    (msgpack.packb({"arrays": [["x", "float32", [1 << 40]]]}), "more than"),
+    (msgpack.packb([1, 2]), "not a map"),
+])
+async def test_a_malformed_call_is_dropped_and_the_handler_never_runs(
+    make_endpoints: MakeEndpoints, description: bytes, word: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, client = await make_endpoints("SC")
+    ran: list[dict] = []
+
+    async def handler(asker: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
+        ran.append(meta)
+        return {"ok": True}, {}
+
+    server.call_handler = handler
+    head = Header(kind="call", part=0, numel=len(description), total=len(description), dtype="uint8")
+    assert await _raw_call(server.address, [(head, description)]) == b""  # dropped, nothing answered
+    assert not ran and word in caplog.text
+    meta, _ = await client.call("S", server.address, {}, {}, timeout_s=10)  # honest callers still served
+    assert meta == {"ok": True}

@@ -24,6 +24,7 @@ from swarm.transport.frames import (
     DTYPES,
     KINDS,
     MAGIC,
+    MESSAGE_KINDS,
     MAX_HEADER_BYTES,
     PREFIX,
     VERSION,
@@ -67,7 +68,7 @@ def headers(draw: st.DrawFn) -> Header:
         numel = draw(st.integers(0, part_start + part_len - offset))
         return Header(**common, total=total, part_start=part_start, part_len=part_len, offset=offset, numel=numel,
                       nbytes=numel * DTYPES[dtype])
-    if kind == "state":
+    if kind in MESSAGE_KINDS:
         total = draw(st.integers(0, BIG))
         offset = draw(st.integers(0, total))
         numel = draw(st.integers(0, total - offset))
@@ -119,7 +120,7 @@ def _assert_valid(h: Header, max_payload_bytes: int) -> None:
         if h.codec == "none":
             assert h.nbytes == h.numel * DTYPES[h.dtype]
         assert h.part_start <= h.offset <= h.offset + h.numel <= h.part_start + h.part_len <= h.total
-    if h.kind == "state":
+    if h.kind in MESSAGE_KINDS:
         assert h.dtype == "uint8" and h.nbytes == h.numel and h.offset + h.numel <= h.total
 
 
@@ -258,7 +259,7 @@ def test_bad_header_is_rejected(body: bytes, word: str) -> None:
 def test_payload_limit_applies_to_every_kind() -> None:
     for kind in sorted(KINDS):
         h = replace(_GOOD, kind=kind, numel=_LIMIT // 4, part_len=_LIMIT, total=_LIMIT, part_start=0, offset=0)
-        if kind == "state":
+        if kind in MESSAGE_KINDS:
             h = replace(h, dtype="uint8", numel=_LIMIT)
         body = encode_header(replace(h, nbytes=_LIMIT))[PREFIX.size :]
         assert decode_header(body, _LIMIT).nbytes == _LIMIT  # exactly at the limit is fine

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,7 +34,14 @@ _POOL_PER_SIZE = 8
 """Free buffers kept per (size, dtype): enough for the contributions of a few attempts."""
 
 
-_MAX_STATE_META_BYTES = 1 << 20
+_MAX_MESSAGE_META_BYTES = 1 << 20
+_MESSAGE_DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool"})
+"""Array dtypes a message may carry (never object arrays)."""
+_IDLE_CALLS_PER_PEER = 8
+"""Idle call connections kept per peer for the next calls."""
+CallHandler = Callable[[str, dict[str, Any], dict[str, np.ndarray]],
+                       Awaitable[tuple[dict[str, Any], dict[str, np.ndarray]]]]
+"""(caller's peer id, description, arrays) -> the reply's (description, arrays)."""
 
 
 @dataclass(slots=True)
@@ -80,6 +87,8 @@ class TransportConfig:
     """A frame (send or receive) that makes no progress for this long fails its peer."""
     max_state_bytes: int = 64 << 30
     """Largest state accepted from a donor."""
+    max_call_bytes: int = 1 << 30
+    """Largest call or reply accepted (a microbatch's activations)."""
 
     def __post_init__(self) -> None:
         if self.connections_per_peer < 1 or self.chunk_bytes < 1024:
@@ -174,6 +183,9 @@ class Endpoint:
         self.bytes_received = 0
         self.state_provider: Callable[[], StateSnapshot | None] | None = None
         """What this peer serves to a peer that asks for its state (None: nothing to give)."""
+        self.call_handler: CallHandler | None = None
+        """What answers other peers' calls (None: calls are refused with an error reply)."""
+        self._idle_calls: dict[str, list[socket.socket]] = {}
 
     # ------------------------------------------------------------- lifecycle
 
@@ -196,6 +208,10 @@ class Endpoint:
             for sock, _ in conns:
                 sock.close()
         self._conns.clear()
+        for idle in self._idle_calls.values():
+            for sock in idle:
+                sock.close()
+        self._idle_calls.clear()
         if self._listener is not None:
             self._listener.close()
         await asyncio.gather(*self._readers, *(t for t in [self._accept_task] if t), return_exceptions=True)
@@ -371,6 +387,10 @@ class Endpoint:
                 sender = ""  # a state download is not a member of any attempt: its end fails nothing
                 await self._serve_state(conn, hello.sender)
                 return
+            if first is not None and first.kind == "call":
+                sender = ""  # nor are calls
+                await self._serve_calls(conn, hello.sender, first)
+                return
             h = first
             while h is not None:
                 if h.sender != sender:
@@ -492,27 +512,22 @@ class Endpoint:
         self.bytes_sent += len(payload)
 
 
-    # ------------------------------------------------------ state transfer
+    # ------------------------------------------------------------- messages
 
-    async def _serve_state(self, conn: socket.socket, asker: str) -> None:
-        """Answer a `state_req` on its own connection: the description, then the bytes in chunks."""
+    async def _send_message(self, conn: socket.socket, kind: str, meta: dict[str, Any],
+                            arrays: dict[str, np.ndarray]) -> None:
+        """Send one message on `conn`: the description, then the arrays' bytes in chunks."""
         loop = asyncio.get_running_loop()
-        snapshot = self.state_provider() if self.state_provider is not None else None
-        if snapshot is None:
-            meta: dict[str, Any] = {"error": f"{self.peer_id} holds no committed state to give"}
-            views: list[memoryview] = []
-        else:
-            views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in snapshot.arrays.values()]
-            meta = dict(snapshot.meta, arrays=[[name, str(a.dtype), list(a.shape)] for name, a in snapshot.arrays.items()])
-        body = msgpack.packb(meta, use_bin_type=True)
+        views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
+        described = dict(meta, arrays=[[name, str(a.dtype), list(a.shape)] for name, a in arrays.items()])
+        body = msgpack.packb(described, use_bin_type=True)
         total = sum(len(v) for v in views)
-        log.info("data plane: sending state (%d bytes) to %s", total, asker)
-        frames = [(Header(kind="state", part=0, numel=len(body), total=len(body), dtype="uint8"), memoryview(body))]
+        frames = [(Header(kind=kind, part=0, numel=len(body), total=len(body), dtype="uint8"), memoryview(body))]
         offset = 0
         for view in views:
             for start in range(0, len(view), self.config.chunk_bytes):
                 chunk = view[start : start + self.config.chunk_bytes]
-                frames.append((Header(kind="state", part=1, offset=offset, numel=len(chunk), total=total,
+                frames.append((Header(kind=kind, part=1, offset=offset, numel=len(chunk), total=total,
                                       dtype="uint8"), chunk))
                 offset += len(chunk)
         for header, payload in frames:
@@ -521,6 +536,82 @@ class Endpoint:
                 await loop.sock_sendall(conn, encode_header(header))
                 await loop.sock_sendall(conn, payload)
             self.bytes_sent += len(payload)
+
+    async def _read_message(self, sock: socket.socket, peer: str, kind: str, limit: int,
+                            first: Header | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Read one message of `kind` from `peer` (its first header already read when `first` is given).
+
+        Raises:
+            FrameError: a malformed, misordered, corrupted or oversized message (over `limit` bytes
+                of arrays), or arrays of a dtype outside the frame dtypes.
+            ConnectionError: the peer closed the connection mid-message.
+        """
+        head = await self._read_message_frame(sock, peer, kind, _MAX_MESSAGE_META_BYTES, first=first)
+        if head.part != 0:
+            raise FrameError(f"a {kind} message must start with its description")
+        try:
+            meta = msgpack.unpackb(bytes(head.payload), raw=False)
+        except Exception as e:  # noqa: BLE001 - msgpack raises many unrelated types for garbage
+            raise FrameError(f"malformed {kind} description: {e}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("arrays", []), list):
+            raise FrameError(f"{kind} description is not a map with an array list")
+        arrays: dict[str, np.ndarray] = {}
+        for spec in meta.pop("arrays", []):
+            if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
+                    or spec[1] not in _MESSAGE_DTYPES or not isinstance(spec[2], list)
+                    or any(not isinstance(d, int) or d < 0 for d in spec[2])):
+                raise FrameError(f"bad array description in a {kind} message: {str(spec)[:80]}")
+            nbytes = int(np.prod(spec[2], dtype=np.int64)) * np.dtype(spec[1]).itemsize
+            if nbytes > limit:
+                raise FrameError(f"{kind} message of more than {limit} bytes")
+            arrays[spec[0]] = np.empty(spec[2], dtype=np.dtype(spec[1]))
+        total = sum(a.nbytes for a in arrays.values())
+        if total > limit:
+            raise FrameError(f"{kind} message of {total} bytes exceeds the limit of {limit}")
+        flat = np.empty(total, dtype=np.uint8)
+        got = 0
+        while got < total:
+            frame = await self._read_message_frame(sock, peer, kind, self.config.max_frame_bytes, into=flat)
+            if frame.part != 1 or frame.offset != got or frame.total != total or frame.numel == 0:
+                raise FrameError(f"{kind} chunks out of order or of another size")
+            got += frame.numel
+        offset = 0
+        for a in arrays.values():
+            a.reshape(-1).view(np.uint8)[:] = flat[offset : offset + a.nbytes]
+            offset += a.nbytes
+        return meta, arrays
+
+    async def _read_message_frame(self, sock: socket.socket, peer: str, kind: str, limit: int,
+                                  into: np.ndarray | None = None, first: Header | None = None) -> _MessageFrame:
+        h = first if first is not None else await self._read_header(sock)
+        if h is None:
+            raise ConnectionError(f"{peer} closed the connection during a {kind} message")
+        if h.kind != kind or h.sender != peer or h.nbytes > limit:
+            raise FrameError(f"unexpected {h.kind} frame from {h.sender} during a {kind} message")
+        if into is None:
+            payload = memoryview(bytearray(h.nbytes))
+        else:
+            if h.offset + h.nbytes > into.size:
+                raise FrameError(f"{kind} chunk lies outside the declared message")
+            payload = memoryview(into[h.offset : h.offset + h.nbytes]).cast("B")
+        async with asyncio.timeout(self.config.io_timeout_s):
+            await self._recv_exactly(sock, payload)
+        if checksum(payload) != h.checksum:
+            raise FrameError(f"checksum mismatch in a {kind} frame (corrupted in transit)")
+        return _MessageFrame(h.part, h.offset, h.nbytes, h.total, payload)
+
+    # ------------------------------------------------------ state transfer
+
+    async def _serve_state(self, conn: socket.socket, asker: str) -> None:
+        """Answer a `state_req` on its own connection: the description, then the bytes in chunks."""
+        snapshot = self.state_provider() if self.state_provider is not None else None
+        if snapshot is None:
+            meta: dict[str, Any] = {"error": f"{self.peer_id} holds no committed state to give"}
+            arrays: dict[str, np.ndarray] = {}
+        else:
+            meta, arrays = dict(snapshot.meta), snapshot.arrays
+        log.info("data plane: sending state (%d bytes) to %s", sum(a.nbytes for a in arrays.values()), asker)
+        await self._send_message(conn, "state", meta, arrays)
 
     async def fetch_state(self, peer: str, address: str, timeout_s: float) -> StateSnapshot:
         """Download `peer`'s committed state over a connection of its own.
@@ -537,58 +628,74 @@ class Endpoint:
             async with asyncio.timeout(timeout_s):
                 await asyncio.get_running_loop().sock_sendall(
                     sock, encode_header(Header(kind="state_req", run=self.run_id, sender=self.peer_id)))
-                head = await self._read_state_frame(sock, peer, _MAX_STATE_META_BYTES)
-                if head.part != 0:
-                    raise FrameError("a state download must start with its description")
-                meta = msgpack.unpackb(bytes(head.payload), raw=False)
-                if not isinstance(meta, dict):
-                    raise FrameError("state description is not a map")
-                if "error" in meta:
-                    raise PeerFailure(peer, f"no state to give: {meta['error']}")
-                specs = meta.pop("arrays")
-                arrays = {name: np.empty(shape, dtype=np.dtype(dtype)) for name, dtype, shape in specs}
-                total = sum(a.nbytes for a in arrays.values())
-                if total > self.config.max_state_bytes:
-                    raise FrameError(f"state of {total} bytes exceeds max_state_bytes={self.config.max_state_bytes}")
-                flat = np.empty(total, dtype=np.uint8)
-                got = 0
-                while got < total:
-                    frame = await self._read_state_frame(sock, peer, self.config.max_frame_bytes, into=flat)
-                    if frame.part != 1 or frame.offset != got or frame.total != total:
-                        raise FrameError("state chunks out of order or of another size")
-                    got += frame.numel
-                offset = 0
-                for a in arrays.values():
-                    a.reshape(-1).view(np.uint8)[:] = flat[offset : offset + a.nbytes]
-                    offset += a.nbytes
-                return StateSnapshot(meta, arrays)
+                meta, arrays = await self._read_message(sock, peer, "state", self.config.max_state_bytes)
+            if "error" in meta:
+                raise PeerFailure(peer, f"no state to give: {meta['error']}")
+            return StateSnapshot(meta, arrays)
         except (FrameError, ConnectionError, OSError, TimeoutError, ValueError, TypeError, KeyError) as e:
             why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
             raise PeerFailure(peer, f"state download failed: {why}") from None
         finally:
             sock.close()
 
-    async def _read_state_frame(self, sock: socket.socket, peer: str, limit: int,
-                                into: np.ndarray | None = None) -> _StateFrame:
-        h = await self._read_header(sock)
-        if h is None:
-            raise ConnectionError(f"{peer} closed the connection during a state download")
-        if h.kind != "state" or h.sender != peer or h.nbytes > limit:
-            raise FrameError(f"unexpected {h.kind} frame from {h.sender} during a state download")
-        if into is None:
-            payload = memoryview(bytearray(h.nbytes))
-        else:
-            if h.offset + h.nbytes > into.size:
-                raise FrameError("state chunk lies outside the declared state")
-            payload = memoryview(into[h.offset : h.offset + h.nbytes]).cast("B")
-        await self._recv_exactly(sock, payload)
-        if checksum(payload) != h.checksum:
-            raise FrameError("checksum mismatch in a state frame (corrupted in transit)")
-        return _StateFrame(h.part, h.offset, h.nbytes, h.total, payload)
+    # ---------------------------------------------------------------- calls
+
+    async def _serve_calls(self, conn: socket.socket, asker: str, first: Header) -> None:
+        """Answer `call` messages on their own connection, one after the other, until it closes."""
+        h: Header | None = first
+        while h is not None:
+            meta, arrays = await self._read_message(conn, asker, "call", self.config.max_call_bytes, first=h)
+            handler = self.call_handler
+            if handler is None:
+                reply: tuple[dict[str, Any], dict[str, np.ndarray]] = ({"error": f"{self.peer_id} takes no calls"}, {})
+            else:
+                try:
+                    reply = await handler(asker, meta, arrays)
+                except Exception as e:  # noqa: BLE001 - the caller gets the error; this peer goes on
+                    log.warning("data plane: call from %s failed: %s: %s", asker, type(e).__name__, e)
+                    reply = ({"error": f"{type(e).__name__}: {e}"}, {})
+            await self._send_message(conn, "reply", *reply)
+            h = await self._read_header(conn)  # between calls a connection may idle freely
+
+    async def call(self, peer: str, address: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                   timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Send a request to `peer`'s call handler and return its reply (description, arrays).
+
+        Connections are kept for the next call to the same peer; concurrent calls use several.
+        The reply may hold an "error" entry: the handler's refusal, for the caller to interpret.
+
+        Args:
+            timeout_s: cap on the whole call, the handler's work included.
+        Raises:
+            PeerFailure: the peer is unreachable, broke the connection, stalled past `timeout_s`, or
+                replied with a malformed message.
+        """
+        idle = self._idle_calls.setdefault(peer, [])
+        for fresh in (False, True):
+            reused = bool(idle) and not fresh
+            sock = idle.pop() if reused else await self._dial(peer, address)
+            ok = False
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._send_message(sock, "call", meta, arrays)
+                    reply = await self._read_message(sock, peer, "reply", self.config.max_call_bytes)
+                ok = True
+                return reply
+            except (FrameError, ConnectionError, OSError, TimeoutError) as e:
+                if reused and not isinstance(e, TimeoutError):
+                    continue  # the peer may have closed an idle connection: try once on a new one
+                why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+                raise PeerFailure(peer, f"call failed: {why}") from None
+            finally:
+                if ok and len(idle) < _IDLE_CALLS_PER_PEER:
+                    idle.append(sock)
+                else:
+                    sock.close()
+        raise AssertionError("unreachable")
 
 
 @dataclass(slots=True)
-class _StateFrame:
+class _MessageFrame:
     part: int
     offset: int
     numel: int

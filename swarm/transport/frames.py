@@ -27,11 +27,16 @@ PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 64 * 1024
 DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1, "float64": 8, "int32": 4}
 
-Kind = Literal["hello", "contrib", "result", "abort", "state_req", "state"]
-KINDS: frozenset[str] = frozenset({"hello", "contrib", "result", "abort", "state_req", "state"})
+Kind = Literal["hello", "contrib", "result", "abort", "state_req", "state", "call", "reply"]
+KINDS: frozenset[str] = frozenset({"hello", "contrib", "result", "abort", "state_req", "state", "call", "reply"})
 """`state_req` asks a donor for its committed state on a connection of its own; the donor answers on
-that connection with `state` frames: part 0 carries the msgpack description, then parts 1.. carry
-the state's bytes in chunks (`offset`/`numel` a byte range of `total` bytes)."""
+that connection with a `state` message. `call` is a request to the peer's call handler (pipeline
+stages: a microbatch's activations) on a connection of its own, answered by a `reply` message on it.
+
+A message (kinds `state`, `call`, `reply`) is frames of that kind: part 0 carries the msgpack
+description, then parts 1.. carry the arrays' bytes in chunks (`offset`/`numel` a byte range of
+`total` bytes)."""
+MESSAGE_KINDS: frozenset[str] = frozenset({"state", "call", "reply"})
 
 
 class FrameError(Exception):
@@ -145,8 +150,8 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
                 raise FrameError("an encoded frame must carry uint8 bytes with shape (payload length,)")
             if header.shape[0] > 8 * header.part_len + 4096 or header.offset + header.numel > header.shape[0]:
                 raise FrameError("chunk lies outside its encoded part, or the encoded part is implausibly large")
-    if header.kind == "state" and (
+    if header.kind in MESSAGE_KINDS and (
         header.dtype != "uint8" or header.numel != header.nbytes or header.offset + header.numel > header.total
     ):
-        raise FrameError("a state frame must carry uint8 bytes inside its declared total")
+        raise FrameError(f"a {header.kind} frame must carry uint8 bytes inside its declared total")
     return header
