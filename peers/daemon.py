@@ -188,6 +188,9 @@ class Peer:
         """The coordinator gave this peer a stage that lost every replica: it must rebuild it (issue 6)."""
         self.run_committed = -1
         """The latest round the run committed, as the coordinator said at the last join (-1: none)."""
+        self.neighbours: list[pb.Member] = []
+        """With `recover`: live members of the neighbouring stages, as the coordinator said at the join."""
+        self._joined: pb.JoinReply | None = None
         self._heartbeat_s = 1.0
         self._heartbeats: asyncio.Task[None] | None = None
         self.endpoint: Endpoint | None = None
@@ -197,23 +200,43 @@ class Peer:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, state: RoundState) -> None:
-        """Serve the data plane, join the run, and resync `state` if the run already committed rounds.
+    async def start(self, state: RoundState | None = None) -> None:
+        """Serve the data plane, join the run, and (given `state`) `attach` it.
+
+        Without `state` the peer joins first, so the caller can build its state for the stage the
+        coordinator chose (`self.stage`) and `attach` it afterwards.
 
         Raises:
             CoordinatorCallError: the coordinator refused the join or could not be reached.
         """
-        self._state = state
         if self.config.data_plane:
             self.endpoint = Endpoint(self.config.client.peer_id, self.config.client.run_id,
                                      self.config.transport, self.config.faults)
-            self.endpoint.state_provider = state.snapshot
+            self.endpoint.state_provider = self._snapshot
             self.address = await self.endpoint.start()
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self._metrics, self.config.metrics_host, self.config.metrics_port)
             log.info("metrics at http://%s/metrics", await self.metrics.start())
         await self._join()
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
+        if state is not None:
+            await self.attach(state)
+
+    async def attach(self, state: RoundState) -> None:
+        """Make `state` what this peer's rounds update, and resync it if the run already committed rounds.
+
+        A peer told to recover a lost stage keeps `state` as it is: nobody holds the stage's committed
+        state any more, so it is rebuilt from the neighbours (`swarm.pipeline`) before this call.
+        """
+        self._state = state
+        reply = self._joined
+        if reply is not None and reply.has_committed and not reply.recover and reply.last_committed_hash != state.digest:
+            # Joining a run in progress: take the committed state from the donor the coordinator named.
+            donor = reply.donor if reply.HasField("donor") else None
+            await self._resync(donor, int(reply.last_committed_round), reply.last_committed_hash, "joined a run in progress")
+
+    def _snapshot(self) -> StateSnapshot | None:
+        return self._state.snapshot() if self._state is not None else None
 
     def _metrics(self) -> list[Metric]:
         r, p, ep = self.report, self.progress, self.endpoint
@@ -259,14 +282,13 @@ class Peer:
         reply = await self.client.join(self.address, caps, self.stage if self.stage is not None else self.config.stage)
         self.stage = int(reply.stage)
         self.recover = reply.recover
+        self.neighbours = list(reply.neighbours)
         self._heartbeat_s = reply.heartbeat_interval_s
         self.round = int(reply.next_round)
         self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1
-        assert self._state is not None
-        if reply.has_committed and reply.last_committed_hash != self._state.digest:
-            # Joining a run in progress: take the committed state from the donor the coordinator named.
-            donor = reply.donor if reply.HasField("donor") else None
-            await self._resync(donor, int(reply.last_committed_round), reply.last_committed_hash, "joined a run in progress")
+        self._joined = reply
+        if self._state is not None:
+            await self.attach(self._state)
 
     async def _heartbeat_loop(self) -> None:
         while True:

@@ -42,6 +42,7 @@ class SwarmPeer:
         self._thread.start()
         self.peer: Peer = self._call(self._make_peer())
         self.report: PeerReport | None = None
+        self.started = False
 
     async def _make_peer(self) -> Peer:
         return Peer(self.config)  # built on the loop: its asyncio objects belong there
@@ -64,21 +65,36 @@ class SwarmPeer:
         """The round this peer rendezvouses for next."""
         return self.peer.round
 
-    def start(self, state: RoundState) -> None:
+    def start(self, state: RoundState | None = None) -> None:
         """Serve the data plane, join, and resync `state` when the run already committed rounds.
+
+        Without `state`: join only (`self.peer.stage` says which stage), then `attach` a state.
 
         Raises:
             CoordinatorCallError: the join was refused or the coordinator is unreachable.
         """
         self._call(self.peer.start(state))
+        self.started = True
+
+    def attach(self, state: RoundState) -> None:
+        """Give a started peer its state (resynced when the run already committed rounds)."""
+        self._call(self.peer.attach(state))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the peer's loop and wait for it (interruptible, like every call here)."""
+        return self._call(coro)
 
     def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
         """One round with `flat` as this peer's contribution (see `Peer.sync`)."""
         return self._call(self.peer.sync(flat, codec))
 
-    def set_progress(self, step: int, loss: float, tokens_per_s: float) -> None:
-        """What the next heartbeats report (shown by `swarm status` and `swarm local`)."""
-        progress = pb.Progress(step=step, loss=loss, tokens_per_s=tokens_per_s)
+    def set_progress(self, step: int, loss: float, tokens_per_s: float, grad_norms: list[float] | None = None) -> None:
+        """What the next heartbeats report (shown by `swarm status` and `swarm local`).
+
+        Args:
+            grad_norms: a pipeline stage's last gradient norm before clipping (CheckFree weighs by it).
+        """
+        progress = pb.Progress(step=step, loss=loss, tokens_per_s=tokens_per_s, stage_grad_norms=grad_norms or [])
         self._loop.call_soon_threadsafe(setattr, self.peer, "progress", progress)
 
     def close(self, reason: str = "done") -> None:

@@ -270,7 +270,10 @@ class DiLoCo:
 
     def __enter__(self) -> Self:
         if self.peer is not None:
-            self.peer.start(self.state)
+            if getattr(self.peer, "started", False):
+                self.peer.attach(self.state)  # type: ignore[attr-defined]  # joined earlier (pipeline stages)
+            else:
+                self.peer.start(self.state)
         if self.state.round >= 0:  # resynced at join: train from the run's θ_global
             self._load_global()
             self.local_step = min(self.state.restored_inner_step, self.stride)

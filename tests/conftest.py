@@ -140,6 +140,43 @@ def _wait_listening(proc: subprocess.Popen[bytes], stderr_path: Path) -> tuple[s
 StartCoordinator = Callable[..., CoordinatorProcess]
 
 
+def launch_coordinator(
+    tmp_path: Path,
+    count: int = 1,
+    *,
+    db: str | Path | None = None,
+    config_text: str | None = None,
+    port: int = 0,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> CoordinatorProcess:
+    """Start `swarm coordinator` on 127.0.0.1 and wait until it listens (files named after `count`).
+
+    The caller stops or kills it (the `coordinator_proc` fixture does at teardown).
+    """
+    cmd = [sys.executable, "-m", "swarm.cli.main", "coordinator", "--host", "127.0.0.1", "--port", str(port)]
+    if db is not None:
+        cmd += ["--db", str(db)]
+    if config_text is not None:
+        config_path = tmp_path / f"coordinator-{count}.toml"
+        config_path.write_text(config_text)
+        cmd += ["--config", str(config_path)]
+    cmd += list(extra_args)
+    stderr_path = tmp_path / f"coordinator-{count}.stderr"
+    # stderr goes to a file (no pipe to fill up); stdout is a pipe read right away. The coordinator
+    # prints only its `listening` line there, so the undrained rest of the pipe cannot block it.
+    err = open(stderr_path, "wb")  # noqa: SIM115 - closed by the process object
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+    assert proc.stdout is not None
+    handle = CoordinatorProcess(proc, "", 0, stderr_path, [err, proc.stdout])
+    try:
+        handle.host, handle.port = _wait_listening(proc, stderr_path)
+    except BaseException:
+        handle.kill()
+        raise
+    return handle
+
+
 @pytest.fixture
 def coordinator_proc(tmp_path: Path) -> Iterator[StartCoordinator]:
     """Factory: start `swarm coordinator` as a subprocess on 127.0.0.1 and wait until it listens.
@@ -149,7 +186,6 @@ def coordinator_proc(tmp_path: Path) -> Iterator[StartCoordinator]:
     Every process it started is SIGKILLed at teardown if it is still running.
     """
     started: list[CoordinatorProcess] = []
-    count = 0
 
     def start(
         *,
@@ -158,26 +194,9 @@ def coordinator_proc(tmp_path: Path) -> Iterator[StartCoordinator]:
         port: int = 0,
         extra_args: list[str] | tuple[str, ...] = (),
     ) -> CoordinatorProcess:
-        nonlocal count
-        count += 1
-        cmd = [sys.executable, "-m", "swarm.cli.main", "coordinator", "--host", "127.0.0.1", "--port", str(port)]
-        if db is not None:
-            cmd += ["--db", str(db)]
-        if config_text is not None:
-            config_path = tmp_path / f"coordinator-{count}.toml"
-            config_path.write_text(config_text)
-            cmd += ["--config", str(config_path)]
-        cmd += list(extra_args)
-        stderr_path = tmp_path / f"coordinator-{count}.stderr"
-        # stderr goes to a file (no pipe to fill up); stdout is a pipe read right away. The coordinator
-        # prints only its `listening` line there, so the undrained rest of the pipe cannot block it.
-        err = open(stderr_path, "wb")  # noqa: SIM115 - closed by the process object
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, cwd=REPO, env=env)
-        assert proc.stdout is not None
-        handle = CoordinatorProcess(proc, "", 0, stderr_path, [err, proc.stdout])
+        handle = launch_coordinator(tmp_path, len(started) + 1, db=db, config_text=config_text, port=port,
+                                    extra_args=extra_args)
         started.append(handle)
-        handle.host, handle.port = _wait_listening(proc, stderr_path)
         return handle
 
     yield start

@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peer-id", default=None, help="unique id in the run (default: HOSTNAME-PID)")
     p.add_argument("--stage", default="0",
                    help="pipeline stage served, or `auto` to let the coordinator choose the thinnest (default: %(default)s)")
-    p.add_argument("--task", choices=["train", "control", "average"], default="train",
-                   help="train: DiLoCo on the built-in model (default); control: control plane only; average: "
+    p.add_argument("--task", choices=["train", "pipeline", "control", "average"], default="train",
+                   help="train: DiLoCo on the built-in model (default); pipeline: serve one pipeline stage of it "
+                        "(start the coordinator with --stages S); control: control plane only; average: "
                         "all-reduce a deterministic tensor over the data plane")
     t = p.add_argument_group("training (--task train; the same on every peer of a run, except the shard)")
     t.add_argument("--model", default="tiny", help="model size: tiny, small or 124m (default: %(default)s)")
@@ -53,6 +54,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--shard", default="0/1", metavar="I/N", help="train on shard I of N of the corpus (default: %(default)s)")
     t.add_argument("--device", default="cpu", help="where inner steps run: cpu, cuda, cuda:1 (default: %(default)s)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    pl = p.add_argument_group("pipeline (--task pipeline; also uses the training options above, --steps counts "
+                              "each driver's optimizer steps and --inner-steps DiLoCo among a stage's replicas)")
+    pl.add_argument("--stages", type=int, default=3, help="pipeline stages S, as given to the coordinator (default: %(default)s)")
+    pl.add_argument("--blocks-per-stage", type=int, default=1, help="transformer blocks per stage (default: %(default)s)")
+    pl.add_argument("--microbatches", type=int, default=2, help="microbatches per step (default: %(default)s)")
+    pl.add_argument("--recovery", choices=["checkfree", "checkfree+", "random"], default="checkfree",
+                    help="how a stage that lost every replica is rebuilt by the peer that takes it over: from its "
+                         "neighbours' weights (checkfree), plus end stages from their swap partner with the "
+                         "out-of-order schedule (checkfree+), or fresh weights (random) (default: %(default)s)")
+    pl.add_argument("--lr-boost", type=float, default=1.1, help="lr multiplier of a rebuilt stage (default: %(default)s)")
+    pl.add_argument("--activations", choices=["none", "int8"], default="none",
+                    help="activations between stages as fp32 or blockwise int8 (default: %(default)s)")
+    pl.add_argument("--eval-every", type=int, default=25, help="driver steps between held-out evals (default: %(default)s)")
+    pl.add_argument("--idle-timeout-s", type=float, default=180.0,
+                    help="a non-driver stage stops after this long without a microbatch (default: %(default)s)")
+    pl.add_argument("--stall-timeout-s", type=float, default=180.0,
+                    help="a driver gives up when a stage has had no live replica this long (default: %(default)s)")
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
     p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
                    help="what the all-reduce sends: fp32, casts, blockwise int8, or top-k (default: %(default)s)")
@@ -98,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.task == "train":
         return _train(args, config)
+    if args.task == "pipeline":
+        return _pipeline(args, config)
     report = run_async(run_peer(config))
     print_report(report)
     if report.stopped_by == "error":
@@ -110,9 +130,7 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
     from swarm.peers.train import TrainConfig, train  # torch-heavy: only for this task
 
     try:
-        index, sep, count = args.shard.partition("/")
-        if not sep or not index.isdigit() or not count.isdigit():
-            raise ValueError(f"--shard {args.shard!r} must be I/N, e.g. 0/4")
+        index, count = _shard(args.shard)
         # Under torchrun this peer is several processes of one host (read here, at the entry point).
         world = int(os.environ.get("WORLD_SIZE", "1"))
         device = args.device
@@ -123,7 +141,7 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
             model=args.model, seed=args.seed, steps=args.steps, sync_every=args.inner_steps, fragments=args.fragments,
             lr=args.lr,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
-            shard_index=int(index), shard_count=int(count),
+            shard_index=index, shard_count=count,
             outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=device,
         )
         if args.threads > 0:
@@ -140,6 +158,43 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
     if not report.stopped_by.startswith("rank "):
         print_report(report)
     return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit():
+        raise ValueError(f"--shard {text!r} must be I/N, e.g. 0/4")
+    return int(index), int(count)
+
+
+def _pipeline(args: argparse.Namespace, peer: PeerConfig) -> int:
+    from swarm.pipeline.recovery import RecoveryConfig  # torch-heavy: only for this task
+    from swarm.pipeline.runner import PipelineConfig, run_stage
+
+    try:
+        index, count = _shard(args.shard)
+        config = PipelineConfig(
+            model=args.model, stages=args.stages, blocks_per_stage=args.blocks_per_stage, seed=args.seed,
+            steps=args.steps, microbatches=args.microbatches, lr=args.lr, sync_every=args.inner_steps,
+            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec,
+            recovery=RecoveryConfig(method=args.recovery, lr_boost=args.lr_boost), activations=args.activations,
+            data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
+            shard_index=index, shard_count=count, eval_every=args.eval_every, device=args.device,
+            idle_timeout_s=args.idle_timeout_s, stall_timeout_s=args.stall_timeout_s,
+        )
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        report = run_stage(config, peer)
+    except ValueError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 2
+    except CoordinatorCallError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 1
+    print_report(report)
+    return 1 if report.stopped_by.startswith("stalled") else 0
 
 
 def _stage(text: str) -> int:
