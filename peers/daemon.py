@@ -191,6 +191,8 @@ class Peer:
         self.neighbours: list[pb.Member] = []
         """With `recover`: live members of the neighbouring stages, as the coordinator said at the join."""
         self._joined: pb.JoinReply | None = None
+        self.move_to: int | None = None
+        """The coordinator asked this peer to serve this stage instead (pipeline rebalancing)."""
         self._heartbeat_s = 1.0
         self._heartbeats: asyncio.Task[None] | None = None
         self.endpoint: Endpoint | None = None
@@ -294,7 +296,10 @@ class Peer:
         while True:
             await asyncio.sleep(self._heartbeat_s)
             try:
-                await self.client.heartbeat(self.progress)
+                reply = await self.client.heartbeat(self.progress)
+                if reply.move and self.move_to is None:
+                    log.warning("the coordinator moves this peer to stage %d (rebalancing)", reply.move_to_stage)
+                    self.move_to = int(reply.move_to_stage)
             except CoordinatorCallError as e:
                 log.warning("heartbeat failed: %s", e)
                 self.report.errors.append(str(e))

@@ -30,6 +30,7 @@ from swarm.coordinator.decisions import (
     Tick,
     decide,
     lost_stages,
+    move_to,
     next_round,
     recover,
     thinnest_stage,
@@ -928,6 +929,47 @@ def test_a_stage_that_trained_and_lost_every_replica_is_filled_first() -> None:
     assert thinnest_stage(state, cfg) == 1
     decide_apply(state, 3.0, Join(RUN, "new", PROTOCOL_VERSION, "h:9100", Capabilities(), 0, "n", any_stage=True), cfg)
     assert state.members["new"].stage == 1 and lost_stages(state, cfg) == []
+
+
+def _joined(state: RunState, cfg: CoordinatorConfig, peer: str, stage: int | None) -> None:
+    """`peer` joins `stage`, or any stage (movable) when None."""
+    n = len(state.members) + 9000
+    decide_apply(state, 0.0, Join(RUN, peer, PROTOCOL_VERSION, f"h:{n}", Capabilities(), stage or 0, f"i-{peer}",
+                                  any_stage=stage is None), cfg)
+
+
+def test_a_lost_stage_is_refilled_by_moving_one_movable_peer_of_the_fattest_stage() -> None:
+    cfg = _staged(3)
+    state = RunState(RUN)
+    for peer, stage in (("a", 0), ("b", 1), ("c", 2), ("m1", None), ("m2", None), ("m3", None)):
+        _joined(state, cfg, peer, stage)
+    assert [state.members[p].stage for p in ("m1", "m2", "m3")] == [0, 1, 2]
+    assert all(move_to(state, cfg, p) is None for p in state.members)  # balanced: nobody moves
+    for stage in range(3):
+        state.rounds[(stage, 0)] = Round(stage=stage, number=0, phase="committed", opened_at=0.0, committed_hash="h")
+    for p in ("b", "m2"):
+        decide_apply(state, 1.0, Leave(RUN, p, state.members[p].incarnation, "gone"), cfg)
+    assert lost_stages(state, cfg) == [1]
+    # Stages 0 and 2 have two each; the fattest is the lowest of them, and its movable peer goes.
+    assert {p: move_to(state, cfg, p) for p in state.members} == {"a": None, "c": None, "m1": 1, "m3": None}
+    decide_apply(state, 2.0, Leave(RUN, "m1", "i-m1", "moving to stage 1"), cfg)
+    decide_apply(state, 2.0, Join(RUN, "m1", PROTOCOL_VERSION, "h:9100", Capabilities(), 0, "i-m1b", any_stage=True), cfg)
+    assert state.members["m1"].stage == 1 and lost_stages(state, cfg) == []
+    assert all(move_to(state, cfg, p) is None for p in state.members)
+
+
+def test_peers_that_chose_their_stage_are_never_moved() -> None:
+    cfg = _staged(2)
+    state = RunState(RUN)
+    for peer in ("a", "b", "c"):
+        _joined(state, cfg, peer, 0)
+    assert [move_to(state, cfg, p) for p in "abc"] == [None, None, None]
+    _joined(state, cfg, "m", 0)
+    _joined(state, cfg, "n", None)  # lands on the empty stage 1
+    assert state.members["n"].stage == 1 and move_to(state, cfg, "n") is None
+    # Four in stage 0 against one in stage 1 would justify a move, but none of the four is movable.
+    assert move_to(state, cfg, "m") is None
+    assert move_to(state, _staged(1), "n") is None and move_to(state, cfg, "nobody") is None
 
 
 def test_a_stage_outside_the_run_is_refused_and_changes_nothing() -> None:

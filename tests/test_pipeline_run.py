@@ -62,7 +62,7 @@ class Pipeline:
         err = open(self.tmp / f"{peer}.err", "wb")  # noqa: SIM115
         self.procs[peer] = subprocess.Popen([*SWARM, "peer", *self.common, "--peer-id", peer, "--stage", stage],
                                             stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SWARM_LOG_LEVEL": "INFO"})
 
     def driver_step(self, peer: str) -> int:
         for m in _status(self.target).members:
@@ -91,14 +91,24 @@ class Pipeline:
 
 
 def _run_with_a_lost_stage(tmp: Path, coordinator_proc: StartCoordinator, *, stages: int, recovery: str,
-                           victim: int) -> dict[str, Any]:
-    """Start one peer per stage, SIGKILL stage `victim`'s peer after a committed round, add a spare."""
+                           victim: int, extra_replica: bool = False) -> dict[str, Any]:
+    """Start one peer per stage, SIGKILL stage `victim`'s peer after a committed round, add a spare.
+
+    With `extra_replica` the spare joins (for any stage) before the kill instead, as a second replica of
+    stage 0, and the coordinator must move it to the lost stage.
+    """
     coord = coordinator_proc(extra_args=["--stages", str(stages), "--lease-s", "2"])
     run = Pipeline(tmp, coord.target, stages, recovery)
     try:
         for stage in reversed(range(stages)):
             run.start(f"p{stage}", str(stage))
         procs = list(run.procs.values())
+        if extra_replica:
+            _wait_for("driver step 5", lambda: run.driver_step("p0") >= 5, 120, procs)
+            run.start("spare", "auto")
+            # Past step 40 both stage-0 replicas synced at least once (a joiner starts at the run's step).
+            _wait_for("the spare training as a second stage-0 replica", lambda: run.driver_step("spare") >= 42, 120,
+                      list(run.procs.values()))
         # Every stage has committed a DiLoCo round (at its step 20) once the driver is past step 45.
         _wait_for("driver step 45", lambda: run.driver_step("p0") >= 45, 120, procs)
         killed_at = run.driver_step("p0")
@@ -106,7 +116,8 @@ def _run_with_a_lost_stage(tmp: Path, coordinator_proc: StartCoordinator, *, sta
         run.procs[f"p{victim}"].wait(timeout=10)
         _wait_for(f"stage {victim} reported lost", lambda: list(_status(coord.target).lost_stages) == [victim], 30,
                   [p for name, p in run.procs.items() if name != f"p{victim}"])
-        run.start("spare", "auto")
+        if not extra_replica:
+            run.start("spare", "auto")
         run.wait_all(timeout_s=200)
         reports = {peer: run.report(peer) for peer in run.procs if peer != f"p{victim}"}
         codes = {peer: proc.returncode for peer, proc in run.procs.items()}
@@ -126,6 +137,12 @@ def middle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 def end(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """checkfree+, 4 stages, the only peer of stage 0 (the driver, owner of the embedding) SIGKILLed."""
     yield from _module_run(tmp_path_factory, "end", stages=4, recovery="checkfree+", victim=0)
+
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """checkfree, 3 stages, a movable second replica of stage 0; the only peer of stage 1 SIGKILLed."""
+    yield from _module_run(tmp_path_factory, "moved", stages=3, recovery="checkfree", victim=1, extra_replica=True)
 
 
 def _module_run(factory: pytest.TempPathFactory, name: str, **kw: Any) -> Iterator[dict[str, Any]]:
@@ -157,7 +174,9 @@ def test_the_driver_waited_for_the_lost_stage_and_loss_kept_falling(middle: dict
     extra = driver["extra"]
     assert driver["stopped_by"] == "done" and extra["steps"] == STEPS
     stalls = extra["stalls"]
-    assert stalls and all(s["stage"] == 1 and s["waited_s"] is not None for s in stalls)
+    assert all(s["waited_s"] is not None for s in stalls)  # every wait ended (startup ones included)
+    after_kill = [s for s in stalls if s["step"] >= middle["killed_at"]]
+    assert after_kill and all(s["stage"] == 1 for s in after_kill)
     evals = _evals(driver)
     assert evals[0][1] > 5.0 and evals[-1][0] == STEPS
     before = [loss for step, loss in evals if step <= middle["killed_at"]][-1]
@@ -183,3 +202,19 @@ def test_a_lost_end_stage_is_copied_from_its_swap_partner_under_checkfree_plus(e
     assert evals[-1][1] < start_loss
     for peer in ("p1", "p2", "p3"):
         assert reports[peer]["stopped_by"] == "done", reports[peer]["stopped_by"]
+
+
+def test_the_coordinator_moves_a_spare_replica_to_the_lost_stage(moved: dict[str, Any]) -> None:
+    reports, codes = moved["reports"], moved["codes"]
+    assert all(codes[p] == 0 for p in ("p0", "p2", "spare")), codes
+    spare = reports["spare"]
+    first, second = spare["extra"]["stages_served"]
+    # It served stage 0 next to p0 (a second driver, in DiLoCo with it), then was moved to rebuild stage 1.
+    assert first["stage"] == 0 and first["stopped_by"] == "moving to stage 1" and first["steps"] > 0
+    assert second["stage"] == 1 and second["recovery"]["kind"] == "average" and second["stopped_by"] == "done"
+    assert second["served"] > 0
+    driver = reports["p0"]
+    assert driver["stopped_by"] == "done" and driver["extra"]["steps"] == STEPS
+    assert any(len(r["members"]) == 2 for r in driver["per_round"].values())  # stage 0 synced with the spare
+    evals = _evals(driver)
+    assert evals[-1][1] < evals[0][1] - 1.5

@@ -507,6 +507,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
         capabilities=caps,
         joined_at=now,
         lease_expires_at=now + config.lease_s,
+        movable=ev.any_stage,
     )
     return before.then(Decision(reason=f"{ev.peer_id} joined stage {ev.stage} from {ev.address}", put_members=(member,)))
 
@@ -642,6 +643,27 @@ def lost_stages(state: RunState, config: CoordinatorConfig) -> list[int]:
         return []
     return [s for s in range(config.stages)
             if not state.stage_ids(s) and state.last_committed(s) is not None]
+
+
+def move_to(state: RunState, config: CoordinatorConfig, peer_id: str) -> int | None:
+    """The stage `peer_id` should move to now to rebalance the pipeline, or None to stay.
+
+    Only peers that asked for any stage are moved. The thinnest stage (a lost one first, see
+    `thinnest_stage`) is filled from the fattest: when the fattest has at least two live members and
+    at least two more than the thinnest, its movable member with the greatest id is told to move
+    (one at a time per stage: a mover leaves and joins again for any stage, which puts it on the
+    thinnest).
+    """
+    member = state.members.get(peer_id)
+    if config.stages <= 1 or member is None or not member.movable:
+        return None
+    counts = [len(state.stage_ids(s)) for s in range(config.stages)]
+    target = thinnest_stage(state, config)
+    fattest = max(range(config.stages), key=lambda s: (counts[s], -s))
+    if member.stage != fattest or fattest == target or counts[fattest] < 2 or counts[fattest] - counts[target] < 2:
+        return None
+    movers = [p for p in state.stage_ids(fattest) if state.members[p].movable]
+    return target if max(movers) == peer_id else None
 
 
 def next_round(state: RunState, stage: int) -> int:

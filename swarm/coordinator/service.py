@@ -25,6 +25,7 @@ from swarm.coordinator.decisions import (
     Leave,
     ReportFailure,
     lost_stages,
+    move_to,
     next_round,
 )
 from swarm.coordinator.errors import (
@@ -184,7 +185,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         p = request.progress
         progress = Progress(p.step, p.loss, p.tokens_per_s, tuple(p.stage_grad_norms))
         self.core.handle(Heartbeat(request.run_id, request.peer_id, request.incarnation, progress))
-        return pb.HeartbeatReply(lease_expires_in_s=self.core.config.lease_s)
+        target = move_to(self.core.state, self.core.config, request.peer_id)
+        return pb.HeartbeatReply(lease_expires_in_s=self.core.config.lease_s, move=target is not None,
+                                 move_to_stage=target or 0)
 
     @_mapped
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:

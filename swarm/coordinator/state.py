@@ -49,6 +49,8 @@ class Member:
     joined_at: float
     lease_expires_at: float
     progress: Progress = Progress()
+    movable: bool = False
+    """It joined asking for any stage: the coordinator may move it to rebalance the stages."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,6 +149,14 @@ class StageUnavailable(Exception):
         self.stage = stage
 
 
+class Moving(Exception):
+    """The coordinator moves this peer to another stage (rebalancing): stop serving this one."""
+
+    def __init__(self, stage: int) -> None:
+        super().__init__(f"moving to stage {stage}")
+        self.stage = stage
+
+
 class PipelineStalled(RuntimeError):
     """A stage had no live replica for longer than `stall_timeout_s`."""
 
@@ -233,6 +241,10 @@ class StageRunner:
         self.diloco = DiLoCo(self.module, self.optimizer, peer=self.handle, sync_every=self.config.sync_every,
                              outer=self.config.outer, codec=self.config.codec)
         self.diloco.__enter__()
+        if self.diloco.state.round >= 0 and not peer.recover:
+            # A replica that joined a stage in progress resynced θ_global: go on at the stage's step,
+            # so its syncs fall in the same rounds as the other replicas'.
+            self.steps_done = (self.diloco.state.round + 1) * self.config.sync_every + self.diloco.local_step
         assert peer.endpoint is not None
         peer.endpoint.call_handler = self._serve
         self.ready = True
@@ -593,6 +605,8 @@ class StageRunner:
                     log.warning("step %d: %s; waiting for the coordinator to give it a peer", trip.step, e)
                 elif now - stall["since"] > self.config.stall_timeout_s:
                     raise PipelineStalled(f"{e} for {self.config.stall_timeout_s:.0f} s; giving up") from None
+                if self.handle.peer.move_to is not None:
+                    raise Moving(self.handle.peer.move_to) from None  # perhaps to the very stage waited for
                 await asyncio.sleep(_RETRY_S)
 
     async def _batch(self, trip_for: Callable[[int], _Trip], batch: torch.Tensor) -> float:
@@ -621,20 +635,25 @@ class StageRunner:
             log.info("step %d: eval loss %.4f", step, loss)
 
         evaluate(self.steps_done)
-        while self.steps_done < cfg.steps and not stopping():
+        while self.steps_done < cfg.steps and not stopping() and self.handle.peer.move_to is None:
             step = self.steps_done
             batch = next(batches)
 
             def trip_for(i: int, step: int = step) -> _Trip:
                 return _Trip(route(cfg.stages, i, cfg.recovery.out_of_order), True, step, 1.0 / cfg.microbatches, origin)
 
-            loss = self.handle.run(self._batch(trip_for, batch))
+            try:
+                loss = self.handle.run(self._batch(trip_for, batch))
+            except Moving:
+                break  # the batch is dropped; nothing was stepped
             self.compute.submit(self._step, step).result()
             tokens += batch.shape[0] * (batch.shape[1] - 1)
             losses.append([step, round(loss, 5)])
             self.handle.set_progress(self.steps_done, loss, tokens / (time.perf_counter() - started), [self.grad_norm])
             if cfg.eval_every and self.steps_done % cfg.eval_every == 0:
                 evaluate(self.steps_done)
+        if self.handle.peer.move_to is not None:
+            return {"losses": losses, "evals": evals, "tokens": tokens, "moved": True}
         if not evals or evals[-1]["step"] != self.steps_done:
             evaluate(self.steps_done)
         self.handle.run(self._finish())
@@ -654,6 +673,8 @@ class StageRunner:
         """A non-driver's loop: serve until every driver finished, or none came for idle_timeout_s."""
         while not stopping():
             time.sleep(0.2)
+            if self.handle.peer.move_to is not None:
+                return f"moving to stage {self.handle.peer.move_to}"
             if self.finished_by and not self.members.get(0):
                 return "done"
             if time.monotonic() - self._last_call > self.config.idle_timeout_s:
@@ -670,12 +691,26 @@ class StageRunner:
 
 
 def run_stage(config: PipelineConfig, peer_config: PeerConfig) -> PeerReport:
-    """Serve one pipeline stage until the run ends or Ctrl-C/SIGTERM; returns the report.
+    """Serve pipeline stages until the run ends or Ctrl-C/SIGTERM; returns the report.
+
+    When the coordinator moves this peer (rebalancing), it leaves its stage and joins again for any
+    stage, which puts it on the stage that needs it (rebuilding that stage when it was lost).
 
     Raises:
         ValueError: bad settings (the message names the option).
         CoordinatorCallError: the coordinator refused the join or is unreachable.
     """
+    served: list[dict[str, Any]] = []
+    while True:
+        report, moved = _serve_one_stage(config, peer_config, served)
+        if not moved:
+            report.extra["stages_served"] = served
+            return report
+        peer_config = replace(peer_config, stage=None)
+
+
+def _serve_one_stage(config: PipelineConfig, peer_config: PeerConfig, served: list[dict[str, Any]]
+                     ) -> tuple[PeerReport, bool]:
     handle = SwarmPeer(peer_config)
     runner = StageRunner(config, handle)
     result: dict[str, Any] = {}
@@ -684,6 +719,8 @@ def run_stage(config: PipelineConfig, peer_config: PeerConfig) -> PeerReport:
         runner.start()
         if runner.stage == 0:
             result = runner.drive(lambda: handle.peer.stopping.is_set())
+            if result.pop("moved", False):
+                reason = f"moving to stage {handle.peer.move_to}"
         else:
             reason = runner.serve(lambda: handle.peer.stopping.is_set())
     except KeyboardInterrupt:
@@ -694,6 +731,8 @@ def run_stage(config: PipelineConfig, peer_config: PeerConfig) -> PeerReport:
         log.error("%s", e)
         reason = f"stalled: {e}"
     report = runner.close(reason)
+    served.append({"stage": runner.stage, "steps": runner.steps_done, "served": runner.served,
+                   "recovery": runner.recovery, "stopped_by": reason})
     report.extra = {
         "task": "pipeline", "stage": runner.stage, "stages": config.stages, "steps": runner.steps_done,
         "recovery_method": config.recovery.method, "recovery": runner.recovery, "served": runner.served,
@@ -702,5 +741,4 @@ def run_stage(config: PipelineConfig, peer_config: PeerConfig) -> PeerReport:
     }
     if result.get("evals"):
         report.extra["final_eval_loss"] = result["evals"][-1]["eval_loss"]
-    return report
-
+    return report, reason.startswith("moving to stage")

@@ -110,10 +110,14 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("lease_expires_in_s",)
+    __slots__ = ("lease_expires_in_s", "move", "move_to_stage")
     LEASE_EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    MOVE_TO_STAGE_FIELD_NUMBER: _ClassVar[int]
     lease_expires_in_s: float
-    def __init__(self, lease_expires_in_s: _Optional[float] = ...) -> None: ...
+    move: bool
+    move_to_stage: int
+    def __init__(self, lease_expires_in_s: _Optional[float] = ..., move: _Optional[bool] = ..., move_to_stage: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "reason")
