@@ -218,3 +218,23 @@ def test_the_coordinator_moves_a_spare_replica_to_the_lost_stage(moved: dict[str
     assert any(len(r["members"]) == 2 for r in driver["per_round"].values())  # stage 0 synced with the spare
     evals = _evals(driver)
     assert evals[-1][1] < evals[0][1] - 1.5
+
+
+def test_swarm_local_runs_a_pipeline_and_a_joiner_rebuilds_the_killed_stage(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*SWARM, "local", "--task", "pipeline", "--stages", "3", "--steps", "120", "--kill", "1@50", "--join", "200",
+         "--lease-s", "2", "--no-view", "--out", str(out), "--timeout-s", "200"],
+        check=False, capture_output=True, text=True, timeout=260,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    peers = summary["peers"]
+    assert peers["peer-1"]["killed"]
+    # The joiner was due at step 200, but came as soon as stage 1 was lost (the run cannot pass step 50 without it).
+    joiner = peers["peer-3"]["extra"]
+    assert joiner["stage"] == 1 and joiner["recovery"]["kind"] == "average"
+    assert all(peers[p]["stopped_by"] == "done" for p in ("peer-0", "peer-2", "peer-3"))
+    driver = peers["peer-0"]["extra"]
+    assert driver["steps"] == 120 and driver["final_eval_loss"] < driver["evals"][0]["eval_loss"] - 1.5
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

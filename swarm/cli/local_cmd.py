@@ -42,10 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "(or --data) with DiLoCo, show the run live, and write OUT/summary.json (per peer: final eval loss, "
             "state hash, bytes sent/received, rounds, attempts, failures seen) and OUT/loss.png (eval loss vs "
             "step and vs bytes communicated). Ctrl-C stops everything cleanly. OUT is reset at start. "
+            "--task pipeline cuts the model into --stages stages served by different peers (peer I serves stage "
+            "I mod S; stage 0 drives), --join peers ask for any stage, and --kill of a stage's only peer makes "
+            "the next joiner rebuild it (--recovery). "
             "--task control/average run the protocol with stand-in updates instead of training."
         ),
     )
-    p.add_argument("--peers", type=int, default=4, help="number of peer processes (default: %(default)s)")
+    p.add_argument("--peers", type=int, default=None,
+                   help="number of peer processes (default: 4; --task pipeline: --stages)")
     p.add_argument("--model", default="tiny", help="model size: tiny, small or 124m (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="global inner steps to train (default: %(default)s)")
     p.add_argument("--inner-steps", type=int, default=20, metavar="H",
@@ -60,11 +64,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kill", action="append", default=[], metavar="I@STEP",
                    help="SIGKILL peer I once the run reached STEP (a round for --task control/average); repeatable")
     p.add_argument("--join", action="append", type=int, default=[], metavar="STEP",
-                   help="start one more peer once the run reached STEP; it downloads the state from a donor (repeatable)")
+                   help="start one more peer once the run reached STEP; it downloads the state from a donor (repeatable); "
+                        "--task pipeline: it asks for any stage, and comes early when a stage is lost")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per peer (default: CPU cores / peers, at least 1)")
-    p.add_argument("--task", choices=["train", "control", "average"], default="train",
+    p.add_argument("--task", choices=["train", "pipeline", "control", "average"], default="train",
                    help="what peers do (default: %(default)s; see `swarm peer --help`)")
+    p.add_argument("--stages", type=int, default=3,
+                   help="--task pipeline: pipeline stages; --peers defaults to this (default: %(default)s)")
+    p.add_argument("--recovery", choices=["checkfree", "checkfree+", "random"], default="checkfree",
+                   help="--task pipeline: how a lost stage is rebuilt (default: %(default)s)")
+    p.add_argument("--activations", choices=["none", "int8"], default="none",
+                   help="--task pipeline: activations between stages as fp32 or int8 (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=20, help="--task control/average: rounds to run (default: %(default)s)")
     p.add_argument("--work-s", type=float, default=0.2, help="--task control/average: simulated work per round")
     p.add_argument("--numel", type=int, default=1_000_000, help="--task average: elements all-reduced per round")
@@ -98,11 +109,15 @@ def _parse_kills(specs: list[str], peers: int) -> dict[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peers is None:
+        args.peers = args.stages if args.task == "pipeline" else 4
     try:
+        if args.task == "pipeline" and args.stages < 1:
+            raise ValueError("--stages must be at least 1")
         kills = _parse_kills(args.kill, args.peers)
         if args.peers < 1 or args.rounds < 1:
             raise ValueError("--peers and --rounds must be at least 1")
-        if args.task == "train" and not 1 <= args.inner_steps <= args.steps:
+        if args.task in ("train", "pipeline") and not 1 <= args.inner_steps <= args.steps:
             raise ValueError(f"--inner-steps must be in [1, --steps={args.steps}], got {args.inner_steps}")
         if any(j < 0 for j in args.join):
             raise ValueError("--join STEP must be >= 0")
@@ -172,16 +187,26 @@ def _peer_table(peers: list[_Child]) -> Table:
 def _peer_argv(args: argparse.Namespace, target: str, index: int, shards: int) -> list[str]:
     argv = ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{index}", "--task", args.task,
             "--codec", args.codec]
-    if args.task != "train":
+    if args.task not in ("train", "pipeline"):
         return [*argv, "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--numel", str(args.numel)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.peers + len(args.join)))
     argv += ["--model", args.model, "--steps", str(args.steps), "--inner-steps", str(args.inner_steps),
-             "--lr", str(args.lr), "--fragments", str(args.fragments), "--shard", f"{index}/{shards}", "--threads", str(threads)]
+             "--lr", str(args.lr), "--threads", str(threads)]
+    if args.task == "pipeline":
+        # The first --peers serve stage I mod S; joiners take what the coordinator gives (a lost stage first).
+        stage = str(index % args.stages) if index < args.peers else "auto"
+        drivers = max(1, (args.peers - 1) // args.stages + 1)
+        argv += ["--stages", str(args.stages), "--stage", stage, "--recovery", args.recovery,
+                 "--activations", args.activations, "--shard", f"{index // args.stages % drivers}/{drivers}"]
+    else:
+        argv += ["--fragments", str(args.fragments), "--shard", f"{index}/{shards}"]
     return [*argv, "--data", *args.data] if args.data else argv
 
 
 def _progress(args: argparse.Namespace, status: pb.StatusReply) -> int:
     """How far the run is: the global step (train) or the latest started round (control/average)."""
+    if args.task == "pipeline":  # the drivers' step (other stages step once per microbatches they served)
+        return max((m.progress.step for m in status.members if m.stage == 0), default=0)
     if args.task == "train":
         return max((m.progress.step for m in status.members), default=0)
     return max((r.round for r in status.rounds if r.phase != "gathering"), default=-1)
@@ -197,7 +222,8 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
     coordinator = _Child("coordinator", await _spawn(
         ["coordinator", "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
          "--run-id", RUN_ID, "--lease-s", str(args.lease_s), "--rendezvous-timeout-s", str(args.rendezvous_timeout_s),
-         "--min-peers", str(args.min_peers or max(1, args.peers - len(kills)))], out / "coordinator.log"))
+         "--min-peers", str(args.min_peers or (1 if args.task == "pipeline" else max(1, args.peers - len(kills)))),
+         *(["--stages", str(args.stages)] if args.task == "pipeline" else [])], out / "coordinator.log"))
     peers: list[_Child] = []
     interrupted = False
     loop = asyncio.get_running_loop()
@@ -238,14 +264,16 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                         peers[i].proc.kill()
                         peers[i].killed = True
                         del kills[i]
-                while joins and at >= joins[0]:
+                # A pipeline cannot reach a later step while a stage is lost: a pending joiner comes now.
+                while joins and (at >= joins[0] or (args.task == "pipeline" and status.lost_stages)):
                     joins.pop(0)
                     i = len(peers)
                     proc = await _spawn(_peer_argv(args, target, i, shards), out / f"peer-{i}.log")
                     peers.append(_Child(f"peer-{i}", proc))
                     readers.append(asyncio.create_task(_read_report(peers[-1])))
                 where = (f"step {at}/{args.steps}, model {args.model}, H={args.inner_steps}, codec {args.codec}"
-                         if args.task == "train" else f"round {at + 1}/{args.rounds}, task {args.task}")
+                         + (f", {args.stages} stages" if args.task == "pipeline" else "")
+                         if args.task in ("train", "pipeline") else f"round {at + 1}/{args.rounds}, task {args.task}")
                 if view is not None:
                     headline = f"swarm local: {where}, {time.monotonic() - started:.0f}s; Ctrl-C stops everything"
                     view.update(Group(headline, render(status, max_events=8), _peer_table(peers)))
@@ -273,6 +301,12 @@ def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, inte
     for r in reports.values():
         r.setdefault("stopped_by", "killed" if r["killed"] else "no report")
     finished = [r for r in reports.values() if not r["killed"] and r["stopped_by"] == "done"]
+    # Replicas of one pipeline stage must agree; different stages hold different weights.
+    by_stage: dict[object, set[str]] = {}
+    for r in finished:
+        by_stage.setdefault((r.get("extra") or {}).get("stage") if (r.get("extra") or {}).get("task") == "pipeline"
+                            else None, set()).add(r["state_hash"])
+    identical = bool(by_stage) and all(len(h) == 1 for h in by_stage.values())
     hashes = sorted({r["state_hash"] for r in finished})
     summary = {
         "run_id": RUN_ID,
@@ -280,7 +314,7 @@ def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, inte
         "interrupted": interrupted,
         "peers": reports,
         "finished_peers": len(finished),
-        "state_hashes_identical": len(hashes) == 1,
+        "state_hashes_identical": identical,
         "final_state_hash": hashes[0] if len(hashes) == 1 else None,
         "final_eval_loss": {name: (r.get("extra") or {}).get("final_eval_loss") for name, r in reports.items()},
         "coordinator": status,
@@ -318,10 +352,11 @@ def plot_losses(reports: dict[str, dict], path: Path) -> None:
             continue
         steps = [e["step"] for e in evals]
         losses = [e["eval_loss"] for e in evals]
-        sent = [(e["bytes_sent"] + e["bytes_received"]) / 1e6 for e in evals]
         label = name + (" (killed)" if r.get("killed") else "")
         by_step.plot(steps, losses, marker=".", label=label)
-        by_bytes.plot(sent, losses, marker=".", label=label)
+        if all("bytes_sent" in e for e in evals):  # pipeline drivers report no per-eval bytes
+            sent = [(e["bytes_sent"] + e["bytes_received"]) / 1e6 for e in evals]
+            by_bytes.plot(sent, losses, marker=".", label=label)
     by_step.set(xlabel="global inner step", ylabel="eval loss (nats/byte)", title="eval loss vs step")
     by_bytes.set(xlabel="MB sent + received by the peer", ylabel="eval loss (nats/byte)",
                  title="eval loss vs bytes communicated")

@@ -351,6 +351,8 @@ class StageRunner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
+        if self.stage != 0:  # drivers report their loss and throughput themselves
+            self.handle.set_progress(self.steps_done, 0.0, 0.0, [self.grad_norm])
         if self.copy_source and self.steps_done % self.config.copy_every == 0:
             asyncio.run_coroutine_threadsafe(self._refresh_copies(), self.handle._loop)
 
