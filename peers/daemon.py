@@ -193,6 +193,8 @@ class Peer:
         self._joined: pb.JoinReply | None = None
         self.move_to: int | None = None
         """The coordinator asked this peer to serve this stage instead (pipeline rebalancing)."""
+        self.run_stages = 1
+        """Pipeline stages of the run, as the coordinator said at the join."""
         self._heartbeat_s = 1.0
         self._heartbeats: asyncio.Task[None] | None = None
         self.endpoint: Endpoint | None = None
@@ -285,6 +287,7 @@ class Peer:
         self.stage = int(reply.stage)
         self.recover = reply.recover
         self.neighbours = list(reply.neighbours)
+        self.run_stages = int(reply.stages) or 1
         self._heartbeat_s = reply.heartbeat_interval_s
         self.round = int(reply.next_round)
         self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1

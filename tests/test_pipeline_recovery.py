@@ -349,3 +349,17 @@ def test_repro_checkfree_smoke_json(tmp_path: Path) -> None:
     assert by["checkpoint"]["steps_redone"] > 0 and by["checkpoint-stage"]["steps_redone"] == 0
     assert {e["kind"] for e in by["checkfree+"]["recoveries"]} <= {"average", "copy", "fresh"}
     assert {row["method"] for row in report["summary"]} == methods
+
+
+def test_repro_config_device_options_and_time_limit() -> None:
+    # --precision bf16 is CUDA-only; a spent --time-limit-s stops a run at its first eval, marked truncated.
+    rc = _repro_module()
+    with pytest.raises(ValueError, match="--precision bf16 needs --device cuda"):
+        rc.ReproConfig(precision="bf16")
+    with pytest.raises(ValueError, match="--device"):
+        rc.ReproConfig(device="meta")
+    assert rc.ReproConfig(device="cuda", precision="bf16").device == "cuda"  # no GPU needed to build (re-scoring)
+    cfg = rc.ReproConfig(dim=32, ffn_hidden=88, stages=4, seq_len=32, batch_size=4, steps=40, eval_every=10,
+                         eval_batches=1, max_bytes=1 << 20, jobs=1)
+    run = rc.run_one(cfg, "none", 0.0, 0, deadline=0.0)
+    assert run["truncated"] and run["executed_steps"] == 10 and [c["step"] for c in run["curve"]] == [0, 10]

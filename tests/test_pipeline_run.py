@@ -238,3 +238,15 @@ def test_swarm_local_runs_a_pipeline_and_a_joiner_rebuilds_the_killed_stage(tmp_
     driver = peers["peer-0"]["extra"]
     assert driver["steps"] == 120 and driver["final_eval_loss"] < driver["evals"][0]["eval_loss"] - 1.5
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_peer_with_another_stage_count_than_the_coordinator_is_refused_clearly(tmp_path: Path) -> None:
+    coord = launch_coordinator(tmp_path, extra_args=["--stages", "2"])
+    try:
+        proc = subprocess.run([*SWARM, "peer", "--coordinator", coord.target, "--task", "pipeline", "--stages", "3"],
+                              check=False, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2
+        assert "coordinator runs 2 pipeline stage(s)" in proc.stderr and "--stages 3" in proc.stderr
+        assert not _status(coord.target).members  # it left again
+    finally:
+        coord.stop()

@@ -6,11 +6,12 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Callable
 
 from swarm.compression import CodecConfig
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError
 from swarm.diloco import OuterConfig
-from swarm.peers.daemon import PeerConfig, print_report, run_peer
+from swarm.peers.daemon import PeerConfig, PeerReport, print_report, run_peer
 from swarm.task import DataConfig
 from swarm.transport.endpoint import TransportConfig
 from swarm.transport.faults import FaultInjector
@@ -144,17 +145,12 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
             shard_index=index, shard_count=count,
             outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=device,
         )
-        if args.threads > 0:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        report = train(config, peer)
     except ValueError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 2
-    except CoordinatorCallError as e:
-        print(f"swarm peer: {e}", file=sys.stderr)
-        return 1
+    report = _run_training(args, lambda: train(config, peer))
+    if isinstance(report, int):
+        return report
     if not report.stopped_by.startswith("rank "):
         print_report(report)
     return 0
@@ -182,19 +178,30 @@ def _pipeline(args: argparse.Namespace, peer: PeerConfig) -> int:
             shard_index=index, shard_count=count, eval_every=args.eval_every, device=args.device,
             idle_timeout_s=args.idle_timeout_s, stall_timeout_s=args.stall_timeout_s,
         )
-        if args.threads > 0:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        report = run_stage(config, peer)
     except ValueError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 2
+    report = _run_training(args, lambda: run_stage(config, peer))
+    if isinstance(report, int):
+        return report
+    print_report(report)
+    return 1 if report.stopped_by.startswith("stalled") else 0
+
+
+def _run_training(args: argparse.Namespace, work: Callable[[], PeerReport]) -> PeerReport | int:
+    """Run a training task with --threads applied; an exit code (after saying why) when it could not run."""
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return work()
+    except ValueError as e:  # bad data or settings found once training set up
         print(f"swarm peer: {e}", file=sys.stderr)
         return 2
     except CoordinatorCallError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 1
-    print_report(report)
-    return 1 if report.stopped_by.startswith("stalled") else 0
 
 
 def _stage(text: str) -> int:

@@ -175,6 +175,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             reason=decision.reason,
             donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
             stage=stage,
+            stages=max(1, cfg.stages),
             recover=stage in lost_before,
             neighbours=[_member_to_pb(m) for s in (stage - 1, stage + 1) if 0 <= s
                         for m in sorted(state.stage_members(s), key=lambda m: m.peer_id)[:1]] if stage in lost_before else [],

@@ -228,9 +228,10 @@ class StageRunner:
         self.handle.start()
         peer = self.handle.peer
         self.stage = int(peer.stage or 0)
-        if self.stage >= self.config.stages:
-            raise ValueError(f"the coordinator gave stage {self.stage}, but this run has {self.config.stages} stages; "
-                             "start the coordinator with the same --stages")
+        if peer.run_stages != self.config.stages:
+            self.handle.close("wrong stage count")
+            raise ValueError(f"the coordinator runs {peer.run_stages} pipeline stage(s), this peer was started with "
+                             f"--stages {self.config.stages}; start both with the same --stages")
         self.handle.run(self._start_map())
         if peer.recover:
             self._recover()
