@@ -37,10 +37,18 @@ On odd microbatches the partner runs the embedding / head from its synced copy, 
 activation hops. Activation traffic is the same for every method and is not modelled. Eval time is not
 counted.
 
+Device. `--device cuda` puts the model, batches, snapshots and evals on the GPU (`--precision bf16` adds
+bf16 autocast to the forward passes; weights, optimizer state, losses and gradient norms stay fp32). The
+step time is then measured with every run sharing the one GPU (`--jobs` processes at once), which only
+scales the compute part of the simulated wall-clock. `--time-limit-s` stops every run at its first eval
+past the limit (marked `truncated`), so an over-long configuration still writes its report; scoring
+then cuts every run to the last step all of them reached.
+
     python scripts/repro_checkfree.py --json          # full default: 3 seeds x (2 references + 3 rates x 5
                                                       # methods) = 51 runs, ~50 min on 2 CPU cores
     python scripts/repro_checkfree.py --quick --json  # one rate, one seed, short runs: ~1 min
     python scripts/repro_checkfree.py --from-json checkfree.json   # re-score and re-plot, no training
+    python scripts/repro_checkfree.py --json --device cuda --precision bf16 --jobs 17 ...   # see docs/benchmarks.md
 
 Writes `checkfree.png` (eval loss vs executed step, one panel per rate) into `--out`.
 """
@@ -58,9 +66,10 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -148,6 +157,12 @@ class ReproConfig:
     """Corpus bytes read (the built-in stdlib corpus)."""
     jobs: int = 0
     """Runs in parallel (processes, one thread each); 0: one per CPU."""
+    device: str = "cpu"
+    """Where the model, batches, snapshots and evals live: cpu, cuda or cuda:N (every run shares it)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: forward passes under bf16 autocast (cuda only); weights, optimizer, loss and norms stay fp32."""
+    time_limit_s: float = 0.0
+    """Stop every run at its first eval this many seconds after the start (0: no limit); marked truncated."""
 
     def __post_init__(self) -> None:
         if self.stages < 1 or self.blocks_per_stage < 1:
@@ -163,11 +178,27 @@ class ReproConfig:
             raise ValueError(f"--target-frac must be in (0, 1], got {self.target_frac}")
         if self.steps < self.eval_every or self.eval_every < 1:
             raise ValueError("--steps must be >= --eval-every >= 1")
+        # Whether CUDA is there is checked when training starts: a report from a GPU must still
+        # re-score (--from-json) on a machine without one.
+        if torch.device(self.device).type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision == "bf16" and torch.device(self.device).type != "cuda":
+            raise ValueError("--precision bf16 needs --device cuda (CPU autocast is slow and changes the CPU figures)")
+        if self.time_limit_s < 0:
+            raise ValueError(f"--time-limit-s must be >= 0 (0: no limit), got {self.time_limit_s}")
 
     def model_config(self) -> ModelConfig:
         """The ByteLM shape: stages x blocks_per_stage blocks."""
         return ModelConfig(dim=self.dim, n_layers=self.stages * self.blocks_per_stage, n_heads=self.n_heads,
                            ffn_hidden=self.ffn_hidden, max_seq_len=self.seq_len)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The context forward passes run in: bf16 autocast, or nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
+        return nullcontext()
 
 
 QUICK = {"dim": 64, "stages": 6, "seq_len": 64, "batch_size": 8, "steps": 300, "eval_every": 20,
@@ -204,7 +235,8 @@ class PipelineSim:
                  *, out_of_order: bool | None = None) -> None:
         self.cfg, self.recovery, self.seed = cfg, recovery, seed
         self.out_of_order = out_of_order if out_of_order is not None else bool(recovery and recovery.out_of_order)
-        self.model = build_model(cfg.model_config(), seed)
+        self.device = torch.device(cfg.device)
+        self.model = build_model(cfg.model_config(), seed).to(self.device)
         self.layout = split_stages(self.model, cfg.stages)
         if recovery is not None:
             recovery.check_stages(cfg.stages)
@@ -235,26 +267,32 @@ class PipelineSim:
         """One step of the model: microbatches, per-stage norms and clipping, per-stage AdamW."""
         cfg, S = self.cfg, self.cfg.stages
         swap = self.out_of_order
-        batch = next(self.batches)
-        total = 0.0
+        batch = next(self.batches).to(self.device)
+        total = torch.zeros((), device=self.device)
         for index, mb in enumerate(batch.chunk(cfg.microbatches)):
-            logits = pipeline_forward(self.model, self.layout, mb[:, :-1], block_order(S, index, swap))
+            with cfg.autocast():
+                logits = pipeline_forward(self.model, self.layout, mb[:, :-1], block_order(S, index, swap))
+            # fp32 loss whatever the forward ran in (bf16 logits would round the cross-entropy).
             loss = F.cross_entropy(logits.flatten(0, 1).float(), mb[:, 1:].flatten()) / cfg.microbatches
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
         lr = lr_at(cfg, self.progress)
+        norms: list[torch.Tensor] = []
         for s in range(S):
             grads = [p.grad for p in self.block_params[s] if p.grad is not None]
             # Before clipping: after it every clipped stage reports the clip value (the collapse DESIGN.md warns of).
-            self.grad_norms[s] = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+            # Kept as a tensor and read once for all stages below: one device sync per step, not one per stage.
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params[s], cfg.grad_clip)
             for group in self.opts[s].param_groups:
                 group["lr"] = lr * self.lr_scale[s]
             self.opts[s].step()
             self.opts[s].zero_grad(set_to_none=True)
+        # Also the end of the step on a GPU (waits for the optimizer kernels): the step timer relies on it.
+        self.grad_norms = torch.stack(norms).tolist()
         self.progress += 1
-        return total
+        return float(total)
 
     def after_step(self) -> None:
         """Periodic snapshots and checkfree+'s extras copies, with their transfer costs."""
@@ -338,8 +376,19 @@ class PipelineSim:
         self.io_s += self._transfer_s(largest)
 
 
-def run_one(cfg: ReproConfig, method: str, rate: float, seed: int) -> dict[str, Any]:
-    """Train one run (methods 'none' and 'none+': no failures) and return its curve and events."""
+def run_one(cfg: ReproConfig, method: str, rate: float, seed: int, deadline: float | None = None) -> dict[str, Any]:
+    """Train one run (methods 'none' and 'none+': no failures) and return its curve and events.
+
+    Args:
+        cfg: the experiment.
+        method: a key of METHOD_SPECS, or one of REFERENCES.
+        rate: hourly failure rate (ignored by the references).
+        seed: model init, data order and failure schedule.
+        deadline: time.time() after which the run stops at its next eval (None: run every step).
+
+    Returns:
+        The run's record: curve, failures, recoveries, step times; `truncated` if the deadline cut it short.
+    """
     torch.set_num_threads(1)  # runs go in parallel processes; one thread each avoids oversubscription
     corpus = Corpus.load(DataConfig(max_bytes=cfg.max_bytes, seq_len=cfg.seq_len, batch_size=cfg.batch_size))
     recovery = None if method in REFERENCES else RecoveryConfig(
@@ -351,13 +400,15 @@ def run_one(cfg: ReproConfig, method: str, rate: float, seed: int) -> dict[str, 
         sim.save_snapshots()  # step 0: a restore target exists from the start
 
     def eval_loss() -> float:
-        return evaluate(sim.model, corpus.eval, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                        batches=cfg.eval_batches, device="cpu")
+        with cfg.autocast():
+            return evaluate(sim.model, corpus.eval, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                            batches=cfg.eval_batches, device=sim.device)
 
     curve = [{"step": 0, "progress": 0, "io_s": 0.0, "loss": round(eval_loss(), 5)}]
     failures: list[list[int]] = []
     recoveries: list[dict[str, Any]] = []
     step_times: list[float] = []
+    executed = 0
     for step in range(cfg.steps):
         if recovery is not None and lost[step].any():
             stages = [int(s) for s in np.flatnonzero(lost[step])]
@@ -369,13 +420,16 @@ def run_one(cfg: ReproConfig, method: str, rate: float, seed: int) -> dict[str, 
         sim.train_step()
         step_times.append(time.perf_counter() - started)
         sim.after_step()
-        if (step + 1) % cfg.eval_every == 0:
-            curve.append({"step": step + 1, "progress": sim.progress, "io_s": round(sim.io_s, 4),
+        executed = step + 1
+        if executed % cfg.eval_every == 0:
+            curve.append({"step": executed, "progress": sim.progress, "io_s": round(sim.io_s, 4),
                           "loss": round(eval_loss(), 5)})
+            if deadline is not None and time.time() > deadline:
+                break  # at an eval, so that the curve ends on a scored point
     return {
         "method": method, "rate": rate, "seed": seed, "p_step": p, "failures": failures, "recoveries": recoveries,
-        "curve": curve, "final_loss": curve[-1]["loss"], "executed_steps": cfg.steps, "progress": sim.progress,
-        "steps_redone": cfg.steps - sim.progress, "io_s": round(sim.io_s, 4),
+        "curve": curve, "final_loss": curve[-1]["loss"], "executed_steps": executed, "progress": sim.progress,
+        "steps_redone": executed - sim.progress, "io_s": round(sim.io_s, 4), "truncated": executed < cfg.steps,
         "step_s_median": statistics.median(step_times), "compute_s": round(sum(step_times), 3),
     }
 
@@ -385,13 +439,38 @@ def _smoothed(curve: list[dict[str, Any]]) -> list[float]:
     return [statistics.fmean(losses[max(0, i - _SMOOTH + 1): i + 1]) for i in range(len(losses))]
 
 
+def _cut_to_common_horizon(runs: list[dict[str, Any]]) -> int | None:
+    """Runs stopped by --time-limit-s end at different evals: cut every run to the last step all reached.
+
+    Otherwise final losses would be compared at different steps. Curves, failures, recoveries and the
+    final figures are cut in place (the step timings stay those of the whole run).
+
+    Returns:
+        The common last step, or None when no run was truncated (nothing is cut).
+    """
+    if not any(r.get("truncated") for r in runs):
+        return None
+    horizon = min(r["curve"][-1]["step"] for r in runs)
+    for r in runs:
+        if r["curve"][-1]["step"] > horizon:
+            r["curve"] = [c for c in r["curve"] if c["step"] <= horizon]
+            r["failures"] = [f for f in r["failures"] if f[0] < horizon]
+            r["recoveries"] = [e for e in r["recoveries"] if e["step"] < horizon]
+            last = r["curve"][-1]
+            r.update(final_loss=last["loss"], executed_steps=horizon, progress=last["progress"],
+                     steps_redone=horizon - last["progress"], io_s=last["io_s"])
+    return horizon
+
+
 def score(runs: list[dict[str, Any]], cfg: ReproConfig) -> dict[str, Any]:
     """Targets from the failure-free runs; steps and wall-clock to target; ratios against checkpoint."""
+    horizon = _cut_to_common_horizon(runs)
     reference = {r["seed"]: r for r in runs if r["method"] == "none"}
     step_s = statistics.median(r["step_s_median"] for r in runs if r["method"] in REFERENCES)
     targets: dict[int, float] = {}
     for seed, ref in reference.items():
-        at = round(cfg.target_frac * cfg.steps / cfg.eval_every)
+        # Of the steps the reference ran: fewer than cfg.steps only when --time-limit-s cut it short.
+        at = round(cfg.target_frac * ref.get("executed_steps", cfg.steps) / cfg.eval_every)
         targets[seed] = round(_smoothed(ref["curve"])[min(at, len(ref["curve"]) - 1)], 5)
     final_ref = {seed: ref["final_loss"] for seed, ref in reference.items()}
     for r in runs:
@@ -431,7 +510,7 @@ def score(runs: list[dict[str, Any]], cfg: ReproConfig) -> dict[str, Any]:
             "faster_than_checkpoint_pct_at_least": min(bound) if bound else None,
             "steps_redone_mean": statistics.fmean(r["steps_redone"] for r in group),
         })
-    return {"step_s": step_s, "targets": targets, "summary": summary}
+    return {"step_s": step_s, "targets": targets, "scored_to_step": horizon, "summary": summary}
 
 
 def _order(method: str) -> int:
@@ -472,19 +551,29 @@ def plot(runs: list[dict[str, Any]], cfg: ReproConfig, path: Path) -> None:
     plt.close(fig)
 
 
-def _run_spec(args: tuple[int, ReproConfig, str, float, int]) -> tuple[int, dict[str, Any]]:
+def _run_spec(args: tuple[int, ReproConfig, str, float, int, float | None]) -> tuple[int, dict[str, Any]]:
     index, *rest = args
     started = time.perf_counter()
     run = run_one(*rest)
     print(f"done {run['method']} rate {run['rate']} seed {run['seed']}: final loss {run['final_loss']}, "
-          f"{len(run['failures'])} failures, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+          f"{len(run['failures'])} failures, {run['executed_steps']} steps"
+          f"{' (truncated)' if run['truncated'] else ''}, {run['step_s_median'] * 1e3:.1f} ms/step, "
+          f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return index, run
 
 
 def run_all(cfg: ReproConfig) -> list[dict[str, Any]]:
-    """Every (seed, rate, method) run plus one failure-free run per seed, `cfg.jobs` at a time."""
-    specs = [(cfg, ref, 0.0, seed) for seed in cfg.seeds for ref in REFERENCES]
-    specs += [(cfg, m, rate, seed) for seed in cfg.seeds for rate in cfg.rates for m in cfg.methods]
+    """Every (seed, rate, method) run plus one failure-free run per seed, `cfg.jobs` at a time.
+
+    Raises:
+        RuntimeError: --device asks for CUDA and this torch has none.
+    """
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {cfg.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    # Wall-clock (time.time), not perf_counter: the deadline is read in the worker processes.
+    deadline = time.time() + cfg.time_limit_s if cfg.time_limit_s else None
+    specs = [(cfg, ref, 0.0, seed, deadline) for seed in cfg.seeds for ref in REFERENCES]
+    specs += [(cfg, m, rate, seed, deadline) for seed in cfg.seeds for rate in cfg.rates for m in cfg.methods]
     indexed = [(i, *spec) for i, spec in enumerate(specs)]
     jobs = cfg.jobs or os.cpu_count() or 1
     if jobs <= 1:
@@ -493,6 +582,13 @@ def run_all(cfg: ReproConfig) -> list[dict[str, Any]]:
         with mp.get_context("spawn").Pool(min(jobs, len(specs))) as pool:
             done = list(pool.imap_unordered(_run_spec, indexed, chunksize=1))
     return [run for _, run in sorted(done, key=lambda pair: pair[0])]
+
+
+def _machine(cfg: ReproConfig) -> dict[str, Any]:
+    machine: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()}
+    if torch.device(cfg.device).type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(torch.device(cfg.device))
+    return machine
 
 
 def _parse(argv: list[str] | None) -> tuple[ReproConfig, argparse.Namespace]:
@@ -530,15 +626,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         runs = run_all(cfg)
     scores = score(runs, cfg)
-    plot(runs, cfg, out / "checkfree.png")
+    plot_path: str | None = str(out / "checkfree.png")
+    try:
+        plot(runs, cfg, out / "checkfree.png")
+    except ImportError as exc:  # a bare GPU box may lack matplotlib: keep the runs, plot later with --from-json
+        print(f"no plot ({exc}); re-plot with --from-json {out / 'checkfree.json'}", file=sys.stderr)
+        plot_path = None
     report = {
         "config": asdict(cfg),
         "p_step": {str(rate): step_probability(rate, cfg.steps_per_hour) for rate in cfg.rates},
-        "machine": saved.get("machine") or {"python": platform.python_version(), "torch": torch.__version__,
-                                            "cpus": os.cpu_count()},
+        "machine": saved.get("machine") or _machine(cfg),
         **scores,
+        "truncated_runs": sum(bool(r.get("truncated")) for r in runs),
         "runs": runs,
-        "plot": str(out / "checkfree.png"),
+        "plot": plot_path,
         # A re-scored report keeps the training run's time; its own (seconds) is not what the runs took.
         "elapsed_s": saved.get("elapsed_s", round(time.perf_counter() - started, 1)),
         "rescored_from_json": bool(saved),

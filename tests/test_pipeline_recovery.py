@@ -363,3 +363,19 @@ def test_repro_config_device_options_and_time_limit() -> None:
                          eval_batches=1, max_bytes=1 << 20, jobs=1)
     run = rc.run_one(cfg, "none", 0.0, 0, deadline=0.0)
     assert run["truncated"] and run["executed_steps"] == 10 and [c["step"] for c in run["curve"]] == [0, 10]
+
+
+def test_truncated_runs_are_scored_to_the_step_all_reached() -> None:
+    rc = _repro_module()
+
+    def run(last: int, truncated: bool) -> dict:
+        curve = [{"step": s, "progress": s, "io_s": 0.0, "loss": 3.0 - s / 100} for s in range(0, last + 1, 10)]
+        return {"curve": curve, "failures": [[15, 1], [last - 5, 2]], "recoveries": [{"step": last - 5}],
+                "final_loss": curve[-1]["loss"], "executed_steps": last, "progress": last, "steps_redone": 0,
+                "io_s": 0.0, "truncated": truncated}
+
+    runs = [run(40, True), run(50, True)]
+    assert rc._cut_to_common_horizon(runs) == 40
+    assert runs[1]["curve"][-1]["step"] == 40 and runs[1]["final_loss"] == runs[0]["final_loss"]
+    assert runs[1]["failures"] == [[15, 1]] and runs[1]["recoveries"] == [] and runs[1]["executed_steps"] == 40
+    assert rc._cut_to_common_horizon([run(40, False), run(50, False)]) is None  # nothing truncated: nothing cut
