@@ -21,6 +21,20 @@ sees the same tokens. Inner loop: AdamW (betas 0.9/0.95, weight decay and grad c
   alternating blocks (ABBA), the median of the per-pair relative differences; and, with a far
   smaller noise floor, the hook's own cost: `opt.step()` without gradients, hooked vs not.
 
+Warm start (`--warm-start STEPS`, the DiLoCo paper's regime; default 0 = every arm from the seed's
+random weights): first ONE model is trained for STEPS steps the way the baseline trains, but in one
+process: each step one AdamW step on the mean gradient of workers x batch-size windows (the baseline's
+global batch) drawn from the whole train set, with its own warmup + cosine lr over STEPS. Every arm
+(baseline, DiLoCo, streaming, single worker) then starts from a copy of those weights with a FRESH
+AdamW (no moments carried over), fresh outer state, and a fresh warmup + cosine over `--steps`, alike
+in every arm. The warm-start steps, tokens and eval loss are reported under "warm_start" only: every
+run's bytes and "tokens_per_run" count the compared phase alone. Each run records the eval loss and
+digest of the weights it started from ("start_eval_loss", "start_digest").
+
+Partial results: `--jsonl PATH` appends the config, the warm start and each finished run (ratios to the
+baseline included) as JSON lines as they complete; `--time-limit-s` skips any run that, judged by the
+slowest run so far, would not finish within that many seconds of the start (listed under "skipped").
+
 eval_loss: mean next-byte loss (nats) of the final model (θ_global for DiLoCo, which every worker
 holds alike) over `--eval-batches` fixed windows of the held-out set. Ratios are reported against the
 baseline; the "targets" block says whether the issue's targets are met.
@@ -106,6 +120,12 @@ class BenchConfig:
     """Inner steps per timed block of the hook-overhead measurement; 0 = skip it."""
     overhead_pairs: int = 16
     """Block pairs (hooked, plain) of the hook-overhead measurement."""
+    warm_start: int = 0
+    """Steps of ordinary training (one model, the baseline's global batch) every arm starts from; 0 = none."""
+    time_limit_s: float | None = None
+    """Skip runs that would not finish within this many seconds of the start; None = no limit."""
+    jsonl: str | None = None
+    """Append each finished part (config, warm start, every run) to this file as a JSON line."""
 
     def __post_init__(self) -> None:
         if self.data not in ("shards", "iid"):
@@ -124,12 +144,22 @@ class BenchConfig:
         if self.streaming_fragments < 0 or (self.streaming_fragments and self.streaming_h % self.streaming_fragments):
             raise ValueError(f"--streaming-fragments ({self.streaming_fragments}) must divide --streaming-h "
                              f"({self.streaming_h}), or be 0 to skip streaming")
+        if self.warm_start < 0:
+            raise ValueError(f"--warm-start must be >= 0 steps (0: no warm start), got {self.warm_start}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"--time-limit-s must be > 0, got {self.time_limit_s}")
         self.outer()  # checks outer_lr and outer_momentum
 
     def train_config(self) -> TrainConfig:
         """The inner-loop settings (lr schedule, weight decay, clipping) every run uses."""
         extra = {} if self.lr is None else {"lr": self.lr}
         return TrainConfig(model=self.model, seed=self.seed, steps=self.steps, sync_every=1,
+                           data=self.data_config(), device=self.device, **extra)
+
+    def warm_config(self) -> TrainConfig:
+        """The warm start's settings: the inner recipe, its own warmup + cosine over `warm_start` steps."""
+        extra = {} if self.lr is None else {"lr": self.lr}
+        return TrainConfig(model=self.model, seed=self.seed, steps=max(1, self.warm_start), sync_every=1,
                            data=self.data_config(), device=self.device, **extra)
 
     def outer(self) -> OuterConfig:
@@ -142,10 +172,17 @@ class BenchConfig:
 # ------------------------------------------------------------------ shared inner loop
 
 
-def _setup(cfg: BenchConfig, corpus: Corpus, index: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Batches]:
-    """Worker `index`'s model (same seed on every worker), AdamW and batches of its shard (or of all data)."""
+Weights = dict[str, torch.Tensor]
+
+
+def _setup(cfg: BenchConfig, corpus: Corpus, index: int,
+           init: Weights | None = None) -> tuple[torch.nn.Module, torch.optim.Optimizer, Batches]:
+    """Worker `index`'s model (same seed on every worker, or the warm-start weights `init`), a fresh
+    AdamW and batches of its shard (or of all data)."""
     tc = cfg.train_config()
     model = build_model(cfg.model, seed=cfg.seed).to(cfg.device)
+    if init is not None:
+        model.load_state_dict(init)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     data = corpus.shard(index, cfg.workers) if cfg.data == "shards" else corpus.train
     batches = Batches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
@@ -174,10 +211,56 @@ def _eval(cfg: BenchConfig, model: torch.nn.Module, corpus: Corpus) -> float:
                     batches=cfg.eval_batches, device=cfg.device)
 
 
+def _digest(model: torch.nn.Module) -> str:
+    theta = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()])
+    return hashlib.blake2b(theta.numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def _start(cfg: BenchConfig, model: torch.nn.Module, corpus: Corpus) -> dict[str, Any]:
+    """What a run starts from (with a warm start only): its eval loss and weights' digest, to show all runs alike."""
+    if not cfg.warm_start:
+        return {}
+    return {"start_eval_loss": _eval(cfg, model, corpus), "start_digest": _digest(model)}
+
+
+# ------------------------------------------------------------------ warm start
+
+
+def run_warm_start(cfg: BenchConfig, corpus: Corpus) -> tuple[Weights, dict[str, Any]]:
+    """Train one model `cfg.warm_start` steps as the baseline would, in one process; its weights and a record.
+
+    Each step is one AdamW step on the mean gradient of workers x batch_size windows of the whole train
+    set: the baseline's global batch (drawn from all the data, not per shard, so the start favours no
+    worker's shard), with the inner recipe and a warmup + cosine lr over the warm-start steps.
+    """
+    tc = cfg.warm_config()
+    model = build_model(cfg.model, seed=cfg.seed).to(cfg.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    # peer = workers: a sample stream no worker of the compared phase draws from.
+    batches = Batches(corpus.train, seq_len=cfg.seq_len, batch_size=cfg.workers * cfg.batch_size,
+                      seed=cfg.seed, peer=cfg.workers)
+    started = time.perf_counter()
+    loss = math.nan
+    for step in range(cfg.warm_start):
+        loss = _forward_backward(model, opt, batches, tc, step)
+        _finish_step(model, opt, tc)
+    wall = time.perf_counter() - started
+    weights = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+    record = {"steps": cfg.warm_start, "tokens": cfg.warm_start * cfg.workers * cfg.batch_size * cfg.seq_len,
+              "procedure": "one model, one process; per step one AdamW step on the mean gradient of workers x "
+                           "batch_size windows drawn from the whole train set (the baseline's global batch)",
+              "lr_schedule": f"warmup {tc.warmup_steps} steps then cosine to 10 % over the {cfg.warm_start} "
+                             "warm-start steps; the compared phase restarts warmup + cosine over its own steps",
+              "compared_phase_starts_with": "these weights, a fresh AdamW (no moments), fresh DiLoCo outer state",
+              "counted_in_runs": False, "eval_loss": round(_eval(cfg, model, corpus), 5),
+              "final_train_loss": round(loss, 5), "wall_s": round(wall, 1), "digest": _digest(model)}
+    return weights, record
+
+
 # ------------------------------------------------------------------ (a) data-parallel baseline
 
 
-def _baseline_worker(rank: int, cfg_dict: dict[str, Any], tmp: str) -> None:
+def _baseline_worker(rank: int, cfg_dict: dict[str, Any], tmp: str, init_path: str | None) -> None:
     cfg = BenchConfig(**cfg_dict)
     torch.set_num_threads(cfg.threads)
     n = cfg.workers
@@ -186,7 +269,9 @@ def _baseline_worker(rank: int, cfg_dict: dict[str, Any], tmp: str) -> None:
     try:
         corpus = Corpus.load(cfg.data_config())
         tc = cfg.train_config()
-        model, opt, batches = _setup(cfg, corpus, rank)
+        init = None if init_path is None else torch.load(init_path, map_location=cfg.device, weights_only=True)
+        model, opt, batches = _setup(cfg, corpus, rank, init)
+        start = _start(cfg, model, corpus) if rank == 0 else {}
         params = [p for p in model.parameters() if p.requires_grad]
         flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
         dist.barrier()
@@ -210,16 +295,20 @@ def _baseline_worker(rank: int, cfg_dict: dict[str, Any], tmp: str) -> None:
         dist.all_gather_object(digests, hashlib.blake2b(theta.numpy().tobytes(), digest_size=16).hexdigest())
         if rank == 0:
             result = {"eval_loss": _eval(cfg, model, corpus), "wall_s": wall, "final_train_loss": loss,
-                      "identical_on_all_workers": len(set(digests)) == 1}
+                      "identical_on_all_workers": len(set(digests)) == 1, **start}
             Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def run_baseline(cfg: BenchConfig, numel: int) -> dict[str, Any]:
-    """Data-parallel training over gloo in `cfg.workers` processes; its eval loss and ring bytes."""
+def run_baseline(cfg: BenchConfig, numel: int, init: Weights | None = None) -> dict[str, Any]:
+    """Data-parallel training over gloo in `cfg.workers` processes (from `init` if given); eval loss, ring bytes."""
     with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
-        mp.spawn(_baseline_worker, args=(asdict(cfg), tmp), nprocs=cfg.workers, join=True)
+        init_path = None
+        if init is not None:
+            init_path = str(Path(tmp, "init.pt"))
+            torch.save(init, init_path)
+        mp.spawn(_baseline_worker, args=(asdict(cfg), tmp, init_path), nprocs=cfg.workers, join=True)
         result = json.loads(Path(tmp, "result.json").read_text())
     n = cfg.workers
     # Ring all-reduce: every worker sends 2(N-1)/N of the fp32 gradient per step; summed over workers.
@@ -236,11 +325,14 @@ def streaming_support() -> str | None:
     return "fragments" if "fragments" in inspect.signature(DiLoCo).parameters else None
 
 
-def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragments: int = 0) -> dict[str, Any]:
-    """N DiLoCo workers in threads averaging through a `LocalGroup`; eval loss of θ_global and wire bytes."""
+def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragments: int = 0,
+               init: Weights | None = None) -> dict[str, Any]:
+    """N DiLoCo workers in threads averaging through a `LocalGroup` (from `init` if given); eval loss of
+    θ_global and wire bytes."""
     tc = cfg.train_config()
     group = LocalGroup(cfg.workers)
-    workers = [_setup(cfg, corpus, i) for i in range(cfg.workers)]
+    workers = [_setup(cfg, corpus, i, init) for i in range(cfg.workers)]
+    start = _start(cfg, workers[0][0], corpus)  # before the hooks copy θ_global from the weights
     extra = {"fragments": fragments} if fragments else {}
     hooks = [DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=cfg.outer(), codec=codec, **extra)
              for i, (model, opt, _) in enumerate(workers)]
@@ -279,13 +371,14 @@ def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragment
     return {"name": name, "kind": "streaming DiLoCo" if fragments else "DiLoCo", "H": H, "codec": codec,
             "syncs": dl.stats.syncs, "eval_loss": _eval(cfg, model, corpus), "bytes": group.bytes_sent,
             "wall_s": wall, "final_train_loss": statistics.fmean(losses),
-            "identical_on_all_workers": len({dl.state.digest for dl in hooks}) == 1}
+            "identical_on_all_workers": len({dl.state.digest for dl in hooks}) == 1, **start}
 
 
-def run_single(cfg: BenchConfig, corpus: Corpus) -> dict[str, Any]:
+def run_single(cfg: BenchConfig, corpus: Corpus, init: Weights | None = None) -> dict[str, Any]:
     """Worker 0 alone, no communication: what DiLoCo's averaging has to beat (1/N of the tokens)."""
     tc = cfg.train_config()
-    model, opt, batches = _setup(cfg, corpus, 0)
+    model, opt, batches = _setup(cfg, corpus, 0, init)
+    start = _start(cfg, model, corpus)
     started = time.perf_counter()
     loss = math.nan
     for step in range(cfg.steps):
@@ -293,7 +386,8 @@ def run_single(cfg: BenchConfig, corpus: Corpus) -> dict[str, Any]:
         _finish_step(model, opt, tc)
     return {"name": "single-worker", "kind": "reference: one worker alone, 1/N of the tokens", "H": None,
             "codec": None, "syncs": 0, "eval_loss": _eval(cfg, model, corpus), "bytes": 0,
-            "wall_s": time.perf_counter() - started, "final_train_loss": loss, "identical_on_all_workers": True}
+            "wall_s": time.perf_counter() - started, "final_train_loss": loss, "identical_on_all_workers": True,
+            **start}
 
 
 # ------------------------------------------------------------------ hook overhead
@@ -410,10 +504,31 @@ def _machine() -> str:
            f"torch {torch.__version__}, {platform.system()} {platform.release()}"
 
 
+def _score(r: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Add the ratios to the baseline and round, in place; returns `r`."""
+    r["ratio_bytes_vs_baseline"] = base["bytes"] / r["bytes"] if r["bytes"] else None  # JSON has no inf
+    r["eval_loss_vs_baseline"] = (r["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
+    for key in ("eval_loss", "final_train_loss", "eval_loss_vs_baseline", "start_eval_loss"):
+        if key in r:
+            r[key] = round(r[key], 5)
+    if r["ratio_bytes_vs_baseline"] is not None:
+        r["ratio_bytes_vs_baseline"] = round(r["ratio_bytes_vs_baseline"], 1)
+    r["wall_s"] = round(r["wall_s"], 1)
+    return r
+
+
 def run(cfg: BenchConfig, log: Any = sys.stderr) -> dict[str, Any]:
     """All runs of the benchmark; returns the report."""
+    began = time.perf_counter()
+
     def say(msg: str) -> None:
         print(f"[bench_convergence {time.strftime('%H:%M:%S')}] {msg}", file=log, flush=True)
+
+    def emit(kind: str, payload: dict[str, Any]) -> None:
+        # One line per finished part, flushed at once: a run killed later keeps everything before it.
+        if cfg.jsonl:
+            with open(cfg.jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"record": kind, **payload}) + "\n")
 
     torch.set_num_threads(cfg.threads)
     corpus = Corpus.load(cfg.data_config())
@@ -429,13 +544,47 @@ def run(cfg: BenchConfig, log: Any = sys.stderr) -> dict[str, Any]:
     report["initial_eval_loss"] = _eval(cfg, probe, corpus)
     say(f"{cfg.model} ({numel} params), {cfg.workers} workers x {cfg.steps} steps; initial eval loss "
         f"{report['initial_eval_loss']:.4f}")
+    emit("config", {"config": report["config"], "initial_eval_loss": report["initial_eval_loss"]})
 
-    runs = [run_baseline(cfg, numel)]
-    say(f"baseline-dp: eval loss {runs[0]['eval_loss']:.4f} in {runs[0]['wall_s']:.0f} s")
+    init: Weights | None = None
+    if cfg.warm_start:
+        init, report["warm_start"] = run_warm_start(cfg, corpus)
+        say(f"warm start: {cfg.warm_start} steps, eval loss {report['warm_start']['eval_loss']:.4f} "
+            f"in {report['warm_start']['wall_s']:.0f} s")
+    else:
+        report["warm_start"] = {"steps": 0, "tokens": 0, "status": "none: every run starts from the seed's weights"}
+    emit("warm_start", report["warm_start"])
+
+    runs: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    slowest_s = 0.0
+    base: dict[str, Any] = {}  # the baseline's bytes and unrounded eval loss, which every ratio divides by
+
+    def arm(name: str, fn: Any) -> dict[str, Any] | None:
+        """Run one arm unless the time limit says it would not finish; score, log and emit it."""
+        nonlocal slowest_s
+        elapsed = time.perf_counter() - began
+        if cfg.time_limit_s is not None and elapsed + slowest_s > cfg.time_limit_s:
+            skipped.append(name)
+            say(f"{name}: skipped (time limit: {elapsed:.0f} s gone, the slowest run took {slowest_s:.0f} s)")
+            return None
+        t0 = time.perf_counter()
+        r = fn()
+        slowest_s = max(slowest_s, time.perf_counter() - t0)
+        if not base:
+            base.update(bytes=r["bytes"], eval_loss=r["eval_loss"])
+        _score(r, base)
+        runs.append(r)
+        say(f"{r['name']}: eval loss {r['eval_loss']:.4f} ({100 * r['eval_loss_vs_baseline']:+.2f} %) "
+            f"in {r['wall_s']:.0f} s")
+        emit("run", r)
+        return r
+
+    if arm("baseline-dp", lambda: run_baseline(cfg, numel, init)) is None:
+        raise ValueError(f"--time-limit-s {cfg.time_limit_s} left no time for the baseline; raise it")
     for H in cfg.h:
         for codec in cfg.codecs:
-            runs.append(run_diloco(cfg, corpus, H, codec))
-            say(f"{runs[-1]['name']}: eval loss {runs[-1]['eval_loss']:.4f} in {runs[-1]['wall_s']:.0f} s")
+            arm(f"diloco-H{H}-{codec}", lambda H=H, codec=codec: run_diloco(cfg, corpus, H, codec, init=init))
 
     streaming: dict[str, Any] = {"name": "streaming", "kind": "streaming DiLoCo"}
     if cfg.streaming_fragments == 0:
@@ -443,26 +592,21 @@ def run(cfg: BenchConfig, log: Any = sys.stderr) -> dict[str, Any]:
     elif streaming_support() is None:
         streaming["status"] = "not implemented: swarm.DiLoCo has no `fragments` argument yet"
     else:
-        streaming = run_diloco(cfg, corpus, cfg.streaming_h, "none", fragments=cfg.streaming_fragments)
-        streaming["status"] = "ran"
-        runs.append(streaming)
-        say(f"{streaming['name']}: eval loss {streaming['eval_loss']:.4f}")
+        ran = arm(f"streaming-H{cfg.streaming_h}-F{cfg.streaming_fragments}-none",
+                  lambda: run_diloco(cfg, corpus, cfg.streaming_h, "none", fragments=cfg.streaming_fragments,
+                                     init=init))
+        if ran is None:
+            streaming["status"] = "skipped (--time-limit-s)"
+        else:
+            streaming = ran
+            streaming["status"] = "ran"
     report["streaming"] = {"status": streaming["status"], "implemented": streaming_support() is not None} | (
         {"run": streaming["name"]} if streaming["status"] == "ran" else {})
     if cfg.single_reference:
-        runs.append(run_single(cfg, corpus))
-        say(f"single-worker: eval loss {runs[-1]['eval_loss']:.4f}")
-
-    base = runs[0]
-    for r in runs:
-        r["ratio_bytes_vs_baseline"] = base["bytes"] / r["bytes"] if r["bytes"] else None  # JSON has no inf
-        r["eval_loss_vs_baseline"] = (r["eval_loss"] - base["eval_loss"]) / base["eval_loss"]
-        for key in ("eval_loss", "final_train_loss", "eval_loss_vs_baseline"):
-            r[key] = round(r[key], 5)
-        if r["ratio_bytes_vs_baseline"] is not None:
-            r["ratio_bytes_vs_baseline"] = round(r["ratio_bytes_vs_baseline"], 1)
-        r["wall_s"] = round(r["wall_s"], 1)
+        arm("single-worker", lambda: run_single(cfg, corpus, init))
     report["runs"] = runs
+    if cfg.time_limit_s is not None:
+        report["skipped"] = skipped
 
     overhead = None
     if cfg.overhead_steps:
@@ -472,6 +616,7 @@ def run(cfg: BenchConfig, log: Any = sys.stderr) -> dict[str, Any]:
     report["targets"] = _targets(runs, overhead, streaming)
     report["config"]["loadavg_at_end"] = os.getloadavg()[0]
     report["initial_eval_loss"] = round(report["initial_eval_loss"], 5)
+    emit("targets", {"targets": report["targets"], "skipped": skipped})
     return report
 
 
@@ -481,6 +626,12 @@ def _table(report: dict[str, Any]) -> str:
         ratio = "-" if r["ratio_bytes_vs_baseline"] is None else f"{r['ratio_bytes_vs_baseline']:,.1f}"
         lines.append(f"{r['name']:<28} {r['eval_loss']:>9.4f} {100 * r['eval_loss_vs_baseline']:>+7.2f}% "
                      f"{r['bytes']:>14,} {ratio:>11} {r['syncs']:>6} {r['wall_s']:>7.1f}")
+    ws = report["warm_start"]
+    if ws["steps"]:
+        lines.insert(0, f"warm start (not counted in any run): {ws['steps']} steps, {ws['tokens']:,} tokens, "
+                        f"eval loss {ws['eval_loss']:.4f}; every run starts there")
+    if report.get("skipped"):
+        lines.append(f"skipped (--time-limit-s): {', '.join(report['skipped'])}")
     lines.append(f"streaming: {report['streaming']['status']}")
     ho = report["hook_overhead"]
     if "overhead_rel_median" in ho:
@@ -526,13 +677,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per worker (default 1)")
     parser.add_argument("--overhead-steps", type=int, help="steps per hook-overhead block; 0 skips (default 20)")
     parser.add_argument("--overhead-pairs", type=int, help="hook-overhead block pairs (default 16)")
+    parser.add_argument("--warm-start", type=int, metavar="STEPS",
+                        help="first train one model STEPS steps (the baseline's global batch, whole train set); "
+                             "every run starts from its weights with a fresh optimizer and lr schedule; not "
+                             "counted in tokens or bytes (default 0: no warm start)")
+    parser.add_argument("--time-limit-s", type=float,
+                        help="skip runs that would not finish within this many seconds of the start (default none)")
+    parser.add_argument("--jsonl", help="append the config, warm start and each finished run here as JSON lines")
     args = parser.parse_args(argv)
 
     values = {"workers": 2, "steps": 60, "h": [20], "eval_batches": 8, "streaming_h": 20,
               "overhead_steps": 5, "overhead_pairs": 4} if args.quick else {}
     for key in ("model", "workers", "steps", "batch_size", "seq_len", "data", "h", "codecs", "streaming_fragments",
                 "streaming_h", "eval_batches", "lr", "outer_lr", "outer_momentum", "single_reference", "seed",
-                "device", "threads", "overhead_steps", "overhead_pairs"):
+                "device", "threads", "overhead_steps", "overhead_pairs", "warm_start", "time_limit_s", "jsonl"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     try:

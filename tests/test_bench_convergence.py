@@ -20,6 +20,7 @@ def test_bench_convergence_quick_json() -> None:
     report = json.loads(proc.stdout)
 
     assert report["config"]["workers"] == 2 and report["config"]["steps"] == 40
+    assert report["warm_start"]["steps"] == 0  # the default: no warm start, every run from the seed's weights
     runs = {r["name"]: r for r in report["runs"]}
     assert set(runs) >= {"baseline-dp", "diloco-H20-none", "diloco-H20-sparseloco", "single-worker"}
     if report["streaming"]["implemented"]:
@@ -47,3 +48,40 @@ def test_bench_convergence_quick_json() -> None:
                             "hook_overhead_below_1pct", "streaming_within_2pct_of_diloco_same_bytes"}
     assert all(t["met"] in (True, False, None) for t in targets.values())
     assert "status" in report["streaming"]
+
+
+def test_bench_convergence_warm_start(tmp_path: Path) -> None:
+    """--warm-start: every arm starts from the same trained weights; only the compared phase is counted."""
+    jsonl = tmp_path / "runs.jsonl"
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_convergence.py"), "--quick", "--json",
+           "--warm-start", "30", "--steps", "20", "--h", "10", "--codecs", "none,sparseloco", "--eval-batches", "4",
+           "--streaming-h", "10", "--streaming-fragments", "2", "--overhead-steps", "0",
+           "--time-limit-s", "600", "--jsonl", str(jsonl)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=110, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    cfg, warm = report["config"], report["warm_start"]
+    n, steps, window_bytes = cfg["workers"], cfg["steps"], cfg["batch_size"] * cfg["seq_len"]
+
+    # The warm start is reported apart, with its own steps and tokens, and trained the model.
+    assert warm["steps"] == 30 and warm["tokens"] == 30 * n * window_bytes and warm["counted_in_runs"] is False
+    assert warm["eval_loss"] < report["initial_eval_loss"]
+    assert cfg["warm_start"] == 30 and cfg["tokens_per_run"] == n * steps * window_bytes  # compared phase only
+    runs = {r["name"]: r for r in report["runs"]}
+    assert set(runs) >= {"baseline-dp", "diloco-H10-none", "diloco-H10-sparseloco", "single-worker"}
+    assert report["skipped"] == []
+    # Every arm, the baseline's processes included, starts from the very same weights and loss.
+    for r in runs.values():
+        assert r["start_digest"] == warm["digest"], r["name"]
+        assert abs(r["start_eval_loss"] - warm["eval_loss"]) < 1e-4, r
+        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] < LN_256, r
+    # Bytes count the compared phase alone: the baseline all-reduces once per compared step.
+    assert runs["baseline-dp"]["syncs"] == steps
+    assert runs["baseline-dp"]["bytes"] == steps * 2 * (n - 1) * 4 * cfg["params"]
+    assert runs["diloco-H10-none"]["syncs"] == steps // 10
+
+    # The JSON lines hold each part as it finished, so a killed run keeps what it had.
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["record"] for r in records[:2]] == ["config", "warm_start"] and records[-1]["record"] == "targets"
+    assert [r["name"] for r in records if r["record"] == "run"] == [r["name"] for r in report["runs"]]
+    assert records[1]["digest"] == warm["digest"]
