@@ -46,6 +46,12 @@ from swarm.transport.faults import NO_FAULTS, FaultInjector
 
 log = logging.getLogger("swarm.peer")
 GENESIS_HASH = hashlib.sha256(b"swarm genesis").hexdigest()
+LEAVE_RETRY_S = 2.0
+"""How long a peer that is shutting down retries an unreachable coordinator to say it leaves.
+
+`swarm local` SIGTERMs the coordinator and the peers together; a peer that retried for the client's
+`retry_for_s` (30 s) would outlive it by that much. A peer that cannot say goodbye is dropped when its
+lease expires, which is just as correct."""
 Rdv = pb.RendezvousReply.Outcome
 Cmt = pb.CommitRoundReply.Outcome
 T = TypeVar("T")
@@ -270,7 +276,7 @@ class Peer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeats
         with contextlib.suppress(CoordinatorCallError):
-            await self.client.leave(self.report.stopped_by)
+            await self.client.leave(self.report.stopped_by, retry_for_s=LEAVE_RETRY_S)
         await self.client.close()
         if self.metrics is not None:
             await self.metrics.close()
@@ -292,6 +298,8 @@ class Peer:
         self.round = int(reply.next_round)
         self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1
         self._joined = reply
+        log.info("joined run %r as %r: stage %d, next round %d", self.config.client.run_id,
+                 self.config.client.peer_id, self.stage, self.round)
         if self._state is not None:
             await self.attach(self._state)
 
@@ -497,7 +505,8 @@ async def run_test_task(peer: Peer) -> PeerReport:
     codec = make_codec(cfg.codec)
     feedback = ErrorFeedback() if codec.uses_error_feedback else None
     try:
-        await peer.start(state)
+        # SIGTERM while joining (the coordinator may be going away too) must not wait out the join's retries.
+        await peer.unless_stopping(peer.start(state))
         while not peer.stopping.is_set() and (cfg.rounds == 0 or peer.round < cfg.rounds):
             await peer.unless_stopping(asyncio.sleep(cfg.work_s))
             acc = None

@@ -138,3 +138,52 @@ def test_children_stop_when_swarm_local_is_sigkilled(tmp_path: Path) -> None:
         for p in children:
             if p.is_running():
                 p.kill()
+
+
+def _peer(target: str, peer_id: str, tmp_path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SWARM, "--log-level", "INFO", "peer", "--coordinator", target, "--peer-id", peer_id, "--task", "average",
+         "--rounds", "1000", "--work-s", "0.2", "--numel", "1000"],
+        stdout=subprocess.PIPE, stderr=open(tmp_path / f"{peer_id}.err", "w"), text=True,  # noqa: SIM115
+    )
+
+
+def _stops_promptly_on_sigterm(proc: subprocess.Popen[str], tmp_path: Path, peer_id: str) -> dict:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=10)  # the client alone retries an unreachable coordinator for 30 s
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"{peer_id} hung after SIGTERM:\n{(tmp_path / f'{peer_id}.err').read_text()[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])["peer_report"]
+
+
+@pytest.mark.slow
+def test_a_peer_stops_promptly_on_sigterm_when_its_coordinator_is_gone(tmp_path: Path, coordinator_proc) -> None:  # type: ignore[no-untyped-def]
+    # `swarm local` dying takes the coordinator and the peers down together (PDEATHSIG): a peer must not
+    # wait out the coordinator's retries, whether it is still joining or leaving.
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the join keeps meeting UNAVAILABLE
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    joining = _peer(dead, "joining", tmp_path)
+    coord = coordinator_proc()
+    joined = _peer(coord.target, "joined", tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while "joined" not in (tmp_path / "joined.err").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "joined" in (tmp_path / "joined.err").read_text(), (tmp_path / "joined.err").read_text()
+        coord.kill()
+        time.sleep(1.0)  # the joining peer is well inside its retries by now, the other one has lost its coordinator
+        report = _stops_promptly_on_sigterm(joined, tmp_path, "joined")
+        assert report["stopped_by"] == "SIGTERM"
+        report = _stops_promptly_on_sigterm(joining, tmp_path, "joining")
+        assert report["stopped_by"] == "SIGTERM" and report["rounds_committed"] == 0
+    finally:
+        for p in (joining, joined):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -92,9 +92,9 @@ class CoordinatorClient:
     async def __aexit__(self, *_: object) -> None:
         await self.close()
 
-    async def _call(self, method: str, request: Any, extra_s: float = 0.0) -> Any:
+    async def _call(self, method: str, request: Any, extra_s: float = 0.0, retry_for_s: float | None = None) -> Any:
         rpc = getattr(self._stub, method)
-        give_up = time.monotonic() + self.config.retry_for_s
+        give_up = time.monotonic() + (self.config.retry_for_s if retry_for_s is None else retry_for_s)
         backoff_s = 0.05
         while True:
             try:
@@ -123,10 +123,16 @@ class CoordinatorClient:
     async def heartbeat(self, progress: pb.Progress | None = None) -> pb.HeartbeatReply:
         return await self._call("Heartbeat", pb.HeartbeatRequest(progress=progress, **self._ids()))
 
-    async def leave(self, reason: str) -> None:
-        """Leave the run; leaving twice (or after expiry) is not an error."""
+    async def leave(self, reason: str, retry_for_s: float | None = None) -> None:
+        """Leave the run; leaving twice (or after expiry) is not an error.
+
+        Args:
+            retry_for_s: how long to retry an unreachable coordinator (default: the config's
+                `retry_for_s`). A peer shutting down passes a short one: if the coordinator is gone
+                too, waiting for it only delays the exit, and its lease expires without the call.
+        """
         try:
-            await self._call("Leave", pb.LeaveRequest(reason=reason, **self._ids()))
+            await self._call("Leave", pb.LeaveRequest(reason=reason, **self._ids()), retry_for_s=retry_for_s)
         except CoordinatorCallError as e:
             if e.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
                 raise
