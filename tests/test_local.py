@@ -144,7 +144,7 @@ def _peer(target: str, peer_id: str, tmp_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*SWARM, "--log-level", "INFO", "peer", "--coordinator", target, "--peer-id", peer_id, "--task", "average",
          "--rounds", "1000", "--work-s", "0.2", "--numel", "1000"],
-        stdout=subprocess.PIPE, stderr=open(tmp_path / f"{peer_id}.err", "w"), text=True,  # noqa: SIM115
+        stdout=subprocess.PIPE, stderr=open(tmp_path / f"{peer_id}.err", "w"), text=True,
     )
 
 
