@@ -38,6 +38,10 @@ def _status(target: str) -> pb.StatusReply:
     return asyncio.run(ask())
 
 
+def _committed_together(target: str, stage: int, peers: set[str]) -> bool:
+    return any(r.stage == stage and r.phase == "committed" and peers <= set(r.members) for r in _status(target).rounds)
+
+
 def _wait_for(what: str, check: Callable[[], bool], timeout_s: float, procs: list[subprocess.Popen[bytes]]) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -104,11 +108,16 @@ def _run_with_a_lost_stage(tmp: Path, coordinator_proc: StartCoordinator, *, sta
             run.start(f"p{stage}", str(stage))
         procs = list(run.procs.values())
         if extra_replica:
-            _wait_for("driver step 5", lambda: run.driver_step("p0") >= 5, 120, procs)
+            # As soon as every stage has its peer (so the thinnest stage is a tie, given to stage 0): a
+            # driver alone runs ahead fast, and a spare that joins late syncs with it only near the end.
+            joined = {f"p{s}" for s in range(stages)}
+            _wait_for("every stage's peer joined", lambda: joined <= {m.member.peer_id for m in _status(coord.target).members},
+                      120, procs)
             run.start("spare", "auto")
-            # Past step 40 both stage-0 replicas synced at least once (a joiner starts at the run's step).
-            _wait_for("the spare training as a second stage-0 replica", lambda: run.driver_step("spare") >= 42, 120,
-                      list(run.procs.values()))
+            # Wait for a committed stage-0 round of both replicas, not for a step: a spare that joins after
+            # the barrier of the round at step 40 opened takes part only from the round at step 60.
+            _wait_for("a stage-0 round committed by p0 and the spare",
+                      lambda: _committed_together(coord.target, 0, {"p0", "spare"}), 150, list(run.procs.values()))
         # Every stage has committed a DiLoCo round (at its step 20) once the driver is past step 45.
         _wait_for("driver step 45", lambda: run.driver_step("p0") >= 45, 120, procs)
         killed_at = run.driver_step("p0")
