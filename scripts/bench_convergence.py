@@ -108,6 +108,8 @@ class BenchConfig:
     """DiLoCo outer learning rate."""
     outer_momentum: float = OuterConfig().momentum
     """DiLoCo outer (Nesterov) momentum; 0 with outer_lr 1 is plain model averaging."""
+    feedback_decay: float = OuterConfig().feedback_decay
+    """β of the codecs' error feedback (1: plain; SparseLoCo's recipe: < 1 with outer momentum 0)."""
     single_reference: bool = True
     """Also train one worker alone (no communication, 1/N of the tokens) as a reference."""
     seed: int = 0
@@ -148,7 +150,7 @@ class BenchConfig:
             raise ValueError(f"--warm-start must be >= 0 steps (0: no warm start), got {self.warm_start}")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"--time-limit-s must be > 0, got {self.time_limit_s}")
-        self.outer()  # checks outer_lr and outer_momentum
+        self.outer()  # checks outer_lr, outer_momentum and feedback_decay
 
     def train_config(self) -> TrainConfig:
         """The inner-loop settings (lr schedule, weight decay, clipping) every run uses."""
@@ -163,7 +165,7 @@ class BenchConfig:
                            data=self.data_config(), device=self.device, **extra)
 
     def outer(self) -> OuterConfig:
-        return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum)
+        return OuterConfig(lr=self.outer_lr, momentum=self.outer_momentum, feedback_decay=self.feedback_decay)
 
     def data_config(self) -> DataConfig:
         return DataConfig(seq_len=self.seq_len, batch_size=self.batch_size, seed=self.seed)
@@ -670,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, help="peak inner lr (default: TrainConfig's, 3e-3)")
     parser.add_argument("--outer-lr", type=float, help="DiLoCo outer lr (default 0.7)")
     parser.add_argument("--outer-momentum", type=float, help="DiLoCo outer Nesterov momentum (default 0.9)")
+    parser.add_argument("--feedback-decay", type=float,
+                        help="error-feedback decay beta of codecs that keep a residual (default 1: plain)")
     parser.add_argument("--no-single", dest="single_reference", action="store_const", const=False,
                         help="skip the single-worker reference run")
     parser.add_argument("--seed", type=int, help="model and data seed (default 0)")
@@ -689,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     values = {"workers": 2, "steps": 60, "h": [20], "eval_batches": 8, "streaming_h": 20,
               "overhead_steps": 5, "overhead_pairs": 4} if args.quick else {}
     for key in ("model", "workers", "steps", "batch_size", "seq_len", "data", "h", "codecs", "streaming_fragments",
-                "streaming_h", "eval_batches", "lr", "outer_lr", "outer_momentum", "single_reference", "seed",
+                "streaming_h", "eval_batches", "lr", "outer_lr", "outer_momentum", "feedback_decay", "single_reference", "seed",
                 "device", "threads", "overhead_steps", "overhead_pairs", "warm_start", "time_limit_s", "jsonl"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)

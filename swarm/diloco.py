@@ -60,10 +60,15 @@ class OuterConfig:
     """Outer momentum (DiLoCo: 0.9)."""
     nesterov: bool = True
     """Nesterov momentum (DiLoCo: on)."""
+    feedback_decay: float = 1.0
+    """β of a codec's error feedback: each round sends Δ + β·residual (1: plain error feedback).
+    SparseLoCo drops the outer momentum and lets a decayed residual play its part (momentum 0, β < 1)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"outer.lr must be > 0 and outer.momentum in [0, 1), got {self.lr}, {self.momentum}")
+        if not 0 < self.feedback_decay <= 1:
+            raise ValueError(f"outer.feedback_decay must be in (0, 1], got {self.feedback_decay}")
 
 
 def _digest(*arrays: np.ndarray) -> str:
@@ -345,7 +350,9 @@ class DiLoCo:
         if not torch.isfinite(delta).all():
             raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
         if self.feedback is not None and self.feedback.residual is not None:
-            delta = delta + self.feedback.residual[part]
+            residual = self.feedback.residual[part]
+            decay = self.state.outer.feedback_decay
+            delta = delta + (residual if decay == 1.0 else residual * decay)
         return local, delta
 
     def _settle(self, result: SyncResult, part: slice, acc: torch.Tensor, started: float,

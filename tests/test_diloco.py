@@ -160,6 +160,7 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.calls: list[int] = []
+        self.flats: list[np.ndarray] = []
         self.state: RoundState | None = None
         self.closed = ""
 
@@ -169,6 +170,7 @@ class _Recorder:
     def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
         assert self.state is not None
         self.calls.append(len(self.calls))
+        self.flats.append(flat.copy())
         self.state.propose(flat.copy(), len(self.calls) - 1, None)
         self.state.adopt(len(self.calls) - 1)
         return SyncResult("committed", len(self.calls) - 1, 1)
@@ -191,6 +193,33 @@ def test_the_hook_syncs_every_h_inner_steps_and_closes_the_peer() -> None:
     assert len(peer.calls) == 4
 
 
+@pytest.mark.parametrize("decay", [1.0, 0.5])
+def test_each_round_sends_delta_plus_the_decayed_residual(decay: float) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    peer = _Recorder()
+    expected: list[torch.Tensor] = []
+    outer = OuterConfig(lr=1.0, momentum=0.0, feedback_decay=decay)
+    with DiLoCo(model, opt, peer=peer, sync_every=1000, outer=outer, codec="sparseloco") as dl:
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            for _ in range(4):
+                model(torch.randn(4, 8, generator=gen)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            delta = dl.state.theta - dl._flat_params()
+            residual = dl.feedback.residual
+            expected.append(delta if residual is None else delta + decay * residual)
+            dl.sync()
+            acc = expected[-1]
+            # What the round did not carry waits for the next one, undecayed until it is sent.
+            assert torch.equal(dl.feedback.residual, acc - dl.codec.decode(dl.codec.encode(acc), acc.numel()))
+            assert dl.feedback.residual.abs().sum() > 0  # so the next round's β actually matters
+    assert len(peer.flats) == 3
+    for sent, want in zip(peer.flats, expected, strict=True):
+        assert torch.equal(torch.from_numpy(sent), want)
+
+
 def test_nan_in_the_local_model_stops_the_sync_instead_of_spreading() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -209,6 +238,8 @@ def test_bad_settings_are_refused() -> None:
         DiLoCo(model, opt, peer=_Recorder(), sync_every=0)
     with pytest.raises(ValueError, match="outer.lr"):
         OuterConfig(lr=0)
+    with pytest.raises(ValueError, match="feedback_decay"):
+        OuterConfig(feedback_decay=0)
     with pytest.raises(ValueError, match="codec.name"):
         DiLoCo(model, opt, peer=_Recorder(), codec="zip")
 

@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
     t.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD lr (default: %(default)s)")
     t.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
+    t.add_argument("--feedback-decay", type=float, default=1.0, metavar="BETA",
+                   help="error feedback of topk/sparseloco: send delta + BETA * residual (default: %(default)s; "
+                        "SparseLoCo's recipe pairs BETA < 1 with --outer-momentum 0)")
     t.add_argument("--seed", type=int, default=0, help="initial weights' seed, the same on every peer (default: %(default)s)")
     t.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files or folders to train on (default: this Python's standard library source)")
@@ -143,7 +146,7 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
             lr=args.lr,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
             shard_index=index, shard_count=count,
-            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec, device=device,
+            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, feedback_decay=args.feedback_decay), codec=peer.codec, device=device,
         )
     except ValueError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
@@ -172,7 +175,7 @@ def _pipeline(args: argparse.Namespace, peer: PeerConfig) -> int:
         config = PipelineConfig(
             model=args.model, stages=args.stages, blocks_per_stage=args.blocks_per_stage, seed=args.seed,
             steps=args.steps, microbatches=args.microbatches, lr=args.lr, sync_every=args.inner_steps,
-            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum), codec=peer.codec,
+            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, feedback_decay=args.feedback_decay), codec=peer.codec,
             recovery=RecoveryConfig(method=args.recovery, lr_boost=args.lr_boost), activations=args.activations,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
             shard_index=index, shard_count=count, eval_every=args.eval_every, device=args.device,
