@@ -25,30 +25,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
+from bench_codecs import time_cuda  # scripts/ is on the path when a script in it runs
 
 from swarm.compression import ErrorFeedback, TopKCodec
-
-
-def time_cuda(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of `fn` (CUDA events) after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(samples)
 
 
 def _ints(text: str) -> list[int]:
