@@ -248,6 +248,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
         client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))
         view = Live(console=console, refresh_per_second=4) if not args.no_view else None
         last_line = 0.0
+        status: pb.StatusReply | None = None
         with view or contextlib.nullcontext():
             while any(c.proc.returncode is None for c in peers):
                 if stop_requested.is_set():
@@ -281,6 +282,9 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                     last_line = time.monotonic()
                     console.print(f"{where}, {len(status.members)} members")
                 await asyncio.sleep(0.25)
+            if view is not None and status is not None:  # the last frame shows how every peer ended
+                view.update(Group(f"swarm local: {'stopping' if interrupted else 'done'}, "
+                                  f"{time.monotonic() - started:.0f}s", render(status, max_events=8), _peer_table(peers)))
         if not interrupted:
             await asyncio.wait_for(asyncio.gather(*readers), STOP_GRACE_S)
         final_status = status_to_dict(await client.status())
