@@ -693,8 +693,8 @@ def main(argv: list[str] | None = None) -> int:
     values = {"workers": 2, "steps": 60, "h": [20], "eval_batches": 8, "streaming_h": 20,
               "overhead_steps": 5, "overhead_pairs": 4} if args.quick else {}
     for key in ("model", "workers", "steps", "batch_size", "seq_len", "data", "h", "codecs", "streaming_fragments",
-                "streaming_h", "eval_batches", "lr", "outer_lr", "outer_momentum", "feedback_decay", "single_reference", "seed",
-                "device", "threads", "overhead_steps", "overhead_pairs", "warm_start", "time_limit_s", "jsonl"):
+                "streaming_h", "eval_batches", "lr", "outer_lr", "outer_momentum", "feedback_decay", "single_reference",
+                "seed", "device", "threads", "overhead_steps", "overhead_pairs", "warm_start", "time_limit_s", "jsonl"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     try:

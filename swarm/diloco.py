@@ -350,9 +350,7 @@ class DiLoCo:
         if not torch.isfinite(delta).all():
             raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
         if self.feedback is not None and self.feedback.residual is not None:
-            residual = self.feedback.residual[part]
-            decay = self.state.outer.feedback_decay
-            delta = delta + (residual if decay == 1.0 else residual * decay)
+            delta = delta + self.feedback.residual[part] * self.state.outer.feedback_decay  # × 1.0 is exact
         return local, delta
 
     def _settle(self, result: SyncResult, part: slice, acc: torch.Tensor, started: float,

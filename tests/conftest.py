@@ -46,6 +46,17 @@ FAST_CONFIG: dict[str, Any] = {
 # ------------------------------------------------------------------ subprocess
 
 
+def wait_peer_joined(proc: subprocess.Popen[Any], log_path: Path, timeout_s: float) -> bool:
+    """Whether a `swarm --log-level INFO peer` process logged its join within `timeout_s` (False once it exits)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if "joined run" in log_path.read_text():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+
 @dataclass(slots=True)
 class CoordinatorProcess:
     """A `swarm coordinator` subprocess that printed its listening address."""

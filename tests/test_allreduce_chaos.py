@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from swarm.peers.daemon import contribution
 
+from tests.conftest import wait_peer_joined
+
 NUMEL = 200_003  # odd, so parts are uneven; 4 chunks per part with the chunk size below
 CHUNK_BYTES = 64 * 1024
 CONFIG = """
@@ -52,22 +54,14 @@ class Swarm:
     def start(self, peer_id: str, rounds: int, faults: list[dict] | None = None, timeout_s: float = 4.0,
               work_s: float = 0.0) -> None:
         argv = [
-            sys.executable, "-m", "swarm.cli.main", "--log-level", "INFO", "peer", "--coordinator", self.target, "--run-id", "chaos",
-            "--peer-id", peer_id, "--task", "average", "--numel", str(NUMEL), "--rounds", str(rounds),
+            sys.executable, "-m", "swarm.cli.main", "--log-level", "INFO", "peer", "--coordinator", self.target,
+            "--run-id", "chaos", "--peer-id", peer_id, "--task", "average", "--numel", str(NUMEL),
+            "--rounds", str(rounds),
             "--work-s", str(work_s), "--chunk-bytes", str(CHUNK_BYTES), "--allreduce-timeout-s", str(timeout_s),
             "--faults", json.dumps(faults or []),
         ]
         log = open(self.tmp / f"{peer_id}.log", "w")  # noqa: SIM115 - closed with the process
         self.procs[peer_id] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
-
-    def wait_joined(self, peer_id: str, timeout_s: float) -> bool:
-        """Whether `peer_id` joined the run (its log says so) within `timeout_s`, or exited first."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.procs[peer_id].poll() is None:
-            if "joined run" in (self.tmp / f"{peer_id}.log").read_text():
-                return True
-            time.sleep(0.05)
-        return False
 
     def wait(self, timeout_s: float) -> dict[str, dict | None]:
         """Reports of peers that exited normally; None for killed ones. Fails on a hang."""
@@ -189,7 +183,7 @@ def test_fifty_rounds_with_random_kills_never_hang(swarm: Swarm) -> None:
             swarm.start(name, rounds=0, faults=faults)
             victims += 1
             # Time the kill from the join, not the start: a loaded machine takes seconds to start Python.
-            swarm.wait_joined(name, timeout_s=30)
+            wait_peer_joined(swarm.procs[name], swarm.tmp / f"{name}.log", timeout_s=30)
             time.sleep(rng.uniform(1.5, 4.0))  # long enough to take part in rounds
             if swarm.procs[name].poll() is None:
                 swarm.procs[name].send_signal(signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.conftest import StartCoordinator, wait_peer_joined
 
 SWARM = [sys.executable, "-m", "swarm.cli.main"]
 
@@ -160,11 +163,11 @@ def _stops_promptly_on_sigterm(proc: subprocess.Popen[str], tmp_path: Path, peer
 
 
 @pytest.mark.slow
-def test_a_peer_stops_promptly_on_sigterm_when_its_coordinator_is_gone(tmp_path: Path, coordinator_proc) -> None:  # type: ignore[no-untyped-def]
+def test_a_peer_stops_promptly_on_sigterm_when_its_coordinator_is_gone(
+    tmp_path: Path, coordinator_proc: StartCoordinator
+) -> None:
     # `swarm local` dying takes the coordinator and the peers down together (PDEATHSIG): a peer must not
     # wait out the coordinator's retries, whether it is still joining or leaving.
-    import socket
-
     with socket.socket() as s:  # a port nothing listens on: the join keeps meeting UNAVAILABLE
         s.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{s.getsockname()[1]}"
@@ -172,10 +175,7 @@ def test_a_peer_stops_promptly_on_sigterm_when_its_coordinator_is_gone(tmp_path:
     coord = coordinator_proc()
     joined = _peer(coord.target, "joined", tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while "joined" not in (tmp_path / "joined.err").read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "joined" in (tmp_path / "joined.err").read_text(), (tmp_path / "joined.err").read_text()
+        assert wait_peer_joined(joined, tmp_path / "joined.err", timeout_s=60), (tmp_path / "joined.err").read_text()
         coord.kill()
         time.sleep(1.0)  # the joining peer is well inside its retries by now, the other one has lost its coordinator
         report = _stops_promptly_on_sigterm(joined, tmp_path, "joined")

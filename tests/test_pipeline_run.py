@@ -111,8 +111,8 @@ def _run_with_a_lost_stage(tmp: Path, coordinator_proc: StartCoordinator, *, sta
             # As soon as every stage has its peer (so the thinnest stage is a tie, given to stage 0): a
             # driver alone runs ahead fast, and a spare that joins late syncs with it only near the end.
             joined = {f"p{s}" for s in range(stages)}
-            _wait_for("every stage's peer joined", lambda: joined <= {m.member.peer_id for m in _status(coord.target).members},
-                      120, procs)
+            _wait_for("every stage's peer joined",
+                      lambda: joined <= {m.member.peer_id for m in _status(coord.target).members}, 120, procs)
             run.start("spare", "auto")
             # Wait for a committed stage-0 round of both replicas, not for a step: a spare that joins after
             # the barrier of the round at step 40 opened takes part only from the round at step 60.

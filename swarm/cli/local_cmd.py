@@ -184,6 +184,11 @@ def _peer_table(peers: list[_Child]) -> Table:
     return t
 
 
+def _frame(headline: str, status: pb.StatusReply, peers: list[_Child]) -> Group:
+    """One frame of the live view: the headline, the run's status, the peer processes."""
+    return Group(headline, render(status, max_events=8), _peer_table(peers))
+
+
 def _peer_argv(args: argparse.Namespace, target: str, index: int, shards: int) -> list[str]:
     argv = ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{index}", "--task", args.task,
             "--codec", args.codec]
@@ -277,14 +282,14 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                          if args.task in ("train", "pipeline") else f"round {at + 1}/{args.rounds}, task {args.task}")
                 if view is not None:
                     headline = f"swarm local: {where}, {time.monotonic() - started:.0f}s; Ctrl-C stops everything"
-                    view.update(Group(headline, render(status, max_events=8), _peer_table(peers)))
+                    view.update(_frame(headline, status, peers))
                 elif time.monotonic() - last_line > 2:
                     last_line = time.monotonic()
                     console.print(f"{where}, {len(status.members)} members")
                 await asyncio.sleep(0.25)
             if view is not None and status is not None:  # the last frame shows how every peer ended
-                view.update(Group(f"swarm local: {'stopping' if interrupted else 'done'}, "
-                                  f"{time.monotonic() - started:.0f}s", render(status, max_events=8), _peer_table(peers)))
+                ended = "stopping" if interrupted else "done"
+                view.update(_frame(f"swarm local: {ended}, {time.monotonic() - started:.0f}s", status, peers))
         if not interrupted:
             await asyncio.wait_for(asyncio.gather(*readers), STOP_GRACE_S)
         final_status = status_to_dict(await client.status())

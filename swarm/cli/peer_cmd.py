@@ -130,6 +130,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _outer(args: argparse.Namespace) -> OuterConfig:
+    """The outer optimizer the training tasks share, from --outer-lr, --outer-momentum, --feedback-decay."""
+    return OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, feedback_decay=args.feedback_decay)
+
+
 def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
     from swarm.peers.train import TrainConfig, train  # torch-heavy: only for this task
 
@@ -146,7 +151,7 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
             lr=args.lr,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
             shard_index=index, shard_count=count,
-            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, feedback_decay=args.feedback_decay), codec=peer.codec, device=device,
+            outer=_outer(args), codec=peer.codec, device=device,
         )
     except ValueError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
@@ -175,7 +180,7 @@ def _pipeline(args: argparse.Namespace, peer: PeerConfig) -> int:
         config = PipelineConfig(
             model=args.model, stages=args.stages, blocks_per_stage=args.blocks_per_stage, seed=args.seed,
             steps=args.steps, microbatches=args.microbatches, lr=args.lr, sync_every=args.inner_steps,
-            outer=OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, feedback_decay=args.feedback_decay), codec=peer.codec,
+            outer=_outer(args), codec=peer.codec,
             recovery=RecoveryConfig(method=args.recovery, lr_boost=args.lr_boost), activations=args.activations,
             data=DataConfig(paths=args.data, batch_size=args.batch_size, seq_len=args.seq_len),
             shard_index=index, shard_count=count, eval_every=args.eval_every, device=args.device,
