@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -122,7 +123,8 @@ def test_a_peer_of_two_processes_trains_with_a_single_process_peer(coordinator_p
               "--threads", "1"]
     multi = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "swarm.cli.main", *common,
-         "--peer-id", "multi", "--shard", "0/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--peer-id", "multi", "--shard", "0/2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)})  # torchrun's torchelastic_* folders go with the test's
     single = subprocess.run([*SWARM, *common, "--peer-id", "single", "--shard", "1/2"],
                             check=False, capture_output=True, text=True, timeout=200)
     out, err = multi.communicate(timeout=200)
