@@ -25,8 +25,8 @@ as fp32 bit patterns (non-negative floats order like their bits as integers) in 
    thresholds in one reduction and keeps a quarter of [lo, hi].
 3. In sub-tiles of 1,024, re-read from cache (fewer registers than keeping `acc`): every entry's
    residual is written as `acc` (what it is unless selected: unselected entries decode to 0), and
-   one prefix scan copies the candidates with their index, in index order, to a per-program scratch
-   of CAP entries (it stays in L2).
+   one prefix scan copies the candidates with their index (one int64 each: index << 32 | acc bits),
+   in index order, to a per-program scratch of CAP entries (it stays in L2).
 4. On the candidates only: the rest of the four-way search gives T exactly; selected are the
    entries above T, plus the lowest-index entries equal to T up to k in all, and a prefix count
    over the candidates gives each its slot (ascending index order, no sort). They are quantized,
@@ -105,8 +105,13 @@ def _views(payload: torch.Tensor, n: int, chunk: int, k: int, bits: int) -> tupl
 
 
 def _encode_options() -> dict[str, int]:
-    """Launch options of the encode kernel (4 warps: 4 programs per SM on an H100, measured)."""
-    return {"num_warps": 4}
+    """Launch options of the encode kernel: 4 warps, at most 96 registers per thread.
+
+    The cap lets 5 programs share an SM instead of 4 (126 registers uncapped), with no spills that
+    cost more than they save: 7.14 ms against 7.59 at 2**30 values on an H200
+    (scripts/sweep_topk_kernel.py, docs/benchmarks.md).
+    """
+    return {"num_warps": 4, "maxnreg": 96}
 
 
 def _capacity(chunk: int, k: int) -> int:
@@ -186,6 +191,15 @@ def _search_step(lo, hi, above, c_lo, c1, c2, c3, t1, t2, t3, K: tl.constexpr):
     new_above = tl.where(b3, above, tl.where(b2, c3, tl.where(b1, c2, c1)))
     new_c_lo = tl.where(b3, c3, tl.where(b2, c2, tl.where(b1, c1, c_lo)))
     return new_lo, new_hi, new_above, new_c_lo
+
+
+@triton.jit
+def _quarters(lo, hi):
+    """Thresholds lo < t1 <= t2 <= t3 <= hi (for lo < hi) cutting [lo, hi] in quarters, for `_search_step`."""
+    q = (hi - lo + 3) >> 2
+    t1 = lo + q
+    t2 = tl.minimum(t1 + q, hi)
+    return t1, t2, tl.minimum(t2 + q, hi)
 
 
 @triton.jit
@@ -272,10 +286,9 @@ def _encode_kernel(
     lane = tl.max_contiguous(tl.arange(0, C), 1)
     sub = tl.max_contiguous(tl.arange(0, SUB), 1)
     ci = tl.arange(0, CAP)
-    # This program's scratch: candidates' acc bits and chunk indices, then the k slots.
-    cand_acc = scratch_ptr + pid.to(tl.int64) * (2 * CAP + KP)
-    cand_idx = cand_acc + CAP
-    slots = cand_idx + CAP
+    # This program's scratch (int64): CAP candidates (chunk index << 32 | acc bits), then the k slots.
+    cand = scratch_ptr + pid.to(tl.int64) * (CAP + KP)
+    slots = cand + CAP
     if CHECK:
         stop = tl.full([], 0, tl.int32)
     else:
@@ -315,10 +328,7 @@ def _encode_kernel(
         c_lo = tl.sum(tl.where(u0 >= lo, 1, 0), axis=0)
         above = tl.full([], 0, tl.int32)
         while (lo < hi) & (c_lo > CAP):
-            step = (hi - lo + 3) >> 2
-            t1 = lo + step
-            t2 = tl.minimum(t1 + step, hi)
-            t3 = tl.minimum(t2 + step, hi)
+            t1, t2, t3 = _quarters(lo, hi)
             n1, n2, n3 = _count3(u0, t1, t2, t3)  # not c1: that is the chunk bound argument
             lo, hi, above, c_lo = _search_step(lo, hi, above, c_lo, n1, n2, n3, t1, t2, t3, K)
         # Candidates: the entries >= lo (thr = lo - 1, need = 0); or, if ties kept more than CAP
@@ -347,8 +357,8 @@ def _encode_kernel(
             take = (gt != 0) | ((eq != 0) & (before_eq < need))
             pos = seen_gt + (before & 0xFFFF) + tl.minimum(before_eq, need)
             keep = take & (pos < CAP) & live_s
-            tl.store(cand_acc + pos, acc.to(tl.int32, bitcast=True), mask=keep)
-            tl.store(cand_idx + pos, offs, mask=keep)
+            packed = (offs.to(tl.int64) << 32) | (acc.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+            tl.store(cand + pos, packed, mask=keep)
             tot = tl.sum(both, axis=0)
             seen_gt += tot & 0xFFFF
             seen_eq += tot >> 16
@@ -357,14 +367,12 @@ def _encode_kernel(
 
         # 4. On the candidates: T exactly, the selection and its slots, quantize, residual, pack.
         cm = (ci < m) & live_c
-        acc_c = tl.load(cand_acc + ci, mask=cm, other=0).to(tl.float32, bitcast=True)
-        idx_c = tl.load(cand_idx + ci, mask=cm, other=0)
+        packed_c = tl.load(cand + ci, mask=cm, other=0)
+        acc_c = packed_c.to(tl.int32).to(tl.float32, bitcast=True)  # the low word
+        idx_c = (packed_c >> 32).to(tl.int32)
         u_c = tl.where(cm, _magnitude_bits(acc_c), -1)  # -1: below every threshold
         while lo < hi:
-            step = (hi - lo + 3) >> 2
-            t1 = lo + step
-            t2 = tl.minimum(t1 + step, hi)
-            t3 = tl.minimum(t2 + step, hi)
+            t1, t2, t3 = _quarters(lo, hi)
             if CAP < 1024:
                 n1, n2, n3 = _count3_small(u_c, t1, t2, t3)
             else:
@@ -542,8 +550,9 @@ def encode(
 
     # Persistent grid: each program owns a scratch of CAP candidates and k slots, reused chunk after
     # chunk (it stays in L2). The padded last chunk, if any, gets its own one-program launch after.
-    programs = resident_programs(_encode_kernel, args(flag, 0, full), {**consts, "MASKED": False}, max(full, 1))
-    scratch = torch.empty(programs * (2 * cap + kp), dtype=torch.int32, device=xf.device)
+    dummy = torch.empty(1, dtype=torch.int64, device=xf.device)  # the scratch's dtype, for the compile
+    programs = resident_programs(_encode_kernel, args(dummy, 0, full), {**consts, "MASKED": False}, max(full, 1))
+    scratch = torch.empty(programs * (cap + kp), dtype=torch.int64, device=xf.device)
     if full:
         _encode_kernel[(programs,)](*args(scratch, 0, full), MASKED=False, **consts)
     if full < nc:

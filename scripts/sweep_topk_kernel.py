@@ -2,14 +2,17 @@
 """Sweep the top-k encode kernel's tuning constants on a GPU, each configuration checked bit for bit.
 
 For every combination of `--subs` (values per step of the compaction pass, `kernels.topk._SUB`),
-`--caps` (the least number of candidate slots per program, `kernels.topk._MIN_CAP`) and `--warps`
-(num_warps of the encode kernel), on the same random normal input and residual:
+`--caps` (the least number of candidate slots per program, `kernels.topk._MIN_CAP`), `--warps`
+(num_warps of the encode kernel) and `--maxnreg` (its register cap, Triton's `maxnreg`), on the same
+random normal input and residual:
 
 - exact: the payload and the new residual equal, bit for bit, what the plain-PyTorch reference
   (`TopKCodec.encode_reference`) gives for the same input on the same GPU;
 - ms: median of `--repeats` timed calls of `swarm.kernels.topk.encode` (the fused path: the residual
   is read and a new one written to another tensor, the value check runs in the pass; includes the one
   host sync that reads the error flag), CUDA events, after 3 warm-ups;
+- programs: the persistent grid `kernels.topk.encode` launched (programs resident on the GPU at once,
+  from the compiled kernel's registers: a register cap shows here);
 - input_gbps: fp32 input bytes per second; hbm_gbps: the bytes the kernel must move (x and the
   residual read, the new residual and the payload written) per second; fraction_of_hbm against
   `--hbm-gbps`; vs_reference: the reference's time over the kernel's.
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subs", type=_ints, default=[256, 512, 1024, 2048], help="compaction step sizes to try")
     p.add_argument("--caps", type=_ints, default=[256, 512, 1024], help="least candidate slots to try")
     p.add_argument("--warps", type=_ints, default=[4], help="num_warps values to try")
+    p.add_argument(
+        "--maxnreg",
+        type=_ints,
+        default=[0],
+        help="register caps of the encode kernel to try (Triton's maxnreg; 0: the compiler's choice)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (default 5)")
     p.add_argument("--hbm-gbps", type=float, default=4800.0, help="the GPU's memory bandwidth (H200: 4800)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,42 +79,79 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = topk.payload_nbytes(n, chunk=chunk, k=k, bits=bits)
     moved = 12 * n + nbytes  # x and residual read, new residual and payload written
 
-    defaults = (topk._SUB, topk._MIN_CAP, topk._encode_options()["num_warps"])
+    options = topk._encode_options()
+    defaults = (
+        topk._SUB,
+        topk._MIN_CAP,
+        options["num_warps"],
+        options.get("maxnreg", 0),
+    )
     original_options = topk._encode_options
+    grids: list[int] = []
+    original_resident = topk.resident_programs
+
+    def resident(*a: Any, **kw: Any) -> int:
+        grids.append(original_resident(*a, **kw))
+        return grids[-1]
+
+    topk.resident_programs = resident  # records each configuration's persistent grid (programs resident at once)
     rout = torch.empty_like(x)
     out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[dict[str, Any]] = []
     try:
-        for sub, cap, warps in itertools.product(args.subs, args.caps, args.warps):
+        settings = itertools.product(args.subs, args.caps, args.warps, args.maxnreg)
+        for setting in settings:
+            sub, cap, warps, maxnreg = setting
             if sub > chunk or cap > chunk or cap < 2 * k:
                 continue
             topk._SUB, topk._MIN_CAP = sub, cap
-            topk._encode_options = lambda w=warps: {"num_warps": w}  # type: ignore[misc]
-            row: dict[str, Any] = {"sub": sub, "min_cap": cap, "warps": warps,
-                                   "default": (sub, cap, warps) == defaults}
+            topk._encode_options = lambda w=warps, r=maxnreg: {"num_warps": w, **({"maxnreg": r} if r else {})}  # type: ignore[misc]
+            row: dict[str, Any] = {
+                "sub": sub,
+                "min_cap": cap,
+                "warps": warps,
+                "maxnreg": maxnreg,
+                "default": setting == defaults,
+            }
             try:
                 rout.fill_(float("nan"))
                 topk.encode(x, residual, chunk=chunk, k=k, bits=bits, out=out, residual_out=rout)
                 row["exact"] = bool(torch.equal(out, ref_payload) and torch.equal(rout, ref_residual))
-                s = time_cuda(lambda: topk.encode(x, residual, chunk=chunk, k=k, bits=bits, out=out,
-                                                  residual_out=rout), args.repeats)
+                s = time_cuda(
+                    lambda: topk.encode(x, residual, chunk=chunk, k=k, bits=bits, out=out, residual_out=rout),
+                    args.repeats,
+                )
             except Exception as e:  # noqa: BLE001 - a configuration Triton cannot compile is a result, not a crash
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
                 continue
-            row.update(ms=round(s * 1e3, 3), input_gbps=round(4 * n / s / 1e9, 1),
-                       hbm_gbps=round(moved / s / 1e9, 1), fraction_of_hbm=round(moved / s / 1e9 / args.hbm_gbps, 3),
-                       vs_reference=round(ref_s / s, 2))
+            row.update(
+                programs=grids[-1],
+                ms=round(s * 1e3, 3),
+                input_gbps=round(4 * n / s / 1e9, 1),
+                hbm_gbps=round(moved / s / 1e9, 1),
+                fraction_of_hbm=round(moved / s / 1e9 / args.hbm_gbps, 3),
+                vs_reference=round(ref_s / s, 2),
+            )
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
         topk._SUB, topk._MIN_CAP = defaults[0], defaults[1]
         topk._encode_options = original_options  # type: ignore[misc]
+        topk.resident_programs = original_resident
     exact = [r for r in rows if r.get("exact")]
     report = {
-        "config": {"numel": n, "chunk": chunk, "k": k, "bits": bits, "repeats": args.repeats,
-                   "hbm_gbps": args.hbm_gbps, "gpu": torch.cuda.get_device_name(),
-                   "torch": torch.__version__, "triton": __import__("triton").__version__},
+        "config": {
+            "numel": n,
+            "chunk": chunk,
+            "k": k,
+            "bits": bits,
+            "repeats": args.repeats,
+            "hbm_gbps": args.hbm_gbps,
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": __import__("triton").__version__,
+        },
         "reference_ms": round(ref_s * 1e3, 3),
         "rows": rows,
         "best": min(exact, key=lambda r: r["ms"]) if exact else None,

@@ -194,6 +194,17 @@ def _topk_case(name: str, n: int, chunk: int, seed: int) -> torch.Tensor:
         # Few distinct magnitudes: the threshold value is shared by many entries, both signs.
         g = _gen(seed)
         x = torch.randint(-3, 4, (n,), generator=g).float() * 0.25
+    elif name == "wide":
+        # Magnitudes over many binades: a count far from linear in the search's range, so the
+        # interpolated guesses of the threshold miss and the search falls back to quarters.
+        g = _gen(seed)
+        x = torch.sign(torch.randn(n, generator=g)) * torch.exp(6.0 * torch.randn(n, generator=g))
+    elif name == "cluster":
+        # Small noise plus a tight cluster of near-equal large values that holds the threshold.
+        g = _gen(seed)
+        x = 1e-3 * torch.randn(n, generator=g)
+        hot = torch.rand(n, generator=g) < 0.05
+        x[hot] = 1.0 + 1e-6 * torch.randn(int(hot.sum()), generator=g)
     elif name == "sparse":
         # Fewer non-zeros than k per chunk: zeros fill the selection (and decode to -scale/(L-1)).
         x = torch.zeros(n)
@@ -224,15 +235,15 @@ def _check_topk(x: torch.Tensor, residual: torch.Tensor | None, chunk: int, k: i
 
 
 @pytest.mark.parametrize(("chunk", "k", "bits"), CONFIGS)
-@pytest.mark.parametrize("name", ["random", "zero_chunk", "huge", "ties", "sparse"])
+@pytest.mark.parametrize("name", ["random", "zero_chunk", "huge", "ties", "sparse", "wide", "cluster"])
 def test_topk_matches_reference(name: str, chunk: int, k: int, bits: int) -> None:
     n = 2 * chunk + 17 if chunk <= 4096 else chunk + 17  # odd: the last chunk is mostly padding
     x = _topk_case(name, n, chunk, seed=chunk + k + bits)
-    if name in ("random", "huge"):
+    if name in ("random", "huge", "wide"):
         residual = 0.1 * torch.randn(n, generator=_gen(7))
     elif name == "ties":  # on the same 0.25 grid, so acc = x + residual still has many equal magnitudes
         residual = torch.randint(-1, 2, (n,), generator=_gen(7)).float() * 0.25
-    else:  # keep the zeros zero
+    else:  # keep the zeros zero (and the cluster tight)
         residual = torch.zeros(n)
     _check_topk(x, residual, chunk, k, bits)
 
