@@ -53,7 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="initial weights' seed, the same on every peer (default: %(default)s)")
     t.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files or folders to train on (default: this Python's standard library source)")
-    t.add_argument("--batch-size", type=int, default=8, help="windows per inner step (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=8,
+                   help="windows per inner step (default: %(default)s); larger brings DiLoCo closer to "
+                        "data-parallel training (docs/benchmarks.md)")
     t.add_argument("--seq-len", type=int, default=128, help="bytes of context per window (default: %(default)s)")
     t.add_argument("--shard", default="0/1", metavar="I/N", help="train on shard I of N of the corpus (default: %(default)s)")
     t.add_argument("--device", default="cpu", help="where inner steps run: cpu, cuda, cuda:1 (default: %(default)s)")
