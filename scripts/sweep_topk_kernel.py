@@ -99,13 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[dict[str, Any]] = []
     try:
-        settings = itertools.product(args.subs, args.caps, args.warps, args.maxnreg)
-        for setting in settings:
+        for setting in itertools.product(args.subs, args.caps, args.warps, args.maxnreg):
             sub, cap, warps, maxnreg = setting
             if sub > chunk or cap > chunk or cap < 2 * k:
                 continue
             topk._SUB, topk._MIN_CAP = sub, cap
-            topk._encode_options = lambda w=warps, r=maxnreg: {"num_warps": w, **({"maxnreg": r} if r else {})}  # type: ignore[misc]
+            launch = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+            topk._encode_options = lambda o=launch: o  # type: ignore[misc]
             row: dict[str, Any] = {
                 "sub": sub,
                 "min_cap": cap,

@@ -56,7 +56,6 @@ def wait_peer_joined(proc: subprocess.Popen[Any], log_path: Path, timeout_s: flo
     return False
 
 
-
 @dataclass(slots=True)
 class CoordinatorProcess:
     """A `swarm coordinator` subprocess that printed its listening address."""

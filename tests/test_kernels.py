@@ -195,8 +195,7 @@ def _topk_case(name: str, n: int, chunk: int, seed: int) -> torch.Tensor:
         g = _gen(seed)
         x = torch.randint(-3, 4, (n,), generator=g).float() * 0.25
     elif name == "wide":
-        # Magnitudes over many binades: a count far from linear in the search's range, so the
-        # interpolated guesses of the threshold miss and the search falls back to quarters.
+        # Magnitudes over many binades: the threshold search spans a wide range of bit patterns.
         g = _gen(seed)
         x = torch.sign(torch.randn(n, generator=g)) * torch.exp(6.0 * torch.randn(n, generator=g))
     elif name == "cluster":
