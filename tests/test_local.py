@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -117,6 +119,25 @@ def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
         assert peer["rounds_committed"] == 3
         # far below raw fp32: 141x on contributions, 8-bit union of three selections on results
         assert peer["bytes_sent"] < 3 * fp32_bytes_per_round / 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_child_whose_parent_died_before_the_prctl_never_runs(tmp_path: Path) -> None:
+    # The race: `swarm local` killed between a child's fork and its prctl leaves no one to send the
+    # SIGTERM. Passing a pid that is not the child's parent stands in for a parent already gone.
+    from swarm.cli.local_cmd import _die_with_parent
+
+    marker = tmp_path / "ran"
+    gone = subprocess.run(
+        [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
+        preexec_fn=functools.partial(_die_with_parent, os.getpid() + 1_000_000), timeout=30, check=False,
+    )
+    assert gone.returncode == 128 + signal.SIGTERM and not marker.exists()
+    alive = subprocess.run(
+        [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
+        preexec_fn=functools.partial(_die_with_parent, os.getpid()), timeout=30, check=False,
+    )
+    assert alive.returncode == 0 and marker.exists()
 
 
 @pytest.mark.slow

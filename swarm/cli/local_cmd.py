@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -127,15 +128,21 @@ def run(args: argparse.Namespace) -> int:
     return run_async(_local(args, kills))
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when `swarm local` dies, even by SIGKILL (Linux), so none outlives it.
+def _die_with_parent(parent: int) -> None:
+    """In the child: get SIGTERM when `swarm local` (pid `parent`) dies, even by SIGKILL (Linux), so
+    none outlives it.
 
     Children run in their own sessions (Ctrl-C must reach only this process), so nothing else
-    would stop them; SIGTERM lets peers leave and the coordinator flush as usual.
+    would stop them; SIGTERM lets peers leave and the coordinator flush as usual. A parent that
+    died between the fork and the prctl sends nothing; the child has been reparented by then, so
+    it exits before it runs anything (a signal to itself would meet the handlers inherited from
+    the parent, not the default action).
     """
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(128 + signal.SIGTERM)
 
 
 _PR_SET_PDEATHSIG = 1
@@ -145,7 +152,8 @@ async def _spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
     with open(log_path, "wb") as log:  # noqa: ASYNC230 - opening a log file is instant
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "swarm.cli.main", *argv,
-            stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True, preexec_fn=_die_with_parent,
+            stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
         )
 
 
