@@ -10,9 +10,11 @@ import sys
 
 
 def _terminate_early(signum: int, frame: object) -> None:
-    # Until a command installs its own handlers (after its imports), SIGTERM ends the process
-    # as an exception, so cleanup code runs and nothing prints a traceback.
-    raise SystemExit(128 + signum)
+    # Until a command installs its own handlers (after its imports), SIGTERM ends the process at
+    # once, printing nothing: there is nothing to clean up yet (children of `swarm local` get their
+    # own SIGTERM from the kernel). Not as SystemExit: raised inside an import, a library's bare
+    # `except:` swallowed it (numpy's extension module, seen) and the peer went on to join.
+    os._exit(128 + signum)
 
 
 signal.signal(signal.SIGTERM, _terminate_early)
