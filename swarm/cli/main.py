@@ -8,18 +8,24 @@ import os
 import signal
 import sys
 
+_importing = True
+
 
 def _terminate_early(signum: int, frame: object) -> None:
-    # Until a command installs its own handlers (after its imports), SIGTERM ends the process at
-    # once, printing nothing: there is nothing to clean up yet (children of `swarm local` get their
-    # own SIGTERM from the kernel). Not as SystemExit: raised inside an import, a library's bare
-    # `except:` swallowed it (numpy's extension module, seen) and the peer went on to join.
-    os._exit(128 + signum)
+    # Until a command installs its own handlers, SIGTERM ends the process as an exception, so
+    # cleanup code runs and nothing prints a traceback (the `train` task reports on it). During the
+    # imports below it exits at once instead, with nothing to clean up: a SystemExit raised inside
+    # an import was swallowed there (numpy's extension module, seen) and the peer went on to join.
+    if _importing:
+        os._exit(128 + signum)
+    raise SystemExit(128 + signum)
 
 
 signal.signal(signal.SIGTERM, _terminate_early)
 
 from swarm.cli import coordinator_cmd, local_cmd, peer_cmd, status_cmd
+
+_importing = False
 
 
 def build_parser() -> argparse.ArgumentParser:
