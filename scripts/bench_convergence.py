@@ -68,10 +68,28 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from swarm.peers.train import TrainConfig, inner_lr
 
+from swarm.compression import CodecConfig
 from swarm.diloco import DiLoCo, LocalGroup, OuterConfig
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
 
 CODECS = ("none", "bf16", "fp16", "int8", "sparseloco")
+TOPK_PREFIX = "topk-k"
+"""`topk-kK[-bB]`: sparseloco's chunk (4096) and error feedback, K kept per chunk, B-bit values (2)."""
+
+
+def codec_config(spec: str) -> CodecConfig | str:
+    """What `DiLoCo` takes for a `--codecs` entry: a codec name, or the CodecConfig of a `topk-kK[-bB]` spec.
+
+    Raises:
+        ValueError: the spec names no codec, or its K/B make no valid topk format.
+    """
+    if spec in CODECS:
+        return spec
+    k, _, bits = spec.removeprefix(TOPK_PREFIX).partition("-b")
+    if not spec.startswith(TOPK_PREFIX) or not k.isdigit() or (bits and not bits.isdigit()):
+        raise ValueError(f"--codecs: unknown {spec!r}; choose from {', '.join(CODECS)}, or topk-kK[-bB] "
+                         "(sparseloco with K kept per 4096-value chunk and B-bit values)")
+    return CodecConfig(name="topk", k=int(k), bits=int(bits or 2), error_feedback=True)
 _GLOO_TIMEOUT = timedelta(minutes=10)
 
 
@@ -138,9 +156,8 @@ class BenchConfig:
             raise ValueError("--steps, --batch-size, --seq-len and --eval-batches must be >= 1")
         if not self.h or min(self.h) < 1:
             raise ValueError(f"--h must list sync intervals >= 1, got {self.h}")
-        bad = [c for c in self.codecs if c not in CODECS]
-        if bad:
-            raise ValueError(f"--codecs: unknown {bad}; choose from {', '.join(CODECS)}")
+        for spec in self.codecs:
+            codec_config(spec)
         if self.threads < 1 or self.overhead_steps < 0 or self.overhead_pairs < 1:
             raise ValueError("--threads and --overhead-pairs must be >= 1, --overhead-steps >= 0")
         if self.streaming_fragments < 0 or (self.streaming_fragments and self.streaming_h % self.streaming_fragments):
@@ -336,7 +353,8 @@ def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragment
     workers = [_setup(cfg, corpus, i, init) for i in range(cfg.workers)]
     start = _start(cfg, workers[0][0], corpus)  # before the hooks copy θ_global from the weights
     extra = {"fragments": fragments} if fragments else {}
-    hooks = [DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=cfg.outer(), codec=codec, **extra)
+    hooks = [DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=cfg.outer(), codec=codec_config(codec),
+                    **extra)
              for i, (model, opt, _) in enumerate(workers)]
     errors: list[BaseException] = []
     losses = [math.nan] * cfg.workers
@@ -665,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shards: worker i trains on shard i of the corpus (default); iid: all on all of it")
     parser.add_argument("--h", type=_ints, help="comma-separated DiLoCo H values (default 20,100,500)")
     parser.add_argument("--codecs", type=lambda s: [c for c in s.split(",") if c],
-                        help="comma-separated codecs (default none,int8,sparseloco)")
+                        help="comma-separated codecs (default none,int8,sparseloco); topk-kK[-bB] is sparseloco with K "
+                             "kept per 4096-value chunk and B-bit values (2), for density sweeps")
     parser.add_argument("--streaming-fragments", type=int, help="streaming DiLoCo fragments; 0 skips (default 4)")
     parser.add_argument("--streaming-h", type=int, help="H of the streaming run (default 100)")
     parser.add_argument("--eval-batches", type=int, help="eval batches (default 64)")
