@@ -633,7 +633,10 @@ class StageRunner:
 
         def evaluate(step: int) -> None:
             trip = _Trip(route(cfg.stages, 0, False), False, step, 1.0, origin)
-            loss = float(np.mean([self.handle.run(self._batch(lambda i: trip, b)) for b in evals_data]))
+            try:
+                loss = float(np.mean([self.handle.run(self._batch(lambda i: trip, b)) for b in evals_data]))
+            except Moving:
+                return  # told to move while an eval waited for a lost stage: skip it; the loop then stops
             evals.append({"step": step, "eval_loss": round(loss, 5), "time_s": round(time.perf_counter() - started, 3)})
             log.info("step %d: eval loss %.4f", step, loss)
 
