@@ -127,3 +127,25 @@ def test_settings_a_pipeline_cannot_run_are_refused() -> None:
         PipelineConfig(stages=3, recovery=RecoveryConfig(method="checkfree+"))
     with pytest.raises(ValueError, match="multiple"):
         PipelineConfig(microbatches=3, data=DataConfig(batch_size=8))
+
+
+def test_a_driver_told_to_move_during_an_eval_moves_instead_of_failing() -> None:
+    """An eval that waits for a lost stage raises Moving when the coordinator moves this peer; the driver
+    must drop that eval and report the move (it died on the Moving before)."""
+    from swarm.pipeline.runner import Moving
+
+    runner = _runner(0)
+    calls = []
+
+    def run(coro: Any) -> float:
+        coro.close()  # never awaited: the lost stage never answers
+        calls.append("eval")
+        runner.handle.peer.move_to = 1  # the coordinator moved this peer meanwhile
+        raise Moving(1)
+
+    runner.handle.peer = SimpleNamespace(address="127.0.0.1:1", move_to=None)
+    runner.handle.run = run
+    result = runner.drive(lambda: False)
+    assert result["moved"] is True
+    assert result["evals"] == [] and result["losses"] == []
+    assert calls == ["eval"]  # the first eval batch raised; no train step and no second eval was tried
