@@ -73,6 +73,7 @@ from swarm.diloco import DiLoCo, LocalGroup, OuterConfig
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
 
 CODECS = ("none", "bf16", "fp16", "int8", "sparseloco")
+_GLOO_TIMEOUT = timedelta(minutes=10)
 TOPK_PREFIX = "topk-k"
 """`topk-kK[-bB]`: sparseloco's chunk (4096) and error feedback, K kept per chunk, B-bit values (2)."""
 
@@ -90,7 +91,6 @@ def codec_config(spec: str) -> CodecConfig | str:
         raise ValueError(f"--codecs: unknown {spec!r}; choose from {', '.join(CODECS)}, or topk-kK[-bB] "
                          "(sparseloco with K kept per 4096-value chunk and B-bit values)")
     return CodecConfig(name="topk", k=int(k), bits=int(bits or 2), error_feedback=True)
-_GLOO_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(kw_only=True, slots=True)
