@@ -75,6 +75,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wanlab import WanLab, enter_netns
 
+from swarm.utils import exit_after_distributed
+
 
 @dataclass(kw_only=True, slots=True)
 class BenchConfig:
@@ -256,6 +258,7 @@ def _gloo_worker(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier: Any
         barrier.abort()
         with contextlib.suppress(Exception):
             conn.send(("error", f"gloo rank {rank}: {traceback.format_exc()}"))
+    exit_after_distributed(0)  # the parent has the result or the error; see the helper for why not return
 
 
 # ------------------------------------------------------------------ parent

@@ -71,6 +71,7 @@ from swarm.peers.train import TrainConfig, inner_lr
 from swarm.compression import CodecConfig
 from swarm.diloco import DiLoCo, LocalGroup, OuterConfig
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
+from swarm.utils import exit_after_distributed
 
 CODECS = ("none", "bf16", "fp16", "int8", "sparseloco")
 _GLOO_TIMEOUT = timedelta(minutes=10)
@@ -318,6 +319,7 @@ def _baseline_worker(rank: int, cfg_dict: dict[str, Any], tmp: str, init_path: s
             Path(tmp, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+    exit_after_distributed(0)  # not a plain return: gloo's threads can abort a finalizing interpreter
 
 
 def run_baseline(cfg: BenchConfig, numel: int, init: Weights | None = None) -> dict[str, Any]:
