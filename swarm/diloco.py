@@ -43,6 +43,7 @@ import xxhash
 from torch import nn
 
 from swarm.allreduce.butterfly import reduce_in_order
+from swarm.allreduce.encoded import gathers_payloads
 from swarm.compression import Codec, CodecConfig, ErrorFeedback, make_codec
 from swarm.peers.daemon import RoundState, SyncResult
 from swarm.transport.endpoint import StateSnapshot
@@ -475,7 +476,9 @@ class LocalGroup:
     For experiments and tests without sockets: each member's contribution goes through the codec,
     the decoded contributions are reduced in member order in fp32, and the result goes through the
     codec's result codec, as in `swarm.allreduce.encoded`. Bytes are counted as a butterfly would
-    send them: each member sends (N−1)/N of its payload and of its part of the result.
+    send them: each member sends (N−1)/N of its payload and of its part of the result. When that
+    all-reduce would gather the payloads instead (sparse codecs), so does this: no result codec, and
+    each member sends its payload to the N−1 others.
 
     Args:
         size: members; every member must call `sync` for a round to finish.
@@ -503,6 +506,11 @@ class LocalGroup:
             x = torch.from_numpy(self._contribs[i])
             pieces.append(codec.decode(codec.encode(x), x.numel()).numpy())
         out = reduce_in_order(pieces, np.empty_like(pieces[0]))
+        if gathers_payloads(codec, out.size, n):
+            self._mean = out
+            self.bytes_sent += n * (n - 1) * codec.payload_nbytes(out.size)
+            self.rounds += 1
+            return
         result = codec.result_codec(n)
         payload = result.encode(torch.from_numpy(out))
         self._mean = result.decode(payload, out.size).numpy()

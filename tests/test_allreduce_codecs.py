@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt, reduce_in_order
-from swarm.allreduce.encoded import parts_for, residual_after
+from swarm.allreduce.encoded import gathers_payloads, parts_for, residual_after
 from swarm.compression import Codec, CodecConfig, make_codec
 from swarm.transport.endpoint import Endpoint, PeerFailure, TransportConfig
 from swarm.transport.faults import FaultInjector, FaultRule
@@ -36,17 +37,31 @@ async def endpoints() -> AsyncIterator[list[Endpoint]]:
 
 def expected(codec: Codec, xs: list[np.ndarray], members: list[Participant]) -> np.ndarray:
     """Independent recomputation: per part, decode everyone's slice, reduce in member order, round-trip
-    the sum through the result codec."""
+    the sum through the result codec (butterfly) or keep it as it is (gathered payloads)."""
     total, n = xs[0].size, len(xs)
     out = np.empty(total, np.float32)
-    result = codec.result_codec(n)
+    result = None if gathers_payloads(codec, total, n) else codec.result_codec(n)
     for start, length in parts_for(codec, total, members):
         if not length:
             continue
         pieces = [codec.decode(codec.encode(torch.from_numpy(x[start : start + length])), length).numpy() for x in xs]
         reduced = reduce_in_order(pieces, np.empty(length, np.float32))
-        out[start : start + length] = result.decode(result.encode(torch.from_numpy(reduced)), length).numpy()
+        if result is not None:
+            reduced = result.decode(result.encode(torch.from_numpy(reduced)), length).numpy()
+        out[start : start + length] = reduced
     return out
+
+
+def test_sparse_codecs_gather_payloads_and_dense_ones_use_the_butterfly() -> None:
+    sparseloco, int8 = make_codec(CodecConfig(name="sparseloco")), make_codec(CodecConfig(name="int8"))
+    dense_topk = make_codec(CodecConfig(name="topk", k=1024, bits=2))
+    numel = 4096 * 1000
+    assert all(gathers_payloads(sparseloco, numel, n) for n in (2, 4, 8, 64))
+    # From 128 members the union of selections fills whole chunks: the result costs less than 127 payloads.
+    assert not gathers_payloads(sparseloco, numel, 128)
+    assert not any(gathers_payloads(int8, numel, n) for n in (2, 4, 8))
+    assert gathers_payloads(dense_topk, numel, 4) and not gathers_payloads(dense_topk, numel, 8)
+    assert not gathers_payloads(sparseloco, numel, 1) and not gathers_payloads(sparseloco, 0, 4)
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -62,8 +77,9 @@ async def test_encoded_allreduce_is_exact_and_bit_identical(endpoints, name: str
         assert out.tobytes() == want.tobytes()
 
 
-async def test_bytes_on_the_wire_are_the_payload_sizes(endpoints) -> None:
-    codec = make_codec(CodecConfig(name="sparseloco"))
+@pytest.mark.parametrize("name", ["int8", "sparseloco"])
+async def test_bytes_on_the_wire_are_the_payload_sizes(endpoints, name: str) -> None:
+    codec = make_codec(CodecConfig(name=name))
     peers, numel = 4, 4 * 4096 * 8
     eps = await endpoints(peers)
     members = [Participant(e.peer_id, e.address) for e in eps]
@@ -71,10 +87,54 @@ async def test_bytes_on_the_wire_are_the_payload_sizes(endpoints) -> None:
     await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 10.0, codec) for e, x in zip(eps, xs)))
     part = numel // peers  # equal parts on the 4096 grid
     contrib, result = codec.payload_nbytes(part), codec.result_codec(peers).payload_nbytes(part)
-    for e in eps:
-        assert e.bytes_sent == (peers - 1) * (contrib + result)
+    butterfly = (peers - 1) * (contrib + result)  # N-1 contributions and N-1 copies of its reduced part
+    gathered = (peers - 1) * peers * contrib  # its whole payload (all N parts) to each of the N-1 others
     fp32 = 2 * (peers - 1) * part * 4
-    assert fp32 / eps[0].bytes_sent > 40  # 141x on contributions, ~25x on the 8-bit union of results
+    for e in eps:
+        assert e.bytes_sent == (gathered if name == "sparseloco" else butterfly)
+    if name == "sparseloco":
+        # 141x on the payloads, 70x once sent to 3 peers; the butterfly's 8-bit union of results made it 43x.
+        assert gathered < butterfly and fp32 / eps[0].bytes_sent > 70
+    else:
+        assert fp32 / eps[0].bytes_sent > 3.5
+
+
+async def test_a_member_sending_a_payload_of_the_wrong_size_is_named(endpoints) -> None:
+    eps = await endpoints(3)
+    members = [Participant(e.peer_id, e.address) for e in eps]
+    xs = [np.random.default_rng(i).standard_normal(3 * 4096).astype(np.float32) for i in range(3)]
+    codecs = [make_codec(CodecConfig(name="sparseloco"))] * 2 + [make_codec(CodecConfig(name="topk", k=128))]
+    assert all(gathers_payloads(c, xs[0].size, 3) for c in codecs)
+    results = await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 5.0, c)
+                                     for e, x, c in zip(eps, xs, codecs)), return_exceptions=True)
+    for r in results[:2]:
+        assert isinstance(r, PeerFailure) and r.peer == "p2" and "not the" in r.reason, results
+    assert isinstance(results[2], PeerFailure) and results[2].peer != "p2"
+
+
+@pytest.mark.parametrize("name", ["int8", "sparseloco"])
+async def test_a_member_whose_payload_decodes_to_nan_is_named(endpoints, name: str) -> None:
+    codec = make_codec(CodecConfig(name=name))
+
+    class Hostile(type(codec)):  # an encoder that does not check: the first block's scale is NaN
+        def encode(self, x: torch.Tensor, feedback: object = None) -> torch.Tensor:
+            payload = super().encode(x).clone()
+            payload[:4] = torch.frombuffer(bytearray(np.float32(np.nan).tobytes()), dtype=torch.uint8)
+            return payload
+
+    eps = await endpoints(3)
+    members = [Participant(e.peer_id, e.address) for e in eps]
+    xs = [np.random.default_rng(i).standard_normal(3 * 4096).astype(np.float32) for i in range(3)]
+    codecs = [codec, Hostile(**dataclasses.asdict(codec)), codec]
+    results = await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 5.0, c)
+                                     for e, x, c in zip(eps, xs, codecs)), return_exceptions=True)
+    # Whoever reduces p1's first block names p1 (the butterfly: its owner p0; gathered: p0 and p2), and
+    # no honest member returns a result (p1's own outcome is its own affair).
+    honest = [results[0], results[2]]
+    named = [r for r in honest if isinstance(r, PeerFailure) and r.peer == "p1" and "NaN" in r.reason]
+    assert named and all(isinstance(r, PeerFailure) for r in honest), results
+    if name == "sparseloco":
+        assert len(named) == 2
 
 
 async def test_a_member_failing_during_an_encoded_attempt_is_named(endpoints) -> None:

@@ -117,8 +117,9 @@ def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
     fp32_bytes_per_round = 2 * (3 - 1) / 3 * 100_000 * 4
     for peer in summary["peers"].values():
         assert peer["rounds_committed"] == 3
-        # far below raw fp32: 141x on contributions, 8-bit union of three selections on results
-        assert peer["bytes_sent"] < 3 * fp32_bytes_per_round / 20
+        # Its payload, 141x below fp32, whole to each of the 2 others (gathered): 46x below the fp32
+        # butterfly. The butterfly with the 8-bit union of three selections as results was 27x.
+        assert peer["bytes_sent"] < 3 * fp32_bytes_per_round / 40
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")

@@ -9,6 +9,8 @@ the whole process (SIGKILL, no cleanup) at that point. Named points:
     recv.contrib  recv.result   after a frame header of that kind was read
     reduce.done                 after this peer reduced its part, before sending it
     gather.start                before this peer sends its reduced part to anyone
+                                (gathered payloads, which send nothing after the reduce:
+                                both points come once this peer reduced everything)
 """
 
 from __future__ import annotations
