@@ -183,7 +183,7 @@ def test_int8_empty_and_bad_arguments() -> None:
 CONFIGS = [(4096, 64, 2), (4096, 256, 8), (256, 32, 4), (1024, 96, 8), (256, 256, 2), (16384, 64, 4)]
 
 
-def _topk_case(name: str, n: int, chunk: int, seed: int) -> torch.Tensor:
+def _topk_case(name: str, n: int, chunk: int, seed: int, k: int = 64) -> torch.Tensor:
     x = _mixed(n, seed)
     if name == "zero_chunk":
         x[:chunk] = 0.0
@@ -204,6 +204,18 @@ def _topk_case(name: str, n: int, chunk: int, seed: int) -> torch.Tensor:
         x = 1e-3 * torch.randn(n, generator=g)
         hot = torch.rand(n, generator=g) < 0.05
         x[hot] = 1.0 + 1e-6 * torch.randn(int(hot.sum()), generator=g)
+    elif name == "spill":
+        # Per chunk k - 4 distinct large values, then 20 entries of magnitude 1.0 (both signs) where the
+        # threshold falls, over small noise: 16 of the ties lose, the lowest indices win. The candidates
+        # are few, so this is the path where the kernel's atomics placed them in any order.
+        g = _gen(seed)
+        x = 1e-3 * torch.randn(n, generator=g)
+        for start in range(0, n, chunk):
+            width = min(chunk, n - start)
+            big = max(0, min(k - 4, width - 20))
+            pos = start + torch.randperm(width, generator=g)[: big + 20]
+            x[pos[:big]] = 2.0 + torch.rand(big, generator=g)
+            x[pos[big:]] = torch.where(torch.rand(pos.numel() - big, generator=g) < 0.5, -1.0, 1.0)
     elif name == "sparse":
         # Fewer non-zeros than k per chunk: zeros fill the selection (and decode to -scale/(L-1)).
         x = torch.zeros(n)
@@ -234,15 +246,15 @@ def _check_topk(x: torch.Tensor, residual: torch.Tensor | None, chunk: int, k: i
 
 
 @pytest.mark.parametrize(("chunk", "k", "bits"), CONFIGS)
-@pytest.mark.parametrize("name", ["random", "zero_chunk", "huge", "ties", "sparse", "wide", "cluster"])
+@pytest.mark.parametrize("name", ["random", "zero_chunk", "huge", "ties", "sparse", "wide", "cluster", "spill"])
 def test_topk_matches_reference(name: str, chunk: int, k: int, bits: int) -> None:
     n = 2 * chunk + 17 if chunk <= 4096 else chunk + 17  # odd: the last chunk is mostly padding
-    x = _topk_case(name, n, chunk, seed=chunk + k + bits)
+    x = _topk_case(name, n, chunk, seed=chunk + k + bits, k=k)
     if name in ("random", "huge", "wide"):
         residual = 0.1 * torch.randn(n, generator=_gen(7))
     elif name == "ties":  # on the same 0.25 grid, so acc = x + residual still has many equal magnitudes
         residual = torch.randint(-1, 2, (n,), generator=_gen(7)).float() * 0.25
-    else:  # keep the zeros zero (and the cluster tight)
+    else:  # keep the zeros zero (and the cluster and the ties tight)
         residual = torch.zeros(n)
     _check_topk(x, residual, chunk, k, bits)
 
