@@ -70,7 +70,6 @@ encoded by the PyTorch reference (see `encode`)."""
 # with the reference): 1,024 / 256 took 7.95 ms against 9.78 ms for the earlier 512 / 512.
 _MIN_CAP = 256  # candidates kept for the search on the candidates (at least 2k)
 _SUB = 1024  # values per step of the encode's compaction pass (reloaded from cache: fewer registers)
-_ATOMIC = True  # compaction by per-candidate atomics and a sort, not prefix scans (when no ties)
 _MIN_SETS = 64  # sets whose maxima bound T from below: at least k of them
 _DECODE_SLOTS = 2048  # (chunk, slot) pairs decoded per step of a program
 _ZERO_TILE = 4096  # values zeroed per step of a decode program
@@ -216,19 +215,13 @@ def _quantize(acc, scale, L1: tl.constexpr):
 
 
 @triton.jit
-def _pack_chunk(
-    slot_ptr, iw_ptr, vw_ptr, stop, K: tl.constexpr, KP: tl.constexpr, IB: tl.constexpr, B: tl.constexpr,
-    SORT: tl.constexpr,
-):
-    """Index and value words of one chunk from its k slots (`idx << 8 | code`): in slot order, or
-    with SORT sorted into index order first. Nothing is stored when `stop` is non-zero."""
+def _pack_chunk(slot_ptr, iw_ptr, vw_ptr, stop, K: tl.constexpr, KP: tl.constexpr, IB: tl.constexpr, B: tl.constexpr):
+    """Index and value words of one chunk from its k slots (`idx | code << 16`, in slot order);
+    nothing is stored when `stop` is non-zero."""
     s = tl.arange(0, KP)  # KP = K rounded up to a power of two
-    if SORT:  # the empty slots past K sort last
-        packed = tl.sort(tl.load(slot_ptr + s, mask=s < K, other=0x7FFFFFFFFFFFFFFF), 0)
-    else:
-        packed = tl.load(slot_ptr + s, mask=s < K, other=0)
-    idx = (packed >> 8).to(tl.uint32)
-    code = (packed & 0xFF).to(tl.uint32)
+    packed = tl.load(slot_ptr + s, mask=s < K, other=0)
+    idx = (packed & 0xFFFF).to(tl.uint32)
+    code = (packed >> 16).to(tl.uint32)
 
     # Value words: B divides 32, so 32 / B consecutive slots fill one word exactly. The fields are
     # disjoint bits, so summing them is OR-ing them.
@@ -255,56 +248,6 @@ def _pack_chunk(
 
 
 @triton.jit
-def _compact_scan(xb, rb, ob, cand, thr, need, rem, live_s, sub, C: tl.constexpr, CAP: tl.constexpr, SUB: tl.constexpr,
-                  HAS_RES: tl.constexpr, MASKED: tl.constexpr):
-    """Step 3 by prefix scans: the entries above `thr`, then the first `need` equal to it, to `cand`
-    in index order (at most CAP); every entry's residual written as `acc`. Returns how many."""
-    seen_gt = tl.full([], 0, tl.int32)
-    seen_eq = tl.full([], 0, tl.int32)
-    for t in range(C // SUB):
-        offs = t * SUB + sub
-        acc = _tile_acc(xb, rb, offs, rem, HAS_RES, MASKED)
-        if HAS_RES:
-            _store_tile(ob, offs, acc, rem, live_s, MASKED)
-        u = _magnitude_bits(acc)
-        gt = (u > thr).to(tl.int32)
-        eq = (u == thr).to(tl.int32)
-        # One scan for both prefix counts: within a sub-tile each fits in 16 bits (SUB <= 8192).
-        both = gt | (eq << 16)
-        before = tl.cumsum(both, 0) - both
-        before_eq = seen_eq + (before >> 16)
-        take = (gt != 0) | ((eq != 0) & (before_eq < need))
-        pos = seen_gt + (before & 0xFFFF) + tl.minimum(before_eq, need)
-        keep = take & (pos < CAP) & live_s
-        packed = (offs.to(tl.int64) << 32) | (acc.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-        tl.store(cand + pos, packed, mask=keep)
-        tot = tl.sum(both, axis=0)
-        seen_gt += tot & 0xFFFF
-        seen_eq += tot >> 16
-    return tl.minimum(seen_gt + tl.minimum(seen_eq, need), CAP)
-
-
-@triton.jit
-def _compact_atomic(xb, rb, ob, cand, counter, taken, lo, c_lo, rem, live_s, stop, sub, C: tl.constexpr,
-                    SUB: tl.constexpr, HAS_RES: tl.constexpr, MASKED: tl.constexpr):
-    """Step 3 when the c_lo <= CAP entries >= lo are the candidates: each takes its place in `cand`
-    from this program's counter (which stood at `taken`), so no scan; step 4 sorts them back into
-    index order. Every entry's residual written as `acc`. Returns how many (none when stopped)."""
-    for t in range(C // SUB):
-        offs = t * SUB + sub
-        acc = _tile_acc(xb, rb, offs, rem, HAS_RES, MASKED)
-        if HAS_RES:
-            _store_tile(ob, offs, acc, rem, live_s, MASKED)
-        take = (_magnitude_bits(acc) >= lo) & live_s
-        got = tl.atomic_add(counter + tl.zeros([SUB], dtype=tl.int32), 1, mask=take, sem="relaxed", scope="cta")
-        packed = (offs.to(tl.int64) << 32) | (acc.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-        # Filled from the end: the interpreter runs the atomics in index order, so there the order
-        # is reversed and the CPU tests see candidates out of index order, as the GPU leaves them.
-        tl.store(cand + (c_lo - 1 - (got - taken)), packed, mask=take)
-    return tl.where(stop == 0, c_lo, 0)
-
-
-@triton.jit
 def _encode_kernel(
     x_ptr,
     r_ptr,
@@ -313,7 +256,6 @@ def _encode_kernel(
     iw_ptr,
     vw_ptr,
     scratch_ptr,
-    counter_ptr,
     flag_ptr,
     n,
     c0,
@@ -329,7 +271,6 @@ def _encode_kernel(
     HAS_RES: tl.constexpr,
     CHECK: tl.constexpr,
     MASKED: tl.constexpr,
-    ATOMIC: tl.constexpr,
 ):
     """Chunks c0 + pid, c0 + pid + grid, ... below c1: scale, index and value words, new residual.
 
@@ -348,8 +289,6 @@ def _encode_kernel(
     # This program's scratch (int64): CAP candidates (chunk index << 32 | acc bits), then the k slots.
     cand = scratch_ptr + pid.to(tl.int64) * (CAP + KP)
     slots = cand + CAP
-    counter = counter_ptr + pid  # ATOMIC: this program's count of candidates placed, over all its chunks
-    taken = tl.load(counter)
     if CHECK:
         stop = tl.full([], 0, tl.int32)
     else:
@@ -401,14 +340,29 @@ def _encode_kernel(
         # 3. In sub-tiles reloaded from cache (few registers): every entry's residual is `acc` but
         # for the k selected, which step 4 overwrites (after barriers: ordered); the candidates go
         # to the scratch in index order.
-        if ATOMIC:
-            if few:
-                m = _compact_atomic(xb, rb, ob, cand, counter, taken, lo, c_lo, rem, live_s, stop, sub, C, SUB, HAS_RES, MASKED)
-                taken += m
-            else:
-                m = _compact_scan(xb, rb, ob, cand, thr, need, rem, live_s, sub, C, CAP, SUB, HAS_RES, MASKED)
-        else:
-            m = _compact_scan(xb, rb, ob, cand, thr, need, rem, live_s, sub, C, CAP, SUB, HAS_RES, MASKED)
+        seen_gt = tl.full([], 0, tl.int32)
+        seen_eq = tl.full([], 0, tl.int32)
+        for t in range(C // SUB):
+            offs = t * SUB + sub
+            acc = _tile_acc(xb, rb, offs, rem, HAS_RES, MASKED)
+            if HAS_RES:
+                _store_tile(ob, offs, acc, rem, live_s, MASKED)
+            u = _magnitude_bits(acc)
+            gt = (u > thr).to(tl.int32)
+            eq = (u == thr).to(tl.int32)
+            # One scan for both prefix counts: within a sub-tile each fits in 16 bits (SUB <= 8192).
+            both = gt | (eq << 16)
+            before = tl.cumsum(both, 0) - both
+            before_eq = seen_eq + (before >> 16)
+            take = (gt != 0) | ((eq != 0) & (before_eq < need))
+            pos = seen_gt + (before & 0xFFFF) + tl.minimum(before_eq, need)
+            keep = take & (pos < CAP) & live_s
+            packed = (offs.to(tl.int64) << 32) | (acc.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
+            tl.store(cand + pos, packed, mask=keep)
+            tot = tl.sum(both, axis=0)
+            seen_gt += tot & 0xFFFF
+            seen_eq += tot >> 16
+        m = tl.minimum(seen_gt + tl.minimum(seen_eq, need), CAP)
         tl.debug_barrier()  # the scratch written above is read back by other threads
 
         # 4. On the candidates: T exactly, the selection and its slots, quantize, residual, pack.
@@ -428,18 +382,6 @@ def _encode_kernel(
         need = K - above
         gt = (u_c > lo).to(tl.int32)
         eq = (u_c == lo).to(tl.int32)
-        if ATOMIC:  # noqa: SIM102 - a constexpr test around a runtime one: one `and` cannot hold both
-            # Step 3's atomics placed the candidates in any order. That matters only when more entries
-            # equal T than are still needed (the lowest indices win): then sort them into index order
-            # (the index is the high word; the empty slots sort last). Otherwise every entry >= T is
-            # selected and the slots are sorted by index in `_pack_chunk`.
-            if tl.sum(eq, axis=0) > need:
-                packed_c = tl.sort(tl.load(cand + ci, mask=cm, other=0x7FFFFFFFFFFFFFFF), 0)
-                acc_c = packed_c.to(tl.int32).to(tl.float32, bitcast=True)
-                idx_c = (packed_c >> 32).to(tl.int32)
-                u_c = tl.where(cm, _magnitude_bits(acc_c), -1)
-                gt = (u_c > lo).to(tl.int32)
-                eq = (u_c == lo).to(tl.int32)
         if CAP <= 8192:
             both = gt | (eq << 16)
             before = tl.cumsum(both, 0) - both
@@ -454,10 +396,10 @@ def _encode_kernel(
         if HAS_RES:
             tl.store(ob + idx_c, acc_c - dec, mask=sel & (idx_c < rem))
         # Slots are distinct, so these are plain stores; padding entries may be selected too.
-        tl.store(slots + slot, (idx_c << 8) | code, mask=sel)
+        tl.store(slots + slot, idx_c | (code << 16), mask=sel)
         tl.store(scale_ptr + chunk, scale, mask=stop == 0)
         tl.debug_barrier()  # the slots written above are read back by other threads
-        _pack_chunk(slots, iw_ptr + chunk * (K * IB // 32), vw_ptr + chunk * (K * B // 32), stop, K, KP, IB, B, ATOMIC)
+        _pack_chunk(slots, iw_ptr + chunk * (K * IB // 32), vw_ptr + chunk * (K * B // 32), stop, K, KP, IB, B)
 
 
 @triton.jit
@@ -596,27 +538,25 @@ def encode(
     consts = {
         "C": chunk, "K": k, "KP": kp, "CAP": cap, "IB": ib, "B": bits, "SUB": min(chunk, _SUB),
         "SETS": sets if 2 * sets <= chunk else 0,  # no bound from sets of one value
-        "HAS_RES": rf is not None, "CHECK": fused, "ATOMIC": _ATOMIC, **_encode_options(), **LAUNCH_OPTIONS,
+        "HAS_RES": rf is not None, "CHECK": fused, **_encode_options(), **LAUNCH_OPTIONS,
     }  # fmt: skip
     r_arg = rf if rf is not None else xf
     o_arg = rout if rout is not None else xf
 
     full = n // chunk  # chunks without padding: unmasked accesses
 
-    def args(scratch: torch.Tensor, counters: torch.Tensor, c0: int, c1: int) -> tuple:
-        return (xf, r_arg, o_arg, scales, iwords, vwords, scratch, counters, flag, n, c0, c1)
+    def args(scratch: torch.Tensor, c0: int, c1: int) -> tuple:
+        return (xf, r_arg, o_arg, scales, iwords, vwords, scratch, flag, n, c0, c1)
 
     # Persistent grid: each program owns a scratch of CAP candidates and k slots, reused chunk after
     # chunk (it stays in L2). The padded last chunk, if any, gets its own one-program launch after.
     dummy = torch.empty(1, dtype=torch.int64, device=xf.device)  # the scratch's dtype, for the compile
-    none = torch.empty(1, dtype=torch.int32, device=xf.device)
-    programs = resident_programs(_encode_kernel, args(dummy, none, 0, full), {**consts, "MASKED": False}, max(full, 1))
+    programs = resident_programs(_encode_kernel, args(dummy, 0, full), {**consts, "MASKED": False}, max(full, 1))
     scratch = torch.empty(programs * (cap + kp), dtype=torch.int64, device=xf.device)
-    counters = torch.zeros(programs, dtype=torch.int32, device=xf.device)  # the launches run in order: shared
     if full:
-        _encode_kernel[(programs,)](*args(scratch, counters, 0, full), MASKED=False, **consts)
+        _encode_kernel[(programs,)](*args(scratch, 0, full), MASKED=False, **consts)
     if full < nc:
-        _encode_kernel[(1,)](*args(scratch, counters, full, nc), MASKED=True, **consts)
+        _encode_kernel[(1,)](*args(scratch, full, nc), MASKED=True, **consts)
     raise_for_flag(int(flag.item()), "topk")  # the one host sync: errors surface here, not a step later
     return out
 

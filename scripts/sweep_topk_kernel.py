@@ -3,9 +3,7 @@
 
 For every combination of `--subs` (values per step of the compaction pass, `kernels.topk._SUB`),
 `--caps` (the least number of candidate slots per program, `kernels.topk._MIN_CAP`), `--warps`
-(num_warps of the encode kernel), `--maxnreg` (its register cap, Triton's `maxnreg`) and `--atomic`
-(the compaction pass by per-candidate atomics and a sort, 1, or by prefix scans, 0:
-`kernels.topk._ATOMIC`), on the same
+(num_warps of the encode kernel) and `--maxnreg` (its register cap, Triton's `maxnreg`), on the same
 random normal input and residual:
 
 - exact: the payload and the new residual equal, bit for bit, what the plain-PyTorch reference
@@ -59,12 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         default=[0],
         help="register caps of the encode kernel to try (Triton's maxnreg; 0: the compiler's choice)",
     )
-    p.add_argument(
-        "--atomic",
-        type=_ints,
-        default=[0, 1],
-        help="compaction passes to try: 1 per-candidate atomics and a sort, 0 prefix scans (default 0,1)",
-    )
     p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (default 5)")
     p.add_argument("--hbm-gbps", type=float, default=4800.0, help="the GPU's memory bandwidth (H200: 4800)")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         topk._MIN_CAP,
         options["num_warps"],
         options.get("maxnreg", 0),
-        int(topk._ATOMIC),
     )
     original_options = topk._encode_options
     grids: list[int] = []
@@ -108,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[dict[str, Any]] = []
     try:
-        for setting in itertools.product(args.subs, args.caps, args.warps, args.maxnreg, args.atomic):
-            sub, cap, warps, maxnreg, atomic = setting
+        for setting in itertools.product(args.subs, args.caps, args.warps, args.maxnreg):
+            sub, cap, warps, maxnreg = setting
             if sub > chunk or cap > chunk or cap < 2 * k:
                 continue
-            topk._SUB, topk._MIN_CAP, topk._ATOMIC = sub, cap, bool(atomic)
+            topk._SUB, topk._MIN_CAP = sub, cap
             launch = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
             topk._encode_options = lambda o=launch: o  # type: ignore[misc]
             row: dict[str, Any] = {
@@ -120,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
                 "min_cap": cap,
                 "warps": warps,
                 "maxnreg": maxnreg,
-                "atomic": atomic,
                 "default": setting == defaults,
             }
             try:
@@ -146,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
-        topk._SUB, topk._MIN_CAP, topk._ATOMIC = defaults[0], defaults[1], bool(defaults[4])
+        topk._SUB, topk._MIN_CAP = defaults[0], defaults[1]
         topk._encode_options = original_options  # type: ignore[misc]
         topk.resident_programs = original_resident
     exact = [r for r in rows if r.get("exact")]

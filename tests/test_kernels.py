@@ -207,7 +207,7 @@ def _topk_case(name: str, n: int, chunk: int, seed: int, k: int = 64) -> torch.T
     elif name == "spill":
         # Per chunk k - 4 distinct large values, then 20 entries of magnitude 1.0 (both signs) where the
         # threshold falls, over small noise: 16 of the ties lose, the lowest indices win. The candidates
-        # are few, so this is the path where the kernel's atomics placed them in any order.
+        # are few, so the tie is broken on the compacted candidates, not in the whole-chunk search.
         g = _gen(seed)
         x = 1e-3 * torch.randn(n, generator=g)
         for start in range(0, n, chunk):
