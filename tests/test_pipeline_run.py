@@ -131,8 +131,10 @@ def _run_with_a_lost_stage(tmp: Path, coordinator_proc: StartCoordinator, *, sta
             status = _status(coord.target)
             if list(status.lost_stages) == [victim]:
                 return True
+            if not extra_replica:
+                return False
             moved = any(m.member.peer_id == "spare" and m.stage == victim for m in status.members)
-            return extra_replica and (moved or all(p.poll() is not None for p in others))
+            return moved or all(p.poll() is not None for p in others)
 
         _wait_for(f"stage {victim} reported lost", lost_or_moved, 30, others)
         if not extra_replica:
