@@ -18,15 +18,20 @@ chunks pid, pid + grid, ...). Per chunk (at most 4,096 values: 32 per thread), |
 as fp32 bit patterns (non-negative floats order like their bits as integers) in registers:
 
 1. The chunk max (the scale, and the value check: NaN/Inf, or a decode that would overflow) and a
-   lower bound `lo` on the threshold T, the k-th largest: split into S >= k strided sets
-   (index % S), T >= the smallest set maximum, since those S maxima are distinct entries.
-2. Candidates: the entries >= lo, about 280 of 4,096 for normal data and k = 64. While there are
-   more than CAP (256, or 2k), a four-way search pass over the chunk raises lo: it counts at three
-   thresholds in one reduction and keeps a quarter of [lo, hi].
+   lower bound `lo` on the threshold T, the k-th largest: split into S strided sets (index % S,
+   S * R >= k), each set's R-th largest value (R = 2; ties at a set's larger values are dropped,
+   which only lowers it) has R distinct entries of that set at or above it, so T >= the smallest.
+2. Candidates: the entries >= lo, about 190 of 4,096 for normal data and k = 64 (the set maxima
+   alone, R = 1, left about 290). While there are more than CAP (256, or 2k), a four-way search
+   pass over the chunk raises lo: it counts at three thresholds in one reduction and keeps a
+   quarter of [lo, hi]. With R = 2 about 7 % of normal chunks need it, against 65 % with R = 1
+   (`scripts/sweep_topk_kernel.py --bound-only`).
 3. In sub-tiles of 1,024, re-read from cache (fewer registers than keeping `acc`): every entry's
    residual is written as `acc` (what it is unless selected: unselected entries decode to 0), and
-   one prefix scan copies the candidates with their index (one int64 each: index << 32 | acc bits),
-   in index order, to a per-program scratch of CAP entries (it stays in L2).
+   the candidates go with their index (one int64 each: index << 32 | acc bits), in index order,
+   to a per-program scratch of CAP entries (it stays in L2). Their places come from prefix counts
+   over rows of 4 consecutive values (a thread's own, scanned in registers) plus one scan over the
+   rows' totals: a quarter of the cross-thread scan steps of one scan over the whole sub-tile.
 4. On the candidates only: the rest of the four-way search gives T exactly; selected are the
    entries above T, plus the lowest-index entries equal to T up to k in all, and a prefix count
    over the candidates gives each its slot (ascending index order, no sort). They are quantized,
@@ -70,7 +75,11 @@ encoded by the PyTorch reference (see `encode`)."""
 # with the reference): 1,024 / 256 took 7.95 ms against 9.78 ms for the earlier 512 / 512.
 _MIN_CAP = 256  # candidates kept for the search on the candidates (at least 2k)
 _SUB = 1024  # values per step of the encode's compaction pass (reloaded from cache: fewer registers)
-_MIN_SETS = 64  # sets whose maxima bound T from below: at least k of them
+# _SET_RANK and _ROW also from scripts/sweep_topk_kernel.py on an H200 at 2**30 values: 5.90 ms
+# against 7.50 ms for (1, 0), the earlier kernel, in the same call (docs/benchmarks.md).
+_MIN_SETS = 64  # sets x rank: the entries whose least bounds T from below, at least k of them
+_SET_RANK = 2  # the bound is the least of the sets' _SET_RANK-th largest values (sets: _MIN_SETS / rank)
+_ROW = 4  # > 0: the compaction pass scans rows of _ROW consecutive values, then the rows' totals
 _DECODE_SLOTS = 2048  # (chunk, slot) pairs decoded per step of a program
 _ZERO_TILE = 4096  # values zeroed per step of a decode program
 
@@ -268,6 +277,8 @@ def _encode_kernel(
     B: tl.constexpr,
     SUB: tl.constexpr,
     SETS: tl.constexpr,
+    RANK: tl.constexpr,
+    ROW: tl.constexpr,
     HAS_RES: tl.constexpr,
     CHECK: tl.constexpr,
     MASKED: tl.constexpr,
@@ -284,7 +295,10 @@ def _encode_kernel(
     # One value per thread and access (4-byte loads, still 128 bytes per warp): the layout of the
     # candidates' scattered stores too, so the tile never goes through shared memory to change layout.
     lane = tl.max_contiguous(tl.arange(0, C), 1)
-    sub = tl.max_contiguous(tl.arange(0, SUB), 1)
+    if ROW > 0:  # sub-tiles as [SUB // ROW, ROW] rows of consecutive values: a row scan, then one over rows
+        sub = (tl.arange(0, SUB // ROW) * ROW)[:, None] + tl.max_contiguous(tl.arange(0, ROW), ROW)[None, :]
+    else:
+        sub = tl.max_contiguous(tl.arange(0, SUB), 1)
     ci = tl.arange(0, CAP)
     # This program's scratch (int64): CAP candidates (chunk index << 32 | acc bits), then the k slots.
     cand = scratch_ptr + pid.to(tl.int64) * (CAP + KP)
@@ -293,7 +307,7 @@ def _encode_kernel(
         stop = tl.full([], 0, tl.int32)
     else:
         stop = tl.load(flag_ptr)
-    live_s = (stop + tl.zeros([SUB], dtype=tl.int32)) == 0  # (the interpreter mis-broadcasts a bool scalar)
+    live_s = (stop + tl.zeros_like(sub)) == 0  # (the interpreter mis-broadcasts a bool scalar)
     live_c = (stop + tl.zeros([CAP], dtype=tl.int32)) == 0
 
     for i in range(c0 + pid, c1, tl.num_programs(0)):
@@ -314,7 +328,11 @@ def _encode_kernel(
         # most of each within a thread.
         umax = tl.max(u0, axis=0)
         if SETS > 0:
-            lo = tl.min(tl.max(tl.reshape(u0, [C // SETS, SETS]), axis=0), axis=0)
+            u2 = tl.reshape(u0, [C // SETS, SETS])
+            m = tl.max(u2, axis=0)
+            for _ in tl.static_range(RANK - 1):  # the next lower value of each set (ties at m dropped)
+                m = tl.max(tl.where(u2 < m[None, :], u2, -1), axis=0)
+            lo = tl.min(m, axis=0)
         else:
             lo = tl.full([], 0, tl.int32)
         scale = umax.to(tl.float32, bitcast=True)
@@ -352,14 +370,19 @@ def _encode_kernel(
             eq = (u == thr).to(tl.int32)
             # One scan for both prefix counts: within a sub-tile each fits in 16 bits (SUB <= 8192).
             both = gt | (eq << 16)
-            before = tl.cumsum(both, 0) - both
+            if ROW > 0:
+                row_tot = tl.sum(both, axis=1)
+                before = (tl.cumsum(row_tot, 0) - row_tot)[:, None] + tl.cumsum(both, 1) - both
+                tot = tl.sum(row_tot, axis=0)
+            else:
+                before = tl.cumsum(both, 0) - both
+                tot = tl.sum(both, axis=0)
             before_eq = seen_eq + (before >> 16)
             take = (gt != 0) | ((eq != 0) & (before_eq < need))
             pos = seen_gt + (before & 0xFFFF) + tl.minimum(before_eq, need)
             keep = take & (pos < CAP) & live_s
             packed = (offs.to(tl.int64) << 32) | (acc.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
             tl.store(cand + pos, packed, mask=keep)
-            tot = tl.sum(both, axis=0)
             seen_gt += tot & 0xFFFF
             seen_eq += tot >> 16
         m = tl.minimum(seen_gt + tl.minimum(seen_eq, need), CAP)
@@ -534,10 +557,12 @@ def encode(
         check_async(xf, rf, flag, (1 << bits) - 1)
     kp = triton.next_power_of_2(k)
     cap = _capacity(chunk, k)
-    sets = max(kp, _MIN_SETS)
+    sets = max(kp, _MIN_SETS) // _SET_RANK
     consts = {
         "C": chunk, "K": k, "KP": kp, "CAP": cap, "IB": ib, "B": bits, "SUB": min(chunk, _SUB),
-        "SETS": sets if 2 * sets <= chunk else 0,  # no bound from sets of one value
+        "SETS": sets if 2 * _SET_RANK * sets <= chunk else 0,  # no bound from sets of too few values
+        "RANK": _SET_RANK,
+        "ROW": _ROW if 0 < _ROW < min(chunk, _SUB) else 0,
         "HAS_RES": rf is not None, "CHECK": fused, **_encode_options(), **LAUNCH_OPTIONS,
     }  # fmt: skip
     r_arg = rf if rf is not None else xf

@@ -2,7 +2,9 @@
 """Sweep the top-k encode kernel's tuning constants on a GPU, each configuration checked bit for bit.
 
 For every combination of `--subs` (values per step of the compaction pass, `kernels.topk._SUB`),
-`--caps` (the least number of candidate slots per program, `kernels.topk._MIN_CAP`), `--warps`
+`--caps` (the least number of candidate slots per program, `kernels.topk._MIN_CAP`), `--rows` (the
+compaction pass's row width, `kernels.topk._ROW`: 0 scans each step as one vector), `--ranks` (the
+lower bound on T is the least of the sets' rank-th largest values, `kernels.topk._SET_RANK`), `--warps`
 (num_warps of the encode kernel) and `--maxnreg` (its register cap, Triton's `maxnreg`), on the same
 random normal input and residual:
 
@@ -41,6 +43,30 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def bound_stats(x: torch.Tensor, *, chunk: int, k: int, rank: int, cap: int) -> dict[str, float]:
+    """How tight the encode's step-1 bound on T is for the chunks of `x` (whole chunks only).
+
+    As `kernels.topk` computes it: `sets = max(k, 64) / rank` strided sets (index % sets), the least
+    of the sets' rank-th largest |x| (each set's larger values dropped with their ties). Returns the
+    mean and largest number of candidates (entries at or above the bound) per chunk and the fraction
+    of chunks with more than `cap` of them, which need a search pass over the whole chunk.
+    """
+    sets = max(1 << (k - 1).bit_length(), 64) // rank
+    u = x[: x.numel() // chunk * chunk].abs().view(-1, chunk // sets, sets)
+    m = u.amax(dim=1, keepdim=True)
+    for _ in range(rank - 1):
+        m = torch.where(u < m, u, -1.0).amax(dim=1, keepdim=True)
+    lo = m.amin(dim=2, keepdim=True)
+    cand = (u >= lo).sum(dim=(1, 2)).double()
+    return {
+        "rank": rank,
+        "sets": sets,
+        "mean_candidates": round(cand.mean().item(), 1),
+        "max_candidates": int(cand.max().item()),
+        "fraction_over_cap": round((cand > cap).double().mean().item(), 4),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON document")
@@ -52,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caps", type=_ints, default=[256, 512, 1024], help="least candidate slots to try")
     p.add_argument("--warps", type=_ints, default=[4], help="num_warps values to try")
     p.add_argument(
+        "--ranks", type=_ints, default=[1], help="set ranks of the bound on T to try (kernels.topk._SET_RANK)"
+    )
+    p.add_argument(
+        "--rows",
+        type=_ints,
+        default=[0],
+        help="compaction row widths to try (kernels.topk._ROW; 0: one scan over each step's values)",
+    )
+    p.add_argument(
         "--maxnreg",
         type=_ints,
         default=[0],
@@ -60,7 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (default 5)")
     p.add_argument("--hbm-gbps", type=float, default=4800.0, help="the GPU's memory bandwidth (H200: 4800)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--bound-only",
+        action="store_true",
+        help="only report how tight the step-1 bound on T is for each of --ranks at the least of --caps "
+        "(normal input plus the residual, as the sweep's; torch on any device, no kernel)",
+    )
     args = p.parse_args(argv)
+    if args.bound_only:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        acc = torch.randn(args.numel, device=device, generator=g)
+        acc += 0.1 * torch.randn(args.numel, device=device, generator=g)
+        stats = [bound_stats(acc, chunk=args.chunk, k=args.k, rank=r, cap=min(args.caps)) for r in args.ranks]
+        print(
+            json.dumps({"numel": args.numel, "chunk": args.chunk, "k": args.k, "cap": min(args.caps), "bounds": stats})
+        )
+        return 0
     if not torch.cuda.is_available():
         print("sweep_topk_kernel: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -83,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = (
         topk._SUB,
         topk._MIN_CAP,
+        topk._ROW,
+        topk._SET_RANK,
         options["num_warps"],
         options.get("maxnreg", 0),
     )
@@ -99,16 +152,18 @@ def main(argv: list[str] | None = None) -> int:
     out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[dict[str, Any]] = []
     try:
-        for setting in itertools.product(args.subs, args.caps, args.warps, args.maxnreg):
-            sub, cap, warps, maxnreg = setting
-            if sub > chunk or cap > chunk or cap < 2 * k:
+        for setting in itertools.product(args.subs, args.caps, args.rows, args.ranks, args.warps, args.maxnreg):
+            sub, cap, row_width, rank, warps, maxnreg = setting
+            if sub > chunk or cap > chunk or cap < 2 * k or row_width >= sub:
                 continue
-            topk._SUB, topk._MIN_CAP = sub, cap
+            topk._SUB, topk._MIN_CAP, topk._ROW, topk._SET_RANK = sub, cap, row_width, rank
             launch = {"num_warps": warps, **({"maxnreg": maxnreg} if maxnreg else {})}
             topk._encode_options = lambda o=launch: o  # type: ignore[misc]
             row: dict[str, Any] = {
                 "sub": sub,
                 "min_cap": cap,
+                "row": row_width,
+                "rank": rank,
                 "warps": warps,
                 "maxnreg": maxnreg,
                 "default": setting == defaults,
@@ -125,27 +180,36 @@ def main(argv: list[str] | None = None) -> int:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
                 continue
-            row.update(
-                programs=grids[-1],
-                ms=round(s * 1e3, 3),
-                input_gbps=round(4 * n / s / 1e9, 1),
-                hbm_gbps=round(moved / s / 1e9, 1),
-                fraction_of_hbm=round(moved / s / 1e9 / args.hbm_gbps, 3),
-                vs_reference=round(ref_s / s, 2),
-            )
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            row["programs"] = grids[-1]
+            add_timing(row, args, n=n, moved=moved, s=s, ref_s=ref_s, rows=rows)
     finally:
-        topk._SUB, topk._MIN_CAP = defaults[0], defaults[1]
+        topk._SUB, topk._MIN_CAP, topk._ROW, topk._SET_RANK = defaults[:4]
         topk._encode_options = original_options  # type: ignore[misc]
         topk.resident_programs = original_resident
+    return print_report(args, {"numel": n, "chunk": chunk, "k": k, "bits": bits}, ref_s, rows)
+
+
+def add_timing(
+    row: dict[str, Any], args: argparse.Namespace, *, n: int, moved: int, s: float, ref_s: float, rows: list
+) -> None:
+    """Add a timed configuration's figures to `row` (n fp32 inputs, `moved` bytes in `s` seconds), keep it."""
+    row.update(
+        ms=round(s * 1e3, 4),
+        input_gbps=round(4 * n / s / 1e9, 1),
+        hbm_gbps=round(moved / s / 1e9, 1),
+        fraction_of_hbm=round(moved / s / 1e9 / args.hbm_gbps, 3),
+        vs_reference=round(ref_s / s, 2),
+    )
+    rows.append(row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def print_report(args: argparse.Namespace, config: dict[str, Any], ref_s: float, rows: list[dict[str, Any]]) -> int:
+    """Print a sweep's report (one JSON document with --json): its rows, the best exact one, the default."""
     exact = [r for r in rows if r.get("exact")]
     report = {
         "config": {
-            "numel": n,
-            "chunk": chunk,
-            "k": k,
-            "bits": bits,
+            **config,
             "repeats": args.repeats,
             "hbm_gbps": args.hbm_gbps,
             "gpu": torch.cuda.get_device_name(),
