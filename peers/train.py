@@ -56,8 +56,8 @@ class TrainConfig:
     """How many shards the train set is cut into (usually the number of peers)."""
     eval_batches: int = 8
     """Eval windows' batches scored after every sync."""
-    outer: OuterConfig = field(default_factory=OuterConfig)
-    """The outer optimizer."""
+    outer: OuterConfig | None = None
+    """The outer optimizer (None: `OuterConfig.recipe` of the codec)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     """What pseudo-gradients are sent as."""
     device: str = "cpu"

@@ -65,6 +65,15 @@ class OuterConfig:
     """β of a codec's error feedback: each round sends Δ + β·residual (1: plain error feedback).
     SparseLoCo drops the outer momentum and lets a decayed residual play its part (momentum 0, β < 1)."""
 
+    @classmethod
+    def recipe(cls, codec: str) -> OuterConfig:
+        """The outer step measured to work with `codec` (docs/benchmarks.md): SparseLoCo's for
+        `sparseloco` (lr 1, no momentum, β 0.95: the decayed residual is the momentum; DiLoCo's
+        Nesterov step on its sparse rounds fell far behind), DiLoCo's (lr 0.7, Nesterov 0.9) else."""
+        if codec == "sparseloco":
+            return cls(lr=1.0, momentum=0.0, feedback_decay=0.95)
+        return cls()
+
     def __post_init__(self) -> None:
         if not self.lr > 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"outer.lr must be > 0 and outer.momentum in [0, 1), got {self.lr}, {self.momentum}")
@@ -214,7 +223,8 @@ class DiLoCo:
         inner_optimizer: the optimizer the loop steps; a post-step hook counts its steps.
         peer: the swarm side (`swarm.peers.handle.SwarmPeer`, or `LocalGroup.member(i)` in one process).
         sync_every: H, inner steps between syncs (of each fragment, when streaming).
-        outer: the outer optimizer.
+        outer: the outer optimizer (default: `OuterConfig.recipe` of the codec: DiLoCo's step, or
+            SparseLoCo's for `sparseloco`).
         codec: what the pseudo-gradient is sent as (name or CodecConfig).
         fragments: 1 (plain DiLoCo) or the number of streaming fragments (a divisor of sync_every).
         on_sync: called after each sync with the result (progress displays, logging).
@@ -243,8 +253,8 @@ class DiLoCo:
         self.inner_optimizer = inner_optimizer
         self.peer = peer
         self.sync_every = sync_every
-        self.outer = outer or OuterConfig()
         self.codec_config = CodecConfig(name=codec) if isinstance(codec, str) else codec
+        self.outer = outer or OuterConfig.recipe(self.codec_config.name)
         self.codec = make_codec(self.codec_config)
         self.feedback = ErrorFeedback() if self.codec.uses_error_feedback else None
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -98,6 +98,35 @@ def test_outer_lr_one_without_momentum_averages_the_models() -> None:
         torch.testing.assert_close(r, mean, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(("codec", "expected"), [
+    ("sparseloco", (1.0, 0.0, 0.95)),  # SparseLoCo's recipe: the decayed residual is the momentum
+    ("int8", (0.7, 0.9, 1.0)),  # DiLoCo's
+    ("topk", (0.7, 0.9, 1.0)),
+])
+def test_without_an_outer_config_the_codec_picks_its_recipe(codec: str, expected: tuple) -> None:
+    group = LocalGroup(1)
+    model = _model(0)
+    dl = DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), peer=group.member(0), codec=codec)
+    assert (dl.outer.lr, dl.outer.momentum, dl.outer.feedback_decay) == expected
+    given = OuterConfig(lr=0.5)
+    assert DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), peer=group.member(0), codec=codec,
+                  outer=given).outer is given
+
+
+def test_peer_flags_override_only_what_they_name_of_the_recipe() -> None:
+    from swarm.cli.main import build_parser
+    from swarm.cli.peer_cmd import _outer
+
+    def outer(*flags: str) -> tuple:
+        o = _outer(build_parser().parse_args(["peer", "--coordinator", "127.0.0.1:1", *flags]))
+        return o.lr, o.momentum, o.feedback_decay
+
+    assert outer() == (0.7, 0.9, 1.0)
+    assert outer("--codec", "sparseloco") == (1.0, 0.0, 0.95)
+    assert outer("--codec", "sparseloco", "--outer-lr", "2") == (2.0, 0.0, 0.95)
+    assert outer("--codec", "int8", "--outer-momentum", "0", "--feedback-decay", "0.5") == (0.7, 0.0, 0.5)
+
+
 def test_outer_step_matches_torch_sgd_nesterov() -> None:
     torch.manual_seed(0)
     theta = torch.randn(1000)

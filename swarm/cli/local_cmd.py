@@ -61,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files or folders to train on (default: this Python's standard library source)")
     p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
-                   help="what pseudo-gradients are sent as (default: %(default)s)")
+                   help="what pseudo-gradients are sent as (default: %(default)s); sparseloco trains with "
+                        "SparseLoCo's outer step (lr 1, no momentum, error feedback decayed by 0.95)")
     p.add_argument("--kill", action="append", default=[], metavar="I@STEP",
                    help="SIGKILL peer I once the run reached STEP (a round for --task control/average); repeatable")
     p.add_argument("--join", action="append", type=int, default=[], metavar="STEP",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import socket
 import sys
@@ -45,11 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--fragments", type=int, default=1,
                    help="streaming DiLoCo: fragments synced at staggered steps, overlapped with training (default: 1, off)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
-    t.add_argument("--outer-lr", type=float, default=0.7, help="outer SGD lr (default: %(default)s)")
-    t.add_argument("--outer-momentum", type=float, default=0.9, help="outer Nesterov momentum (default: %(default)s)")
-    t.add_argument("--feedback-decay", type=float, default=1.0, metavar="BETA",
-                   help="error feedback of topk/sparseloco: send delta + BETA * residual (default: %(default)s; "
-                        "SparseLoCo's recipe pairs BETA < 1 with --outer-momentum 0)")
+    t.add_argument("--outer-lr", type=float, default=None, help="outer SGD lr (default: 0.7; 1 with --codec sparseloco)")
+    t.add_argument("--outer-momentum", type=float, default=None,
+                   help="outer Nesterov momentum (default: 0.9; 0 with --codec sparseloco)")
+    t.add_argument("--feedback-decay", type=float, default=None, metavar="BETA",
+                   help="error feedback of topk/sparseloco: send delta + BETA * residual (default: 1; 0.95 with "
+                        "--codec sparseloco, whose recipe lets the decayed residual replace the outer momentum)")
     t.add_argument("--seed", type=int, default=0, help="initial weights' seed, the same on every peer (default: %(default)s)")
     t.add_argument("--data", nargs="+", default=[], metavar="PATH",
                    help="text files or folders to train on (default: this Python's standard library source)")
@@ -79,7 +81,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="a driver gives up when a stage has had no live replica this long (default: %(default)s)")
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
     p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
-                   help="what the all-reduce sends: fp32, casts, blockwise int8, or top-k (default: %(default)s)")
+                   help="what the all-reduce sends: fp32, casts, blockwise int8, or top-k (default: %(default)s); "
+                        "it also picks the outer step's defaults (--outer-lr)")
     p.add_argument("--data-host", default="127.0.0.1", help="address the data plane listens on (default: %(default)s)")
     p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
     p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
@@ -133,8 +136,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _outer(args: argparse.Namespace) -> OuterConfig:
-    """The outer optimizer the training tasks share, from --outer-lr, --outer-momentum, --feedback-decay."""
-    return OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum, feedback_decay=args.feedback_decay)
+    """The outer optimizer the training tasks share: the codec's recipe, with --outer-lr, --outer-momentum
+    and --feedback-decay where given."""
+    recipe = OuterConfig.recipe(args.codec)
+    given = {"lr": args.outer_lr, "momentum": args.outer_momentum, "feedback_decay": args.feedback_decay}
+    return dataclasses.replace(recipe, **{k: v for k, v in given.items() if v is not None})
 
 
 def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
