@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.allreduce.butterfly import ALIGN_ELEMENTS, Participant, allreduce_attempt, partition
+from swarm.allreduce.butterfly import ALIGN_ELEMENTS, Participant, allreduce_attempt, check_finite, partition
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector, FaultRule
 from swarm.transport.frames import MAGIC, PREFIX, Header, checksum, encode_header
@@ -559,6 +559,39 @@ async def test_a_member_sending_nan_or_inf_is_blamed_and_nobody_gets_a_poisoned_
         error = outs[peer].error
         assert isinstance(error, PeerFailure) and error.peer == "B" and "NaN/Inf" in error.reason
         assert outs[peer].value is None
+
+
+async def test_finite_values_whose_sum_overflows_blame_the_largest_sender_not_the_owner(
+    make_endpoints: MakeEndpoints,
+) -> None:
+    """B and C send values near fp32's max at one place of A's part: A's sum is Inf. A must name B (the
+    first of the largest), not send an Inf result for which everyone else would blame A."""
+    eps = await make_endpoints("ABC", chunk_bytes=64 << 10)
+    xs = inputs(3, 3 * ALIGN_ELEMENTS, seed=7)
+    xs[1][5] = xs[2][5] = 3.0e38
+    outs = await run_all(eps, xs, timeout_s=2.0)
+    error = outs["A"].error
+    assert isinstance(error, PeerFailure) and error.peer == "B" and "overflowing" in error.reason
+    assert outs["A"].value is None
+
+
+def test_check_finite_names_the_cause_of_a_non_finite_part() -> None:
+    ok = np.ones(4, np.float32)
+    bad = np.array([1, np.nan, 1, 1], np.float32)
+    check_finite(ok + ok, [ok, ok], ["A", "B"], "A")  # finite: nothing to say
+    with pytest.raises(PeerFailure, match="NaN/Inf") as caught:
+        check_finite(ok + bad, [ok, bad], ["A", "B"], "A")
+    assert caught.value.peer == "B"
+    with pytest.raises(FloatingPointError, match="own contribution"):
+        check_finite(bad + ok, [bad, ok], ["A", "B"], "A")  # only this member's own piece is bad
+    big = np.full(4, 3.0e38, np.float32)
+    with np.errstate(over="ignore"):
+        total = big + big + ok
+    with pytest.raises(PeerFailure, match="overflowing") as caught:
+        check_finite(total, [ok, big, big], ["A", "B", "C"], "A")
+    assert caught.value.peer == "B"  # the first of the largest, in member order
+    with pytest.raises(FloatingPointError, match="overflow"):
+        check_finite(total, [big, ok, big], ["A", "B", "C"], "A")  # this member holds the largest
 
 
 # ---------------------------------------------------------------------- calls

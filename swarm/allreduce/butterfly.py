@@ -59,14 +59,17 @@ def partition(total: int, bandwidths: list[float], align: int = ALIGN_ELEMENTS) 
 
 
 def reduce_in_order(pieces: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """Mean of `pieces` summed in list order into `out` (fp32 accumulate for fp32 input)."""
-    if len(pieces) == 1:
-        np.copyto(out, pieces[0])
-    else:
-        np.add(pieces[0], pieces[1], out=out)  # same bits as copy-then-add, one pass less
-    for piece in pieces[2:]:
-        np.add(out, piece, out=out)
-    np.divide(out, len(pieces), out=out)
+    """Mean of `pieces` summed in list order into `out` (fp32 accumulate for fp32 input).
+
+    An overflow or NaN is left in `out` without a warning: `check_finite` names its cause."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if len(pieces) == 1:
+            np.copyto(out, pieces[0])
+        else:
+            np.add(pieces[0], pieces[1], out=out)  # same bits as copy-then-add, one pass less
+        for piece in pieces[2:]:
+            np.add(out, piece, out=out)
+        np.divide(out, len(pieces), out=out)
     return out
 
 
@@ -75,16 +78,29 @@ def check_finite(reduced: np.ndarray, pieces: list[np.ndarray], ids: list[str], 
 
     One pass over the reduced part in the normal case; the culprit is searched only on failure.
     A member that sends NaN or Inf (a diverged or malicious peer) is then reported and excluded
-    by the next attempt instead of poisoning every member's state.
+    by the next attempt instead of poisoning every member's state. Finite pieces whose sum
+    overflows (values near fp32's max from more than one member) blame the member with the
+    largest magnitude, not the owner that summed them, which the others would blame for its
+    Inf result.
 
     Raises:
-        PeerFailure: naming the first other member (in member order) whose piece is not finite.
+        PeerFailure: naming the first other member (in member order) whose piece is not finite,
+            or, with every piece finite, the one with the largest |value|.
+        FloatingPointError: this member's own piece is the cause (its own input is not finite,
+            or holds the largest values of an overflowing sum).
     """
     if reduced.dtype.kind != "f" or np.isfinite(reduced).all():
         return
     for peer, piece in zip(ids, pieces, strict=True):
         if peer != me and not np.isfinite(piece).all():
             raise PeerFailure(peer, "sent NaN/Inf values")
+    if me in ids and not np.isfinite(pieces[ids.index(me)]).all():
+        raise FloatingPointError("this member's own contribution holds NaN/Inf")
+    peaks = [float(np.abs(piece).max()) if piece.size else 0.0 for piece in pieces]
+    worst = max(range(len(ids)), key=peaks.__getitem__)  # the first of equal peaks, in member order
+    if ids[worst] == me:
+        raise FloatingPointError(f"this member's own values (|x| up to {peaks[worst]:.3g}) overflow the fp32 sum")
+    raise PeerFailure(ids[worst], f"sent values up to |x| = {peaks[worst]:.3g}, overflowing the fp32 sum")
 
 
 def _chunks(endpoint: Endpoint, flat: np.ndarray, part: tuple[int, int]) -> list[tuple[int, int, memoryview]]:
