@@ -1,9 +1,8 @@
 #!/usr/bin/env python3
 """Sweep the int8 encode kernel's launch constants on a GPU, each configuration checked bit for bit.
 
-For every combination of `--rows` (256-value blocks per program, `kernels.int8._ENCODE_ROWS`),
-`--warps` (its num_warps, `_ENCODE_WARPS`) and `--stream` (0/1: streaming cache hints on the input
-load and the code store, `_ENCODE_STREAM`), on the same random normal input:
+For every combination of `--rows` (256-value blocks per program, `kernels.int8._ENCODE_ROWS`) and
+`--warps` (its num_warps, `_ENCODE_WARPS`), on the same random normal input:
 
 - exact: the payload equals, bit for bit, what the plain-PyTorch reference (`Int8Codec.encode_reference`)
   gives for the same input on the same GPU;
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--numel", type=int, default=1 << 30, help="elements of the input (default 2**30)")
     p.add_argument("--rows", type=_ints, default=[2, 4, 8, 16], help="blocks per program to try")
     p.add_argument("--warps", type=_ints, default=[1, 2, 4, 8], help="num_warps values to try")
-    p.add_argument("--stream", type=_ints, default=[0, 1], help="streaming cache hints off (0) / on (1)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (default 5)")
     p.add_argument("--hbm-gbps", type=float, default=4800.0, help="the GPU's memory bandwidth (H200: 4800)")
     p.add_argument("--seed", type=int, default=0)
@@ -55,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     ref_s = time_cuda(lambda: codec.encode_reference(x), args.repeats)
     nbytes = int8.payload_nbytes(n)
     moved = 4 * n + nbytes
-    defaults = (int8._ENCODE_ROWS, int8._ENCODE_WARPS, int(int8._ENCODE_STREAM))
+    defaults = (int8._ENCODE_ROWS, int8._ENCODE_WARPS)
     out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows: list[dict[str, Any]] = []
     try:
-        for setting in itertools.product(args.rows, args.warps, args.stream):
-            blocks, warps, stream = setting
-            int8._ENCODE_ROWS, int8._ENCODE_WARPS, int8._ENCODE_STREAM = blocks, warps, bool(stream)
-            row: dict[str, Any] = {"rows": blocks, "warps": warps, "stream": stream, "default": setting == defaults}
+        for setting in itertools.product(args.rows, args.warps):
+            blocks, warps = setting
+            int8._ENCODE_ROWS, int8._ENCODE_WARPS = blocks, warps
+            row: dict[str, Any] = {"rows": blocks, "warps": warps, "default": setting == defaults}
             try:
                 out.zero_()
                 int8.encode(x, out=out)
@@ -74,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             add_timing(row, args, n=n, moved=moved, s=s, ref_s=ref_s, rows=rows)
     finally:
-        int8._ENCODE_ROWS, int8._ENCODE_WARPS, int8._ENCODE_STREAM = defaults[0], defaults[1], bool(defaults[2])
+        int8._ENCODE_ROWS, int8._ENCODE_WARPS = defaults
     return print_report(args, {"numel": n}, ref_s, rows)
 
 

@@ -46,12 +46,14 @@ def _ints(text: str) -> list[int]:
 def bound_stats(x: torch.Tensor, *, chunk: int, k: int, rank: int, cap: int) -> dict[str, float]:
     """How tight the encode's step-1 bound on T is for the chunks of `x` (whole chunks only).
 
-    As `kernels.topk` computes it: `sets = max(k, 64) / rank` strided sets (index % sets), the least
+    As `kernels.topk` computes it: `sets = max(k, _MIN_SETS) / rank` strided sets (index % sets), the least
     of the sets' rank-th largest |x| (each set's larger values dropped with their ties). Returns the
     mean and largest number of candidates (entries at or above the bound) per chunk and the fraction
     of chunks with more than `cap` of them, which need a search pass over the whole chunk.
     """
-    sets = max(1 << (k - 1).bit_length(), 64) // rank
+    from swarm.kernels import topk  # its constants only: no kernel runs, any device
+
+    sets = max(1 << (k - 1).bit_length(), topk._MIN_SETS) // rank
     u = x[: x.numel() // chunk * chunk].abs().view(-1, chunk // sets, sets)
     m = u.amax(dim=1, keepdim=True)
     for _ in range(rank - 1):
