@@ -58,7 +58,7 @@ import psutil
 from swarm.coordinator.errors import PROTOCOL_VERSION
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.utils import run_async
+from swarm.utils import dies_with_parent, run_async
 
 P99_LIMIT_MS = 50.0
 CRITERION = (
@@ -529,24 +529,6 @@ class _BenchFailure(Exception):
     """The run could not complete; the message says which phase and why."""
 
 
-def _pdeathsig_hook() -> Any:
-    """A preexec_fn that makes the child get SIGTERM when this process dies (Linux), or None.
-
-    The coordinator lives in its own session (Ctrl-C goes to us, and we stop it), so this is
-    what still stops it if this script is killed outright. libc is loaded here, before the
-    fork, so the hook itself imports nothing and takes no lock in the child.
-    """
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 class _Coordinator:
     """A `swarm coordinator` child process on a free port, stopped with SIGTERM (then SIGKILL)."""
 
@@ -566,8 +548,8 @@ class _Coordinator:
         self.proc = subprocess.Popen(
             # cwd is the scratch directory so `-m` does not put the checkout ahead of PYTHONPATH: a
             # patched copy of swarm on PYTHONPATH can then be benchmarked against this one.
-            argv, cwd=workdir, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_pdeathsig_hook(),  # noqa: PLW1509 - the hook takes no lock
+            dies_with_parent(argv), cwd=workdir, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.target = ""
 

@@ -66,6 +66,7 @@ from swarm.pipeline.runner import PipelineConfig
 from swarm.pipeline.stages import StageLayout, stage_parameters
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params
+from swarm.utils import dies_with_parent
 
 SWARM = [sys.executable, "-m", "swarm.cli.main"]
 REPO = Path(__file__).resolve().parent.parent
@@ -183,24 +184,6 @@ def reference(cfg: BenchConfig) -> dict[str, Any]:
 # ------------------------------------------------------------------ processes
 
 
-_SHIM = """import ctypes, os, signal, sys
-if sys.platform == "linux":
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG, kept across exec
-if os.getppid() != int(sys.argv[1]):
-    sys.exit(1)  # the benchmark died before the line above
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def _dies_with_us(cmd: list[str]) -> list[str]:
-    """`cmd` run so that it is SIGKILLed when this benchmark dies, however it dies (even by SIGKILL, Linux).
-
-    A shim sets the parent-death signal and execs `cmd` (same pid); a `preexec_fn` could do the same
-    without it, but is unsafe once gRPC's threads run in this process.
-    """
-    return [sys.executable, "-c", _SHIM, str(os.getpid()), *cmd]
-
-
 class Processes:
     """The coordinator and peers of one run: started here, output in files, every one killed on close."""
 
@@ -223,7 +206,7 @@ class Processes:
         err = open(self.workdir / "coordinator.err", "wb")  # noqa: SIM115 - the child holds it
         cmd = [*SWARM, "coordinator", "--host", "127.0.0.1", "--port", "0", "--stages", str(stages),
                "--lease-s", str(lease_s)]
-        proc = subprocess.Popen(_dies_with_us(cmd), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(dies_with_parent(cmd, signal.SIGKILL), stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                 cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         err.close()
         self.procs["coordinator"] = proc
@@ -246,7 +229,8 @@ class Processes:
         out = open(self.workdir / f"{name}.out", "wb")  # noqa: SIM115 - the child holds them
         err = open(self.workdir / f"{name}.err", "wb")  # noqa: SIM115
         try:
-            self.procs[name] = subprocess.Popen(_dies_with_us([*SWARM, "peer", *args, "--peer-id", name]), stdout=out,
+            cmd = [*SWARM, "peer", *args, "--peer-id", name]
+            self.procs[name] = subprocess.Popen(dies_with_parent(cmd, signal.SIGKILL), stdout=out,
                                                 stderr=err, stdin=subprocess.DEVNULL, cwd=REPO,
                                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         finally:

@@ -50,7 +50,8 @@ then cuts every run to the last step all of them reached.
     python scripts/repro_checkfree.py --from-json checkfree.json   # re-score and re-plot, no training
     python scripts/repro_checkfree.py --json --device cuda --precision bf16 --jobs 17 ...   # see docs/benchmarks.md
 
-Writes `checkfree.png` (eval loss vs executed step, one panel per rate) into `--out`.
+Writes `checkfree.json` (the report) and `checkfree.png` (eval loss vs executed step, one panel per rate)
+into `--out` (default `runs/checkfree/`, never the current directory unasked), and says where.
 """
 
 from __future__ import annotations
@@ -595,7 +596,8 @@ def _parse(argv: list[str] | None) -> tuple[ReproConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the full report as JSON on stdout")
     parser.add_argument("--quick", action="store_true", help=f"small, one-rate settings: {QUICK}")
-    parser.add_argument("--out", default=".", help="directory for checkfree.png (and checkfree.json)")
+    parser.add_argument("--out", default="runs/checkfree",
+                        help="directory for checkfree.json and checkfree.png (default: %(default)s)")
     parser.add_argument("--from-json", default=None, metavar="PATH",
                         help="re-score and re-plot the runs of an earlier checkfree.json instead of training")
     lists = {"rates": float, "methods": str, "seeds": int}
@@ -645,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         "rescored_from_json": bool(saved),
     }
     (out / "checkfree.json").write_text(json.dumps(report))
+    print(f"wrote {out / 'checkfree.json'}" + (f" and {plot_path}" if plot_path else ""), file=sys.stderr)
     if ns.json:
         print(json.dumps(report))
     else:

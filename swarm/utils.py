@@ -38,3 +38,63 @@ def exit_after_distributed(code: int = 0) -> NoReturn:
         except (OSError, ValueError):  # closed or gone: nothing more can reach it
             pass
     os._exit(code)
+
+
+# Run by a fresh interpreter before the real command: the parent-death signal survives execve, so
+# the command itself never needs to know. A parent that died before the prctl sent nothing; the shim
+# is reparented by then, so it exits before running anything.
+_DIES_WITH_PARENT_SHIM = """import ctypes, os, sys
+ctypes.CDLL(None).prctl(1, int(sys.argv[2]))  # PR_SET_PDEATHSIG, kept across exec
+if os.getppid() != int(sys.argv[1]):
+    os._exit(128 + int(sys.argv[2]))
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def dies_with_parent(cmd: list[str], signum: int = 15) -> list[str]:
+    """`cmd` wrapped so that it gets `signum` when this process dies, however it dies (Linux).
+
+    A child in its own session (so a terminal's Ctrl-C reaches only its parent) would otherwise
+    outlive a parent that was SIGKILLed. A `preexec_fn` could set the signal without the wrapper,
+    but it forces a real fork() in a process whose gRPC threads then print warnings ("skipping
+    fork() handlers") into the user's terminal, and running Python between fork and exec is unsafe
+    with threads. The wrapper execs `cmd` in place, so the child's pid is the command's.
+
+    Args:
+        cmd: the command, its first element an absolute path or a name on PATH.
+        signum: the signal sent on the parent's death (default SIGTERM: the child cleans up).
+
+    Returns:
+        The argv to start instead of `cmd` (`cmd` itself off Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return cmd
+    import shutil
+
+    program = cmd[0] if os.path.isabs(cmd[0]) else (shutil.which(cmd[0]) or cmd[0])
+    return [sys.executable, "-c", _DIES_WITH_PARENT_SHIM, str(os.getpid()), str(signum), program, *cmd[1:]]
+
+
+def check_device(name: str) -> None:
+    """Fail early, in one line, on a device this machine's torch cannot use.
+
+    Raises:
+        ValueError: `name` is no device torch knows, or names CUDA (or MPS) where there is none;
+            the message says what to do.
+    """
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu, or install a "
+                             "CUDA build of torch (README: Installing with a GPU)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")

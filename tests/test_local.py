@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -124,21 +123,62 @@ def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_child_whose_parent_died_before_the_prctl_never_runs(tmp_path: Path) -> None:
-    # The race: `swarm local` killed between a child's fork and its prctl leaves no one to send the
+    # The race: `swarm local` killed between a child's start and its prctl leaves no one to send the
     # SIGTERM. Passing a pid that is not the child's parent stands in for a parent already gone.
-    from swarm.cli.local_cmd import _die_with_parent
+    from swarm.utils import dies_with_parent
 
     marker = tmp_path / "ran"
-    gone = subprocess.run(
-        [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
-        preexec_fn=functools.partial(_die_with_parent, os.getpid() + 1_000_000), timeout=30, check=False,
-    )
+    cmd = dies_with_parent([sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"])
+    pid_at = cmd.index(str(os.getpid()))
+    gone = subprocess.run([*cmd[:pid_at], str(os.getpid() + 1_000_000), *cmd[pid_at + 1:]], timeout=30, check=False)
     assert gone.returncode == 128 + signal.SIGTERM and not marker.exists()
-    alive = subprocess.run(
-        [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"],
-        preexec_fn=functools.partial(_die_with_parent, os.getpid()), timeout=30, check=False,
-    )
+    alive = subprocess.run(cmd, timeout=30, check=False)
     assert alive.returncode == 0 and marker.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_wrapped_child_gets_the_signal_when_its_parent_is_sigkilled(tmp_path: Path) -> None:
+    # A parent (a shell-less python) starts a wrapped sleeper, prints its pid, and is SIGKILLed.
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         ("import subprocess, sys, time\n"
+          "from swarm.utils import dies_with_parent\n"
+          "child = subprocess.Popen(dies_with_parent([sys.executable, '-c', 'import time; time.sleep(600)']))\n"
+          "print(child.pid, flush=True)\n"
+          "time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert parent.stdout is not None
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        parent.kill()
+        parent.wait(timeout=10)
+        _, alive = psutil.wait_procs([child], timeout=20)  # not our child: psutil cannot read its status
+        assert not alive, "the wrapped child outlived its SIGKILLed parent"
+    finally:
+        if child.is_running():
+            child.kill()
+
+
+@pytest.mark.slow
+def test_a_joiner_takes_part_even_when_it_joins_one_round_before_the_end(tmp_path: Path) -> None:
+    # The joiner's process starts with the others and waits, set up, for its round: one started only at
+    # round 6 of 8 spent its import time there and arrived after the last round (issue 16).
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [*SWARM, "local", "--task", "average", "--peers", "3", "--rounds", "8", "--work-s", "0.5", "--numel", "1000",
+         "--join", "6", "--no-view", "--out", str(out), "--timeout-s", "90"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fork" not in result.stderr  # gRPC's fork() warnings stay out of the terminal
+    summary = json.loads((out / "summary.json").read_text())
+    joiner = summary["peers"]["peer-3"]
+    assert joiner["stopped_by"] == "done" and joiner["exit_code"] == 0
+    assert joiner["rounds_committed"] >= 1 and min(int(r) for r in joiner["per_round"]) >= 6
+    assert summary["state_hashes_identical"] and summary["finished_peers"] == 4
+    # The children's logs say what happened without --log-level.
+    assert "joined run" in (out / "peer-0.log").read_text()
 
 
 @pytest.mark.slow

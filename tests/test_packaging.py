@@ -85,3 +85,15 @@ def test_generated_protocol_code_has_not_drifted() -> None:
         timeout=100,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_readme_layout_names_only_parts_of_swarm_that_exist() -> None:
+    # The Layout block lists the library's parts after "swarm/ ... the library:"; each must be a
+    # module or package under swarm/ (it listed a `security` module that did not exist).
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    listed = block[block.index("the library:") + len("the library:"):block.index("swarm/proto/")]
+    names = [n.strip() for n in listed.replace("\n", " ").split(",") if n.strip()]
+    assert len(names) >= 5, names
+    missing = [n for n in names if not (REPO / "swarm" / n).is_dir() and not (REPO / "swarm" / f"{n}.py").is_file()]
+    assert not missing, f"README's Layout names parts that do not exist: {missing}"

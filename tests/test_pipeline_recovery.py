@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -327,14 +328,18 @@ def test_pipeline_rollback_replays_bit_identically() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_repro_checkfree_smoke_json(tmp_path: Path) -> None:
-    cmd = [sys.executable, str(REPO / "scripts" / "repro_checkfree.py"), "--quick", "--json", "--out", str(tmp_path),
+    # No --out, run from an empty folder: the files go to runs/checkfree/ under it, never loose into it.
+    cmd = [sys.executable, str(REPO / "scripts" / "repro_checkfree.py"), "--quick", "--json",
            "--steps", "40", "--eval-every", "10", "--stages", "4", "--dim", "32", "--ffn-hidden", "88",
            "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--rates", "0.5",
            "--steps-per-hour", "5", "--checkpoint-every", "10", "--jobs", "1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=170, check=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
-    assert (tmp_path / "checkfree.png").stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
+    assert (tmp_path / "runs" / "checkfree" / "checkfree.png").stat().st_size > 0
+    assert json.loads((tmp_path / "runs" / "checkfree" / "checkfree.json").read_text())["runs"] == report["runs"]
     methods = {r["method"] for r in report["runs"]}
     assert methods == {"none", "none+", "checkfree", "checkfree+", "checkpoint", "checkpoint-stage", "random"}
     schedules = {json.dumps(r["failures"]) for r in report["runs"] if not r["method"].startswith("none")}

@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
-import functools
 import json
 import os
-import shutil
+import re
 import signal
 import sys
 import time
@@ -28,10 +26,17 @@ from rich.table import Table
 from swarm.cli.status_cmd import render, status_to_dict
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
-from swarm.utils import run_async
+from swarm.utils import dies_with_parent, run_async
 
 RUN_ID = "local"
 STOP_GRACE_S = 10.0
+MARKER = ".swarm-local"
+"""File that marks a folder as `swarm local`'s own: only such a folder (or an empty one) is written into."""
+_OWN_FILES = ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "coordinator.log", "summary.json",
+              "loss.png", "peer-*.log")
+"""What a run writes into --out; a rerun removes these (a stale coordinator.db would resume the old run)."""
+CHILD_LOG_LEVEL = "INFO"
+"""Log level of the children: their logs are files the user reads after the run, so they say what happened."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Start a coordinator and --peers peer processes on loopback that train the built-in byte-level model "
             "(or --data) with DiLoCo, show the run live, and write OUT/summary.json (per peer: final eval loss, "
             "state hash, bytes sent/received, rounds, attempts, failures seen) and OUT/loss.png (eval loss vs "
-            "step and vs bytes communicated). Ctrl-C stops everything cleanly. OUT is reset at start. "
+            "step and vs bytes communicated). Ctrl-C stops everything cleanly. OUT must be new, empty or an earlier "
+            "`swarm local` run's folder (whose files are replaced); any other folder is refused, nothing deleted. "
             "--task pipeline cuts the model into --stages stages served by different peers (peer I serves stage "
             "I mod S; stage 0 drives), --join peers ask for any stage, and --kill of a stage's only peer makes "
             "the next joiner rebuild it (--recovery). "
@@ -66,8 +72,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kill", action="append", default=[], metavar="I@STEP",
                    help="SIGKILL peer I once the run reached STEP (a round for --task control/average); repeatable")
     p.add_argument("--join", action="append", type=int, default=[], metavar="STEP",
-                   help="start one more peer once the run reached STEP; it downloads the state from a donor (repeatable); "
-                        "--task pipeline: it asks for any stage, and comes early when a stage is lost")
+                   help="one more peer joins once the run reached STEP (a round for --task control/average) and "
+                        "downloads the state from a donor (repeatable). Its process starts with the others and "
+                        "waits, set up, for that step; --task pipeline: it asks for any stage, and comes early "
+                        "when a stage is lost")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per peer (default: CPU cores / peers, at least 1)")
     p.add_argument("--task", choices=["train", "pipeline", "control", "average"], default="train",
@@ -86,7 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="longest a round's barrier waits for late peers (default: %(default)s)")
     p.add_argument("--min-peers", type=int, default=None,
                    help="a round starts with at least this many peers (default: --peers minus the --kill count)")
-    p.add_argument("--out", default="runs/local", help="output folder (default: %(default)s)")
+    p.add_argument("--out", default="runs/local",
+                   help="output folder: new, empty, or an earlier `swarm local` run's (default: %(default)s)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="stop everything after this long (default: %(default)s)")
     p.add_argument("--no-view", action="store_true", help="print progress lines instead of the live view")
     p.set_defaults(run=run)
@@ -96,8 +105,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 class _Child:
     name: str
     proc: asyncio.subprocess.Process
+    log: Path
     killed: bool = False
     report: dict | None = None
+    held: bool = False
+    """A --join peer, set up and waiting for its step (a line on its stdin releases it)."""
 
 
 def _parse_kills(specs: list[str], peers: int) -> dict[int, int]:
@@ -119,43 +131,69 @@ def run(args: argparse.Namespace) -> int:
         kills = _parse_kills(args.kill, args.peers)
         if args.peers < 1 or args.rounds < 1:
             raise ValueError("--peers and --rounds must be at least 1")
-        if args.task in ("train", "pipeline") and not 1 <= args.inner_steps <= args.steps:
+        training = args.task in ("train", "pipeline")
+        if training and not 1 <= args.inner_steps <= args.steps:
             raise ValueError(f"--inner-steps must be in [1, --steps={args.steps}], got {args.inner_steps}")
-        if any(j < 0 for j in args.join):
-            raise ValueError("--join STEP must be >= 0")
+        end, unit = (args.steps, "--steps") if training else (args.rounds, "--rounds")
+        for j in args.join:  # a pipeline's joiner also comes when a stage is lost: any later step is fine
+            if j < 0 or (j >= end and args.task != "pipeline"):
+                raise ValueError(f"--join {j}: must be in [0, {unit}={end}) to join before the run ends")
+        for path in args.data:  # the peers would each fail on it after a slow start
+            if not os.path.exists(path):
+                raise ValueError(f"--data {path}: no such file or folder")
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"--data {path}: not readable; check its permissions")
+        prepare_out(Path(args.out))
     except ValueError as e:
         print(f"swarm local: {e}", file=sys.stderr)
         return 2
     return run_async(_local(args, kills))
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the child: get SIGTERM when `swarm local` (pid `parent`) dies, even by SIGKILL (Linux), so
-    none outlives it.
+def prepare_out(out: Path) -> None:
+    """Make `out` ready for a run without touching anything that is not a `swarm local` run's.
 
-    Children run in their own sessions (Ctrl-C must reach only this process), so nothing else
-    would stop them; SIGTERM lets peers leave and the coordinator flush as usual. A parent that
-    died between the fork and the prctl sends nothing; the child has been reparented by then, so
-    it exits before it runs anything (a signal to itself would meet the handlers inherited from
-    the parent, not the default action).
+    A new or empty folder is used as it is; a folder holding MARKER loses only the files a run
+    writes (`_OWN_FILES`); anything else is refused.
+
+    Raises:
+        ValueError: `out` is a file, or a non-empty folder that holds no earlier run.
     """
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:
-            os._exit(128 + signal.SIGTERM)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder (new, empty, or an earlier run's)")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise ValueError(f"--out {out} is a non-empty folder that holds no earlier `swarm local` run; "
+                             "give a new or empty folder (nothing was changed)")
+        for pattern in _OWN_FILES:
+            for path in out.glob(pattern):
+                if path.is_file():
+                    path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `swarm local`; a rerun with this --out replaces its files\n")
 
 
-_PR_SET_PDEATHSIG = 1
+async def _spawn(name: str, argv: list[str], log_path: Path, hold: bool = False) -> _Child:
+    """Start `swarm ARGV` in its own session (Ctrl-C reaches only us), dying with us, its stderr in log_path.
 
-
-async def _spawn(argv: list[str], log_path: Path) -> asyncio.subprocess.Process:
+    Args:
+        hold: give it a stdin pipe; a --join peer waits on it (`swarm peer --hold`).
+    """
+    cmd = dies_with_parent([sys.executable, "-m", "swarm.cli.main", "--log-level", CHILD_LOG_LEVEL, *argv])
     with open(log_path, "wb") as log:  # noqa: ASYNC230 - opening a log file is instant
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "swarm.cli.main", *argv,
-            stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
+            stdin=asyncio.subprocess.PIPE if hold else asyncio.subprocess.DEVNULL,
         )
+    return _Child(name, proc, log_path, held=hold)
+
+
+def _release(child: _Child) -> None:
+    """Let a held --join peer join the run now."""
+    assert child.proc.stdin is not None
+    child.held = False
+    with contextlib.suppress(ConnectionError):  # it died while waiting: its exit code says so
+        child.proc.stdin.write(b"go\n")
 
 
 async def _stop(children: list[_Child]) -> None:
@@ -200,7 +238,7 @@ def _frame(headline: str, status: pb.StatusReply, peers: list[_Child]) -> Group:
 
 def _peer_argv(args: argparse.Namespace, target: str, index: int, shards: int) -> list[str]:
     argv = ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{index}", "--task", args.task,
-            "--codec", args.codec]
+            "--codec", args.codec, *(["--hold"] if index >= args.peers else [])]
     if args.task not in ("train", "pipeline"):
         return [*argv, "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--numel", str(args.numel)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.peers + len(args.join)))
@@ -227,17 +265,14 @@ def _progress(args: argparse.Namespace, status: pb.StatusReply) -> int:
 
 
 async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = Path(args.out)  # prepare_out made it ready
     started = time.monotonic()
     console = Console(stderr=True)
-    coordinator = _Child("coordinator", await _spawn(
-        ["coordinator", "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
+    coordinator = await _spawn("coordinator", [
+        "coordinator", "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
          "--run-id", RUN_ID, "--lease-s", str(args.lease_s), "--rendezvous-timeout-s", str(args.rendezvous_timeout_s),
          "--min-peers", str(args.min_peers or (1 if args.task == "pipeline" else max(1, args.peers - len(kills)))),
-         *(["--stages", str(args.stages)] if args.task == "pipeline" else [])], out / "coordinator.log"))
+         *(["--stages", str(args.stages)] if args.task == "pipeline" else [])], out / "coordinator.log")
     peers: list[_Child] = []
     interrupted = False
     loop = asyncio.get_running_loop()
@@ -250,21 +285,24 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
         assert coordinator.proc.stdout is not None
         line = await asyncio.wait_for(coordinator.proc.stdout.readline(), 30)
         if not line.startswith(b"coordinator listening on "):
-            log = (out / "coordinator.log").read_text().strip().splitlines()
-            raise RuntimeError(f"coordinator did not start: {log[-1] if log else 'no output'}")
+            raise RuntimeError(f"coordinator did not start: {first_error(coordinator.log)}")
         target = line.decode().rsplit(" ", 1)[1].strip()
         shards = args.peers + len(args.join)
-        for i in range(args.peers):
-            proc = await _spawn(_peer_argv(args, target, i, shards), out / f"peer-{i}.log")
-            peers.append(_Child(f"peer-{i}", proc))
-        readers = [asyncio.create_task(_read_report(c)) for c in peers]
+        # Joiners start now and wait, set up, for their step: a process started at the step would
+        # spend seconds importing and loading before it joined, and could arrive after the last round.
         joins = sorted(args.join)
+        for i in range(args.peers + len(joins)):
+            peers.append(await _spawn(f"peer-{i}", _peer_argv(args, target, i, shards), out / f"peer-{i}.log",
+                                      hold=i >= args.peers))
+        readers = {c.name: asyncio.create_task(_read_report(c)) for c in peers}
+        held = [c for c in peers if c.held]
         client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))
         view = Live(console=console, refresh_per_second=4) if not args.no_view else None
         last_line = 0.0
         status: pb.StatusReply | None = None
+        at = -1
         with view or contextlib.nullcontext():
-            while any(c.proc.returncode is None for c in peers):
+            while any(c.proc.returncode is None and not c.held for c in peers):
                 if stop_requested.is_set():
                     interrupted = True
                     break
@@ -273,7 +311,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                     interrupted = True
                     break
                 status = await client.status()
-                at = _progress(args, status)
+                at = max(at, _progress(args, status))  # members that finished and left report nothing
                 for i, when in list(kills.items()):
                     if at >= when and peers[i].proc.returncode is None:
                         peers[i].proc.kill()
@@ -282,10 +320,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                 # A pipeline cannot reach a later step while a stage is lost: a pending joiner comes now.
                 while joins and (at >= joins[0] or (args.task == "pipeline" and status.lost_stages)):
                     joins.pop(0)
-                    i = len(peers)
-                    proc = await _spawn(_peer_argv(args, target, i, shards), out / f"peer-{i}.log")
-                    peers.append(_Child(f"peer-{i}", proc))
-                    readers.append(asyncio.create_task(_read_report(peers[-1])))
+                    _release(held.pop(0))
                 where = (f"step {at}/{args.steps}, model {args.model}, H={args.inner_steps}, codec {args.codec}"
                          + (f", {args.stages} stages" if args.task == "pipeline" else "")
                          if args.task in ("train", "pipeline") else f"round {at + 1}/{args.rounds}, task {args.task}")
@@ -299,8 +334,8 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
             if view is not None and status is not None:  # the last frame shows how every peer ended
                 ended = "stopping" if interrupted else "done"
                 view.update(_frame(f"swarm local: {ended}, {time.monotonic() - started:.0f}s", status, peers))
-        if not interrupted:
-            await asyncio.wait_for(asyncio.gather(*readers), STOP_GRACE_S)
+        if not interrupted:  # a joiner still held never ran: it is stopped below, its report not awaited
+            await asyncio.wait_for(asyncio.gather(*(readers[c.name] for c in peers if not c.held)), STOP_GRACE_S)
         final_status = status_to_dict(await client.status())
     except (CoordinatorCallError, RuntimeError, TimeoutError) as e:
         console.print(f"swarm local: {e}")
@@ -316,6 +351,9 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
 def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, interrupted: bool,
                console: Console) -> int:
     reports = {c.name: {"exit_code": c.proc.returncode, "killed": c.killed, **(c.report or {})} for c in peers}
+    for c in peers:
+        if c.held:
+            reports[c.name]["stopped_by"] = "never joined: the run ended before its --join step"
     for r in reports.values():
         r.setdefault("stopped_by", "killed" if r["killed"] else "no report")
     finished = [r for r in reports.values() if not r["killed"] and r["stopped_by"] == "done"]
@@ -351,9 +389,33 @@ def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, inte
         + (f", final eval loss {min(losses):.4f}" if losses else "")
         + f", {wall_s:.1f}s; wrote {', '.join(str(w) for w in wrote)}"
     )
+    for c in peers:  # the cause of a failure, not only that there was one
+        if not c.killed and not c.held and c.proc.returncode not in (0, None, -signal.SIGTERM):
+            console.print(f"  {c.name} exited {c.proc.returncode}: {first_error(c.log)} (log: {c.log})")
     if interrupted:
         return 130
     return 0 if finished and summary["state_hashes_identical"] else 1
+
+
+_ERROR_LINES = (
+    re.compile(r"^swarm \w+: "),  # what our commands print before exiting non-zero
+    re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*"),  # a traceback's last line
+    re.compile(r" (ERROR|CRITICAL) "),  # a logged error
+)
+
+
+def first_error(log: Path) -> str:
+    """The line of a child's log that best says why it failed: the first line of the first kind in
+    `_ERROR_LINES` that occurs, else the last line."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError as e:
+        return f"(no log: {e.strerror})"
+    for pattern in _ERROR_LINES:
+        for line in lines:
+            if pattern.search(line):
+                return line.strip()
+    return lines[-1].strip() if lines else "(empty log)"
 
 
 def plot_losses(reports: dict[str, dict], path: Path) -> None:

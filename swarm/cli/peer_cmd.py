@@ -16,7 +16,7 @@ from swarm.peers.daemon import PeerConfig, PeerReport, print_report, run_peer
 from swarm.task import DataConfig
 from swarm.transport.endpoint import TransportConfig
 from swarm.transport.faults import FaultInjector
-from swarm.utils import exit_after_distributed, run_async
+from swarm.utils import check_device, exit_after_distributed, run_async
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,6 +96,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
     p.add_argument("--retry-for-s", type=float, default=30.0,
                    help="keep retrying an unreachable coordinator this long (default: %(default)s)")
+    p.add_argument("--hold", action="store_true",
+                   help="set up (imports, settings), then wait for a line on stdin before joining; end of input "
+                        "exits without joining (`swarm local` starts its --join peers this way)")
     p.set_defaults(run=run)
 
 
@@ -127,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return _train(args, config)
     if args.task == "pipeline":
         return _pipeline(args, config)
+    if not _hold(args):
+        return 3
     report = run_async(run_peer(config))
     print_report(report)
     if report.stopped_by == "error":
@@ -147,6 +152,7 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
     from swarm.peers.train import TrainConfig, train  # torch-heavy: only for this task
 
     try:
+        check_device(args.device)
         index, count = _shard(args.shard)
         # Under torchrun this peer is several processes of one host (read here, at the entry point).
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -169,9 +175,14 @@ def _train(args: argparse.Namespace, peer: PeerConfig) -> int:
         return report
     if not report.stopped_by.startswith("rank "):
         print_report(report)
+    code = 0
+    if report.stopped_by == "run already finished":
+        print(f"swarm peer: run {args.run_id!r} already committed its last round (--steps {args.steps}); "
+              "nothing left to train, this peer's weights are not the run's", file=sys.stderr)
+        code = 1
     if config.intra_host:  # gloo's threads can abort a finalizing interpreter (see the helper)
-        exit_after_distributed(0)
-    return 0
+        exit_after_distributed(code)
+    return code
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -186,6 +197,7 @@ def _pipeline(args: argparse.Namespace, peer: PeerConfig) -> int:
     from swarm.pipeline.runner import PipelineConfig, run_stage
 
     try:
+        check_device(args.device)
         index, count = _shard(args.shard)
         config = PipelineConfig(
             model=args.model, stages=args.stages, blocks_per_stage=args.blocks_per_stage, seed=args.seed,
@@ -212,6 +224,8 @@ def _run_training(args: argparse.Namespace, work: Callable[[], PeerReport]) -> P
         import torch
 
         torch.set_num_threads(args.threads)
+    if not _hold(args):
+        return 3
     try:
         return work()
     except ValueError as e:  # bad data or settings found once training set up
@@ -220,6 +234,16 @@ def _run_training(args: argparse.Namespace, work: Callable[[], PeerReport]) -> P
     except CoordinatorCallError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 1
+
+
+def _hold(args: argparse.Namespace) -> bool:
+    """With --hold, wait for a line on stdin (the go); False when stdin ended first (said on stderr)."""
+    if not args.hold:
+        return True
+    if sys.stdin.readline():
+        return True
+    print("swarm peer: --hold: stdin ended before the line that lets this peer join; not joining", file=sys.stderr)
+    return False
 
 
 def _stage(text: str) -> int:

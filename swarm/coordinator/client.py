@@ -9,6 +9,7 @@ transparent to peers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
@@ -21,6 +22,7 @@ from swarm.coordinator.errors import PROTOCOL_VERSION
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 
+log = logging.getLogger("swarm.client")
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_STATUS_BYTES = 256 << 20
 _RECONNECT_MIN_MS = 100
@@ -35,8 +37,8 @@ about 2.5 s, well inside the lease it is renewed on recovery (lease_s, 10 s by d
 class CoordinatorCallError(Exception):
     """A coordinator call failed; `code` is the gRPC status code, the message says what to do."""
 
-    def __init__(self, method: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{method}: {code.name}: {details}")
+    def __init__(self, method: str, code: grpc.StatusCode, details: str, message: str | None = None) -> None:
+        super().__init__(message or f"{method}: {code.name}: {details}")
         self.method = method
         self.code = code
         self.details = details
@@ -82,6 +84,8 @@ class CoordinatorClient:
             ],
         )
         self._stub = pb_grpc.CoordinatorStub(self._channel)
+        self._unreachable_since: float | None = None
+        """When calls started meeting UNAVAILABLE (None: the last call got through)."""
 
     async def close(self) -> None:
         await self._channel.close()
@@ -98,12 +102,36 @@ class CoordinatorClient:
         backoff_s = 0.05
         while True:
             try:
-                return await rpc(request, timeout=self.config.rpc_timeout_s + extra_s)
+                reply = await rpc(request, timeout=self.config.rpc_timeout_s + extra_s)
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _RETRYABLE or time.monotonic() + backoff_s > give_up:
+                if e.code() not in _RETRYABLE:
                     raise CoordinatorCallError(method, e.code(), e.details() or "") from None
+                self._unavailable(e.details() or "", give_up)
+                if time.monotonic() + backoff_s > give_up:
+                    raise self._unreachable_error(method, e.details() or "") from None
+            else:
+                if self._unreachable_since is not None:
+                    log.warning("coordinator %s reachable again after %.1f s", self.config.target,
+                                time.monotonic() - self._unreachable_since)
+                    self._unreachable_since = None
+                return reply
             await asyncio.sleep(backoff_s * (0.5 + random.random()))
             backoff_s = min(backoff_s * 2, _RETRY_MAX_S)
+
+    def _unavailable(self, details: str, give_up: float) -> None:
+        """Say at once, and once per outage, that the coordinator cannot be reached (a silent retry
+        loop looks like a hang)."""
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            log.warning("coordinator %s not reachable (%s), retrying for %.0f s", self.config.target,
+                        _cause(details), max(0.0, give_up - time.monotonic()))
+
+    def _unreachable_error(self, method: str, details: str) -> CoordinatorCallError:
+        since = self._unreachable_since if self._unreachable_since is not None else time.monotonic()
+        return CoordinatorCallError(
+            method, grpc.StatusCode.UNAVAILABLE, details,
+            f"coordinator {self.config.target} not reachable ({_cause(details)}); gave up after "
+            f"{time.monotonic() - since:.0f} s of retries; check the address and that `swarm coordinator` runs there")
 
     def _ids(self) -> dict[str, str]:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
@@ -159,3 +187,9 @@ class CoordinatorClient:
 
     async def status(self) -> pb.StatusReply:
         return await self._call("GetStatus", pb.GetStatusRequest(run_id=self.config.run_id))
+
+
+def _cause(details: str) -> str:
+    """The last clause of a gRPC error text ("failed to connect to all addresses; last error: UNKNOWN:
+    ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused" -> "Connection refused")."""
+    return details.rsplit(": ", 1)[-1].strip() or "unavailable"
