@@ -20,11 +20,9 @@ import json
 import threading
 
 import torch
-from swarm.peers.daemon import PeerConfig
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import swarm
-from swarm.coordinator.client import ClientConfig
 from swarm.task import Batches, Corpus, DataConfig, evaluate
 
 
@@ -76,8 +74,7 @@ def main() -> None:
     if args.coordinator:
         index, count = (int(x) for x in args.shard.split("/"))
         model = build(0)
-        peer = swarm.SwarmPeer(PeerConfig(client=ClientConfig(target=args.coordinator, run_id=args.run_id,
-                                                              peer_id=args.peer_id)))
+        peer = swarm.SwarmPeer(coordinator=args.coordinator, run_id=args.run_id, peer_id=args.peer_id)
         train(model, peer, Batches(corpus.shard(index, count), seq_len=128, batch_size=8, peer=index), args)
         models = [model]
     else:

@@ -60,9 +60,8 @@ def __dir__() -> list[str]:
 
 
 def _register_with_codecs() -> None:
-    from swarm.kernels.codecs import int8_factory, topk_factory
-
     from swarm.compression import register_kernel
+    from swarm.kernels.codecs import int8_factory, topk_factory
 
     register_kernel("int8", int8_factory)
     register_kernel("topk", topk_factory)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from swarm.kernels._common import LAUNCH_OPTIONS, _not_finite, _rne, check_payload, flat_f32, raise_for_flag
 
 BLOCK = 256

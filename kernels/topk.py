@@ -55,6 +55,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from swarm.compression import ErrorFeedback, TopKCodec
 from swarm.kernels._common import (
     LAUNCH_OPTIONS,
     _not_finite,
@@ -65,8 +67,6 @@ from swarm.kernels._common import (
     raise_for_flag,
     resident_programs,
 )
-
-from swarm.compression import ErrorFeedback, TopKCodec
 
 MAX_KERNEL_CHUNK = 4096
 """Largest chunk the encode kernel takes (32 values per thread in registers); larger chunks are

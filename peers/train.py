@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from swarm.peers.daemon import PeerConfig, PeerReport, SyncResult
-from swarm.peers.handle import SwarmPeer
 
 from swarm.compression import CodecConfig
 from swarm.diloco import DiLoCo, OuterConfig
+from swarm.peer import PeerConfig, PeerReport, SwarmPeer, SyncResult
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
+from swarm.task.schedule import inner_lr
 
 log = logging.getLogger("swarm.train")
 
@@ -75,14 +74,6 @@ class TrainConfig:
             raise ValueError(f"train.shard_index must be in [0, {self.shard_count}), got {self.shard_index}")
         if self.lr <= 0 or self.warmup_steps < 0:
             raise ValueError("train.lr must be > 0 and train.warmup_steps >= 0")
-
-
-def inner_lr(config: TrainConfig, step: int) -> float:
-    """Warmup then cosine to 10 % of the peak, by global step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:

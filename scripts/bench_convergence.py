@@ -66,11 +66,12 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from swarm.peers.train import TrainConfig, inner_lr
 
 from swarm.compression import CodecConfig
 from swarm.diloco import DiLoCo, LocalGroup, OuterConfig
+from swarm.peers.train import TrainConfig
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
+from swarm.task.schedule import inner_lr
 from swarm.utils import exit_after_distributed
 
 CODECS = ("none", "bf16", "fp16", "int8", "sparseloco")

@@ -5,7 +5,7 @@ One invocation measures, side by side, on this machine:
 
 - reference: the model of `PipelineConfig.model_config()` (same seed) trained in this process for the
   same steps, batches and lr schedule as the pipeline's driver: AdamW (betas 0.9/0.95, weight decay),
-  warmup + cosine (`swarm.peers.train.inner_lr`), the gradient clipped per stage as each stage runner
+  warmup + cosine (`swarm.task.schedule.inner_lr`), the gradient clipped per stage as each stage runner
   clips its own parameters, on the driver's shard (`Batches(corpus.shard(0, 1), ..., peer=0)`). Eval:
   the runner's held-out batches (`Batches(corpus.eval, ..., seed=12345)`, the first `eval_batches`).
 - pipeline-fp32: a coordinator with --stages S and one `swarm peer --task pipeline` process per stage
@@ -59,13 +59,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from swarm.peers.train import inner_lr
 
 from swarm.coordinator.client import ClientConfig, CoordinatorClient
 from swarm.pipeline.runner import PipelineConfig
 from swarm.pipeline.stages import StageLayout, stage_parameters
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.task import Batches, Corpus, DataConfig, build_model, count_params
+from swarm.task.schedule import inner_lr
 from swarm.utils import dies_with_parent
 
 SWARM = [sys.executable, "-m", "swarm.cli.main"]

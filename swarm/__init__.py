@@ -17,10 +17,10 @@ __all__ = ["CoordinatorConfig", "DiLoCo", "LocalGroup", "OuterConfig", "SwarmPee
 
 if TYPE_CHECKING:
     from swarm.diloco import DiLoCo, LocalGroup, OuterConfig
-    from swarm.peers.handle import SwarmPeer
+    from swarm.peer import SwarmPeer
 
 _LAZY = {"DiLoCo": "swarm.diloco", "LocalGroup": "swarm.diloco", "OuterConfig": "swarm.diloco",
-         "SwarmPeer": "swarm.peers.handle"}
+         "SwarmPeer": "swarm.peer"}
 
 
 def __getattr__(name: str) -> Any:

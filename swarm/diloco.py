@@ -45,7 +45,7 @@ from torch import nn
 from swarm.allreduce.butterfly import reduce_in_order
 from swarm.allreduce.encoded import gathers_payloads
 from swarm.compression import Codec, CodecConfig, ErrorFeedback, make_codec
-from swarm.peers.daemon import RoundState, SyncResult
+from swarm.peer.state import RoundState, SyncResult
 from swarm.transport.endpoint import StateSnapshot
 
 log = logging.getLogger("swarm.diloco")
@@ -180,7 +180,7 @@ class GlobalState:
 
 
 class Averager(Protocol):
-    """What DiLoCo needs from the swarm side: a blocking round per call (see `swarm.peers.handle`)."""
+    """What DiLoCo needs from the swarm side: a blocking round per call (see `swarm.peer.handle`)."""
 
     def start(self, state: RoundState) -> None:
         """Join the run; resyncs `state` from a donor when the run is in progress."""
@@ -221,7 +221,7 @@ class DiLoCo:
     Args:
         model: any `nn.Module`; its trainable parameters (in `parameters()` order) are synced.
         inner_optimizer: the optimizer the loop steps; a post-step hook counts its steps.
-        peer: the swarm side (`swarm.peers.handle.SwarmPeer`, or `LocalGroup.member(i)` in one process).
+        peer: the swarm side (`swarm.peer.SwarmPeer`, or `LocalGroup.member(i)` in one process).
         sync_every: H, inner steps between syncs (of each fragment, when streaming).
         outer: the outer optimizer (default: `OuterConfig.recipe` of the codec: DiLoCo's step, or
             SparseLoCo's for `sparseloco`).

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from swarm.peers.daemon import contribution
 
+from swarm.peers.daemon import contribution
 from tests.conftest import wait_peer_joined
 
 NUMEL = 200_003  # odd, so parts are uneven; 4 chunks per part with the chunk size below

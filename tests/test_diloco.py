@@ -7,11 +7,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from swarm.peers.daemon import RoundState, SyncResult
 from torch import nn
 
 from swarm.compression import Codec
 from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig, _cut
+from swarm.peer import RoundState, SyncResult
 from swarm.transport.endpoint import StateSnapshot
 
 
@@ -115,7 +115,7 @@ def test_without_an_outer_config_the_codec_picks_its_recipe(codec: str, expected
 
 def test_peer_flags_override_only_what_they_name_of_the_recipe() -> None:
     from swarm.cli.main import build_parser
-    from swarm.cli.peer_cmd import _outer
+    from swarm.peers.cli import _outer
 
     def outer(*flags: str) -> tuple:
         o = _outer(build_parser().parse_args(["peer", "--coordinator", "127.0.0.1:1", *flags]))
@@ -295,3 +295,21 @@ def test_fragments_cut_on_parameter_boundaries() -> None:
     model = _model()
     with pytest.raises(ValueError, match="divide"):
         DiLoCo(model, torch.optim.SGD(model.parameters(), lr=0.1), peer=_Recorder(), sync_every=10, fragments=3)
+
+
+def test_a_swarm_peer_is_made_from_an_address_and_a_run_id_alone() -> None:
+    import swarm
+
+    peer = swarm.SwarmPeer(coordinator="127.0.0.1:1", run_id="run1", peer_id="me")
+    try:
+        assert peer.config.client.target == "127.0.0.1:1"
+        assert (peer.config.client.run_id, peer.config.client.peer_id) == ("run1", "me")
+    finally:
+        peer.close()  # never joined: leaving the unreachable coordinator gives up quickly
+    unnamed = swarm.SwarmPeer(coordinator="127.0.0.1:1")
+    unnamed.close()
+    assert unnamed.config.client.peer_id  # a default id
+    with pytest.raises(ValueError, match="either config"):
+        swarm.SwarmPeer()
+    with pytest.raises(ValueError, match="host:port"):
+        swarm.SwarmPeer(coordinator="no-port")

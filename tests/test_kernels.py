@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (optional: pip install triton)")
 
+from swarm.compression import Codec, ErrorFeedback, Int8Codec, TopKCodec, kernel_for
 from swarm.kernels import (
     int8_decode,
     int8_encode,
@@ -29,8 +30,6 @@ from swarm.kernels import (
     topk_payload_nbytes,
 )
 from swarm.kernels.codecs import int8_factory, topk_factory
-
-from swarm.compression import Codec, ErrorFeedback, Int8Codec, TopKCodec, kernel_for
 
 INTERPRET = os.environ["TRITON_INTERPRET"] not in ("", "0")
 if not INTERPRET and not torch.cuda.is_available():

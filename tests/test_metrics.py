@@ -9,11 +9,11 @@ import socket
 import urllib.error
 import urllib.request
 
-from swarm.peers.daemon import Peer, PeerConfig, run_test_task
-
 from swarm.coordinator.client import ClientConfig
 from swarm.coordinator.server import RunningServer
 from swarm.metrics import Metric, MetricsServer, render
+from swarm.peer import Peer, PeerConfig
+from swarm.peers.daemon import ProtocolTaskConfig, run_test_task
 
 
 def test_render_groups_samples_under_one_help_and_type() -> None:
@@ -69,8 +69,8 @@ async def test_server_answers_scrapes_and_refuses_other_paths() -> None:
 
 async def test_a_peer_exports_its_counters(server: RunningServer) -> None:
     client = ClientConfig(target=f"127.0.0.1:{server.port}", run_id=server.core.config.run_id, peer_id="p0")
-    peer = Peer(PeerConfig(client=client, task="average", numel=1000, rounds=3, work_s=0.05, metrics_port=0))
-    task = asyncio.create_task(run_test_task(peer))
+    peer = Peer(PeerConfig(client=client, metrics_port=0))
+    task = asyncio.create_task(run_test_task(peer, ProtocolTaskConfig(task="average", numel=1000, rounds=3, work_s=0.05)))
     while peer.metrics is None or peer.metrics.port == 0:
         await asyncio.sleep(0.01)
     address = f"127.0.0.1:{peer.metrics.port}"

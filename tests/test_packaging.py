@@ -97,3 +97,14 @@ def test_the_readme_layout_names_only_parts_of_swarm_that_exist() -> None:
     assert len(names) >= 5, names
     missing = [n for n in names if not (REPO / "swarm" / n).is_dir() and not (REPO / "swarm" / f"{n}.py").is_file()]
     assert not missing, f"README's Layout names parts that do not exist: {missing}"
+
+
+def test_the_readme_hooks_example_needs_only_the_swarm_package() -> None:
+    # The one-line change to a user's loop must not reach into the daemon or internal configs.
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Training in your own loop"):]
+    code = section[section.index("```python") + len("```python"):]
+    code = code[:code.index("```")]
+    imports = [line.strip() for line in code.splitlines() if line.strip().startswith(("import ", "from "))]
+    assert imports == ["import swarm"], imports
+    assert "swarm.SwarmPeer(coordinator=" in code

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 _importing = True
 
@@ -23,7 +24,7 @@ def _terminate_early(signum: int, frame: object) -> None:
 
 signal.signal(signal.SIGTERM, _terminate_early)
 
-from swarm.cli import coordinator_cmd, local_cmd, peer_cmd, status_cmd
+from swarm.cli import coordinator_cmd, local_cmd, status_cmd
 
 _importing = False
 
@@ -37,9 +38,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "WARNING"),
                         help="logging level for stderr (default: %(default)s; env SWARM_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (coordinator_cmd, peer_cmd, status_cmd, local_cmd):
+    for module in (coordinator_cmd, *_installed_commands(), status_cmd, local_cmd):
         module.add_parser(sub)
     return parser
+
+
+def _installed_commands() -> list[Any]:
+    """Command modules registered under the `swarm.commands` entry point: `swarm peer` (the daemon in
+    swarm.peers, which builds on this library; the library never imports it)."""
+    import importlib
+    from importlib.metadata import entry_points
+
+    found = [importlib.import_module(ep.value) for ep in sorted(entry_points(group="swarm.commands"),
+                                                               key=lambda ep: ep.name)]
+    return found or [_MissingPeer]
+
+
+class _MissingPeer:
+    """`swarm peer` when the daemon's entry point is not installed: say how to install it."""
+
+    @staticmethod
+    def add_parser(sub: argparse._SubParsersAction) -> None:
+        p = sub.add_parser("peer", help="join a run (not installed: see `swarm peer`)", add_help=False)
+        p.add_argument("ignored", nargs=argparse.REMAINDER)
+        p.set_defaults(run=lambda args: _missing(args))
+
+
+def _missing(_: argparse.Namespace) -> int:
+    print("swarm peer: the peer daemon (swarm.peers) is not registered; reinstall the project "
+          "(`pip install -e .` or `make setup`)", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,14 +44,13 @@ import torch
 from swarm.compression import CodecConfig, make_codec
 from swarm.coordinator.client import CoordinatorCallError
 from swarm.diloco import DiLoCo, OuterConfig
-from swarm.peers.daemon import PeerConfig, PeerReport
-from swarm.peers.handle import SwarmPeer
-from swarm.peers.train import inner_lr
+from swarm.peer import PeerConfig, PeerReport, SwarmPeer
 from swarm.pipeline.recovery import RecoveryConfig, fresh_stage_weights, recover
 from swarm.pipeline.routing import Hop, Router, check_route, route
 from swarm.pipeline.stages import StageLayout, load_stage_state, stage_parameters, stage_state
 from swarm.task import Batches, Corpus, DataConfig
 from swarm.task.model import SIZES, ModelConfig, build_model
+from swarm.task.schedule import inner_lr
 from swarm.transport.endpoint import PeerFailure
 
 log = logging.getLogger("swarm.pipeline")
@@ -86,8 +85,8 @@ class PipelineConfig:
     """Clip each stage's gradient norm to this (0: off); CheckFree uses the norm before clipping."""
     sync_every: int = 20
     """DiLoCo among a stage's replicas: inner steps between syncs."""
-    outer: OuterConfig = field(default_factory=OuterConfig)
-    """DiLoCo's outer optimizer."""
+    outer: OuterConfig | None = None
+    """DiLoCo's outer optimizer among a stage's replicas (None: `OuterConfig.recipe` of the codec, as in training)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     """What a stage's pseudo-gradients are sent as."""
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)

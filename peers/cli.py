@@ -1,4 +1,8 @@
-"""`swarm peer`: join a run and take part in its rounds."""
+"""`swarm peer`: join a run and take part in its rounds.
+
+Registered with the `swarm` command through the `swarm.commands` entry point (pyproject.toml), so
+the library's CLI (`swarm.cli`) never imports the daemon.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from collections.abc import Callable
 from swarm.compression import CodecConfig
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError
 from swarm.diloco import OuterConfig
-from swarm.peers.daemon import PeerConfig, PeerReport, print_report, run_peer
+from swarm.peer import PeerConfig, PeerReport
+from swarm.peers.daemon import ProtocolTaskConfig, print_report, run_peer
 from swarm.task import DataConfig
 from swarm.transport.endpoint import TransportConfig
 from swarm.transport.faults import FaultInjector
@@ -111,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
             client=ClientConfig(target=args.coordinator, run_id=args.run_id, peer_id=peer_id,
                                 retry_for_s=args.retry_for_s),
             stage=None if args.stage == "auto" else _stage(args.stage),
-            task=args.task,
-            numel=args.numel,
             codec=CodecConfig(name=args.codec),
             transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections,
                                       chunk_bytes=args.chunk_bytes),
@@ -120,8 +123,6 @@ def run(args: argparse.Namespace) -> int:
             allreduce_timeout_s=args.allreduce_timeout_s,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
-            rounds=args.rounds,
-            work_s=args.work_s,
         )
     except ValueError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
@@ -130,9 +131,14 @@ def run(args: argparse.Namespace) -> int:
         return _train(args, config)
     if args.task == "pipeline":
         return _pipeline(args, config)
+    try:
+        task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s)
+    except ValueError as e:
+        print(f"swarm peer: {e}", file=sys.stderr)
+        return 2
     if not _hold(args):
         return 3
-    report = run_async(run_peer(config))
+    report = run_async(run_peer(config, task))
     print_report(report)
     if report.stopped_by == "error":
         print(f"swarm peer: stopped on error: {report.errors[-1]}", file=sys.stderr)

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
-from swarm.peers.daemon import Peer, PeerConfig, PeerReport, RoundState, SyncResult
 
 from swarm.compression import Codec
+from swarm.coordinator.client import ClientConfig
+from swarm.peer.peer import Peer, PeerConfig
+from swarm.peer.state import PeerReport, RoundState, SyncResult
 from swarm.proto.v1 import coordinator_pb2 as pb
 
 T = TypeVar("T")
@@ -29,13 +33,30 @@ _POLL_S = 0.2
 
 
 class SwarmPeer:
-    """A peer of a swarm run for use with `swarm.DiLoCo(..., peer=SwarmPeer(config))`.
+    """A peer of a swarm run for use with `swarm.DiLoCo(..., peer=SwarmPeer(...))`.
+
+    `SwarmPeer(coordinator="host:7070", run_id="run1")` is enough for most loops; pass a full
+    `PeerConfig` (`swarm.peer.PeerConfig`: data plane, deadlines, metrics) for the rest.
 
     Args:
-        config: the peer's settings (coordinator address, run id, peer id, data plane).
+        config: the peer's settings; or None, to build them from the keywords below.
+        coordinator: the coordinator's host:port (without `config`).
+        run_id: the run to join (without `config`).
+        peer_id: this peer's id, unique in the run (without `config`; default HOSTNAME-PID).
+
+    Raises:
+        ValueError: neither `config` nor `coordinator` is given, or both are, or an address is malformed.
     """
 
-    def __init__(self, config: PeerConfig) -> None:
+    def __init__(self, config: PeerConfig | None = None, *, coordinator: str | None = None, run_id: str = "default",
+                 peer_id: str | None = None) -> None:
+        if (config is None) == (coordinator is None):
+            raise ValueError("SwarmPeer needs either config=PeerConfig(...) or coordinator='host:port', not both")
+        if config is None:
+            assert coordinator is not None
+            client = ClientConfig(target=coordinator, run_id=run_id,
+                                  peer_id=peer_id or f"{socket.gethostname()}-{os.getpid()}")
+            config = PeerConfig(client=client)
         self.config = config
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-peer", daemon=True)

@@ -1,4 +1,5 @@
-"""Fault-tolerant all-reduce: attempts issued by the coordinator until one succeeds.
+"""Fault-tolerant all-reduce: attempts issued by the coordinator until one succeeds (the peer's side of
+the round protocol: it talks to the coordinator, so it sits above `swarm.allreduce`, which does one attempt).
 
 A member that fails ends the attempt; this peer reports it, gets the next
 attempt (the survivors) and re-sends its own, unchanged contribution. The
