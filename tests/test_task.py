@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from swarm.task import SIZES, Batches, ByteLM, Corpus, DataConfig, ModelConfig, build_model, count_params, evaluate
+from swarm.task.bytes import ByteSeq
 from swarm.task.data import SEPARATOR
 
 SEQ = 64  # shorter than tiny's max_seq_len, to keep the CPU tests quick
@@ -133,12 +137,13 @@ def test_tiny_model_learns_the_stdlib_corpus(stdlib_corpus: Corpus) -> None:
 
 def test_stdlib_corpus_split_is_deterministic_and_disjoint(stdlib_corpus: Corpus) -> None:
     again = Corpus.load(DataConfig())
-    assert torch.equal(again.train, stdlib_corpus.train) and torch.equal(again.eval, stdlib_corpus.eval)
+    assert torch.equal(again.train.tensor(), stdlib_corpus.train.tensor())
+    assert torch.equal(again.eval.tensor(), stdlib_corpus.eval.tensor())
     assert stdlib_corpus.eval_files and stdlib_corpus.train_files
     assert not set(stdlib_corpus.eval_files) & set(stdlib_corpus.train_files)
     assert stdlib_corpus.train_files == sorted(stdlib_corpus.train_files)
     assert not any("test" in name.split("/")[:-1] for name in stdlib_corpus.train_files + stdlib_corpus.eval_files)
-    assert stdlib_corpus.train.dtype == torch.uint8
+    assert stdlib_corpus.train.tensor().dtype == torch.uint8
     assert len(stdlib_corpus.train) > 1_000_000 and len(stdlib_corpus.eval) > 10_000
 
 
@@ -155,7 +160,7 @@ def test_split_by_path_hash_survives_adding_files(tmp_path: Path) -> None:
 
 def test_shards_are_disjoint_and_cover_the_train_set(stdlib_corpus: Corpus) -> None:
     shards = [stdlib_corpus.shard(i, 3) for i in range(3)]
-    assert torch.equal(torch.cat(shards), stdlib_corpus.train)
+    assert torch.equal(torch.cat([s.tensor() for s in shards]), stdlib_corpus.train.tensor())
     assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
     with pytest.raises(ValueError, match="shard index"):
         stdlib_corpus.shard(3, 3)
@@ -204,12 +209,12 @@ def test_user_files_and_directories(tmp_path: Path) -> None:
     names = corpus.train_files + corpus.eval_files
     assert sorted(names) == sorted([f"notes/file{i:03d}.txt" for i in range(10)] + ["book.txt"])
     # One separator byte between neighbouring files, and no other 0 byte (the binary file is out).
-    assert int((corpus.train == SEPARATOR[0]).sum()) == len(corpus.train_files) - 1
-    assert int((corpus.eval == SEPARATOR[0]).sum()) == len(corpus.eval_files) - 1
+    assert int((corpus.train.tensor() == SEPARATOR[0]).sum()) == len(corpus.train_files) - 1
+    assert int((corpus.eval.tensor() == SEPARATOR[0]).sum()) == len(corpus.eval_files) - 1
 
     # A single file is split by bytes: its tail is the eval set.
     alone = Corpus.load(DataConfig(paths=[str(single)], seq_len=32, batch_size=4))
-    assert bytes(alone.train.numpy()) + bytes(alone.eval.numpy()) == single.read_bytes()
+    assert bytes(alone.train.tensor().numpy()) + bytes(alone.eval.tensor().numpy()) == single.read_bytes()
     assert len(alone.eval) >= 33
 
 
@@ -230,3 +235,115 @@ def test_clear_errors_for_missing_paths_and_too_little_text(tmp_path: Path) -> N
         DataConfig(eval_fraction=0)
     with pytest.raises(ValueError, match="data.seq_len"):
         Batches(torch.zeros(10, dtype=torch.uint8), seq_len=16, batch_size=1)
+
+
+# ---- large corpora: memory-mapped files, ByteSeq ----
+
+_MiB = 1 << 20
+
+
+def _write_big(path: Path, mib: int) -> bytes:
+    """A file of `mib` MiB of text, written 1 MiB at a time; returns its first MiB."""
+    line = b"The quick brown fox jumps over the lazy dog.\n"
+    chunk = (line * (_MiB // len(line) + 1))[:_MiB]
+    with path.open("wb") as f:
+        for _ in range(mib):
+            f.write(chunk)
+    return chunk
+
+
+def test_a_file_over_64_mib_is_used_whole(tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    chunk = _write_big(big, 65)
+    corpus = Corpus.load(DataConfig(paths=[str(big)]))
+    assert len(corpus.train) + len(corpus.eval) == 65 * _MiB
+    # The last bytes of the file are the last bytes of the eval tail.
+    end = corpus.eval.windows(torch.tensor([len(corpus.eval) - 100]), 100)
+    assert bytes(end[0].numpy()) == chunk[-100:]
+
+
+def test_large_files_are_memory_mapped_and_small_ones_joined_in_memory(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    _write_big(docs / "big.txt", 2)
+    _write_files(docs, 30)
+    corpus = Corpus.load(DataConfig(paths=[str(docs)], seq_len=16, batch_size=2))
+    parts = corpus.train.parts + corpus.eval.parts
+    mapped = [p for p in parts if isinstance(p, np.memmap)]
+    assert len(mapped) == 1 and len(mapped[0]) == 2 * _MiB and mapped[0].mode == "r"
+    # The 30 small files and the separators between them sit in at most one array on either
+    # side of the big file in train, and one array in eval.
+    assert len(parts) <= 4
+    # A cap that ends inside the big file cuts the map, still without reading it.
+    capped = Corpus.load(DataConfig(paths=[str(docs / "big.txt")], max_bytes=_MiB + 5, seq_len=16, batch_size=2))
+    assert len(capped.train) + len(capped.eval) == _MiB + 5
+    assert all(isinstance(p, np.memmap) for p in capped.train.parts + capped.eval.parts)
+
+
+def test_a_corpus_of_user_files_is_the_files_joined_by_the_separator_in_order(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    _write_files(docs, 12, size=900)
+    _write_big(docs / "file003.txt", 1)  # mapped ones among the small ones, in train or eval
+    _write_big(docs / "file007.txt", 2)
+    _write_big(docs / "file010.txt", 1)
+    corpus = Corpus.load(DataConfig(paths=[str(docs)], eval_fraction=0.3, seq_len=16, batch_size=2))
+    for seq, names in ((corpus.train, corpus.train_files), (corpus.eval, corpus.eval_files)):
+        expected = SEPARATOR.join((tmp_path / name).read_bytes() for name in names)
+        assert bytes(seq.tensor().numpy()) == expected
+    assert sorted(corpus.train_files + corpus.eval_files) == [f"docs/file{i:03d}.txt" for i in range(12)]
+    assert any(isinstance(p, np.memmap) for p in corpus.train.parts)
+
+    # Batches and evaluate draw the same windows from the ByteSeq as from its bytes in memory.
+    shard = corpus.shard(1, 2)
+    a, b = (Batches(data, seq_len=SEQ, batch_size=16, seed=3) for data in (shard, shard.tensor()))
+    for _ in range(20):
+        assert torch.equal(next(a), next(b))
+
+
+def test_byteseq_windows_across_part_boundaries_equal_windows_of_the_joined_bytes() -> None:
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in (1, 5, 300, 1, 0, 40, 2000, 3, 77)]
+    seq = ByteSeq(parts)
+    joined = torch.from_numpy(np.concatenate(parts))
+    assert len(seq) == len(joined) and torch.equal(seq.tensor(), joined)
+    for length in (1, 4, 64, 500):
+        starts = torch.from_numpy(rng.integers(0, len(seq) - length + 1, 200))
+        expected = joined[starts[:, None] + torch.arange(length)]
+        assert torch.equal(seq.windows(starts, length), expected), length
+    # A slice is a view over the same parts and reads the same bytes as the slice of the joined bytes.
+    for start, stop in ((0, len(seq)), (3, 7), (6, 2300), (305, 306), (2400, -1)):
+        view = seq[start:stop]
+        assert torch.equal(view.tensor(), joined[start:stop]), (start, stop)
+        if len(view) >= 10:
+            starts = torch.arange(len(view) - 9)
+            assert torch.equal(view.windows(starts, 10), joined[start:stop][starts[:, None] + torch.arange(10)])
+    assert len(seq[5:5]) == 0 and np.shares_memory(seq[6:300].parts[0], parts[2])
+    for data in (seq, ByteSeq([parts[6]])):  # several parts, and one
+        for start in (len(data) - 3, -1):
+            with pytest.raises(IndexError, match="do not fit"):
+                data.windows(torch.tensor([0, start]), 4)
+    with pytest.raises(TypeError, match="slices"):
+        seq[::2]
+
+
+def test_many_bytes_of_small_files_in_memory_warn_and_say_how_to_avoid_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_files(tmp_path / "docs", 10)
+    monkeypatch.setattr("swarm.task.data._WARN_IN_MEMORY_BYTES", 1000)
+    with caplog.at_level(logging.WARNING, logger="swarm.task"):
+        Corpus.load(DataConfig(paths=[str(tmp_path / "docs")], seq_len=16, batch_size=2))
+    assert any(r.levelno == logging.WARNING and "join the small files" in r.getMessage() for r in caplog.records)
+
+
+def test_running_out_of_file_descriptors_is_an_error_not_a_smaller_corpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_big(tmp_path / "big.txt", 1)
+
+    def no_descriptors(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(np, "memmap", no_descriptors)
+    with pytest.raises(ValueError, match="ulimit -n"):
+        Corpus.load(DataConfig(paths=[str(tmp_path)], seq_len=16, batch_size=2))

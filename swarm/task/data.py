@@ -1,15 +1,21 @@
 """The built-in corpus (this Python's standard library source) or the user's files, as bytes.
 
-Files are read as raw bytes (the model is byte-level, so any encoding is fine), split into a
-train and a held-out eval set *by file* using a hash of each file's relative path, and joined
-with a single 0 byte between files. Byte 0 never occurs in text, so it acts as a document
-boundary the model learns to predict. Peers train on disjoint contiguous shards of the train
-bytes; `Batches` draws random windows from a shard; `evaluate` scores fixed eval windows.
+Files are raw bytes (the model is byte-level, so any encoding is fine), split into a train
+and a held-out eval set *by file* using a hash of each file's relative path, and joined with a
+single 0 byte between files. Byte 0 never occurs in text, so it acts as a document boundary the
+model learns to predict. Peers train on disjoint contiguous shards of the train bytes; `Batches`
+draws random windows from a shard; `evaluate` scores fixed eval windows.
+
+Any amount of text can be used: files of 1 MiB or more are memory-mapped, not read, and the
+train and eval sets are `ByteSeq`s, a virtual concatenation of the files that copies nothing,
+so only the windows drawn are ever read from disk. Small files are read into memory and joined.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import math
 import os
 import sysconfig
@@ -21,12 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from swarm.task.bytes import ByteSeq
 from swarm.task.model import ByteLM
+
+log = logging.getLogger("swarm.task")
 
 SEPARATOR = b"\0"
 """Byte placed between two files in the concatenated train and eval sets."""
 
+_SEPARATOR_ARRAY = np.frombuffer(SEPARATOR, dtype=np.uint8)
 _MiB = 1 << 20
+# Files of at least this size are memory-mapped, smaller ones read into memory and joined. Not
+# everything is mapped because in Python 3.11 every mmap keeps a duplicate of its file descriptor
+# open for as long as it lives: the thousands of small files of a typical corpus would exhaust
+# the open-file limit (often 1024), while reading them costs little memory.
+_MAP_MIN_BYTES = 1 * _MiB
+# Above this many bytes of small files held in memory (by every peer), loading warns.
+_WARN_IN_MEMORY_BYTES = 2 << 30
 # Directories left out of the built-in corpus: tests are a large, repetitive share of the stdlib
 # (and not always valid UTF-8), idlelib is GUI code, the rest is not the stdlib's own source.
 _STDLIB_SKIP_DIRS = frozenset(
@@ -45,8 +62,8 @@ class DataConfig:
     """Text files or directories (searched recursively); empty = the built-in standard-library corpus."""
     eval_fraction: float = 0.02
     """Share of files held out for evaluation, chosen by path hash; at least one file (or tail of one)."""
-    max_bytes: int = 64 * _MiB
-    """Cap on the bytes read, files taken in sorted order; 0 = no cap."""
+    max_bytes: int = 0
+    """Cap on the bytes used, files taken in sorted order and the last one cut; 0 = no cap (all the text)."""
     seq_len: int = 128
     """Bytes of context per training window (each window holds seq_len + 1 bytes)."""
     batch_size: int = 8
@@ -74,7 +91,7 @@ class DataConfig:
 @dataclass(frozen=True, slots=True)
 class _File:
     name: str  # relative path, '/'-separated: the split hashes it, so it must not depend on the OS
-    data: bytes
+    data: np.ndarray  # 1-D uint8: an np.memmap for a large file, in memory for a small one
 
 
 def stdlib_root() -> Path:
@@ -96,11 +113,29 @@ def _walk(root: Path, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:
     return found
 
 
-def _read(path: Path) -> bytes | None:
+def _read(path: Path) -> np.ndarray | None:
+    """The file's bytes, memory-mapped read-only if large, read if small; None if it cannot be read.
+
+    Raises:
+        ValueError: the process ran out of file descriptors (too many large files mapped).
+    """
     try:
-        return path.read_bytes()
-    except OSError:  # unreadable (permissions, a dangling link): the corpus simply goes without it
-        return None
+        if path.stat().st_size >= _MAP_MIN_BYTES:
+            return np.memmap(path, dtype=np.uint8, mode="r")
+        return np.frombuffer(path.read_bytes(), dtype=np.uint8)
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            # Not a property of this file: skipping it (and every file after it) would silently drop text.
+            raise ValueError(
+                f"ran out of open files reading {path}: every file of {_MAP_MIN_BYTES // _MiB} MiB or more is "
+                "memory-mapped and keeps a file descriptor open; join the data into fewer, larger files "
+                "or raise the open-file limit (ulimit -n)"
+            ) from e
+        return None  # unreadable (permissions, a dangling link): the corpus simply goes without it
+
+
+def _looks_binary(data: np.ndarray) -> bool:
+    return bool((data[:_BINARY_SNIFF_BYTES] == SEPARATOR[0]).any())
 
 
 def _stdlib_files() -> Iterator[_File]:
@@ -117,7 +152,7 @@ def _user_files(paths: list[str]) -> Iterator[_File]:
             path = path.resolve()
             for name, file in _walk(path, frozenset({"__pycache__"})):
                 data = _read(file)
-                if data is not None and SEPARATOR not in data[:_BINARY_SNIFF_BYTES]:
+                if data is not None and not _looks_binary(data):
                     yield _File(f"{path.name}/{name}", data)
         elif path.is_file():
             # A file named explicitly is used as it is, binary-looking or not: the user asked for it.
@@ -173,19 +208,37 @@ def _joined_len(files: list[_File]) -> int:
     return sum(len(f.data) for f in files) + max(len(files) - 1, 0) * len(SEPARATOR)
 
 
-def _join(files: list[_File]) -> torch.Tensor:
-    joined = bytearray(SEPARATOR.join(f.data for f in files))
-    # A bytearray is writable, so numpy and torch share its memory without a copy or a warning.
-    return torch.from_numpy(np.frombuffer(joined, dtype=np.uint8))
+def _join(files: list[_File]) -> ByteSeq:
+    """The files joined by SEPARATOR, as a ByteSeq that copies no mapped file.
+
+    Each run of in-memory files (with the separators in and around it) is copied into one
+    array, so a corpus of small files is a single part and `windows` is one gather; a mapped
+    file is a part of its own.
+    """
+    parts: list[np.ndarray] = []
+    run: list[np.ndarray] = []
+    for i, file in enumerate(files):
+        if i:
+            run.append(_SEPARATOR_ARRAY)
+        if isinstance(file.data, np.memmap):
+            if run:
+                parts.append(np.concatenate(run))
+                run = []
+            parts.append(file.data)
+        else:
+            run.append(file.data)
+    if run:
+        parts.append(np.concatenate(run))
+    return ByteSeq(parts)
 
 
 @dataclass(slots=True)
 class Corpus:
-    """The loaded text: train and eval bytes (uint8 tensors) and which files went where."""
+    """The loaded text: train and eval bytes (read-only ByteSeqs) and which files went where."""
 
-    train: torch.Tensor
-    """Train bytes, files in sorted order joined by SEPARATOR."""
-    eval: torch.Tensor
+    train: ByteSeq
+    """Train bytes, files in sorted order joined by SEPARATOR (`.tensor()` copies them into memory)."""
+    eval: ByteSeq
     """Held-out eval bytes, same layout."""
     train_files: list[str]
     """Relative names of the files in train, in order."""
@@ -196,7 +249,7 @@ class Corpus:
 
     @classmethod
     def load(cls, config: DataConfig) -> Corpus:
-        """Read and split the corpus that `config` names.
+        """Read (small files) or memory-map (large ones) and split the corpus that `config` names.
 
         Args:
             config: paths (empty = built-in stdlib corpus), eval_fraction, max_bytes, and the
@@ -213,7 +266,15 @@ class Corpus:
             files, source = _capped(_user_files(config.paths), config.max_bytes), " ".join(config.paths)
         else:
             files, source = _capped(_stdlib_files(), config.max_bytes), f"stdlib:{stdlib_root()}"
-        files = [f for f in files if f.data]
+        files = [f for f in files if len(f.data)]
+        in_memory = sum(len(f.data) for f in files if not isinstance(f.data, np.memmap))
+        if in_memory > _WARN_IN_MEMORY_BYTES:
+            log.warning(
+                "%s: %.1f GiB of files under %d MiB are read into memory (briefly twice that while loading), "
+                "where larger files would be memory-mapped; to use less memory, join the small files into "
+                "files of %d MiB or more (e.g. with cat)",
+                source, in_memory / (1 << 30), _MAP_MIN_BYTES // _MiB, _MAP_MIN_BYTES // _MiB,
+            )
         need = config.batch_size * config.window + config.window
         total = sum(len(f.data) for f in files)
         if total < need:
@@ -243,7 +304,7 @@ class Corpus:
             )
         return corpus
 
-    def shard(self, index: int, count: int) -> torch.Tensor:
+    def shard(self, index: int, count: int) -> ByteSeq:
         """Peer `index` of `count`'s contiguous slice of the train bytes (a view, no copy).
 
         Shards are disjoint, differ in length by at most one byte, and together are exactly the
@@ -254,7 +315,7 @@ class Corpus:
             count: number of shards.
 
         Returns:
-            uint8 tensor, train[index * n // count : (index + 1) * n // count].
+            train[index * n // count : (index + 1) * n // count], a ByteSeq view.
 
         Raises:
             ValueError: index or count out of range.
@@ -271,26 +332,36 @@ def _peer_seed(seed: int, peer: int) -> int:
     return int.from_bytes(digest, "big")
 
 
-def _check_fits(data: torch.Tensor, seq_len: int, what: str) -> None:
-    if data.ndim != 1 or len(data) < seq_len + 1:
+def _windows(data: ByteSeq | torch.Tensor, starts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows data[s : s + len(offsets)] for the starts s ([n, 1]), in data's dtype."""
+    if isinstance(data, ByteSeq):
+        return data.windows(starts, len(offsets))
+    return data[starts + offsets]
+
+
+def _check_fits(data: ByteSeq | torch.Tensor, seq_len: int, what: str) -> None:
+    size = len(data) if isinstance(data, ByteSeq) else data.numel()
+    if (isinstance(data, torch.Tensor) and data.ndim != 1) or size < seq_len + 1:
         raise ValueError(
-            f"{what} has {data.numel()} bytes, fewer than one window of data.seq_len + 1 = {seq_len + 1}; "
+            f"{what} has {size} bytes, fewer than one window of data.seq_len + 1 = {seq_len + 1}; "
             "use fewer peers, more text or a smaller data.seq_len"
         )
 
 
 class Batches:
-    """Endless random windows of a byte tensor: each `next()` is a LongTensor [batch_size, seq_len + 1].
+    """Endless random windows of a byte sequence: each `next()` is a LongTensor [batch_size, seq_len + 1].
 
     The draws come from a private generator seeded by (seed, peer), so the stream is the same
     on every run and different for every peer; `state_dict` lets a restarted peer continue it.
     """
 
-    def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, seed: int = 0, peer: int = 0) -> None:
+    def __init__(
+        self, data: ByteSeq | torch.Tensor, *, seq_len: int, batch_size: int, seed: int = 0, peer: int = 0
+    ) -> None:
         """Sample windows of `data`.
 
         Args:
-            data: 1-D uint8 tensor, e.g. `corpus.shard(peer, count)`.
+            data: a ByteSeq, e.g. `corpus.shard(peer, count)`, or a 1-D uint8 tensor.
             seq_len: context bytes per window.
             batch_size: windows per batch.
             seed: the run's data seed.
@@ -314,7 +385,7 @@ class Batches:
         starts = torch.randint(0, len(self.data) - self.seq_len, (self.batch_size, 1), generator=self._generator)
         self.step += 1
         # Gather in uint8 (8x less memory traffic), widen only the result.
-        return self.data[starts + self._offsets].long()
+        return _windows(self.data, starts, self._offsets).long()
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's position: generator state and number of batches drawn."""
@@ -334,7 +405,13 @@ class Batches:
 
 
 def evaluate(
-    model: ByteLM, data: torch.Tensor, *, seq_len: int, batch_size: int, batches: int, device: torch.device | str
+    model: ByteLM,
+    data: ByteSeq | torch.Tensor,
+    *,
+    seq_len: int,
+    batch_size: int,
+    batches: int,
+    device: torch.device | str,
 ) -> float:
     """Mean next-byte loss (nats) over fixed, evenly spaced windows of `data`.
 
@@ -343,7 +420,7 @@ def evaluate(
 
     Args:
         model: the model to score; put in eval mode for the call, its mode restored after.
-        data: 1-D uint8 tensor, usually `corpus.eval`.
+        data: a ByteSeq, usually `corpus.eval`, or a 1-D uint8 tensor.
         seq_len: context bytes per window.
         batch_size: windows per forward pass.
         batches: forward passes; batch_size * batches windows in all.
@@ -367,7 +444,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for batch_starts in starts:
-                total += model.loss(data[batch_starts + offsets].long().to(device)).item()
+                total += model.loss(_windows(data, batch_starts, offsets).long().to(device)).item()
     finally:
         model.train(was_training)
     # Every batch has the same number of targets, so the mean of batch means is the mean per byte.
