@@ -62,6 +62,13 @@ def test_a_rerun_into_an_earlier_runs_folder_replaces_only_the_runs_own_files(tm
     assert (run / "analysis.ipynb").read_text() == "the user's"
 
 
+def test_a_run_folder_from_before_the_marker_is_still_reused(tmp_path: Path) -> None:
+    for name in ("summary.json", "loss.png", "coordinator.db", "coordinator.log", "peer-0.log"):
+        (tmp_path / name).write_text("old")
+    prepare_out(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [MARKER]
+
+
 def test_an_empty_out_folder_is_used(tmp_path: Path) -> None:
     prepare_out(tmp_path)
     assert (tmp_path / MARKER).is_file()

@@ -153,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
 def prepare_out(out: Path) -> None:
     """Make `out` ready for a run without touching anything that is not a `swarm local` run's.
 
-    A new or empty folder is used as it is; a folder holding MARKER loses only the files a run
-    writes (`_OWN_FILES`); anything else is refused.
+    A new or empty folder is used as it is; a folder holding MARKER (or only files a run writes,
+    as runs before the marker left) loses only the files a run writes (`_OWN_FILES`); anything
+    else is refused.
 
     Raises:
         ValueError: `out` is a file, or a non-empty folder that holds no earlier run.
@@ -162,7 +163,9 @@ def prepare_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder (new, empty, or an earlier run's)")
     if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
+        # A run of a version before the marker left only files of its own: that is a run too.
+        legacy = all(path.is_file() and any(path.match(pattern) for pattern in _OWN_FILES) for path in out.iterdir())
+        if not (out / MARKER).is_file() and not legacy:
             raise ValueError(f"--out {out} is a non-empty folder that holds no earlier `swarm local` run; "
                              "give a new or empty folder (nothing was changed)")
         for pattern in _OWN_FILES:
