@@ -124,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
         )
+        task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s) \
+            if args.task in ("control", "average") else None
     except ValueError as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 2
@@ -131,11 +133,7 @@ def run(args: argparse.Namespace) -> int:
         return _train(args, config)
     if args.task == "pipeline":
         return _pipeline(args, config)
-    try:
-        task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s)
-    except ValueError as e:
-        print(f"swarm peer: {e}", file=sys.stderr)
-        return 2
+    assert task is not None
     if not _hold(args):
         return 3
     report = run_async(run_peer(config, task))

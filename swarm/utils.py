@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -51,7 +52,7 @@ os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
-def dies_with_parent(cmd: list[str], signum: int = 15) -> list[str]:
+def dies_with_parent(cmd: list[str], signum: int = signal.SIGTERM) -> list[str]:
     """`cmd` wrapped so that it gets `signum` when this process dies, however it dies (Linux).
 
     A child in its own session (so a terminal's Ctrl-C reaches only its parent) would otherwise
@@ -72,7 +73,7 @@ def dies_with_parent(cmd: list[str], signum: int = 15) -> list[str]:
     import shutil
 
     program = cmd[0] if os.path.isabs(cmd[0]) else (shutil.which(cmd[0]) or cmd[0])
-    return [sys.executable, "-c", _DIES_WITH_PARENT_SHIM, str(os.getpid()), str(signum), program, *cmd[1:]]
+    return [sys.executable, "-c", _DIES_WITH_PARENT_SHIM, str(os.getpid()), str(int(signum)), program, *cmd[1:]]
 
 
 def check_device(name: str) -> None:

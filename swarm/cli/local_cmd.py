@@ -293,12 +293,11 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
         shards = args.peers + len(args.join)
         # Joiners start now and wait, set up, for their step: a process started at the step would
         # spend seconds importing and loading before it joined, and could arrive after the last round.
-        joins = sorted(args.join)
-        for i in range(args.peers + len(joins)):
+        for i in range(args.peers + len(args.join)):
             peers.append(await _spawn(f"peer-{i}", _peer_argv(args, target, i, shards), out / f"peer-{i}.log",
                                       hold=i >= args.peers))
         readers = {c.name: asyncio.create_task(_read_report(c)) for c in peers}
-        held = [c for c in peers if c.held]
+        pending = list(zip(sorted(args.join), peers[args.peers:], strict=True))  # (step, held joiner)
         client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))
         view = Live(console=console, refresh_per_second=4) if not args.no_view else None
         last_line = 0.0
@@ -321,9 +320,8 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                         peers[i].killed = True
                         del kills[i]
                 # A pipeline cannot reach a later step while a stage is lost: a pending joiner comes now.
-                while joins and (at >= joins[0] or (args.task == "pipeline" and status.lost_stages)):
-                    joins.pop(0)
-                    _release(held.pop(0))
+                while pending and (at >= pending[0][0] or (args.task == "pipeline" and status.lost_stages)):
+                    _release(pending.pop(0)[1])
                 where = (f"step {at}/{args.steps}, model {args.model}, H={args.inner_steps}, codec {args.codec}"
                          + (f", {args.stages} stages" if args.task == "pipeline" else "")
                          if args.task in ("train", "pipeline") else f"round {at + 1}/{args.rounds}, task {args.task}")
