@@ -27,8 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from swarm.allreduce.encoded import residual_after
-from swarm.compression import ErrorFeedback, make_codec
+from swarm.compression import Contribution, ErrorFeedback, make_codec
 from swarm.coordinator.client import CoordinatorCallError
 from swarm.peer import GENESIS_HASH, Peer, PeerConfig, PeerReport
 from swarm.proto.v1 import coordinator_pb2 as pb
@@ -74,13 +73,13 @@ class HashState:
     def digest(self) -> str:
         return self._digest
 
-    def propose(self, mean: np.ndarray | None, round_: int, attempt: pb.Attempt) -> str:
+    def propose(self, mean: torch.Tensor | None, round_: int, attempt: pb.Attempt) -> str:
         if mean is None:
             h = hashlib.sha256(self._digest.encode())
             h.update(f"|{round_}|".encode())
             h.update(",".join(m.peer_id for m in attempt.members).encode())
         else:
-            h = hashlib.sha256(memoryview(mean).cast("B"))
+            h = hashlib.sha256(memoryview(mean.cpu().numpy()).cast("B"))
         self._proposal = h.hexdigest()
         return self._proposal
 
@@ -109,17 +108,13 @@ async def run_test_task(peer: Peer, task: ProtocolTaskConfig) -> PeerReport:
         await peer.unless_stopping(peer.start(state))
         while not peer.stopping.is_set() and (task.rounds == 0 or peer.round < task.rounds):
             await peer.unless_stopping(asyncio.sleep(task.work_s))
-            acc = None
+            mine = None
             if task.task == "average":
-                acc = contribution(cfg.client.peer_id, peer.round, task.numel)
-                if feedback is not None and feedback.residual is not None:
-                    acc = acc + feedback.residual.numpy()  # error feedback: what earlier rounds did not send
-            result = await peer.unless_stopping(peer.sync(acc, codec))
+                x = torch.from_numpy(contribution(cfg.client.peer_id, peer.round, task.numel))
+                mine = Contribution(x, codec, feedback)
+            result = await peer.unless_stopping(peer.sync(mine))
             if result is None:
                 break  # stopped mid-round: nothing was adopted, so abandoning it is safe
-            if feedback is not None and acc is not None and result.outcome == "committed":
-                # The residual moves on only once the round committed with this contribution in it.
-                feedback.residual = residual_after(codec, torch.from_numpy(acc))
         reason = "done"
     except CoordinatorCallError as e:
         peer.report.errors.append(str(e))

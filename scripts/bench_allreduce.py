@@ -160,10 +160,13 @@ def _swarm_worker(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier: An
 
 async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier: Any,
                       host: str, ifname: str) -> dict[str, Any]:
+    import torch
+
     from swarm.allreduce.butterfly import Participant, allreduce_attempt
+    from swarm.compression import CodecConfig, Contribution, make_codec
     from swarm.transport.endpoint import Endpoint, TransportConfig
 
-    x = _tensor(cfg, rank)
+    x = Contribution(torch.from_numpy(_tensor(cfg, rank)), make_codec(CodecConfig()))
     tcfg = TransportConfig(host=host, connections_per_peer=cfg.connections, chunk_bytes=cfg.chunk_bytes,
                            io_timeout_s=cfg.round_timeout_s)
     ep = Endpoint(f"p{rank}", "bench", tcfg)
@@ -198,7 +201,7 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
             if timed:
                 spans.append((t0, t1))
                 cpu, faults = cpu + c1 - c0, faults + f1 - f0
-                digests.append(_digest(out))
+                digests.append(_digest(out.numpy()))
             ep.release(out)  # as a peer does once it has applied the result
         sent, tx = ep.bytes_sent - sent0, _tx_bytes(ifname) - tx0
         # Peers may still be reading our last frames: close only after everyone is done (the loop keeps
@@ -208,7 +211,7 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
         await ep.close()
     if profiler:
         profiler.dump_stats(os.path.join(cfg.profile_dir, "swarm_rank0.prof"))
-    err = float(np.abs(out.astype(np.float64) - _exact_mean(cfg)).max()) if rank == 0 else None
+    err = float(np.abs(out.numpy().astype(np.float64) - _exact_mean(cfg)).max()) if rank == 0 else None
     return {"spans": spans, "digests": digests, "bytes_sent": sent / cfg.rounds, "wire_tx": tx / cfg.rounds,
             "cpu_s": cpu / cfg.rounds, "minflt": faults / cfg.rounds, "max_abs_err": err}
 

@@ -1,4 +1,5 @@
-"""The all-reduce with codecs on the wire: exact, bit-identical, and as small as promised."""
+"""The all-reduce with each codec on the wire (raw fp32 is `none`): exact, bit-identical, as small as
+promised, and error feedback that moves on only when a round commits."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from swarm.allreduce.butterfly import Participant, allreduce_attempt, reduce_in_order
-from swarm.allreduce.encoded import gathers_payloads, parts_for, residual_after
-from swarm.compression import Codec, CodecConfig, make_codec
+from swarm.allreduce.butterfly import Participant, allreduce_attempt
+from swarm.allreduce.reduce import gathers_payloads, parts_for, reduce_in_order
+from swarm.compression import Codec, CodecConfig, Contribution, ErrorFeedback, make_codec
 from swarm.transport.endpoint import Endpoint, PeerFailure, TransportConfig
 from swarm.transport.faults import FaultInjector, FaultRule
 
-CODECS = ["bf16", "fp16", "int8", "sparseloco", "topk"]
+CODECS = ["none", "bf16", "fp16", "int8", "sparseloco", "topk"]
 
 
 @pytest.fixture
@@ -41,15 +42,22 @@ def expected(codec: Codec, xs: list[np.ndarray], members: list[Participant]) -> 
     total, n = xs[0].size, len(xs)
     out = np.empty(total, np.float32)
     result = None if gathers_payloads(codec, total, n) else codec.result_codec(n)
-    for start, length in parts_for(codec, total, members):
+    for start, length in parts_for(codec, total, [m.bandwidth for m in members]):
         if not length:
             continue
-        pieces = [codec.decode(codec.encode(torch.from_numpy(x[start : start + length])), length).numpy() for x in xs]
-        reduced = reduce_in_order(pieces, np.empty(length, np.float32))
+        pieces = [codec.decode(codec.encode(torch.from_numpy(x[start : start + length])), length) for x in xs]
+        reduced = reduce_in_order(pieces, torch.empty(length))
         if result is not None:
-            reduced = result.decode(result.encode(torch.from_numpy(reduced)), length).numpy()
-        out[start : start + length] = reduced
+            reduced = result.decode(result.encode(reduced), length)
+        out[start : start + length] = reduced.numpy()
     return out
+
+
+def attempts(eps: list[Endpoint], xs: list[np.ndarray], members: list[Participant], codecs: list[Codec],
+             timeout_s: float = 10.0, return_exceptions: bool = False) -> asyncio.Future:
+    """Every member's attempt 1 of round 0, with `x` and its codec as its contribution."""
+    return asyncio.gather(*(allreduce_attempt(e, Contribution(torch.from_numpy(x), c), members, 0, 1, timeout_s)
+                            for e, x, c in zip(eps, xs, codecs, strict=True)), return_exceptions=return_exceptions)
 
 
 def test_sparse_codecs_gather_payloads_and_dense_ones_use_the_butterfly() -> None:
@@ -71,10 +79,10 @@ async def test_encoded_allreduce_is_exact_and_bit_identical(endpoints, name: str
     eps = await endpoints(peers)
     members = [Participant(e.peer_id, e.address) for e in eps]
     xs = [np.random.default_rng(i).standard_normal(numel).astype(np.float32) for i in range(peers)]
-    outs = await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 10.0, codec) for e, x in zip(eps, xs)))
+    outs = await attempts(eps, xs, members, [codec] * peers)
     want = expected(codec, xs, members)
     for out in outs:
-        assert out.tobytes() == want.tobytes()
+        assert out.numpy().tobytes() == want.tobytes()
 
 
 @pytest.mark.parametrize("name", ["int8", "sparseloco"])
@@ -84,7 +92,7 @@ async def test_bytes_on_the_wire_are_the_payload_sizes(endpoints, name: str) -> 
     eps = await endpoints(peers)
     members = [Participant(e.peer_id, e.address) for e in eps]
     xs = [np.random.default_rng(i).standard_normal(numel).astype(np.float32) for i in range(peers)]
-    await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 10.0, codec) for e, x in zip(eps, xs)))
+    await attempts(eps, xs, members, [codec] * peers)
     part = numel // peers  # equal parts on the 4096 grid
     contrib, result = codec.payload_nbytes(part), codec.result_codec(peers).payload_nbytes(part)
     butterfly = (peers - 1) * (contrib + result)  # N-1 contributions and N-1 copies of its reduced part
@@ -105,8 +113,7 @@ async def test_a_member_sending_a_payload_of_the_wrong_size_is_named(endpoints) 
     xs = [np.random.default_rng(i).standard_normal(3 * 4096).astype(np.float32) for i in range(3)]
     codecs = [make_codec(CodecConfig(name="sparseloco"))] * 2 + [make_codec(CodecConfig(name="topk", k=128))]
     assert all(gathers_payloads(c, xs[0].size, 3) for c in codecs)
-    results = await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 5.0, c)
-                                     for e, x, c in zip(eps, xs, codecs)), return_exceptions=True)
+    results = await attempts(eps, xs, members, codecs, 5.0, return_exceptions=True)
     for r in results[:2]:
         assert isinstance(r, PeerFailure) and r.peer == "p2" and "not the" in r.reason, results
     assert isinstance(results[2], PeerFailure) and results[2].peer != "p2"
@@ -117,7 +124,7 @@ async def test_a_member_whose_payload_decodes_to_nan_is_named(endpoints, name: s
     codec = make_codec(CodecConfig(name=name))
 
     class Hostile(type(codec)):  # an encoder that does not check: the first block's scale is NaN
-        def encode(self, x: torch.Tensor, feedback: object = None) -> torch.Tensor:
+        def encode(self, x: torch.Tensor, feedback: object = None, *, alias: bool = False) -> torch.Tensor:
             payload = super().encode(x).clone()
             payload[:4] = torch.frombuffer(bytearray(np.float32(np.nan).tobytes()), dtype=torch.uint8)
             return payload
@@ -126,8 +133,7 @@ async def test_a_member_whose_payload_decodes_to_nan_is_named(endpoints, name: s
     members = [Participant(e.peer_id, e.address) for e in eps]
     xs = [np.random.default_rng(i).standard_normal(3 * 4096).astype(np.float32) for i in range(3)]
     codecs = [codec, Hostile(**dataclasses.asdict(codec)), codec]
-    results = await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 5.0, c)
-                                     for e, x, c in zip(eps, xs, codecs)), return_exceptions=True)
+    results = await attempts(eps, xs, members, codecs, 5.0, return_exceptions=True)
     # Whoever reduces p1's first block names p1 (the butterfly: its owner p0; gathered: p0 and p2), and
     # no honest member returns a result (p1's own outcome is its own affair).
     honest = [results[0], results[2]]
@@ -143,17 +149,60 @@ async def test_a_member_failing_during_an_encoded_attempt_is_named(endpoints) ->
     members = [Participant(e.peer_id, e.address) for e in eps]
     xs = [np.ones(9000, np.float32) * i for i in range(3)]
     codec = make_codec(CodecConfig(name="int8"))
-    results = await asyncio.gather(*(allreduce_attempt(e, x, members, 0, 1, 1.5, codec) for e, x in zip(eps, xs)),
-                                   return_exceptions=True)
+    results = await attempts(eps, xs, members, [codec] * 3, 1.5, return_exceptions=True)
     assert all(isinstance(r, PeerFailure) and r.peer == "p2" for r in results[:2]), results
 
 
-def test_error_feedback_residual_is_what_the_codec_lost() -> None:
+def test_error_feedback_moves_on_only_when_the_round_commits() -> None:
     codec = make_codec(CodecConfig(name="sparseloco"))
-    acc = torch.randn(3 * 4096 + 17)
-    residual = residual_after(codec, acc)
-    sent = codec.decode(codec.encode(acc), acc.numel())
-    assert torch.equal(residual, acc - sent)
-    unsent = sent == 0
-    assert unsent.sum() > 0.9 * acc.numel() and torch.equal(residual[unsent], acc[unsent])
-    assert residual.norm() < acc.norm()
+    feedback = ErrorFeedback()
+    x = torch.randn(3 * 4096 + 17)
+    first = Contribution(x, codec, feedback)
+    parts = [(0, 4096), (4096, 2 * 4096 + 17)]
+    sent = [first.encode(s, n) for s, n in parts]
+    assert feedback.residual is None, "encoding alone (an attempt that may fail) moved the residual"
+    assert all(torch.equal(first.encode(s, n), p) for (s, n), p in zip(parts, sent)), "a retry sent other bytes"
+    first.commit()
+    decoded = torch.cat([codec.decode(p, n) for (_, n), p in zip(parts, sent)])
+    assert torch.equal(feedback.residual, x - decoded)
+    unsent = decoded == 0
+    assert unsent.sum() > 0.9 * x.numel() and torch.equal(feedback.residual[unsent], x[unsent])
+    # The next round carries x2 + β·residual, and leaves what that one lost.
+    x2, beta = torch.randn(x.numel()), 0.5
+    second = Contribution(x2, codec, feedback, decay=beta)
+    payload = second.encode(0, x2.numel())
+    acc = x2 + feedback.residual * beta
+    assert torch.equal(payload, codec.encode(acc))
+    second.commit()
+    assert torch.equal(feedback.residual, acc - codec.decode(payload, acc.numel()))
+
+
+def test_a_fragment_commits_only_its_slice_of_the_residual() -> None:
+    codec = make_codec(CodecConfig(name="topk", k=64))
+    feedback = ErrorFeedback(torch.randn(3 * 4096))
+    before = feedback.residual.clone()
+    x = torch.randn(4096)
+    fragment = Contribution(x, codec, feedback, at=4096, size=3 * 4096)
+    payload = fragment.encode(0, 4096)
+    fragment.commit()
+    acc = x + before[4096 : 2 * 4096]
+    assert torch.equal(payload, codec.encode(acc))
+    assert torch.equal(feedback.residual[4096 : 2 * 4096], acc - codec.decode(payload, 4096))
+    assert torch.equal(feedback.residual[:4096], before[:4096]) and torch.equal(feedback.residual[8192:], before[8192:])
+    with pytest.raises(RuntimeError, match="before the all-reduce encoded"):
+        fragment.commit()
+
+
+async def test_raw_fp32_payloads_share_the_tensors_memory(endpoints) -> None:
+    """`none` copies nothing to encode or decode: results land straight in the output."""
+    eps = await endpoints(2)
+    members = [Participant(e.peer_id, e.address) for e in eps]
+    none = make_codec(CodecConfig())
+    x = torch.randn(1000)
+    assert none.encode(x, alias=True).data_ptr() == x.data_ptr()
+    assert none.decode(none.encode(x, alias=True), 1000, alias=True).data_ptr() == x.data_ptr()
+    xs = [np.random.default_rng(i).standard_normal(10_000).astype(np.float32) for i in range(2)]
+    outs = await attempts(eps, xs, members, [none] * 2)
+    for ep, out in zip(eps, outs, strict=True):
+        assert ep.bytes_sent == 2 * 5000 * 4  # its half of the contributions and its reduced half, raw
+        assert out.numpy().tobytes() == ((xs[0] + xs[1]) / np.float32(2)).tobytes()

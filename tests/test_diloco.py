@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from swarm.compression import Codec
-from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig, _cut
+from swarm.compression import Contribution
+from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig
+from swarm.diloco.hooks import _cut
 from swarm.peer import RoundState, SyncResult
 from swarm.transport.endpoint import StateSnapshot
 
@@ -136,7 +137,7 @@ def test_outer_step_matches_torch_sgd_nesterov() -> None:
     sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
     for round_ in range(4):
         g = torch.randn(1000)
-        state.propose(g.numpy(), round_)
+        state.propose(g, round_)
         state.adopt(round_)
         ref.grad = g.clone()
         sgd.step()
@@ -146,18 +147,18 @@ def test_outer_step_matches_torch_sgd_nesterov() -> None:
 def test_propose_leaves_the_committed_state_alone_until_adopt() -> None:
     state = GlobalState(torch.ones(10), OuterConfig())
     before, digest = state.theta.clone(), state.digest
-    h1 = state.propose(np.full(10, 0.5, np.float32), 0)
-    h2 = state.propose(np.full(10, 0.25, np.float32), 0)  # a RETRY: another attempt, another mean
+    h1 = state.propose(torch.full((10,), 0.5), 0)
+    h2 = state.propose(torch.full((10,), 0.25), 0)  # a RETRY: another attempt, another mean
     assert h1 != h2 and state.digest == digest and torch.equal(state.theta, before)
     state.adopt(0)
     assert state.digest == h2 and state.round == 0
     with pytest.raises(ValueError, match="elements"):
-        state.propose(np.zeros(3, np.float32), 1)
+        state.propose(torch.zeros(3), 1)
 
 
 def test_restore_checks_the_donors_state_and_changes_nothing_when_it_is_bad() -> None:
     donor = GlobalState(torch.arange(10, dtype=torch.float32), OuterConfig())
-    donor.propose(np.ones(10, np.float32), 0)
+    donor.propose(torch.ones(10), 0)
     donor.adopt(0)
     good = donor.snapshot()
     assert good is not None and good.meta["round"] == 0
@@ -185,23 +186,25 @@ def test_restore_checks_the_donors_state_and_changes_nothing_when_it_is_bad() ->
 
 
 class _Recorder:
-    """An averager that answers each round with this peer's own contribution (a swarm of one)."""
+    """An averager that answers each round with this peer's own decoded payload (a swarm of one)."""
 
     def __init__(self) -> None:
         self.calls: list[int] = []
-        self.flats: list[np.ndarray] = []
+        self.payloads: list[torch.Tensor] = []
         self.state: RoundState | None = None
         self.closed = ""
 
     def start(self, state: RoundState) -> None:
         self.state = state
 
-    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
+    def sync(self, contribution: Contribution) -> SyncResult:
         assert self.state is not None
         self.calls.append(len(self.calls))
-        self.flats.append(flat.copy())
-        self.state.propose(flat.copy(), len(self.calls) - 1, None)
+        payload = contribution.encode(0, contribution.numel).clone()
+        self.payloads.append(payload)
+        self.state.propose(contribution.codec.decode(payload, contribution.numel), len(self.calls) - 1, None)
         self.state.adopt(len(self.calls) - 1)
+        contribution.commit()
         return SyncResult("committed", len(self.calls) - 1, 1)
 
     def close(self, reason: str) -> None:
@@ -244,9 +247,9 @@ def test_each_round_sends_delta_plus_the_decayed_residual(decay: float) -> None:
             # What the round did not carry waits for the next one, undecayed until it is sent.
             assert torch.equal(dl.feedback.residual, acc - dl.codec.decode(dl.codec.encode(acc), acc.numel()))
             assert dl.feedback.residual.abs().sum() > 0  # so the next round's β actually matters
-    assert len(peer.flats) == 3
-    for sent, want in zip(peer.flats, expected, strict=True):
-        assert torch.equal(torch.from_numpy(sent), want)
+    assert len(peer.payloads) == 3
+    for sent, want in zip(peer.payloads, expected, strict=True):
+        assert torch.equal(sent, dl.codec.encode(want))
 
 
 def test_nan_in_the_local_model_stops_the_sync_instead_of_spreading() -> None:

@@ -20,10 +20,13 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarm.allreduce.butterfly import ALIGN_ELEMENTS, Participant, allreduce_attempt, check_finite, partition
+from swarm.allreduce.butterfly import Participant, allreduce_attempt
+from swarm.allreduce.reduce import ALIGN_ELEMENTS, check_finite, partition
+from swarm.compression import Codec, CodecConfig, Contribution, Float32Codec, make_codec
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector, FaultRule
 from swarm.transport.frames import MAGIC, PREFIX, Header, checksum, encode_header
@@ -67,27 +70,38 @@ class Outcome:
     """From the start of this member's attempt (after any start delay) to its end."""
 
 
+RAW = make_codec(CodecConfig())
+
+
+class _Unchecked(Float32Codec):
+    """A hostile member's raw codec: sends whatever it holds, NaN and Inf included."""
+
+    def encode(self, x: torch.Tensor, feedback: object = None, *, alias: bool = False) -> torch.Tensor:
+        return x.view(torch.uint8)
+
+
 async def attempt(ep: Endpoint, flat: np.ndarray, group: list[Participant], *, round: int = 0, attempt: int = 0,
-                  timeout_s: float = 5.0, start_after_s: float = 0.0) -> Outcome:
+                  timeout_s: float = 5.0, start_after_s: float = 0.0, codec: Codec = RAW) -> Outcome:
     if start_after_s:
         await asyncio.sleep(start_after_s)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     try:
-        value = await allreduce_attempt(ep, flat, group, round, attempt, timeout_s)
+        value = await allreduce_attempt(ep, Contribution(torch.from_numpy(flat), codec), group, round, attempt,
+                                        timeout_s)
     except PeerFailure as e:
         return Outcome(None, e, loop.time() - t0)
-    return Outcome(value, None, loop.time() - t0)
+    return Outcome(value.numpy(), None, loop.time() - t0)
 
 
 async def run_all(eps: list[Endpoint], xs: list[np.ndarray], group: list[Participant] | None = None,
                   *, timeout_s: float | list[float] = 5.0, start_after_s: dict[str, float] | None = None,
-                  round: int = 0, attempt_: int = 0) -> dict[str, Outcome]:
+                  round: int = 0, attempt_: int = 0, codecs: dict[str, Codec] | None = None) -> dict[str, Outcome]:
     group = group or members(eps)
     timeouts = timeout_s if isinstance(timeout_s, list) else [timeout_s] * len(eps)
     outs = await asyncio.gather(*(
         attempt(ep, x, group, round=round, attempt=attempt_, timeout_s=t,
-                start_after_s=(start_after_s or {}).get(ep.peer_id, 0.0))
+                start_after_s=(start_after_s or {}).get(ep.peer_id, 0.0), codec=(codecs or {}).get(ep.peer_id, RAW))
         for ep, x, t in zip(eps, xs, timeouts, strict=True)
     ))
     return {ep.peer_id: o for ep, o in zip(eps, outs, strict=True)}
@@ -139,16 +153,22 @@ def raw_frame(kind: str, *, sender: str = "X", run: str = RUN, payload: bytes = 
     return encode_header(h) + payload
 
 
-def contrib(numel: int = 16, *, round: int = 7, attempt: int = 0, dtype: str = "float32", **kw: Any) -> bytes:
-    """A whole contrib frame of X's (part = chunk = the whole tensor) carrying arange(numel)."""
-    return raw_frame("contrib", round=round, attempt=attempt, offset=0, numel=numel, total=numel, part_start=0,
-                     part_len=numel, dtype=dtype, payload=np.arange(numel, dtype=dtype).tobytes(), **kw)
+def contrib(numel: int = 16, *, round: int = 7, attempt: int = 0, tag: str = "none", **kw: Any) -> bytes:
+    """A whole contrib payload of X's in one frame: raw arange(numel) as float32."""
+    payload = np.arange(numel, dtype=np.float32).tobytes()
+    return raw_frame("contrib", round=round, attempt=attempt, offset=0, total=len(payload), tag=tag,
+                     payload=payload, **kw)
 
 
 def contrib_header(numel: int, *, round: int) -> bytes:
-    """Only the header of a float32 contrib frame of `numel` elements (its payload is never sent)."""
-    return encode_header(Header(kind="contrib", run=RUN, sender="X", round=round, offset=0, numel=numel,
-                                total=numel, part_start=0, part_len=numel, nbytes=4 * numel))
+    """Only the header of a raw contrib frame of `numel` float32 (its payload is never sent)."""
+    return encode_header(Header(kind="contrib", run=RUN, sender="X", round=round, offset=0, total=4 * numel,
+                                tag="none", nbytes=4 * numel))
+
+
+def received(box: Any, sender: str) -> np.ndarray:
+    """What `sender` delivered to `box` as its contrib payload, read as float32."""
+    return box.payload("contrib", sender).view(np.float32)
 
 
 def hello(sender: str = "X", run: str = RUN) -> bytes:
@@ -201,13 +221,6 @@ async def test_allreduce_is_the_member_order_mean_on_every_member(
 async def test_allreduce_of_an_empty_tensor(make_endpoints: MakeEndpoints) -> None:
     eps = await make_endpoints("ABC")
     assert_exact_mean(await run_all(eps, inputs(3, 0)), inputs(3, 0))
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float16"])
-async def test_allreduce_keeps_the_dtype(make_endpoints: MakeEndpoints, dtype: str) -> None:
-    eps = await make_endpoints("ABC", chunk_bytes=1024)
-    xs = inputs(3, 1001, dtype)
-    assert_exact_mean(await run_all(eps, xs), xs)
 
 
 @pytest.mark.parametrize("per_peer", [1, 3])
@@ -389,10 +402,11 @@ _GARBAGE = [
     pytest.param(hello("X") + contrib(sender="B"), set(), id="spoofed-sender"),
     # The payload lands in place before its checksum is checked, so the buffer exists, but its sender is failed.
     pytest.param(hello() + contrib(bad_checksum=True), {"X"}, id="bad-checksum"),
-    pytest.param(hello() + raw_frame("contrib", round=7, offset=10, numel=16, total=16, part_start=0, part_len=16,
-                                     payload=bytes(64)), set(), id="chunk-outside-part"),
-    pytest.param(hello() + contrib(16, dtype="float32") + contrib(16, dtype="float64"), {"X"},
-                 id="dtype-changes-mid-attempt"),
+    pytest.param(hello() + raw_frame("contrib", round=7, offset=10, total=64, payload=bytes(64)), set(),
+                 id="chunk-outside-payload"),
+    pytest.param(hello() + contrib(16) + contrib(16, tag="int8"), {"X"}, id="tag-changes-mid-payload"),
+    pytest.param(hello() + contrib(16) + contrib(32), {"X"}, id="size-changes-mid-payload"),
+    pytest.param(hello() + raw_frame("state", round=7, total=4, payload=bytes(4)), set(), id="message-on-data-link"),
 ]
 
 
@@ -404,8 +418,8 @@ async def test_garbage_on_the_port_is_refused_and_the_endpoint_keeps_serving(
     reader, writer = await connect(a, garbage)
     assert await closed_by_endpoint(reader, writer), "the endpoint kept a connection that sent garbage"
     box = a.inbox(7, 0)
-    assert set(box.contribs) == kept and box.out is None, "refused data reached an inbox"
-    assert all(p in box.failed for p in box.contribs), box.failed
+    assert {p for _, p in box.mail} == kept, "refused data reached an inbox"
+    assert all(p in box.failed for _, p in box.mail), box.failed
     xs = inputs(2, 1000)
     assert_exact_mean(await run_all([a, b], xs, round=1), xs)
 
@@ -415,12 +429,13 @@ async def test_a_valid_connection_is_kept(make_endpoints: MakeEndpoints) -> None
     (a,) = await make_endpoints("A")
     reader, writer = await connect(a, hello() + contrib())
     assert not await closed_by_endpoint(reader, writer, within_s=0.3)
-    assert np.array_equal(a.inbox(7, 0).contribs["X"], np.arange(16, dtype="float32"))
+    assert np.array_equal(received(a.inbox(7, 0), "X"), np.arange(16, dtype="float32"))
 
 
 async def test_stalled_frame_is_dropped(make_endpoints: MakeEndpoints) -> None:
     (a,) = await make_endpoints("A", io_timeout_s=0.3)
     box = a.inbox(7, 0)
+    box.expect("contrib", "X", 4 * 16, "none")
     reader, writer = await connect(a, hello() + contrib()[:-10])  # the last 10 payload bytes never come
     assert await closed_by_endpoint(reader, writer, within_s=2.0)
     assert "stalled" in box.failed.get("X", ""), box.failed
@@ -430,8 +445,9 @@ async def test_stalled_frame_is_dropped(make_endpoints: MakeEndpoints) -> None:
 
 async def test_oversized_frame_is_refused_before_allocating(make_endpoints: MakeEndpoints) -> None:
     (a,) = await make_endpoints("A", chunk_bytes=64 << 10, max_frame_bytes=1 << 20)
-    box = a.inbox(3, 0)  # started: only max_frame_bytes stands between this frame and a 256 MiB buffer
     numel = 1 << 26
+    box = a.inbox(3, 0)  # started and expecting it: only max_frame_bytes stands between it and a 256 MiB buffer
+    box.expect("contrib", "X", 4 * numel, "none")
     tracemalloc.start()
     try:
         reader, writer = await connect(a, hello() + contrib_header(numel, round=3))
@@ -442,7 +458,7 @@ async def test_oversized_frame_is_refused_before_allocating(make_endpoints: Make
     assert closed, "the endpoint waited for a payload over max_frame_bytes"
     assert peak < 16 << 20, f"{peak} bytes allocated for a refused frame"
     assert "exceeds the limit" in box.failed.get("X", ""), box.failed
-    assert not box.contribs
+    assert not box.mail
 
 
 async def test_late_frames_of_a_closed_attempt_are_discarded(make_endpoints: MakeEndpoints) -> None:
@@ -469,7 +485,7 @@ async def test_late_frames_of_a_closed_attempt_are_discarded(make_endpoints: Mak
     assert_exact_mean({"C": c0}, old)  # C finished attempt 0, so it did send its late results
     assert_exact_mean({"A": a1, "B": b1, "C": c1}, new)
     stale = a.inbox(0, 0)
-    assert stale.out is None and not stale.contribs, "late frames were stored for a closed attempt"
+    assert not stale.mail, "late frames were stored for a closed attempt"
 
 
 async def test_pending_data_beyond_the_limit_is_refused(make_endpoints: MakeEndpoints) -> None:
@@ -480,12 +496,29 @@ async def test_pending_data_beyond_the_limit_is_refused(make_endpoints: MakeEndp
     assert not await closed_by_endpoint(x_reader, x_writer, within_s=0.2), "data under the limit was refused"
     refused = a.inbox(9, 1)
     assert "max_pending_bytes" in refused.failed.get("Y", ""), refused.failed
-    assert not refused.contribs
-    assert np.array_equal(a.inbox(9, 0).contribs["X"], np.arange(2048, dtype="float32"))
-    # Once an attempt has started its data is expected, not pending: the limit no longer applies (20 KiB).
+    assert not refused.mail
+    assert np.array_equal(received(a.inbox(9, 0), "X"), np.arange(2048, dtype="float32"))
+    # Once an attempt has started, what it expects is not pending: the limit no longer applies (20 KiB).
+    refused.expect("contrib", "Z", 4 * 5120, "none")
     z_reader, z_writer = await connect(a, hello("Z") + contrib(5120, round=9, attempt=1, sender="Z"))
     assert not await closed_by_endpoint(z_reader, z_writer, within_s=0.2)
-    assert np.array_equal(refused.contribs["Z"], np.arange(5120, dtype="float32"))
+    assert np.array_equal(received(refused, "Z"), np.arange(5120, dtype="float32"))
+
+
+async def test_a_started_attempt_refuses_payloads_it_does_not_expect(
+    make_endpoints: MakeEndpoints, caplog: pytest.LogCaptureFixture
+) -> None:
+    (a,) = await make_endpoints("A")
+    box = a.inbox(7, 0)
+    box.expect("contrib", "X", 4 * 16, "none")
+    for garbage, why in [(hello("Y") + contrib(16, sender="Y"), "does not expect"),
+                         (hello("X") + contrib(32), "not the 64 bytes"),
+                         (hello("X") + contrib(16, tag="int8"), "not the 64 bytes (none)")]:
+        reader, writer = await connect(a, garbage)
+        assert await closed_by_endpoint(reader, writer), garbage
+    assert "Y sent a contrib payload that round 7 attempt 0 does not expect" in caplog.text
+    assert "not the 64 bytes" in box.failed["X"] and "Y" not in box.failed, box.failed  # Y owes this attempt nothing
+    assert not box.mail
 
 
 async def test_a_send_cancelled_mid_frame_does_not_poison_the_connection(make_endpoints: MakeEndpoints) -> None:
@@ -494,7 +527,7 @@ async def test_a_send_cancelled_mid_frame_does_not_poison_the_connection(make_en
                                 faults={"B": [FaultRule(point="recv.contrib", action="delay", delay_s=0.5, round=20)]})
     numel = 16 << 20
     big = np.ones(numel, dtype=np.float32)
-    header = Header(kind="contrib", round=20, offset=0, numel=numel, total=numel, part_start=0, part_len=numel)
+    header = Header(kind="contrib", round=20, offset=0, total=4 * numel, tag="none")
     sending = asyncio.create_task(a.send("B", b.address, header, memoryview(big).cast("B")))
     await asyncio.sleep(0.2)
     assert not sending.done(), "the frame went out whole; the test needs it cut"
@@ -554,7 +587,7 @@ async def test_a_member_sending_nan_or_inf_is_blamed_and_nobody_gets_a_poisoned_
     xs = inputs(3, 3 * ALIGN_ELEMENTS, seed=7)
     xs[1][5] = bad  # B's contribution to A's part
     xs[1][-5] = bad  # and to C's part
-    outs = await run_all(eps, xs, timeout_s=2.0)
+    outs = await run_all(eps, xs, timeout_s=2.0, codecs={"B": _Unchecked()})
     for peer in "AC":
         error = outs[peer].error
         assert isinstance(error, PeerFailure) and error.peer == "B" and "NaN/Inf" in error.reason
@@ -576,17 +609,16 @@ async def test_finite_values_whose_sum_overflows_blame_the_largest_sender_not_th
 
 
 def test_check_finite_names_the_cause_of_a_non_finite_part() -> None:
-    ok = np.ones(4, np.float32)
-    bad = np.array([1, np.nan, 1, 1], np.float32)
+    ok = torch.ones(4)
+    bad = torch.tensor([1, float("nan"), 1, 1])
     check_finite(ok + ok, [ok, ok], ["A", "B"], "A")  # finite: nothing to say
     with pytest.raises(PeerFailure, match="NaN/Inf") as caught:
         check_finite(ok + bad, [ok, bad], ["A", "B"], "A")
     assert caught.value.peer == "B"
     with pytest.raises(FloatingPointError, match="own contribution"):
         check_finite(bad + ok, [bad, ok], ["A", "B"], "A")  # only this member's own piece is bad
-    big = np.full(4, 3.0e38, np.float32)
-    with np.errstate(over="ignore"):
-        total = big + big + ok
+    big = torch.full((4,), 3.0e38)
+    total = big + big + ok
     with pytest.raises(PeerFailure, match="overflowing") as caught:
         check_finite(total, [ok, big, big], ["A", "B", "C"], "A")
     assert caught.value.peer == "B"  # the first of the largest, in member order
@@ -687,7 +719,7 @@ async def test_a_malformed_call_is_dropped_and_the_handler_never_runs(
         return {"ok": True}, {}
 
     server.call_handler = handler
-    head = Header(kind="call", part=0, numel=len(description), total=len(description), dtype="uint8")
+    head = Header(kind="call", part=0, total=len(description))
     assert await _raw_call(server.address, [(head, description)]) == b""  # dropped, nothing answered
     assert not ran and word in caplog.text
     meta, _ = await client.call("S", server.address, {}, {}, timeout_s=10)  # honest callers still served

@@ -21,11 +21,10 @@ from hypothesis import strategies as st
 
 from swarm.transport.faults import POINTS, FaultInjector, FaultRule
 from swarm.transport.frames import (
-    DTYPES,
     KINDS,
     MAGIC,
     MAX_HEADER_BYTES,
-    MESSAGE_KINDS,
+    PAYLOAD_KINDS,
     PREFIX,
     VERSION,
     FrameError,
@@ -37,10 +36,8 @@ from swarm.transport.frames import (
 )
 
 FIELDS = list(Header.__dataclass_fields__)
-INT_FIELDS = [
-    "round", "attempt", "part", "offset", "numel", "total", "part_start", "part_len", "nbytes", "checksum",
-]
-STR_FIELDS = ["kind", "run", "sender", "codec", "dtype"]
+INT_FIELDS = ["round", "attempt", "part", "offset", "total", "nbytes", "checksum"]
+STR_FIELDS = ["kind", "run", "sender", "tag"]
 BIG = 1 << 62
 """A payload limit no generated header reaches."""
 
@@ -52,29 +49,17 @@ _u64 = st.integers(0, 2**64 - 1)
 
 @st.composite
 def headers(draw: st.DrawFn) -> Header:
-    """A valid header of any kind and dtype, with consistent sizes for data frames."""
+    """A valid header of any kind, its bytes inside the payload it declares where it has one."""
     kind = draw(st.sampled_from(sorted(KINDS)))
-    dtype = draw(st.sampled_from(sorted(DTYPES)))
     common: dict[str, Any] = {
-        "kind": kind, "dtype": dtype, "run": draw(_names), "sender": draw(_names), "round": draw(_u64),
-        "attempt": draw(_u64), "part": draw(_u64), "checksum": draw(_u64),
-        "shape": tuple(draw(st.lists(st.integers(0, 2**40), max_size=8))),
+        "kind": kind, "run": draw(_names), "sender": draw(_names), "round": draw(_u64), "attempt": draw(_u64),
+        "part": draw(_u64), "checksum": draw(_u64), "tag": draw(_names),
     }
-    if kind in ("contrib", "result"):
-        total = draw(st.integers(0, 2**40))
-        part_start = draw(st.integers(0, total))
-        part_len = draw(st.integers(0, total - part_start))
-        offset = draw(st.integers(part_start, part_start + part_len))
-        numel = draw(st.integers(0, part_start + part_len - offset))
-        return Header(**common, total=total, part_start=part_start, part_len=part_len, offset=offset, numel=numel,
-                      nbytes=numel * DTYPES[dtype])
-    if kind in MESSAGE_KINDS:
+    if kind in PAYLOAD_KINDS:
         total = draw(st.integers(0, BIG))
         offset = draw(st.integers(0, total))
-        numel = draw(st.integers(0, total - offset))
-        return Header(**{**common, "dtype": "uint8"}, offset=offset, numel=numel, total=total, nbytes=numel)
-    return Header(**common, codec=draw(_names), offset=draw(_u64), numel=draw(_u64), total=draw(_u64),
-                  part_start=draw(_u64), part_len=draw(_u64), nbytes=draw(st.integers(0, BIG)))
+        return Header(**common, offset=offset, total=total, nbytes=draw(st.integers(0, total - offset)))
+    return Header(**common, offset=draw(_u64), total=draw(_u64), nbytes=draw(st.integers(0, BIG)))
 
 
 def _values(h: Header) -> list[Any]:
@@ -83,7 +68,7 @@ def _values(h: Header) -> list[Any]:
 
 _msgpack_scalars = (
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=6)
-    | st.binary(max_size=3) | st.sampled_from(sorted(KINDS) + sorted(DTYPES) + [-1, 0, 1])
+    | st.binary(max_size=3) | st.sampled_from([*sorted(KINDS), -1, 0, 1])
 )
 _msgpack_values = st.recursive(_msgpack_scalars, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
 
@@ -111,17 +96,12 @@ def mangled_bodies(draw: st.DrawFn) -> bytes:
 
 def _assert_valid(h: Header, max_payload_bytes: int) -> None:
     """What a decoded header promises the endpoint (which indexes dicts and sizes buffers with it)."""
-    assert h.kind in KINDS and h.dtype in DTYPES
+    assert h.kind in KINDS
     assert all(type(getattr(h, f)) is str for f in STR_FIELDS)
     assert all(type(getattr(h, f)) is int and getattr(h, f) >= 0 for f in INT_FIELDS)
-    assert isinstance(h.shape, tuple) and all(isinstance(s, int) and s >= 0 for s in h.shape)
     assert h.nbytes <= max_payload_bytes
-    if h.kind in ("contrib", "result"):
-        if h.codec == "none":
-            assert h.nbytes == h.numel * DTYPES[h.dtype]
-        assert h.part_start <= h.offset <= h.offset + h.numel <= h.part_start + h.part_len <= h.total
-    if h.kind in MESSAGE_KINDS:
-        assert h.dtype == "uint8" and h.nbytes == h.numel and h.offset + h.numel <= h.total
+    if h.kind in PAYLOAD_KINDS:
+        assert h.offset + h.nbytes <= h.total
 
 
 # ------------------------------------------------------------------ round trips
@@ -185,13 +165,13 @@ def test_decode_prefix_of_arbitrary_bytes(prefix: bytes) -> None:
 
 def test_encode_refuses_an_oversized_header() -> None:
     with pytest.raises(FrameError, match="exceeds"):
-        encode_header(Header(kind="hello", shape=tuple(range(40_000))))
+        encode_header(Header(kind="hello", tag="x" * (MAX_HEADER_BYTES + 1)))
 
 
 # ------------------------------------------------------------------ header errors
 
-_GOOD = Header(kind="contrib", run="r", sender="a", round=3, attempt=1, part=2, offset=100, numel=50, total=1000,
-               part_start=64, part_len=500, dtype="float32", nbytes=200, checksum=7)
+_GOOD = Header(kind="contrib", run="r", sender="a", round=3, attempt=1, part=2, offset=100, total=1000, tag="int8",
+               nbytes=200, checksum=7)
 _LIMIT = 1 << 20
 
 
@@ -220,7 +200,7 @@ def test_the_base_header_of_the_error_cases_is_valid() -> None:
         (msgpack.packb("contrib"), f"{len(FIELDS)} fields"),
         (_body(run="x" * 2000), "max_str_len"),
         (_body(run=b"bytes"), "max_bin_len"),
-        (_body(numel=-1), "negative"),
+        (_body(total=-1), "negative"),
         (_body(round=-(2**63)), "negative"),
         (_body(offset=True), "non-integer"),
         (_body(attempt=False), "non-integer"),
@@ -232,22 +212,15 @@ def test_the_base_header_of_the_error_cases_is_valid() -> None:
         (_body(kind=""), "kind"),
         (_body(kind=["contrib"]), "non-string"),
         (_body(kind=1), "non-string"),
-        (_body(dtype="complex64"), "dtype"),
-        (_body(dtype=["float32"]), "non-string"),
         (_body(sender=["a"]), "non-string"),
         (_body(run=None), "non-string"),
-        (_body(codec=0), "non-string"),
-        (_body(shape=[-1]), "shape"),
-        (_body(shape=[1.5]), "shape"),
-        (_body(shape="12"), "shape"),
-        (_body(nbytes=_LIMIT + 4, numel=(_LIMIT + 4) // 4, part_len=(_LIMIT + 4) // 4, total=2**30), "limit"),
-        (_body(nbytes=199), "does not hold"),
-        (_body(nbytes=400), "does not hold"),
-        (_body(dtype="float64"), "does not hold"),
-        (_body(offset=60), "outside"),
-        (_body(offset=540), "outside"),
-        (_body(part_start=900, offset=900, numel=10, nbytes=40), "outside"),
-        (_body(total=500), "outside"),
+        (_body(tag=0), "non-string"),
+        (_body(tag=["int8"]), "non-string"),
+        (_body(nbytes=_LIMIT + 4, total=2**30), "limit"),
+        (_body(offset=900), "outside"),
+        (_body(nbytes=901), "outside"),
+        (_body(total=299), "outside"),
+        (_body(kind="reply", offset=1000, nbytes=1), "outside"),
     ],
     ids=lambda v: None if isinstance(v, str) else "",
 )
@@ -258,41 +231,11 @@ def test_bad_header_is_rejected(body: bytes, word: str) -> None:
 
 def test_payload_limit_applies_to_every_kind() -> None:
     for kind in sorted(KINDS):
-        h = replace(_GOOD, kind=kind, numel=_LIMIT // 4, part_len=_LIMIT, total=_LIMIT, part_start=0, offset=0)
-        if kind in MESSAGE_KINDS:
-            h = replace(h, dtype="uint8", numel=_LIMIT)
+        h = replace(_GOOD, kind=kind, total=_LIMIT, offset=0)
         body = encode_header(replace(h, nbytes=_LIMIT))[PREFIX.size :]
         assert decode_header(body, _LIMIT).nbytes == _LIMIT  # exactly at the limit is fine
         with pytest.raises(FrameError, match="limit"):
             decode_header(body, _LIMIT - 1)
-
-
-def _encoded(**changes: object) -> Header:
-    """A valid frame of an encoded part: bytes 100..112 of a 500-byte payload of part [0, 1000)."""
-    base = {"kind": "contrib", "codec": "int8", "dtype": "uint8", "shape": (500,), "offset": 100, "numel": 13,
-            "nbytes": 13, "part_start": 0, "part_len": 1000, "total": 4000}
-    return replace(_GOOD, **{**base, **changes})
-
-
-def test_an_encoded_part_travels_as_a_byte_range_of_its_payload() -> None:
-    h = _encoded()
-    assert decode_header(encode_header(h)[PREFIX.size :], _LIMIT) == h
-
-
-@pytest.mark.parametrize(
-    ("changes", "word"),
-    [
-        ({"dtype": "float32"}, "uint8"),
-        ({"numel": 12}, "uint8"),
-        ({"shape": (500, 2)}, "uint8"),
-        ({"offset": 490}, "outside"),
-        ({"shape": (8 * 1000 + 4097,), "offset": 0}, "implausibly"),
-        ({"part_start": 1000, "part_len": 3500}, "outside"),
-    ],
-)
-def test_bad_encoded_frames_are_rejected(changes: dict, word: str) -> None:
-    with pytest.raises(FrameError, match=word):
-        decode_header(encode_header(_encoded(**changes))[PREFIX.size :], _LIMIT)
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
@@ -424,8 +367,8 @@ def test_exit_rule_kills_the_process_without_cleanup() -> None:
 
 
 def test_state_frames_stay_inside_their_declared_total() -> None:
-    good = Header(kind="state", dtype="uint8", part=1, offset=10, numel=5, total=15, nbytes=5)
+    good = Header(kind="state", part=1, offset=10, total=15, nbytes=5)
     assert decode_header(encode_header(good)[PREFIX.size :], 100) == good
-    for bad in (replace(good, total=14), replace(good, dtype="float32"), replace(good, nbytes=4)):
+    for bad in (replace(good, total=14), replace(good, nbytes=6), replace(good, offset=11)):
         with pytest.raises(FrameError, match="state frame"):
             decode_header(encode_header(bad)[PREFIX.size :], 100)

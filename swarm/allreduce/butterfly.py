@@ -1,11 +1,14 @@
-"""Butterfly all-reduce: reduce-scatter, then all-gather, over the data plane.
+"""The all-reduce of one attempt over the data plane: reduce-scatter, then all-gather, any codec.
 
-Each member owns one contiguous part of the flat tensor, sized by its
-bandwidth. Every member sends its slice of part j to j's owner; the owner
-sums the contributions in the attempt's fixed member order, divides by the
-member count, and sends the reduced part to everyone. Each part is computed
-by exactly one peer and copied verbatim, so all members end with the same
-bytes (bit-identical), and the fixed order makes the result reproducible.
+Each member owns one contiguous part of the flat tensor, sized by its bandwidth. Every member
+encodes each part of its contribution once and sends it to the part's owner; the owner reduces
+(`reduce.py`) and sends the encoded mean of its part to everyone. Raw fp32 is the `none` codec of
+this same path: its payloads are views of the tensors (nothing is copied to encode or decode), and
+results land straight in the output. When gathering sends fewer bytes (sparse codecs), every member
+sends its whole payload to every other and each reduces all parts itself, in the same order.
+
+Tensors stay on the contribution's device (a GPU-resident sync encodes, decodes and reduces there);
+only payload bytes cross to host memory for the sockets.
 """
 
 from __future__ import annotations
@@ -13,18 +16,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
 
+from swarm.allreduce.reduce import blame, check_finite, gathers_payloads, parts_for, reduce_payloads
+from swarm.compression import Contribution
 from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
-
-if TYPE_CHECKING:
-    from swarm.compression import Codec
 from swarm.transport.frames import Header, checksum
-
-ALIGN_ELEMENTS = 64
-"""Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,166 +36,176 @@ class Participant:
     bandwidth: float = 0.0
 
 
-def partition(total: int, bandwidths: list[float], align: int = ALIGN_ELEMENTS) -> list[tuple[int, int]]:
-    """Split `total` elements into contiguous (start, length) parts proportional to bandwidth.
+@dataclass(slots=True)
+class _Attempt:
+    endpoint: Endpoint
+    box: Inbox
+    round: int
+    attempt: int
+    deadline: float
+    ids: list[str]
+    others: list[Participant]
 
-    Unknown (zero) bandwidths count as the mean of the known ones, or all parts
-    are equal when none is known. Integer arithmetic only, so every member
-    computes the same boundaries. Boundaries fall on multiples of `align`.
-    """
-    n = len(bandwidths)
-    known = [b for b in bandwidths if b > 0]
-    fill = sum(known) / len(known) if known else 1.0
-    weights = [b if b > 0 else fill for b in bandwidths]
-    # Quantise weights to integers so float rounding cannot differ between peers.
-    scale = [max(1, round(w / max(weights) * 1_000_000)) for w in weights]
-    units = -(-total // align)
-    acc, bounds = 0, [0]
-    for s in scale:
-        acc += s
-        bounds.append(min(total, (units * acc // sum(scale)) * align))
-    bounds[-1] = total
-    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+    @property
+    def me(self) -> str:
+        return self.endpoint.peer_id
 
+    def sends(self, kind: str, payloads: dict[str, tuple[int, np.ndarray]], tag: str) -> dict[str, asyncio.Task[None]]:
+        """Send each receiver its (part index, payload) as a task; a payload sent to several is checksummed once."""
+        digests: dict[int, list[int]] = {}
+        coros = {}
+        for m in self.others:
+            if m.peer_id in payloads:
+                part, payload = payloads[m.peer_id]
+                frames = _frames(self.endpoint, payload)
+                sums = digests.setdefault(id(payload), [checksum(chunk) for _, chunk in frames])
+                coros[m.peer_id] = _send(self, m, kind, part, payload.size, frames, sums, tag)
+        return spawn_sends(self.endpoint, self.round, self.attempt, coros)
 
-def reduce_in_order(pieces: list[np.ndarray], out: np.ndarray) -> np.ndarray:
-    """Mean of `pieces` summed in list order into `out` (fp32 accumulate for fp32 input).
-
-    An overflow or NaN is left in `out` without a warning: `check_finite` names its cause."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if len(pieces) == 1:
-            np.copyto(out, pieces[0])
-        else:
-            np.add(pieces[0], pieces[1], out=out)  # same bits as copy-then-add, one pass less
-        for piece in pieces[2:]:
-            np.add(out, piece, out=out)
-        np.divide(out, len(pieces), out=out)
-    return out
+    def faults_after_reduce(self) -> None:
+        faults = self.endpoint.faults
+        if faults:
+            faults.hit("reduce.done", round=self.round, attempt=self.attempt)
+            faults.hit("gather.start", round=self.round, attempt=self.attempt)
 
 
-def check_finite(reduced: np.ndarray, pieces: list[np.ndarray], ids: list[str], me: str) -> None:
-    """Refuse a reduced part holding NaN/Inf, naming the member whose contribution brought it.
-
-    One pass over the reduced part in the normal case; the culprit is searched only on failure.
-    A member that sends NaN or Inf (a diverged or malicious peer) is then reported and excluded
-    by the next attempt instead of poisoning every member's state. Finite pieces whose sum
-    overflows (values near fp32's max from more than one member) blame the member with the
-    largest magnitude, not the owner that summed them, which the others would blame for its
-    Inf result.
-
-    Raises:
-        PeerFailure: naming the first other member (in member order) whose piece is not finite,
-            or, with every piece finite, the one with the largest |value|.
-        FloatingPointError: this member's own piece is the cause (its own input is not finite,
-            or holds the largest values of an overflowing sum).
-    """
-    if reduced.dtype.kind != "f" or np.isfinite(reduced).all():
-        return
-    for peer, piece in zip(ids, pieces, strict=True):
-        if peer != me and not np.isfinite(piece).all():
-            raise PeerFailure(peer, "sent NaN/Inf values")
-    if me in ids and not np.isfinite(pieces[ids.index(me)]).all():
-        raise FloatingPointError("this member's own contribution holds NaN/Inf")
-    peaks = [float(np.abs(piece).max()) if piece.size else 0.0 for piece in pieces]
-    worst = max(range(len(ids)), key=peaks.__getitem__)  # the first of equal peaks, in member order
-    if ids[worst] == me:
-        raise FloatingPointError(f"this member's own values (|x| up to {peaks[worst]:.3g}) overflow the fp32 sum")
-    raise PeerFailure(ids[worst], f"sent values up to |x| = {peaks[worst]:.3g}, overflowing the fp32 sum")
-
-
-def _chunks(endpoint: Endpoint, flat: np.ndarray, part: tuple[int, int]) -> list[tuple[int, int, memoryview]]:
-    """(offset, numel, payload) of each frame of `part`."""
-    start, length = part
-    step = max(1, endpoint.config.chunk_bytes // flat.itemsize)
-    view = memoryview(flat).cast("B")
-    return [
-        (offset, n, view[offset * flat.itemsize : (offset + n) * flat.itemsize])
-        for offset in range(start, start + length, step)
-        for n in [min(step, start + length - offset)]
-    ]
-
-
-async def _send_part(endpoint: Endpoint, to: Participant, kind: str, flat: np.ndarray, part: tuple[int, int],
-                     part_index: int, round: int, attempt: int, digests: list[int] | None = None) -> None:
-    start, length = part
-    sends = []
-    for lane, (offset, numel, payload) in enumerate(_chunks(endpoint, flat, part)):
-        header = Header(kind=kind, round=round, attempt=attempt, part=part_index, offset=offset, numel=numel,
-                        total=flat.size, part_start=start, part_len=length, dtype=str(flat.dtype))
-        digest = digests[lane] if digests is not None else None
-        sends.append(endpoint.send(to.peer_id, to.address, header, payload, lane=lane, digest=digest))
-    # Lanes of one peer run concurrently; each lane serialises its own frames.
-    await asyncio.gather(*sends)
-
-
-async def allreduce_attempt(
-    endpoint: Endpoint,
-    flat: np.ndarray,
-    members: list[Participant],
-    round: int,
-    attempt: int,
-    timeout_s: float,
-    codec: Codec | None = None,
-) -> np.ndarray:
-    """One attempt of the all-reduce of `flat` (1-D, contiguous) among `members`.
+async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, members: list[Participant], round: int,
+                            attempt: int, timeout_s: float) -> torch.Tensor:
+    """One attempt of the all-reduce of `contribution` among `members`.
 
     Args:
         endpoint: this peer's data plane (its peer id must be among `members`).
-        flat: this peer's contribution; not modified.
+        contribution: this peer's input and codec; encoded once per part, its residual kept aside.
         members: the attempt's members in the coordinator's fixed order.
         round, attempt: tag every frame so frames of other attempts are discarded.
         timeout_s: the whole attempt must finish within this long.
-        codec: what goes on the wire (None or "none": raw values); see `encoded.py`.
     Returns:
-        The mean over all members, identical bytes on every member. It is the endpoint's
-        buffer: pass it to `endpoint.release()` when done to reuse its memory next round.
+        The mean over all members (fp32, on the contribution's device), identical bytes on every
+        member. On the CPU it is an endpoint buffer: `endpoint.release()` it when done.
     Raises:
         PeerFailure: a member failed, stalled or sent garbage; the caller reports it.
     """
-    if codec is not None and codec.name != "none":
-        from swarm.allreduce.encoded import allreduce_encoded  # imports torch only when a codec is used
-
-        return await allreduce_encoded(endpoint, flat, members, round, attempt, timeout_s, codec)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    ids = [m.peer_id for m in members]
-    me = ids.index(endpoint.peer_id)
-    others = [m for m in members if m.peer_id != endpoint.peer_id]
-    other_ids = [m.peer_id for m in others]
-    parts = partition(flat.size, [m.bandwidth for m in members])
-    box = endpoint.inbox(round, attempt, total=flat.size)
-    my_start, my_len = parts[me]
-
-    sending = _send_to_all(endpoint, others, "contrib", flat, [parts[ids.index(m.peer_id)] for m in others],
-                           [ids.index(m.peer_id) for m in others], round, attempt)
-    await finish_phase(box, box.contrib_left, other_ids if my_len else [], sending, deadline)
-    if box.out is None:
-        box.out = endpoint.buffer(flat.size, flat.dtype)
-    out = box.out
-    mine = flat[my_start : my_start + my_len]
-    pieces = [mine if p == endpoint.peer_id else box.contribs[p] for p in ids] if my_len else []
-    if pieces:
-        reduce_in_order(pieces, out[my_start : my_start + my_len])
-        check_finite(out[my_start : my_start + my_len], pieces, ids, endpoint.peer_id)
-    endpoint.faults.hit("reduce.done", round=round, attempt=attempt) if endpoint.faults else None
-    endpoint.faults.hit("gather.start", round=round, attempt=attempt) if endpoint.faults else None
-    # The reduced part goes to every other member: checksum each of its chunks once, not once per receiver.
-    digests = [checksum(payload) for _, _, payload in _chunks(endpoint, out, parts[me])] if others else None
-    gathering = _send_to_all(endpoint, others, "result", out, [parts[me]] * len(others), [me] * len(others),
-                             round, attempt, digests)
-    await finish_phase(box, box.result_left, [p for p in other_ids if parts[ids.index(p)][1] > 0], gathering, deadline)
-    box.out_taken = True
+    codec, total = contribution.codec, contribution.numel
+    box = endpoint.inbox(round, attempt)
+    at = _Attempt(endpoint, box, round, attempt, asyncio.get_running_loop().time() + timeout_s,
+                  [m.peer_id for m in members], [m for m in members if m.peer_id != endpoint.peer_id])
+    parts = parts_for(codec, total, [m.bandwidth for m in members])
+    host_out = None
+    if contribution.device.type == "cpu":  # the inbox recycles it if the attempt fails, once no frame lands in it
+        host_out = box.own(endpoint.buffer(total, np.float32))
+        out = torch.from_numpy(host_out)
+    else:
+        out = torch.empty(total, dtype=torch.float32, device=contribution.device)
+    if gathers_payloads(codec, total, len(members)):
+        await _gather(at, contribution, [p for p in parts if p[1] > 0], out)
+    else:
+        await _butterfly(at, contribution, parts, out)
+    if host_out is not None:
+        box.keep(host_out)
     return out
 
 
-def _send_to_all(endpoint: Endpoint, to: list[Participant], kind: str, flat: np.ndarray,
-                 parts: list[tuple[int, int]], part_indices: list[int], round: int, attempt: int,
-                 digests: list[int] | None = None) -> dict[str, asyncio.Task[None]]:
-    """One task per receiver, so a stuck send can be blamed on its receiver."""
-    return spawn_sends(endpoint, round, attempt, {
-        m.peer_id: _send_part(endpoint, m, kind, flat, part, index, round, attempt, digests)
-        for m, part, index in zip(to, parts, part_indices, strict=True)
-    })
+async def _butterfly(at: _Attempt, contribution: Contribution, parts: list[tuple[int, int]], out: torch.Tensor) -> None:
+    codec, box, ids = contribution.codec, at.box, at.ids
+    result = codec.result_codec(len(ids))
+    me = ids.index(at.me)
+    my_start, my_len = parts[me]
+    other_ids = [m.peer_id for m in at.others]
+    owners = [p for p in other_ids if parts[ids.index(p)][1] > 0]
+    # Everything this attempt accepts is said before the first await: frames of anything else are refused.
+    for p in other_ids:
+        if my_len:
+            box.expect("contrib", p, codec.payload_nbytes(my_len), codec.name)
+    for p in owners:
+        start, length = parts[ids.index(p)]
+        into = _host_view(out[start : start + length]) if result.stores_values else None
+        box.expect("result", p, result.payload_nbytes(length), result.name, into=into)
+    payloads = {i: contribution.encode(s, n) for i, (s, n) in enumerate(parts) if n > 0}
+    sending = at.sends("contrib", {p: (ids.index(p), _host(payloads[ids.index(p)])) for p in owners}, codec.name)
+    await finish_phase(box, "contrib", other_ids if my_len else [], sending, at.deadline)
+    gathering: dict[str, asyncio.Task[None]] = {}
+    if my_len:
+        mine = out[my_start : my_start + my_len]
+        received = [payloads[me] if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
+        reduce_payloads(codec, received, ids, at.me, mine)
+        # Every member must hold the same bytes: the owner keeps the decoded result payload, not its fp32 sum.
+        final = result.encode(mine, alias=True)
+        if not _aliases(final, mine):
+            result.decode(final, my_len, out=mine)
+        at.faults_after_reduce()
+        host = _host(final)
+        gathering = at.sends("result", {p: (me, host) for p in other_ids}, result.name)
+    await finish_phase(box, "result", owners, gathering, at.deadline)
+    for p in owners:
+        start, length = parts[ids.index(p)]
+        view = out[start : start + length]
+        payload = box.payload("result", p)
+        if not (view.device.type == "cpu" and _same_memory(payload, view)):  # raw bytes landed in place
+            with blame(p):
+                result.decode(_on(payload, out.device), length, out=view)
+        check_finite(view, [view], [p], at.me)
+
+
+async def _gather(at: _Attempt, contribution: Contribution, parts: list[tuple[int, int]], out: torch.Tensor) -> None:
+    """Each member's payload (its parts' payloads end to end) goes to every other member; every member
+    decodes all of them part by part and reduces in member order."""
+    codec, box, ids = contribution.codec, at.box, at.ids
+    sizes = [codec.payload_nbytes(n) for _, n in parts]
+    for m in at.others:
+        box.expect("contrib", m.peer_id, sum(sizes), codec.name)
+    mine = torch.cat([contribution.encode(s, n) for s, n in parts])
+    host = _host(mine)
+    sending = at.sends("contrib", {m.peer_id: (ids.index(at.me), host) for m in at.others}, codec.name)
+    await finish_phase(box, "contrib", [m.peer_id for m in at.others], sending, at.deadline)
+    payloads = [mine if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
+    longest = max(n for _, n in parts)
+    scratch = [torch.empty(longest, dtype=torch.float32, device=out.device) for _ in ids]
+    offset = 0
+    for (start, length), size in zip(parts, sizes, strict=True):
+        reduce_payloads(codec, [p[offset : offset + size] for p in payloads], ids, at.me,
+                        out[start : start + length], scratch)
+        offset += size
+    at.faults_after_reduce()  # nothing is sent after the reduce here: both points come once it is done
+
+
+def _host(payload: torch.Tensor) -> np.ndarray:
+    """A payload's bytes in host memory, for the sockets (no copy when it is there already)."""
+    return (payload if payload.device.type == "cpu" else payload.cpu()).numpy()
+
+
+def _on(payload: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(payload).to(device)
+
+
+def _host_view(values: torch.Tensor) -> np.ndarray | None:
+    """Where raw result bytes may land directly (host memory only)."""
+    return values.numpy().view(np.uint8) if values.device.type == "cpu" else None
+
+
+def _aliases(payload: torch.Tensor, values: torch.Tensor) -> bool:
+    return payload.device == values.device and payload.data_ptr() == values.data_ptr()
+
+
+def _same_memory(payload: np.ndarray, values: torch.Tensor) -> bool:
+    return payload.ctypes.data == values.data_ptr()
+
+
+def _frames(endpoint: Endpoint, payload: np.ndarray) -> list[tuple[int, memoryview]]:
+    view = memoryview(payload).cast("B")
+    step = endpoint.config.chunk_bytes
+    return [(offset, view[offset : offset + step]) for offset in range(0, len(view), step)]
+
+
+async def _send(at: _Attempt, to: Participant, kind: str, part: int, total: int,
+                frames: list[tuple[int, memoryview]], digests: list[int], tag: str) -> None:
+    sends = [
+        at.endpoint.send(to.peer_id, to.address, Header(kind=kind, round=at.round, attempt=at.attempt, part=part,
+                                                        offset=offset, total=total, tag=tag),
+                         chunk, lane=lane, digest=digests[lane])
+        for lane, (offset, chunk) in enumerate(frames)
+    ]
+    # Lanes of one peer run concurrently; each lane serialises its own frames.
+    await asyncio.gather(*sends)
 
 
 def spawn_sends(endpoint: Endpoint, round: int, attempt: int,
@@ -220,17 +230,17 @@ def spawn_sends(endpoint: Endpoint, round: int, attempt: int,
     return tasks
 
 
-async def finish_phase(box: Inbox, owed: dict[str, int], senders: list[str],
-                       sending: dict[str, asyncio.Task[None]], deadline: float) -> None:
-    """Wait until every one of `senders` delivered its data of this phase and our own sends finished.
+async def finish_phase(box: Inbox, kind: str, senders: list[str], sending: dict[str, asyncio.Task[None]],
+                       deadline: float) -> None:
+    """Wait until every one of `senders` delivered its `kind` payload and our own sends finished.
 
     Raises:
         PeerFailure: naming the first sender that failed or still owes data at the deadline, or the
             first receiver our sends to could not finish; unfinished sends are cancelled either way.
     """
     try:
-        await box.wait(lambda: all(owed.get(p, 1) <= 0 for p in senders), senders, deadline,
-                       late=lambda p: owed.get(p, 1) > 0)
+        await box.wait(lambda: box.delivered(kind, senders), senders, deadline,
+                       late=lambda p: not box.delivered(kind, [p]))
         await finish_sends(sending, deadline)
     finally:
         for task in sending.values():

@@ -4,9 +4,10 @@
 kernel for CUDA tensors when `swarm.kernels` provides one (`register_kernel`), else the reference.
 """
 
-from swarm.compression.base import Codec, CodecKernel, ErrorFeedback, kernel_for, register_kernel
+from swarm.compression.base import Codec, CodecKernel, kernel_for, register_kernel
 from swarm.compression.config import CodecConfig, CodecName, make_codec
 from swarm.compression.dense import BFloat16Codec, Float16Codec, Float32Codec, Int8Codec
+from swarm.compression.feedback import Contribution, ErrorFeedback
 from swarm.compression.topk import TopKCodec
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "CodecConfig",
     "CodecKernel",
     "CodecName",
+    "Contribution",
     "ErrorFeedback",
     "Float16Codec",
     "Float32Codec",

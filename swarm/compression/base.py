@@ -13,10 +13,11 @@ import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
+
+from swarm.compression.feedback import ErrorFeedback
 
 log = logging.getLogger(__name__)
 
@@ -24,41 +25,6 @@ if sys.byteorder != "little":  # pragma: no cover - every platform torch ships f
     # The payload is built with Tensor.view(torch.uint8), which exposes host byte order; the wire
     # format is little-endian.
     raise ImportError("swarm.compression needs a little-endian host")
-
-
-@dataclass(slots=True)
-class ErrorFeedback:
-    """Error-feedback state of one peer for one flat tensor (docs/codecs.md, "Error feedback").
-
-    `acc = x + residual`, `payload = encode(acc)`, `residual = acc - decode(payload)`. The caller owns
-    one instance per tensor it encodes and saves it with the peer (`state_dict`).
-    """
-
-    residual: torch.Tensor | None = None
-    """What earlier encodes left out (fp32, one value per element); None means all zeros."""
-
-    def reset(self) -> None:
-        """Forget the accumulated residual (as after a restart without saved state)."""
-        self.residual = None
-
-    def state_dict(self) -> dict[str, torch.Tensor | None]:
-        """Returns the state to save with the peer: `{"residual": tensor or None}` (not a copy)."""
-        return {"residual": self.residual}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned.
-
-        Raises:
-            ValueError: the dict is not an ErrorFeedback state or the residual is not a 1-D fp32 tensor.
-        """
-        if set(state) != {"residual"}:
-            raise ValueError(f"ErrorFeedback state must have exactly the key 'residual', got {sorted(state)}")
-        residual = state["residual"]
-        if residual is not None and (
-            not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 or residual.dim() != 1
-        ):
-            raise ValueError("ErrorFeedback state 'residual' must be None or a 1-D float32 tensor")
-        self.residual = None if residual is None else residual.contiguous()
 
 
 class CodecKernel(Protocol):
@@ -158,6 +124,10 @@ class Codec(ABC):
     family: str
     """The wire format it writes, the key for `register_kernel` (sparseloco's is "topk")."""
 
+    stores_values: bool = False
+    """The payload is the input's own little-endian fp32 bytes (`none`): `encode`/`decode` may then
+    alias memory instead of copying (`alias=True`)."""
+
     @property
     def uses_error_feedback(self) -> bool:
         """Whether peers should keep an `ErrorFeedback` for this codec and pass it to `encode`."""
@@ -208,7 +178,7 @@ class Codec(ABC):
 
     # ------------------------------------------------------------------ public face
 
-    def encode(self, x: torch.Tensor, feedback: ErrorFeedback | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, feedback: ErrorFeedback | None = None, *, alias: bool = False) -> torch.Tensor:
         """Encode `x` (with error feedback when `feedback` is given).
 
         Runs a registered kernel for CUDA tensors when there is one, else `encode_reference`.
@@ -217,6 +187,8 @@ class Codec(ABC):
             x: 1-D contiguous float32 tensor, any device.
             feedback: this peer's error-feedback state for `x`; its residual is added to `x` before
                 encoding and replaced by what the payload leaves out. Untouched when this raises.
+            alias: the payload may share x's memory where the format allows (`stores_values`), for a
+                payload used before x changes (sent on the wire).
 
         Returns:
             1-D uint8 tensor of `payload_nbytes(x.numel())` bytes on x's device.
@@ -227,6 +199,9 @@ class Codec(ABC):
                 for the format, or feedback's residual does not match x.
         """
         self._check_input(x, feedback)
+        if alias and self.stores_values and feedback is None:
+            self._check_values(x, None)
+            return x.view(torch.uint8)
         kernel = kernel_for(self) if x.is_cuda and x.numel() else None
         if kernel is None:
             return self._encode_checked(x, feedback)
@@ -236,7 +211,8 @@ class Codec(ABC):
             feedback.residual = torch.zeros_like(x)  # same state as None: all zeros
         return kernel.encode(x, feedback)
 
-    def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None, *,
+               alias: bool = False) -> torch.Tensor:
         """Decode a payload of `numel` elements.
 
         Args:
@@ -244,13 +220,17 @@ class Codec(ABC):
             numel: number of elements that were encoded.
             out: optional 1-D contiguous float32 tensor of `numel` elements on payload's device to
                 write into.
+            alias: without `out`, the values may be a view of the payload where the format allows
+                (`stores_values`; a misaligned payload is copied).
 
         Returns:
-            `out`, or a new 1-D float32 tensor on payload's device.
+            `out`, or a new 1-D float32 tensor on payload's device (or a view of the payload).
 
         Raises:
             ValueError: payload is not 1-D uint8 of the right size, or `out` does not fit.
         """
+        if alias and self.stores_values and out is None:
+            return as_dtype(self._checked_payload(payload, numel), torch.float32)
         payload, out = self._check_payload(payload, numel, out)
         kernel = kernel_for(self) if payload.is_cuda and numel else None
         if kernel is not None:
@@ -335,18 +315,7 @@ class Codec(ABC):
     def _check_payload(
         self, payload: torch.Tensor, numel: int, out: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(numel, int) or numel < 0:
-            raise ValueError(f"{self.name} codec: numel must be a non-negative int, got {numel!r}")
-        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise ValueError(f"{self.name} codec: payload must be a 1-D uint8 tensor")
-        expected = self.payload_nbytes(numel)
-        if payload.numel() != expected:
-            raise ValueError(
-                f"{self.name} codec: payload has {payload.numel()} bytes but {numel} elements need "
-                f"{expected}; sender and receiver must agree on the codec and the element count"
-            )
-        if not payload.is_contiguous():
-            payload = payload.contiguous()
+        payload = self._checked_payload(payload, numel)
         if out is None:
             return payload, torch.empty(numel, dtype=torch.float32, device=payload.device)
         if (
@@ -361,6 +330,20 @@ class Codec(ABC):
                 f"{payload.device}, got dtype={out.dtype} shape={tuple(out.shape)} device={out.device}"
             )
         return payload, out
+
+    def _checked_payload(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        """`payload`, contiguous, once it is a 1-D uint8 tensor of the size `numel` elements need."""
+        if not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"{self.name} codec: numel must be a non-negative int, got {numel!r}")
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise ValueError(f"{self.name} codec: payload must be a 1-D uint8 tensor")
+        expected = self.payload_nbytes(numel)
+        if payload.numel() != expected:
+            raise ValueError(
+                f"{self.name} codec: payload has {payload.numel()} bytes but {numel} elements need "
+                f"{expected}; sender and receiver must agree on the codec and the element count"
+            )
+        return payload.contiguous()
 
 
 def _check_members(members: int) -> None:

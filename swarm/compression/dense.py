@@ -34,11 +34,12 @@ class _CastCodec(Codec):
 
 @dataclass(frozen=True)
 class Float32Codec(_CastCodec):
-    """`none`: the raw fp32 values (4n bytes), a copy so the payload never aliases the input."""
+    """`none`: the raw fp32 values (4n bytes); a copy, so the payload never aliases the input, unless `alias`."""
 
     name: ClassVar[str] = "none"
     family: ClassVar[str] = "none"
     dtype: ClassVar[torch.dtype] = torch.float32
+    stores_values: ClassVar[bool] = True
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 the round protocol: it talks to the coordinator, so it sits above `swarm.allreduce`, which does one attempt).
 
 A member that fails ends the attempt; this peer reports it, gets the next
-attempt (the survivors) and re-sends its own, unchanged contribution. The
+attempt (the survivors) and re-sends its own, unchanged contribution (its
+error feedback moves on only once the round commits). The
 result is exactly the mean over the final attempt's members. Every wait is
 bounded by the attempt's deadline, and the coordinator caps attempts.
 """
@@ -13,10 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
+import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
-from swarm.compression import Codec
+from swarm.compression import Contribution
 from swarm.coordinator.client import CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, PeerFailure
@@ -32,7 +33,7 @@ class AllReduceResult:
     status: Literal["done", "excluded", "aborted", "committed"]
     """done: `mean` holds the result; excluded/aborted: keep local state; committed: others finished without us."""
     attempt: pb.Attempt
-    mean: np.ndarray | None = None
+    mean: torch.Tensor | None = None
     failures: list[str] = field(default_factory=list)
 
 
@@ -43,19 +44,16 @@ def participants(attempt: pb.Attempt) -> list[Participant]:
 async def fault_tolerant_allreduce(
     endpoint: Endpoint,
     client: CoordinatorClient,
-    flat: np.ndarray,
+    contribution: Contribution,
     stage: int,
     round: int,
     attempt: pb.Attempt,
     timeout_s: float,
-    codec: Codec | None = None,
 ) -> AllReduceResult:
-    """All-reduce `flat` in `round`, starting with `attempt`, moving on past failed members.
+    """All-reduce `contribution` in `round`, starting with `attempt`, moving on past failed members.
 
     Args:
         timeout_s: cap on each attempt (the coordinator's deadline may be shorter).
-        codec: what goes on the wire (default: raw fp32); `flat` is then the caller's
-            `x + residual`, re-sent unchanged by every attempt.
     Returns:
         The outcome; `mean` is set only when status is "done".
     Raises:
@@ -68,7 +66,7 @@ async def fault_tolerant_allreduce(
             return AllReduceResult("excluded", attempt, None, failures)
         try:
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
-            mean = await allreduce_attempt(endpoint, flat, members, round, attempt.number, limit, codec)
+            mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit)
             return AllReduceResult("done", attempt, mean, failures)
         except PeerFailure as e:
             failures.append(f"attempt {attempt.number}: {e}")

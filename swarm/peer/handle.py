@@ -19,9 +19,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-import numpy as np
-
-from swarm.compression import Codec
+from swarm.compression import Contribution
 from swarm.coordinator.client import ClientConfig
 from swarm.peer.peer import Peer, PeerConfig
 from swarm.peer.state import PeerReport, RoundState, SyncResult
@@ -105,9 +103,9 @@ class SwarmPeer:
         """Run `coro` on the peer's loop and wait for it (interruptible, like every call here)."""
         return self._call(coro)
 
-    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
-        """One round with `flat` as this peer's contribution (see `Peer.sync`)."""
-        return self._call(self.peer.sync(flat, codec))
+    def sync(self, contribution: Contribution) -> SyncResult:
+        """One round with this peer's `contribution` (see `Peer.sync`)."""
+        return self._call(self.peer.sync(contribution))
 
     def set_progress(self, step: int, loss: float, tokens_per_s: float, grad_norms: list[float] | None = None) -> None:
         """What the next heartbeats report (shown by `swarm status` and `swarm local`).

@@ -19,9 +19,9 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import numpy as np
+import torch
 
-from swarm.compression import Codec, CodecConfig
+from swarm.compression import CodecConfig, Contribution
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.metrics import Metric, MetricsServer
 from swarm.peer.attempts import fault_tolerant_allreduce
@@ -219,8 +219,10 @@ class Peer:
 
     # --------------------------------------------------------------- rounds
 
-    async def sync(self, flat: np.ndarray | None, codec: Codec | None = None) -> SyncResult:
-        """Take part in the next round with `flat` (None: the control task's stand-in update).
+    async def sync(self, contribution: Contribution | None) -> SyncResult:
+        """Take part in the next round with `contribution` (None: the control task's stand-in update).
+
+        The contribution's error feedback moves on (`Contribution.commit`) only when the round commits.
 
         Rejoins (and resyncs) when the coordinator forgot this peer (lease expired, restart).
 
@@ -228,7 +230,7 @@ class Peer:
             CoordinatorCallError: the coordinator refused a call for another reason or is unreachable.
         """
         try:
-            return await self._round(flat, codec)
+            return await self._round(contribution)
         except CoordinatorCallError as e:
             if e.code.name not in ("FAILED_PRECONDITION", "NOT_FOUND"):
                 raise
@@ -237,7 +239,7 @@ class Peer:
             await self._join()
             return SyncResult("kept", self.round, reason=f"joined again: {e}")
 
-    async def _round(self, flat: np.ndarray | None, codec: Codec | None) -> SyncResult:
+    async def _round(self, contribution: Contribution | None) -> SyncResult:
         stage, cfg, rep, state = self.stage, self.config, self.report, self._state
         assert state is not None, "start() first"
         round_ = self.round
@@ -259,11 +261,11 @@ class Peer:
         attempt = reply.attempt
         while True:
             rep.attempts += 1
-            mean: np.ndarray | None = None
-            if flat is not None:
+            mean: torch.Tensor | None = None
+            if contribution is not None:
                 assert self.endpoint is not None, "the data plane is off"
                 result = await fault_tolerant_allreduce(
-                    self.endpoint, self.client, flat, stage, round_, attempt, cfg.allreduce_timeout_s, codec)
+                    self.endpoint, self.client, contribution, stage, round_, attempt, cfg.allreduce_timeout_s)
                 rep.failures_seen += result.failures
                 rep.attempts += len(result.failures)
                 if result.mean is None:
@@ -288,6 +290,8 @@ class Peer:
             self.round = round_ + 1
             if out.outcome == Cmt.OK:
                 state.adopt(round_)
+                if contribution is not None:
+                    contribution.commit()
                 rep.state_hash = digest
                 rep.rounds_committed += 1
                 rep.per_round[round_] = {"attempt": attempt.number, "members": [m.peer_id for m in attempt.members],

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-import numpy as np
+import torch
 
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import StateSnapshot
@@ -53,7 +53,7 @@ class RoundState(Protocol):
         """Hash of the committed state (what the coordinator compares)."""
         ...
 
-    def propose(self, mean: np.ndarray | None, round_: int, attempt: pb.Attempt) -> str:
+    def propose(self, mean: torch.Tensor | None, round_: int, attempt: pb.Attempt) -> str:
         """Compute the state after this round from the all-reduced `mean`; returns its hash."""
         ...
 

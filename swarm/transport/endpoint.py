@@ -1,10 +1,10 @@
 """A peer's data-plane endpoint: one listening socket, pooled outgoing connections.
 
-Payloads move between sockets and tensor memory without Python touching
-elements: `sock_sendall` sends from a memoryview of the tensor and
-`sock_recv_into` writes into the destination buffer. A receiver sizes its
-buffers from the first header of an attempt, so frames that arrive before the
-local side started that attempt are not copied twice.
+Payloads move between sockets and memory without Python touching bytes:
+`sock_sendall` sends from a memoryview of the payload and `sock_recv_into`
+writes into its destination (an attempt's inbox, `inbox.py`). What the
+payloads mean is the caller's business; messages (`state`, `call`) are in
+`messages.py`.
 
 Failure detection: a connection that breaks, a frame that stalls past
 `io_timeout_s`, or a bad frame marks its sender failed in every open inbox
@@ -15,28 +15,22 @@ instead of at its deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-import msgpack
 import numpy as np
 
 from swarm.transport.faults import NO_FAULTS, FaultInjector
 from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_header, decode_prefix, encode_header
+from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
+from swarm.transport.messages import read_message, send_message
 
+__all__ = ["CallHandler", "Endpoint", "Inbox", "PeerFailure", "StateSnapshot", "TransportConfig"]
 log = logging.getLogger("swarm.transport")
 _SCRATCH_BYTES = 1 << 20
-_POOL_PER_SIZE = 8
-"""Free buffers kept per (size, dtype): enough for the contributions of a few attempts."""
-
-
-_MAX_MESSAGE_META_BYTES = 1 << 20
-_MESSAGE_DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool"})
-"""Array dtypes a message may carry (never object arrays)."""
 _IDLE_CALLS_PER_PEER = 8
 """Idle call connections kept per peer for the next calls."""
 CallHandler = Callable[[str, dict[str, Any], dict[str, np.ndarray]],
@@ -52,15 +46,6 @@ class StateSnapshot:
     """msgpack-able facts about the state (its round and hash, say)."""
     arrays: dict[str, np.ndarray]
     """name -> array (any shape; sent as its bytes in C order)."""
-
-
-class PeerFailure(Exception):
-    """A remote peer failed (unreachable, broke a connection, stalled or sent garbage)."""
-
-    def __init__(self, peer: str, reason: str) -> None:
-        super().__init__(f"{peer}: {reason}")
-        self.peer = peer
-        self.reason = reason
 
 
 @dataclass(kw_only=True, slots=True)
@@ -97,64 +82,6 @@ class TransportConfig:
             raise ValueError("chunk_bytes must not exceed max_frame_bytes")
 
 
-@dataclass(slots=True)
-class Inbox:
-    """What arrived for one (round, attempt): contributions to this peer's part and reduced parts."""
-
-    round: int
-    attempt: int
-    contribs: dict[str, np.ndarray] = field(default_factory=dict)
-    contrib_left: dict[str, int] = field(default_factory=dict)
-    encoded: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
-    """(kind, sender) -> the encoded part received (codec frames); contribs/out hold raw ones."""
-    out: np.ndarray | None = None
-    result_left: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    started: bool = False
-    pending_bytes: int = 0
-    total: int | None = None
-    """Elements of the tensor of this attempt; frames claiming another size are refused."""
-    writing: int = 0
-    """Payloads being received into this inbox's buffers right now."""
-    closed: bool = False
-    out_taken: bool = False
-    """The caller kept `out` as its result: do not recycle it with the inbox."""
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def fail(self, peer: str, reason: str) -> None:
-        self.failed.setdefault(peer, reason)
-        self.changed.set()
-
-    def owes(self, peer: str) -> bool:
-        """Whether `peer` may still owe data (unknown peers may: their first frame has not come)."""
-        return self.contrib_left.get(peer, 1) > 0 or self.result_left.get(peer, 1) > 0
-
-    async def wait(self, done: Callable[[], bool], expected: list[str], deadline: float,
-                   late: Callable[[str], bool] | None = None) -> None:
-        """Wait until `done()`; raise PeerFailure for the first expected peer that failed or is late.
-
-        Args:
-            late: whether a peer still owes what `done` waits for (default `owes`); names the culprit at
-                the deadline, so a peer that already delivered this phase is not blamed for another's stall.
-        Raises:
-            PeerFailure: an expected peer failed, or `deadline` (loop time) passed.
-        """
-        loop = asyncio.get_running_loop()
-        while True:
-            for peer in expected:
-                if peer in self.failed:
-                    raise PeerFailure(peer, self.failed[peer])
-            if done():
-                return
-            left = deadline - loop.time()
-            if left <= 0:
-                overdue = [p for p in expected if (late or self.owes)(p)] or expected
-                raise PeerFailure(overdue[0], f"no data by the deadline (round {self.round} attempt {self.attempt})")
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), left)
-
-
 class Endpoint:
     """Listens for frames from other peers and sends frames to them.
 
@@ -175,7 +102,7 @@ class Endpoint:
         self._closed: set[tuple[int, int]] = set()
         self._conns: dict[str, list[tuple[socket.socket, asyncio.Lock]]] = {}
         self._dialing: dict[str, asyncio.Lock] = {}
-        self._pool: dict[tuple[int, str], list[np.ndarray]] = {}
+        self._pool = BufferPool()
         self._readers: set[asyncio.Task[None]] = set()
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -218,17 +145,12 @@ class Endpoint:
 
     # --------------------------------------------------------------- inboxes
 
-    def inbox(self, round: int, attempt: int, total: int | None = None) -> Inbox:
-        """The inbox of (round, attempt), created if needed; marks it started.
-
-        Args:
-            total: elements of the local tensor; early frames that claimed another size are dropped.
-        """
+    def inbox(self, round: int, attempt: int) -> Inbox:
+        """The inbox of (round, attempt), created if needed; marks it started (its caller says what it
+        expects before awaiting anything, so frames of payloads it does not expect are refused)."""
         box = self._inboxes.get((round, attempt))
-        if box is None or (total is not None and box.total is not None and box.total != total):
+        if box is None:
             box = self._inboxes[(round, attempt)] = Inbox(round, attempt)
-        if total is not None:
-            box.total = total
         box.started = True
         box.pending_bytes = 0
         return box
@@ -250,84 +172,37 @@ class Endpoint:
             self._closed = {k for k in self._closed if k[0] > newest - 64}
 
     def _sink(self, h: Header) -> memoryview | None:
-        """Where the payload of `h` goes, or None to discard it."""
+        """Where the bytes of `h` go, or None to discard them."""
         key = (h.round, h.attempt)
         if key in self._closed:
             return None
         box = self._inboxes.get(key)
         if box is None:
             box = self._inboxes[key] = Inbox(h.round, h.attempt)
-        if box.total is not None and h.total != box.total:
-            # Bounds every allocation of an attempt by the size its first frame (or the local tensor) set.
-            raise FrameError(f"frame from {h.sender} claims a tensor of {h.total} elements, not {box.total}")
-        dtype = np.dtype(h.dtype) if h.dtype != "bfloat16" else np.dtype(np.uint16)
-        if h.codec != "none":
-            buf = box.encoded.get((h.kind, h.sender))
-            if buf is None:
-                buf = box.encoded[(h.kind, h.sender)] = self._allocate(box, h.shape[0], dtype)
-                (box.contrib_left if h.kind == "contrib" else box.result_left)[h.sender] = h.shape[0]
-            if buf.size != h.shape[0] or h.offset + h.numel > buf.size:
-                raise FrameError(f"frame from {h.sender} does not match its encoded part in round {h.round}")
-            box.total = h.total
-            return memoryview(buf[h.offset : h.offset + h.numel]).cast("B")
-        if h.kind == "contrib":
-            buf = box.contribs.get(h.sender)
-            if buf is None:
-                buf = self._allocate(box, h.part_len, dtype)
-                box.contribs[h.sender] = buf
-                box.contrib_left[h.sender] = h.part_len * dtype.itemsize
-            start = h.offset - h.part_start
-        else:
-            if box.out is None:
-                box.out = self._allocate(box, h.total, dtype)
-            if h.sender not in box.result_left:
-                box.result_left[h.sender] = h.part_len * dtype.itemsize
-            buf, start = box.out, h.offset
-        if buf.dtype != dtype or start + h.numel > buf.size:
-            raise FrameError(f"frame from {h.sender} does not match the buffers of round {h.round} attempt {h.attempt}")
-        box.total = h.total
-        return memoryview(buf[start : start + h.numel]).cast("B")
+        buf = box.sink(h.kind, h.sender, h.total, h.tag, self._allocate)
+        return memoryview(buf[h.offset : h.offset + h.nbytes]).cast("B")
 
-    def _allocate(self, box: Inbox, numel: int, dtype: np.dtype) -> np.ndarray:
+    def _allocate(self, box: Inbox, nbytes: int) -> np.ndarray:
         if not box.started:
             pending = sum(b.pending_bytes for b in self._inboxes.values())
-            if pending + numel * dtype.itemsize > self.config.max_pending_bytes:
+            if pending + nbytes > self.config.max_pending_bytes:
                 raise FrameError(f"more than max_pending_bytes={self.config.max_pending_bytes} for attempts not started")
-            box.pending_bytes += numel * dtype.itemsize
-        return self.buffer(numel, dtype)
+            box.pending_bytes += nbytes
+        return self.buffer(nbytes, np.uint8)
 
     def buffer(self, numel: int, dtype: np.dtype | str) -> np.ndarray:
-        """An uninitialised array, reused from earlier attempts when one of that size is free.
+        """An uninitialised array, reused from earlier attempts when one of that size is free."""
+        return self._pool.take(numel, dtype)
 
-        Reuse matters: fresh large arrays cost the kernel a page fault and a zeroed page per
-        4 KiB on first touch, which was the largest single cost of a round.
-        """
-        free = self._pool.get((numel, str(np.dtype(dtype))))
-        return free.pop() if free else np.empty(numel, dtype=dtype)
-
-    def release(self, array: np.ndarray) -> None:
-        """Give back a result (or any array from `buffer`) once it is no longer used."""
-        free = self._pool.setdefault((array.size, str(array.dtype)), [])
-        if len(free) < _POOL_PER_SIZE and array.base is None and all(a is not array for a in free):
-            free.append(array)
+    def release(self, array: Any) -> None:
+        """Give back an array from `buffer` (or a tensor over one: an all-reduce's result) once unused."""
+        self._pool.give(array)
 
     def _recycle(self, box: Inbox) -> None:
-        for buf in (*box.contribs.values(), *box.encoded.values()):
+        for buf in box.buffers:
             self.release(buf)
-        box.contribs.clear()
-        box.encoded.clear()
-        if box.out is not None and not box.out_taken:
-            self.release(box.out)
-        box.out = None
-
-    def _delivered(self, h: Header) -> None:
-        box = self._inboxes.get((h.round, h.attempt))
-        if box is None:
-            return
-        left = box.contrib_left if h.kind == "contrib" else box.result_left
-        left[h.sender] -= h.nbytes
-        if left[h.sender] <= 0:
-            box.changed.set()
+        box.buffers.clear()
+        box.mail.clear()
 
     def _fail_everywhere(self, peer: str, reason: str) -> None:
         for box in self._inboxes.values():
@@ -347,7 +222,8 @@ class Endpoint:
             self._readers.add(task)
             task.add_done_callback(self._readers.discard)
 
-    async def _recv_exactly(self, conn: socket.socket, view: memoryview) -> None:
+    async def recv_exactly(self, conn: socket.socket, view: memoryview) -> None:
+        """Fill `view` from `conn` (counted in `bytes_received`); ConnectionError if it closes first."""
         loop = asyncio.get_running_loop()
         got = 0
         while got < len(view):
@@ -357,16 +233,17 @@ class Endpoint:
             got += n
         self.bytes_received += got
 
-    async def _read_header(self, conn: socket.socket) -> Header | None:
+    async def read_header(self, conn: socket.socket) -> Header | None:
+        """The next frame's header (None: `conn` closed between frames); FrameError if it is malformed."""
         prefix = bytearray(PREFIX.size)
         loop = asyncio.get_running_loop()
         first = await loop.sock_recv_into(conn, prefix)  # between frames a connection may idle freely
         if first == 0:
             return None
         async with asyncio.timeout(self.config.io_timeout_s):
-            await self._recv_exactly(conn, memoryview(prefix)[first:])
+            await self.recv_exactly(conn, memoryview(prefix)[first:])
             body = bytearray(decode_prefix(bytes(prefix)))
-            await self._recv_exactly(conn, memoryview(body))
+            await self.recv_exactly(conn, memoryview(body))
         return decode_header(bytes(body), self.config.max_frame_bytes)
 
     async def _read_loop(self, conn: socket.socket) -> None:
@@ -374,7 +251,7 @@ class Endpoint:
         scratch = memoryview(bytearray(_SCRATCH_BYTES))
         try:
             async with asyncio.timeout(self.config.io_timeout_s):  # say hello promptly or be dropped
-                hello = await self._read_header(conn)
+                hello = await self.read_header(conn)
             if hello is None:
                 return
             if hello.kind != "hello" or not hello.sender or hello.nbytes:
@@ -382,7 +259,7 @@ class Endpoint:
             if hello.run != self.run_id:
                 raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
             sender = hello.sender
-            first = await self._read_header(conn)
+            first = await self.read_header(conn)
             if first is not None and first.kind == "state_req":
                 sender = ""  # a state download is not a member of any attempt: its end fails nothing
                 await self._serve_state(conn, hello.sender)
@@ -396,7 +273,7 @@ class Endpoint:
                 if h.sender != sender:
                     raise FrameError(f"frame claims sender {h.sender!r} on {sender!r}'s connection")
                 await self._read_payload(conn, h, scratch)
-                h = await self._read_header(conn)
+                h = await self.read_header(conn)
         except (FrameError, ConnectionError, OSError, TimeoutError) as e:
             why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             log.warning("data plane: dropping connection from %s: %s", sender or "unknown peer", why)
@@ -413,20 +290,22 @@ class Endpoint:
             await asyncio.sleep(rule.delay_s)
         if rule is not None and rule.action == "close":
             raise ConnectionError("fault injected: connection closed")
+        if h.kind not in ("hello", "abort", "contrib", "result"):
+            raise FrameError(f"a {h.kind} frame on an all-reduce connection")
         sink = None if h.kind in ("hello", "abort") or (rule and rule.action == "drop") else self._sink(h)
         if sink is None:
             async with asyncio.timeout(self.config.io_timeout_s):
                 left = h.nbytes
                 while left:
                     n = min(left, len(scratch))
-                    await self._recv_exactly(conn, scratch[:n])
+                    await self.recv_exactly(conn, scratch[:n])
                     left -= n
             return
         box = self._inboxes[(h.round, h.attempt)]
         box.writing += 1  # its buffers must not be recycled while this payload lands in them
         try:
             async with asyncio.timeout(self.config.io_timeout_s):
-                await self._recv_exactly(conn, sink)
+                await self.recv_exactly(conn, sink)
         finally:
             box.writing -= 1
             if box.closed and box.writing == 0:
@@ -437,7 +316,7 @@ class Endpoint:
             sink[0] ^= 0xFF
         if checksum(sink) != h.checksum:
             raise FrameError(f"checksum mismatch in a {h.kind} frame of round {h.round} (corrupted in transit)")
-        self._delivered(h)
+        box.landed(h.kind, h.sender, h.nbytes)
 
     # ---------------------------------------------------------------- sending
 
@@ -512,94 +391,6 @@ class Endpoint:
         self.bytes_sent += len(payload)
 
 
-    # ------------------------------------------------------------- messages
-
-    async def _send_message(self, conn: socket.socket, kind: str, meta: dict[str, Any],
-                            arrays: dict[str, np.ndarray]) -> None:
-        """Send one message on `conn`: the description, then the arrays' bytes in chunks."""
-        loop = asyncio.get_running_loop()
-        views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
-        described = dict(meta, arrays=[[name, str(a.dtype), list(a.shape)] for name, a in arrays.items()])
-        body = msgpack.packb(described, use_bin_type=True)
-        total = sum(len(v) for v in views)
-        frames = [(Header(kind=kind, part=0, numel=len(body), total=len(body), dtype="uint8"), memoryview(body))]
-        offset = 0
-        for view in views:
-            for start in range(0, len(view), self.config.chunk_bytes):
-                chunk = view[start : start + self.config.chunk_bytes]
-                frames.append((Header(kind=kind, part=1, offset=offset, numel=len(chunk), total=total,
-                                      dtype="uint8"), chunk))
-                offset += len(chunk)
-        for header, payload in frames:
-            header = replace(header, run=self.run_id, sender=self.peer_id, nbytes=len(payload), checksum=checksum(payload))
-            async with asyncio.timeout(self.config.io_timeout_s):
-                await loop.sock_sendall(conn, encode_header(header))
-                await loop.sock_sendall(conn, payload)
-            self.bytes_sent += len(payload)
-
-    async def _read_message(self, sock: socket.socket, peer: str, kind: str, limit: int,
-                            first: Header | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Read one message of `kind` from `peer` (its first header already read when `first` is given).
-
-        Raises:
-            FrameError: a malformed, misordered, corrupted or oversized message (over `limit` bytes
-                of arrays), or arrays of a dtype outside the frame dtypes.
-            ConnectionError: the peer closed the connection mid-message.
-        """
-        head = await self._read_message_frame(sock, peer, kind, _MAX_MESSAGE_META_BYTES, first=first)
-        if head.part != 0:
-            raise FrameError(f"a {kind} message must start with its description")
-        try:
-            meta = msgpack.unpackb(bytes(head.payload), raw=False)
-        except Exception as e:  # noqa: BLE001 - msgpack raises many unrelated types for garbage
-            raise FrameError(f"malformed {kind} description: {e}") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("arrays", []), list):
-            raise FrameError(f"{kind} description is not a map with an array list")
-        arrays: dict[str, np.ndarray] = {}
-        for spec in meta.pop("arrays", []):
-            if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
-                    or spec[1] not in _MESSAGE_DTYPES or not isinstance(spec[2], list)
-                    or any(not isinstance(d, int) or d < 0 for d in spec[2])):
-                raise FrameError(f"bad array description in a {kind} message: {str(spec)[:80]}")
-            nbytes = int(np.prod(spec[2], dtype=np.int64)) * np.dtype(spec[1]).itemsize
-            if nbytes > limit:
-                raise FrameError(f"{kind} message of more than {limit} bytes")
-            arrays[spec[0]] = np.empty(spec[2], dtype=np.dtype(spec[1]))
-        total = sum(a.nbytes for a in arrays.values())
-        if total > limit:
-            raise FrameError(f"{kind} message of {total} bytes exceeds the limit of {limit}")
-        flat = np.empty(total, dtype=np.uint8)
-        got = 0
-        while got < total:
-            frame = await self._read_message_frame(sock, peer, kind, self.config.max_frame_bytes, into=flat)
-            if frame.part != 1 or frame.offset != got or frame.total != total or frame.numel == 0:
-                raise FrameError(f"{kind} chunks out of order or of another size")
-            got += frame.numel
-        offset = 0
-        for a in arrays.values():
-            a.reshape(-1).view(np.uint8)[:] = flat[offset : offset + a.nbytes]
-            offset += a.nbytes
-        return meta, arrays
-
-    async def _read_message_frame(self, sock: socket.socket, peer: str, kind: str, limit: int,
-                                  into: np.ndarray | None = None, first: Header | None = None) -> _MessageFrame:
-        h = first if first is not None else await self._read_header(sock)
-        if h is None:
-            raise ConnectionError(f"{peer} closed the connection during a {kind} message")
-        if h.kind != kind or h.sender != peer or h.nbytes > limit:
-            raise FrameError(f"unexpected {h.kind} frame from {h.sender} during a {kind} message")
-        if into is None:
-            payload = memoryview(bytearray(h.nbytes))
-        else:
-            if h.offset + h.nbytes > into.size:
-                raise FrameError(f"{kind} chunk lies outside the declared message")
-            payload = memoryview(into[h.offset : h.offset + h.nbytes]).cast("B")
-        async with asyncio.timeout(self.config.io_timeout_s):
-            await self._recv_exactly(sock, payload)
-        if checksum(payload) != h.checksum:
-            raise FrameError(f"checksum mismatch in a {kind} frame (corrupted in transit)")
-        return _MessageFrame(h.part, h.offset, h.nbytes, h.total, payload)
-
     # ------------------------------------------------------ state transfer
 
     async def _serve_state(self, conn: socket.socket, asker: str) -> None:
@@ -611,7 +402,7 @@ class Endpoint:
         else:
             meta, arrays = dict(snapshot.meta), snapshot.arrays
         log.info("data plane: sending state (%d bytes) to %s", sum(a.nbytes for a in arrays.values()), asker)
-        await self._send_message(conn, "state", meta, arrays)
+        await send_message(self, conn, "state", meta, arrays)
 
     async def fetch_state(self, peer: str, address: str, timeout_s: float) -> StateSnapshot:
         """Download `peer`'s committed state over a connection of its own.
@@ -628,7 +419,7 @@ class Endpoint:
             async with asyncio.timeout(timeout_s):
                 await asyncio.get_running_loop().sock_sendall(
                     sock, encode_header(Header(kind="state_req", run=self.run_id, sender=self.peer_id)))
-                meta, arrays = await self._read_message(sock, peer, "state", self.config.max_state_bytes)
+                meta, arrays = await read_message(self, sock, peer, "state", self.config.max_state_bytes)
             if "error" in meta:
                 raise PeerFailure(peer, f"no state to give: {meta['error']}")
             return StateSnapshot(meta, arrays)
@@ -644,7 +435,7 @@ class Endpoint:
         """Answer `call` messages on their own connection, one after the other, until it closes."""
         h: Header | None = first
         while h is not None:
-            meta, arrays = await self._read_message(conn, asker, "call", self.config.max_call_bytes, first=h)
+            meta, arrays = await read_message(self, conn, asker, "call", self.config.max_call_bytes, first=h)
             handler = self.call_handler
             if handler is None:
                 reply: tuple[dict[str, Any], dict[str, np.ndarray]] = ({"error": f"{self.peer_id} takes no calls"}, {})
@@ -654,8 +445,8 @@ class Endpoint:
                 except Exception as e:  # noqa: BLE001 - the caller gets the error; this peer goes on
                     log.warning("data plane: call from %s failed: %s: %s", asker, type(e).__name__, e)
                     reply = ({"error": f"{type(e).__name__}: {e}"}, {})
-            await self._send_message(conn, "reply", *reply)
-            h = await self._read_header(conn)  # between calls a connection may idle freely
+            await send_message(self, conn, "reply", *reply)
+            h = await self.read_header(conn)  # between calls a connection may idle freely
 
     async def call(self, peer: str, address: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
                    timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -677,8 +468,8 @@ class Endpoint:
             ok = False
             try:
                 async with asyncio.timeout(timeout_s):
-                    await self._send_message(sock, "call", meta, arrays)
-                    reply = await self._read_message(sock, peer, "reply", self.config.max_call_bytes)
+                    await send_message(self, sock, "call", meta, arrays)
+                    reply = await read_message(self, sock, peer, "reply", self.config.max_call_bytes)
                 ok = True
                 return reply
             except (FrameError, ConnectionError, OSError, TimeoutError) as e:
@@ -692,12 +483,3 @@ class Endpoint:
                 else:
                     sock.close()
         raise AssertionError("unreachable")
-
-
-@dataclass(slots=True)
-class _MessageFrame:
-    part: int
-    offset: int
-    numel: int
-    total: int
-    payload: memoryview

@@ -6,7 +6,7 @@
     +-------+---------+------------+-------------------+-----------------+
 
 The payload is written straight from tensor memory and read straight into its
-destination (see `connection.py`); only the small header is (de)serialised in
+destination (see `endpoint.py`); only the small header is (de)serialised in
 Python. Every size is checked against a limit before anything is allocated,
 and the payload carries an XXH3-64 checksum, so a truncated, oversized or
 corrupted frame is rejected with a `FrameError` naming what was wrong.
@@ -22,10 +22,9 @@ import msgpack
 import xxhash
 
 MAGIC = b"SWRM"
-VERSION = 1
+VERSION = 2
 PREFIX = struct.Struct(">4sBI")
 MAX_HEADER_BYTES = 64 * 1024
-DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1, "float64": 8, "int32": 4}
 
 Kind = Literal["hello", "contrib", "result", "abort", "state_req", "state", "call", "reply"]
 KINDS: frozenset[str] = frozenset({"hello", "contrib", "result", "abort", "state_req", "state", "call", "reply"})
@@ -34,9 +33,11 @@ that connection with a `state` message. `call` is a request to the peer's call h
 stages: a microbatch's activations) on a connection of its own, answered by a `reply` message on it.
 
 A message (kinds `state`, `call`, `reply`) is frames of that kind: part 0 carries the msgpack
-description, then parts 1.. carry the arrays' bytes in chunks (`offset`/`numel` a byte range of
+description, then parts 1.. carry the arrays' bytes in chunks (`offset`/`nbytes` a byte range of
 `total` bytes)."""
 MESSAGE_KINDS: frozenset[str] = frozenset({"state", "call", "reply"})
+PAYLOAD_KINDS: frozenset[str] = MESSAGE_KINDS | {"contrib", "result"}
+"""Kinds whose frames carry a byte range of a declared payload."""
 
 
 class FrameError(Exception):
@@ -45,11 +46,12 @@ class FrameError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Header:
-    """What a frame carries; all-reduce frames address a chunk of one part.
+    """What a frame carries: `nbytes` bytes at `offset` of a payload of `total` bytes.
 
-    `offset`/`numel` place the chunk in the flat tensor of `total` elements;
-    `part_start`/`part_len` are the owner's part, so a receiver can size its
-    buffers from the first frame of an attempt it has not started yet.
+    An all-reduce payload (kinds `contrib`, `result`) is addressed by (round, attempt, kind,
+    sender); a receiver sizes its buffer from the first frame of a payload it has not started
+    yet. `part` and `tag` belong to the reader (the all-reduce's part index and codec name, a
+    message's description or arrays): the transport carries them and reads neither.
     """
 
     kind: Kind
@@ -59,18 +61,14 @@ class Header:
     attempt: int = 0
     part: int = 0
     offset: int = 0
-    numel: int = 0
     total: int = 0
-    part_start: int = 0
-    part_len: int = 0
-    codec: str = "none"
-    dtype: str = "float32"
-    shape: tuple[int, ...] = ()
+    tag: str = ""
     nbytes: int = 0
     checksum: int = 0
 
 
 _FIELDS = tuple(f.name for f in fields(Header))
+_STRINGS = ("kind", "run", "sender", "tag")
 
 
 def checksum(payload: memoryview | bytes) -> int:
@@ -108,7 +106,7 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
     """Parse and validate a header.
 
     Raises:
-        FrameError: malformed msgpack, unknown kind or dtype, inconsistent sizes,
+        FrameError: malformed msgpack, unknown kind, a byte range outside its payload,
             or a payload over `max_payload_bytes`.
     """
     try:
@@ -119,39 +117,16 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
     if not isinstance(values, list) or len(values) != len(_FIELDS):
         raise FrameError(f"frame header must be a list of {len(_FIELDS)} fields")
     d = dict(zip(_FIELDS, values, strict=True))
-    # Checked before the set lookups below: an unhashable value there would raise TypeError, not FrameError.
-    if any(not isinstance(d[k], str) for k in ("kind", "run", "sender", "codec", "dtype")):
-        raise FrameError("frame header has a non-string kind, run, sender, codec or dtype field")
-    ints = [k for k in _FIELDS if k not in ("kind", "run", "sender", "codec", "dtype", "shape")]
-    if any(not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0 for k in ints):
+    # Checked before the set lookup below: an unhashable value there would raise TypeError, not FrameError.
+    if any(not isinstance(d[k], str) for k in _STRINGS):
+        raise FrameError(f"frame header has a non-string {'/'.join(_STRINGS)} field")
+    if any(not isinstance(d[k], int) or isinstance(d[k], bool) or d[k] < 0 for k in _FIELDS if k not in _STRINGS):
         raise FrameError("frame header has a negative or non-integer size field")
     if d["kind"] not in KINDS:
         raise FrameError(f"unknown frame kind {d['kind']!r}")
-    if d["dtype"] not in DTYPES:
-        raise FrameError(f"unknown dtype {d['dtype']!r}; known: {sorted(DTYPES)}")
-    if not isinstance(d["shape"], list) or any(not isinstance(s, int) or s < 0 for s in d["shape"]):
-        raise FrameError("frame shape must be a list of non-negative integers")
-    d["shape"] = tuple(d["shape"])
     if d["nbytes"] > max_payload_bytes:
         raise FrameError(f"payload of {d['nbytes']} bytes exceeds the limit of {max_payload_bytes}")
     header = Header(**d)
-    if header.kind in ("contrib", "result"):
-        if not header.part_start + header.part_len <= header.total:
-            raise FrameError("chunk lies outside its part or the tensor")
-        if header.codec == "none":
-            if header.numel * DTYPES[header.dtype] != header.nbytes:
-                raise FrameError(f"payload of {header.nbytes} bytes does not hold {header.numel} {header.dtype}")
-            if not (header.part_start <= header.offset and header.offset + header.numel <= header.part_start + header.part_len):
-                raise FrameError("chunk lies outside its part or the tensor")
-        else:
-            # An encoded part travels as bytes: offset/numel are a byte range of the part's payload,
-            # whose length is shape[0]; no codec expands data beyond a few bytes per element.
-            if header.dtype != "uint8" or len(header.shape) != 1 or header.numel != header.nbytes:
-                raise FrameError("an encoded frame must carry uint8 bytes with shape (payload length,)")
-            if header.shape[0] > 8 * header.part_len + 4096 or header.offset + header.numel > header.shape[0]:
-                raise FrameError("chunk lies outside its encoded part, or the encoded part is implausibly large")
-    if header.kind in MESSAGE_KINDS and (
-        header.dtype != "uint8" or header.numel != header.nbytes or header.offset + header.numel > header.total
-    ):
-        raise FrameError(f"a {header.kind} frame must carry uint8 bytes inside its declared total")
+    if header.kind in PAYLOAD_KINDS and header.offset + header.nbytes > header.total:
+        raise FrameError(f"a {header.kind} frame's bytes lie outside the payload it declares")
     return header

@@ -7,9 +7,9 @@
             inner_opt.step()        # every sync_every steps, this also syncs with the swarm
             inner_opt.zero_grad()
 
-Every `sync_every` inner steps: Δ = θ_global − θ_local (fp32, on the CPU), plus
-the error-feedback residual when the codec keeps one, goes through the
-fault-tolerant all-reduce; the outer optimizer (SGD with Nesterov momentum)
+Every `sync_every` inner steps: Δ = θ_global − θ_local (fp32, on the CPU), with
+the error-feedback residual when the codec keeps one (`Contribution`), goes
+through the fault-tolerant all-reduce; the outer optimizer (SGD with Nesterov momentum)
 steps θ_global with the mean Δ, and the model is loaded with θ_global.
 
 Bit-identical state: every member gets the same mean bytes from the
@@ -37,146 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
-import numpy as np
 import torch
-import xxhash
 from torch import nn
 
-from swarm.allreduce.butterfly import reduce_in_order
-from swarm.allreduce.encoded import gathers_payloads
-from swarm.compression import Codec, CodecConfig, ErrorFeedback, make_codec
+from swarm.compression import CodecConfig, Contribution, ErrorFeedback, make_codec
+from swarm.diloco.state import GlobalState, OuterConfig
 from swarm.peer.state import RoundState, SyncResult
-from swarm.transport.endpoint import StateSnapshot
 
 log = logging.getLogger("swarm.diloco")
-
-
-@dataclass(kw_only=True, slots=True)
-class OuterConfig:
-    """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
-
-    lr: float = 0.7
-    """Outer learning rate (DiLoCo: 0.7)."""
-    momentum: float = 0.9
-    """Outer momentum (DiLoCo: 0.9)."""
-    nesterov: bool = True
-    """Nesterov momentum (DiLoCo: on)."""
-    feedback_decay: float = 1.0
-    """β of a codec's error feedback: each round sends Δ + β·residual (1: plain error feedback).
-    SparseLoCo drops the outer momentum and lets a decayed residual play its part (momentum 0, β < 1)."""
-
-    @classmethod
-    def recipe(cls, codec: str) -> OuterConfig:
-        """The outer step measured to work with `codec` (docs/benchmarks.md): SparseLoCo's for
-        `sparseloco` (lr 1, no momentum, β 0.95: the decayed residual is the momentum; DiLoCo's
-        Nesterov step on its sparse rounds fell far behind), DiLoCo's (lr 0.7, Nesterov 0.9) else."""
-        if codec == "sparseloco":
-            return cls(lr=1.0, momentum=0.0, feedback_decay=0.95)
-        return cls()
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0 or not 0 <= self.momentum < 1:
-            raise ValueError(f"outer.lr must be > 0 and outer.momentum in [0, 1), got {self.lr}, {self.momentum}")
-        if not 0 < self.feedback_decay <= 1:
-            raise ValueError(f"outer.feedback_decay must be in (0, 1], got {self.feedback_decay}")
-
-
-def _digest(*arrays: np.ndarray) -> str:
-    h = xxhash.xxh3_128()
-    for a in arrays:
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
-    return h.hexdigest()
-
-
-class GlobalState:
-    """θ_global and the outer momentum as flat fp32 CPU tensors; the `RoundState` of a DiLoCo peer.
-
-    A round updates `fragment` (all of θ by default; one slice per round in streaming mode). Proposals
-    are computed into new tensors, so the committed state stays valid for a RETRY; `adopt` copies
-    the fragment in place, and `snapshot` copies the state for donors (both on the peer's loop).
-
-    Args:
-        theta: the initial global parameters (copied).
-        outer: the outer optimizer's settings.
-    """
-
-    def __init__(self, theta: torch.Tensor, outer: OuterConfig) -> None:
-        self.outer = outer
-        self.theta = theta.detach().to("cpu", torch.float32).clone()
-        self.momentum = torch.zeros_like(self.theta)
-        self.round = -1
-        self.fragment = slice(0, self.theta.numel())
-        """The part of θ the next round updates."""
-        self._digest = _digest(self.theta.numpy(), self.momentum.numpy())
-        self._proposal: tuple[slice, torch.Tensor, torch.Tensor, str] | None = None
-        self.inner_step: Callable[[], int] = lambda: 0
-        """Inner steps this peer made since its last sync (told to joiners with the state)."""
-        self.restored_inner_step = 0
-        """The donor's `inner_step` at the last restore."""
-
-    @property
-    def digest(self) -> str:
-        return self._digest
-
-    def _hash_with(self, frag: slice, theta_f: torch.Tensor, momentum_f: torch.Tensor) -> str:
-        t, m = self.theta.numpy(), self.momentum.numpy()
-        return _digest(t[: frag.start], theta_f.numpy(), t[frag.stop :], m[: frag.start], momentum_f.numpy(),
-                       m[frag.stop :])
-
-    def propose(self, mean: np.ndarray | None, round_: int, attempt: object = None) -> str:
-        """The fragment of θ_global and momentum after an outer step with the mean pseudo-gradient.
-
-        Returns:
-            The hash of the whole state with that fragment updated.
-        Raises:
-            ValueError: `mean` does not have the fragment's size.
-        """
-        frag = self.fragment
-        if mean is None or mean.size != frag.stop - frag.start:
-            raise ValueError(f"the mean pseudo-gradient must have {frag.stop - frag.start} elements")
-        g = torch.from_numpy(mean)
-        mu, lr = self.outer.momentum, self.outer.lr
-        # Separate mul and add (no addcmul/alpha): one IEEE rounding each, the same on every CPU.
-        momentum = self.momentum[frag] * mu + g if mu > 0 else g.clone()
-        step = g + momentum * mu if self.outer.nesterov and mu > 0 else momentum
-        theta = self.theta[frag] - step * lr
-        digest = self._hash_with(frag, theta, momentum)
-        self._proposal = (frag, theta, momentum, digest)
-        return digest
-
-    def adopt(self, round_: int) -> None:
-        assert self._proposal is not None, "propose() before adopt()"
-        frag, theta, momentum, self._digest = self._proposal
-        self.theta[frag] = theta
-        self.momentum[frag] = momentum
-        self._proposal = None
-        self.round = round_
-
-    def snapshot(self) -> StateSnapshot | None:
-        if self.round < 0:
-            return None
-        meta = {"round": self.round, "hash": self._digest, "inner_step": int(self.inner_step())}
-        # Copies: a later adopt writes in place while the donor may still be sending.
-        return StateSnapshot(meta, {"theta": self.theta.numpy().copy(), "momentum": self.momentum.numpy().copy()})
-
-    def restore(self, snapshot: StateSnapshot) -> str:
-        arrays = snapshot.arrays
-        n = self.theta.numel()
-        for name in ("theta", "momentum"):
-            a = arrays.get(name)
-            if a is None or a.dtype != np.float32 or a.size != n:
-                raise ValueError(f"donor state needs {name!r} as {n} float32 values (another model or size?)")
-        theta, momentum = arrays["theta"].reshape(-1), arrays["momentum"].reshape(-1)
-        digest = _digest(theta, momentum)
-        if digest != snapshot.meta.get("hash"):
-            raise ValueError(f"donor state hashes to {digest[:12]}, not the {str(snapshot.meta.get('hash'))[:12]} it claims")
-        if not (np.isfinite(theta).all() and np.isfinite(momentum).all()):
-            raise ValueError("donor state holds NaN or Inf")
-        self.theta, self.momentum = torch.from_numpy(theta.copy()), torch.from_numpy(momentum.copy())
-        self._digest, self.round = digest, int(snapshot.meta.get("round", -1))
-        self._proposal = None
-        self.restored_inner_step = int(snapshot.meta.get("inner_step", 0))
-        return digest
 
 
 class Averager(Protocol):
@@ -186,8 +54,9 @@ class Averager(Protocol):
         """Join the run; resyncs `state` from a donor when the run is in progress."""
         ...
 
-    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
-        """One round with `flat` as this peer's contribution; `state` adopts or restores as the round ends."""
+    def sync(self, contribution: Contribution) -> SyncResult:
+        """One round with this peer's `contribution`; `state` adopts or restores as the round ends, and the
+        contribution's error feedback moves on when the round commits."""
         ...
 
     def close(self, reason: str) -> None:
@@ -271,7 +140,7 @@ class DiLoCo:
         self._hook: object | None = None
         self._syncing = threading.Lock()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
-        self._in_flight: tuple[concurrent.futures.Future[SyncResult], slice, torch.Tensor, torch.Tensor, float] | None = None
+        self._in_flight: tuple[concurrent.futures.Future[SyncResult], slice, torch.Tensor, float] | None = None
 
     @property
     def streaming(self) -> bool:
@@ -354,25 +223,18 @@ class DiLoCo:
                     p.view(-1)[lo - offset : hi - offset].copy_(values[lo - part.start : hi - part.start])
                 offset += n
 
-    def _delta(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(θ_local of `part`, Δ + residual of `part`)."""
+    def _delta(self, part: slice) -> tuple[torch.Tensor, Contribution]:
+        """(θ_local of `part`, this peer's contribution: Δ of `part` with its error feedback)."""
         local = self._flat_params(part)
         delta = self.state.theta[part] - local
         if not torch.isfinite(delta).all():
             raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
-        if self.feedback is not None and self.feedback.residual is not None:
-            delta = delta + self.feedback.residual[part] * self.state.outer.feedback_decay  # × 1.0 is exact
-        return local, delta
+        return local, Contribution(delta, self.codec, self.feedback, at=part.start, size=self.numel,
+                                   decay=self.state.outer.feedback_decay)
 
-    def _settle(self, result: SyncResult, part: slice, acc: torch.Tensor, started: float,
-                in_flight: torch.Tensor | None = None) -> None:
-        """Bring the model and the residual in line with how a round of `part` ended."""
+    def _settle(self, result: SyncResult, part: slice, started: float, in_flight: torch.Tensor | None = None) -> None:
+        """Bring the model in line with how a round of `part` ended (the peer committed the residual)."""
         if result.outcome == "committed":
-            if self.feedback is not None:
-                # The residual moves on only once the round committed with this contribution in it.
-                if self.feedback.residual is None:
-                    self.feedback.residual = torch.zeros(self.numel)
-                self.feedback.residual[part] = acc - self.codec.decode(self.codec.encode(acc), acc.numel())
             self._load_global(part, in_flight)
             self.stats.committed += 1
         elif result.outcome == "resynced":
@@ -408,9 +270,9 @@ class DiLoCo:
                 self.stats.last = result.outcome
                 return result
             self.state.fragment = part
-            _, acc = self._delta(part)
-            result = self.peer.sync(acc.numpy(), self.codec)
-            self._settle(result, part, acc, started)
+            _, contribution = self._delta(part)
+            result = self.peer.sync(contribution)
+            self._settle(result, part, started)
             self._share(result.outcome)
             return result
 
@@ -434,16 +296,16 @@ class DiLoCo:
         assert self._worker is not None and self._in_flight is None
         part = self._next_part()
         self.state.fragment = part
-        local, acc = self._delta(part)
+        local, contribution = self._delta(part)
         self.local_step = 0
-        fut = self._worker.submit(self.peer.sync, acc.numpy(), self.codec)
-        self._in_flight = (fut, part, local, acc, time.perf_counter())
+        fut = self._worker.submit(self.peer.sync, contribution)
+        self._in_flight = (fut, part, local, time.perf_counter())
 
     def _finish(self, wait: bool) -> None:
         """Apply the fragment in flight once its round ended (streaming)."""
         if self._in_flight is None:
             return
-        fut, part, sent_local, acc, started = self._in_flight
+        fut, part, sent_local, started = self._in_flight
         if not wait and not fut.done():
             return
         while True:
@@ -455,7 +317,7 @@ class DiLoCo:
         self._in_flight = None
         # Local progress made on this fragment while its round was in flight is kept on top of θ_global.
         progress = self._flat_params(part) - sent_local
-        self._settle(result, part, acc, started, progress)
+        self._settle(result, part, started, progress)
 
     def state_dict(self) -> dict[str, object]:
         """θ_global, the outer momentum, the round and the error-feedback residual, to save with the peer."""
@@ -478,79 +340,3 @@ def _cut(params: list[nn.Parameter], n: int) -> list[slice]:
             bounds.append(acc)
     bounds.append(total)
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
-
-
-class LocalGroup:
-    """N DiLoCo peers in one process (threads), averaging like the swarm's all-reduce does.
-
-    For experiments and tests without sockets: each member's contribution goes through the codec,
-    the decoded contributions are reduced in member order in fp32, and the result goes through the
-    codec's result codec, as in `swarm.allreduce.encoded`. Bytes are counted as a butterfly would
-    send them: each member sends (N−1)/N of its payload and of its part of the result. When that
-    all-reduce would gather the payloads instead (sparse codecs), so does this: no result codec, and
-    each member sends its payload to the N−1 others.
-
-    Args:
-        size: members; every member must call `sync` for a round to finish.
-    """
-
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size = size
-        self._barrier = threading.Barrier(size)
-        self._contribs: dict[int, np.ndarray] = {}
-        self._mean: np.ndarray | None = None
-        self.bytes_sent = 0
-        """Total over members, as a butterfly all-reduce would put on the wire."""
-        self.rounds = 0
-
-    def member(self, index: int) -> _LocalMember:
-        """The averager of member `index` (0-based)."""
-        return _LocalMember(self, index)
-
-    def _reduce(self, codec: Codec) -> None:
-        n = self.size
-        pieces = []
-        for i in range(n):
-            x = torch.from_numpy(self._contribs[i])
-            pieces.append(codec.decode(codec.encode(x), x.numel()).numpy())
-        out = reduce_in_order(pieces, np.empty_like(pieces[0]))
-        if gathers_payloads(codec, out.size, n):
-            self._mean = out
-            self.bytes_sent += n * (n - 1) * codec.payload_nbytes(out.size)
-            self.rounds += 1
-            return
-        result = codec.result_codec(n)
-        payload = result.encode(torch.from_numpy(out))
-        self._mean = result.decode(payload, out.size).numpy()
-        if n > 1:
-            per_member = codec.payload_nbytes(out.size) + result.payload_nbytes(out.size)
-            self.bytes_sent += int(per_member * (n - 1))
-        self.rounds += 1
-
-
-class _LocalMember:
-    def __init__(self, group: LocalGroup, index: int) -> None:
-        self.group, self.index = group, index
-        self.state: RoundState | None = None
-
-    def start(self, state: RoundState) -> None:
-        self.state = state
-
-    def sync(self, flat: np.ndarray, codec: Codec) -> SyncResult:
-        g = self.group
-        assert self.state is not None
-        g._contribs[self.index] = flat
-        if g._barrier.wait() == 0:
-            g._reduce(codec)
-        g._barrier.wait()
-        assert g._mean is not None
-        round_ = g.rounds - 1
-        self.state.propose(g._mean.copy(), round_, None)
-        self.state.adopt(round_)
-        g._barrier.wait()  # nobody starts the next round while another still reads this mean
-        return SyncResult("committed", round_, g.size)
-
-    def close(self, reason: str) -> None:
-        pass

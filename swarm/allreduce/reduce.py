@@ -1,0 +1,134 @@
+"""The arithmetic of an all-reduce, the same wherever it runs (the butterfly, `LocalGroup`).
+
+Parts are cut on the codec's block grid, so encoding a part gives exactly the bytes of that part of
+the whole tensor's encoding. A part's owner decodes every member's payload of it, sums them in the
+attempt's fixed member order in fp32, divides by the member count, and (unless the members gather
+each other's payloads) encodes the mean once with the codec's result codec; every member decodes
+that same payload. Fixed order, one writer per part and IEEE operations only (no fused
+multiply-add) make every member hold the same bytes, on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from swarm.compression import Codec
+from swarm.transport.endpoint import PeerFailure
+
+ALIGN_ELEMENTS = 64
+"""Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
+
+
+def partition(total: int, bandwidths: list[float], align: int = ALIGN_ELEMENTS) -> list[tuple[int, int]]:
+    """Split `total` elements into contiguous (start, length) parts proportional to bandwidth.
+
+    Unknown (zero) bandwidths count as the mean of the known ones, or all parts
+    are equal when none is known. Integer arithmetic only, so every member
+    computes the same boundaries. Boundaries fall on multiples of `align`.
+    """
+    n = len(bandwidths)
+    known = [b for b in bandwidths if b > 0]
+    fill = sum(known) / len(known) if known else 1.0
+    weights = [b if b > 0 else fill for b in bandwidths]
+    # Quantise weights to integers so float rounding cannot differ between peers.
+    scale = [max(1, round(w / max(weights) * 1_000_000)) for w in weights]
+    units = -(-total // align)
+    acc, bounds = 0, [0]
+    for s in scale:
+        acc += s
+        bounds.append(min(total, (units * acc // sum(scale)) * align))
+    bounds[-1] = total
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(n)]
+
+
+def parts_for(codec: Codec, total: int, bandwidths: list[float]) -> list[tuple[int, int]]:
+    """The attempt's parts, on the grid both the codec and the cache-friendly alignment accept."""
+    return partition(total, bandwidths, math.lcm(ALIGN_ELEMENTS, codec.block))
+
+
+def gathers_payloads(codec: Codec, total: int, members: int) -> bool:
+    """Whether `members` peers all-reduce `total` elements by gathering each other's payloads.
+
+    Yes when that sends fewer bytes than the butterfly: each member sends its payload to the
+    N-1 others, (N-1)*P, against (N-1)/N of its payload and of the result, (N-1)/N*(P+R), i.e.
+    when (N-1)*P < R (sparse codecs: N members' selections need up to N*k entries). Whole-tensor
+    sizes, integer arithmetic: every member decides alike.
+    """
+    if members < 2 or total == 0:
+        return False
+    reduced = codec.result_codec(members).payload_nbytes(total)
+    return (members - 1) * codec.payload_nbytes(total) < reduced
+
+
+def reduce_in_order(pieces: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Mean of `pieces` summed in list order into `out` (fp32); NaN/Inf are left for `check_finite`."""
+    if len(pieces) == 1:
+        out.copy_(pieces[0])
+    else:
+        torch.add(pieces[0], pieces[1], out=out)  # same bits as copy-then-add, one pass less
+    for piece in pieces[2:]:
+        out.add_(piece)
+    # A 0-d tensor divisor keeps a true IEEE division on CUDA too (a Python scalar becomes a
+    # multiplication by its reciprocal there, which rounds differently from the CPU).
+    return out.div_(torch.full((), len(pieces), dtype=out.dtype, device=out.device))
+
+
+def check_finite(reduced: torch.Tensor, pieces: list[torch.Tensor], ids: list[str], me: str | None) -> None:
+    """Refuse a reduced part holding NaN/Inf, naming the member whose contribution brought it.
+
+    One pass over the reduced part in the normal case; the culprit is searched only on failure.
+    Finite pieces whose sum overflows (values near fp32's max from more than one member) blame the
+    member with the largest magnitude, not the owner that summed them.
+
+    Raises:
+        PeerFailure: naming the first other member (in member order) whose piece is not finite,
+            or, with every piece finite, the one with the largest |value|.
+        FloatingPointError: this member's (`me`) own piece is the cause.
+    """
+    if bool(torch.isfinite(reduced).all()):
+        return
+    for peer, piece in zip(ids, pieces, strict=True):
+        if peer != me and not bool(torch.isfinite(piece).all()):
+            raise PeerFailure(peer, "sent NaN/Inf values")
+    if me in ids and not bool(torch.isfinite(pieces[ids.index(me)]).all()):
+        raise FloatingPointError("this member's own contribution holds NaN/Inf")
+    peaks = [float(piece.abs().max()) if piece.numel() else 0.0 for piece in pieces]
+    worst = max(range(len(ids)), key=peaks.__getitem__)  # the first of equal peaks, in member order
+    if ids[worst] == me:
+        raise FloatingPointError(f"this member's own values (|x| up to {peaks[worst]:.3g}) overflow the fp32 sum")
+    raise PeerFailure(ids[worst], f"sent values up to |x| = {peaks[worst]:.3g}, overflowing the fp32 sum")
+
+
+def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], me: str | None, out: torch.Tensor,
+                    scratch: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Decode each member's payload of one part (in member order) and write their mean into `out`.
+
+    Args:
+        payloads: one per member of `ids`, on out's device.
+        me: this member's id (its own payload is never blamed on another), or None.
+        scratch: fp32 buffers at least out's size, one per member, to decode into (else new tensors).
+    Raises:
+        PeerFailure: a member's payload does not decode or brings NaN/Inf (see `check_finite`).
+    """
+    n = out.numel()
+    pieces = []
+    for i, (peer, payload) in enumerate(zip(ids, payloads, strict=True)):
+        with blame(peer):
+            into = scratch[i][:n] if scratch is not None and not codec.stores_values else None
+            pieces.append(codec.decode(payload, n, out=into, alias=True))
+    reduce_in_order(pieces, out)
+    check_finite(out, pieces, ids, me)
+    return out
+
+
+@contextlib.contextmanager
+def blame(sender: str) -> Iterator[None]:
+    """Around a decode of `sender`'s payload: one the codec refuses fails that sender, not this peer."""
+    try:
+        yield
+    except ValueError as e:
+        raise PeerFailure(sender, f"sent a payload its codec refuses: {e}") from None

@@ -1,0 +1,89 @@
+"""DiLoCo members in one process: the swarm's averaging arithmetic without sockets."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from swarm.allreduce.reduce import gathers_payloads, reduce_payloads
+from swarm.compression import Codec, Contribution
+from swarm.peer.state import RoundState, SyncResult
+
+
+class LocalGroup:
+    """N DiLoCo peers in one process (threads), averaging with the swarm all-reduce's arithmetic.
+
+    For experiments and tests without sockets: each member encodes its contribution (with its error
+    feedback) in its own thread, the payloads are decoded and reduced in member order in fp32
+    (`swarm.allreduce.reduce`), and the mean goes through the codec's result codec, as the butterfly
+    does. Bytes are counted as a butterfly would send them: each member sends (N−1)/N of its payload
+    and of its part of the result. When that all-reduce would gather the payloads instead (sparse
+    codecs), so does this: no result codec, and each member sends its payload to the N−1 others.
+
+    Args:
+        size: members; every member must call `sync` for a round to finish (an error in one breaks
+            the group: the others' `sync` raises `threading.BrokenBarrierError`).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
+        self._barrier = threading.Barrier(size)
+        self._payloads: dict[int, torch.Tensor] = {}
+        self._mean: torch.Tensor | None = None
+        self.bytes_sent = 0
+        """Total over members, as a butterfly all-reduce would put on the wire."""
+        self.rounds = 0
+
+    def member(self, index: int) -> _LocalMember:
+        """The averager of member `index` (0-based)."""
+        return _LocalMember(self, index)
+
+    def _reduce(self, codec: Codec, numel: int) -> None:
+        n = self.size
+        out = torch.empty(numel, dtype=torch.float32, device=self._payloads[0].device)
+        reduce_payloads(codec, [self._payloads[i] for i in range(n)], [f"member {i}" for i in range(n)], None, out)
+        if gathers_payloads(codec, numel, n):
+            self.bytes_sent += n * (n - 1) * codec.payload_nbytes(numel)
+        else:
+            result = codec.result_codec(n)
+            payload = result.encode(out, alias=True)
+            if payload.data_ptr() != out.data_ptr():
+                result.decode(payload, numel, out=out)
+            if n > 1:
+                self.bytes_sent += int((codec.payload_nbytes(numel) + result.payload_nbytes(numel)) * (n - 1))
+        self._mean = out
+        self.rounds += 1
+
+
+class _LocalMember:
+    def __init__(self, group: LocalGroup, index: int) -> None:
+        self.group, self.index = group, index
+        self.state: RoundState | None = None
+
+    def start(self, state: RoundState) -> None:
+        self.state = state
+
+    def sync(self, contribution: Contribution) -> SyncResult:
+        g = self.group
+        assert self.state is not None
+        try:
+            g._payloads[self.index] = contribution.encode(0, contribution.numel)
+            if g._barrier.wait() == 0:
+                g._reduce(contribution.codec, contribution.numel)
+            g._barrier.wait()
+        except BaseException:
+            g._barrier.abort()  # the others must not wait for a round that cannot finish
+            raise
+        assert g._mean is not None
+        round_ = g.rounds - 1
+        self.state.propose(g._mean, round_, None)
+        self.state.adopt(round_)
+        contribution.commit()
+        g._barrier.wait()  # nobody starts the next round while another still reads this mean
+        return SyncResult("committed", round_, g.size)
+
+    def close(self, reason: str) -> None:
+        pass

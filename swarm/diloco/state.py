@@ -1,0 +1,145 @@
+"""θ_global and the outer optimizer: the state every member of a DiLoCo run holds bit for bit.
+
+Every member gets the same mean bytes from the all-reduce, and the outer step is a fixed sequence of
+separate fp32 IEEE operations (no fused multiply-add), so every member computes the same θ_global
+on any CPU. The committed hash covers θ_global and the momentum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xxhash
+
+from swarm.transport.endpoint import StateSnapshot
+
+
+@dataclass(kw_only=True, slots=True)
+class OuterConfig:
+    """The outer optimizer: SGD with (Nesterov) momentum on the averaged pseudo-gradient."""
+
+    lr: float = 0.7
+    """Outer learning rate (DiLoCo: 0.7)."""
+    momentum: float = 0.9
+    """Outer momentum (DiLoCo: 0.9)."""
+    nesterov: bool = True
+    """Nesterov momentum (DiLoCo: on)."""
+    feedback_decay: float = 1.0
+    """β of a codec's error feedback: each round sends Δ + β·residual (1: plain error feedback).
+    SparseLoCo drops the outer momentum and lets a decayed residual play its part (momentum 0, β < 1)."""
+
+    @classmethod
+    def recipe(cls, codec: str) -> OuterConfig:
+        """The outer step measured to work with `codec` (docs/benchmarks.md): SparseLoCo's for
+        `sparseloco` (lr 1, no momentum, β 0.95: the decayed residual is the momentum; DiLoCo's
+        Nesterov step on its sparse rounds fell far behind), DiLoCo's (lr 0.7, Nesterov 0.9) else."""
+        if codec == "sparseloco":
+            return cls(lr=1.0, momentum=0.0, feedback_decay=0.95)
+        return cls()
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"outer.lr must be > 0 and outer.momentum in [0, 1), got {self.lr}, {self.momentum}")
+        if not 0 < self.feedback_decay <= 1:
+            raise ValueError(f"outer.feedback_decay must be in (0, 1], got {self.feedback_decay}")
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = xxhash.xxh3_128()
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.hexdigest()
+
+
+class GlobalState:
+    """θ_global and the outer momentum as flat fp32 CPU tensors; the `RoundState` of a DiLoCo peer.
+
+    A round updates `fragment` (all of θ by default; one slice per round in streaming mode). Proposals
+    are computed into new tensors, so the committed state stays valid for a RETRY; `adopt` copies
+    the fragment in place, and `snapshot` copies the state for donors (both on the peer's loop).
+
+    Args:
+        theta: the initial global parameters (copied).
+        outer: the outer optimizer's settings.
+    """
+
+    def __init__(self, theta: torch.Tensor, outer: OuterConfig) -> None:
+        self.outer = outer
+        self.theta = theta.detach().to("cpu", torch.float32).clone()
+        self.momentum = torch.zeros_like(self.theta)
+        self.round = -1
+        self.fragment = slice(0, self.theta.numel())
+        """The part of θ the next round updates."""
+        self._digest = _digest(self.theta.numpy(), self.momentum.numpy())
+        self._proposal: tuple[slice, torch.Tensor, torch.Tensor, str] | None = None
+        self.inner_step: Callable[[], int] = lambda: 0
+        """Inner steps this peer made since its last sync (told to joiners with the state)."""
+        self.restored_inner_step = 0
+        """The donor's `inner_step` at the last restore."""
+
+    @property
+    def digest(self) -> str:
+        return self._digest
+
+    def _hash_with(self, frag: slice, theta_f: torch.Tensor, momentum_f: torch.Tensor) -> str:
+        t, m = self.theta.numpy(), self.momentum.numpy()
+        return _digest(t[: frag.start], theta_f.numpy(), t[frag.stop :], m[: frag.start], momentum_f.numpy(),
+                       m[frag.stop :])
+
+    def propose(self, mean: torch.Tensor | None, round_: int, attempt: object = None) -> str:
+        """The fragment of θ_global and momentum after an outer step with the mean pseudo-gradient.
+
+        Returns:
+            The hash of the whole state with that fragment updated.
+        Raises:
+            ValueError: `mean` does not have the fragment's size.
+        """
+        frag = self.fragment
+        if mean is None or mean.numel() != frag.stop - frag.start:
+            raise ValueError(f"the mean pseudo-gradient must have {frag.stop - frag.start} elements")
+        g = mean.to(self.theta.device)
+        mu, lr = self.outer.momentum, self.outer.lr
+        # Separate mul and add (no addcmul/alpha): one IEEE rounding each, the same on every CPU.
+        momentum = self.momentum[frag] * mu + g if mu > 0 else g.clone()
+        step = g + momentum * mu if self.outer.nesterov and mu > 0 else momentum
+        theta = self.theta[frag] - step * lr
+        digest = self._hash_with(frag, theta, momentum)
+        self._proposal = (frag, theta, momentum, digest)
+        return digest
+
+    def adopt(self, round_: int) -> None:
+        assert self._proposal is not None, "propose() before adopt()"
+        frag, theta, momentum, self._digest = self._proposal
+        self.theta[frag] = theta
+        self.momentum[frag] = momentum
+        self._proposal = None
+        self.round = round_
+
+    def snapshot(self) -> StateSnapshot | None:
+        if self.round < 0:
+            return None
+        meta = {"round": self.round, "hash": self._digest, "inner_step": int(self.inner_step())}
+        # Copies: a later adopt writes in place while the donor may still be sending.
+        return StateSnapshot(meta, {"theta": self.theta.numpy().copy(), "momentum": self.momentum.numpy().copy()})
+
+    def restore(self, snapshot: StateSnapshot) -> str:
+        arrays = snapshot.arrays
+        n = self.theta.numel()
+        for name in ("theta", "momentum"):
+            a = arrays.get(name)
+            if a is None or a.dtype != np.float32 or a.size != n:
+                raise ValueError(f"donor state needs {name!r} as {n} float32 values (another model or size?)")
+        theta, momentum = arrays["theta"].reshape(-1), arrays["momentum"].reshape(-1)
+        digest = _digest(theta, momentum)
+        if digest != snapshot.meta.get("hash"):
+            raise ValueError(f"donor state hashes to {digest[:12]}, not the {str(snapshot.meta.get('hash'))[:12]} it claims")
+        if not (np.isfinite(theta).all() and np.isfinite(momentum).all()):
+            raise ValueError("donor state holds NaN or Inf")
+        self.theta, self.momentum = torch.from_numpy(theta.copy()), torch.from_numpy(momentum.copy())
+        self._digest, self.round = digest, int(snapshot.meta.get("round", -1))
+        self._proposal = None
+        self.restored_inner_step = int(snapshot.meta.get("inner_step", 0))
+        return digest
