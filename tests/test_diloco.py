@@ -176,7 +176,7 @@ def test_restore_checks_the_donors_state_and_changes_nothing_when_it_is_bad() ->
         assert joiner.digest == digest and joiner.round == -1
     nan = good.arrays["theta"].copy()
     nan[3] = np.nan
-    from swarm.diloco import _digest
+    from swarm.diloco.state import _digest
 
     with pytest.raises(ValueError, match="NaN"):
         joiner.restore(StateSnapshot(dict(good.meta, hash=_digest(nan, good.arrays["momentum"])),

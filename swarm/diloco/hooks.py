@@ -7,15 +7,16 @@
             inner_opt.step()        # every sync_every steps, this also syncs with the swarm
             inner_opt.zero_grad()
 
-Every `sync_every` inner steps: Δ = θ_global − θ_local (fp32, on the CPU), with
-the error-feedback residual when the codec keeps one (`Contribution`), goes
-through the fault-tolerant all-reduce; the outer optimizer (SGD with Nesterov momentum)
-steps θ_global with the mean Δ, and the model is loaded with θ_global.
+Every `sync_every` inner steps: Δ = θ_global − θ_local (fp32, on the model's
+device: a GPU model's Δ is encoded by the Triton kernels there), with the
+error-feedback residual when the codec keeps one (`Contribution`), goes
+through the fault-tolerant all-reduce; the outer optimizer (SGD with Nesterov
+momentum) steps θ_global with the mean Δ, and the model is loaded with θ_global.
 
 Bit-identical state: every member gets the same mean bytes from the
 all-reduce, and the outer step is a fixed sequence of separate fp32 IEEE
-operations (no fused multiply-add), so every member computes the same
-θ_global on any CPU. The committed hash covers θ_global and the momentum.
+operations (`state.py`), so every member computes the same θ_global on any
+CPU or GPU. The committed hash covers θ_global and the momentum.
 
 When the run goes on without this peer (it missed a round, or its hash
 diverged), the peer downloads θ_global and the momentum from a donor the
@@ -100,6 +101,10 @@ class DiLoCo:
         intra_group: a torch.distributed group of this peer's own processes (several GPUs of one host
             training data-parallel, e.g. with DDP): its rank 0 talks to the swarm (`peer`; the other
             ranks pass None) and broadcasts θ_global to the others after each sync.
+        outer_device: where θ_global, the outer momentum and the outer step live: "cpu", a CUDA
+            device, or None for the model's GPU when they fit in a third of its free memory, else the
+            CPU. Δ, its encoding (the Triton kernels), the decode and the reduce run where the model
+            is either way; only θ_global's slice and the mean cross between the two.
     Raises:
         ValueError: bad settings, or a model without trainable parameters.
     """
@@ -107,7 +112,7 @@ class DiLoCo:
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, peer: Averager | None,
                  sync_every: int = 500, outer: OuterConfig | None = None, codec: CodecConfig | str = "none",
                  fragments: int = 1, on_sync: Callable[[SyncResult], None] | None = None,
-                 intra_group: Any = None) -> None:
+                 intra_group: Any = None, outer_device: str | None = None) -> None:
         self.intra_group = intra_group
         self.intra_rank = torch.distributed.get_rank(intra_group) if intra_group is not None else 0
         if intra_group is not None and fragments > 1:
@@ -131,7 +136,10 @@ class DiLoCo:
             raise ValueError("the model has no trainable parameters")
         self.numel = sum(p.numel() for p in self.params)
         self.fragments = _cut(self.params, fragments)
-        self.state = GlobalState(self._flat_params(), self.outer)
+        devices = {p.device for p in self.params}
+        self.device = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+        """Where Δ is formed, encoded, all-reduced and decoded: the model's device."""
+        self.state = GlobalState(self._flat_params(), self.outer, _outer_device(outer_device, self.device, self.numel))
         self.state.inner_step = lambda: self.local_step
         self.on_sync = on_sync
         self.local_step = 0
@@ -198,22 +206,20 @@ class DiLoCo:
     # --------------------------------------------------------------- sync
 
     def _flat_params(self, part: slice | None = None) -> torch.Tensor:
-        """θ_local (or `part` of it) as one fp32 CPU tensor."""
+        """θ_local (or `part` of it) as one fp32 tensor on `self.device`."""
         with torch.no_grad():
-            # Concatenated where the parameters live, then one transfer (not one per tensor).
-            if len({p.device for p in self.params}) == 1:
-                flat = torch.cat([p.detach().reshape(-1).float() for p in self.params]).to("cpu")
-            else:
+            if self.device.type != "cpu" or len({p.device for p in self.params}) == 1:
+                flat = torch.cat([p.detach().reshape(-1).float() for p in self.params])
+            else:  # parameters on several devices: gathered on the CPU
                 flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float32) for p in self.params])
         return flat if part is None else flat[part]
 
     def _load_global(self, part: slice | None = None, extra: torch.Tensor | None = None) -> None:
         """Load θ_global (only `part` of it, plus `extra` when given) into the model's parameters."""
         part = part or slice(0, self.numel)
-        values = self.state.theta[part] if extra is None else self.state.theta[part] + extra
-        devices = {p.device for p in self.params}
-        if len(devices) == 1:
-            values = values.to(next(iter(devices)))  # one transfer, then copies on the device
+        values = self.state.theta[part].to(self.device)  # one transfer, then copies on the device
+        if extra is not None:
+            values = values + extra
         with torch.no_grad():
             offset = 0
             for p in self.params:
@@ -226,7 +232,7 @@ class DiLoCo:
     def _delta(self, part: slice) -> tuple[torch.Tensor, Contribution]:
         """(θ_local of `part`, this peer's contribution: Δ of `part` with its error feedback)."""
         local = self._flat_params(part)
-        delta = self.state.theta[part] - local
+        delta = self.state.theta[part].to(self.device) - local
         if not torch.isfinite(delta).all():
             raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
         return local, Contribution(delta, self.codec, self.feedback, at=part.start, size=self.numel,
@@ -340,3 +346,17 @@ def _cut(params: list[nn.Parameter], n: int) -> list[slice]:
             bounds.append(acc)
     bounds.append(total)
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _outer_device(choice: str | None, device: torch.device, numel: int) -> torch.device:
+    """Where the outer state lives: `choice`, or the model's GPU when θ_global, the momentum and a
+    proposal of each (4 × 4 bytes per parameter) take at most a third of its free memory, else the CPU."""
+    if choice is not None:
+        return torch.device(choice)
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    chosen = device if 16 * numel <= free // 3 else torch.device("cpu")
+    log.info("outer state (θ_global, momentum: %.2f GB) on %s", 8 * numel / 1e9, chosen)
+    return chosen
+

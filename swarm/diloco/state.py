@@ -1,8 +1,9 @@
 """θ_global and the outer optimizer: the state every member of a DiLoCo run holds bit for bit.
 
 Every member gets the same mean bytes from the all-reduce, and the outer step is a fixed sequence of
-separate fp32 IEEE operations (no fused multiply-add), so every member computes the same θ_global
-on any CPU. The committed hash covers θ_global and the momentum.
+separate fp32 IEEE operations (one elementwise kernel each: no fused multiply-add), so every member
+computes the same θ_global on any CPU or GPU, and a member whose state lives on a GPU agrees with one
+whose state lives on the CPU (docs/decisions.md). The committed hash covers θ_global and the momentum.
 """
 
 from __future__ import annotations
@@ -47,15 +48,26 @@ class OuterConfig:
             raise ValueError(f"outer.feedback_decay must be in (0, 1], got {self.feedback_decay}")
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def _digest(*tensors: torch.Tensor | np.ndarray) -> str:
     h = xxhash.xxh3_128()
-    for a in arrays:
+    for t in tensors:
+        a = t if isinstance(t, np.ndarray) else _host(t)
         h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
     return h.hexdigest()
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    """`t`'s values in host memory (a view when it is there already)."""
+    return (t if t.device.type == "cpu" else t.cpu()).numpy()
+
+
+def _host_copy(t: torch.Tensor) -> np.ndarray:
+    """A copy of `t`'s values in host memory (one copy, from either device)."""
+    return t.numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
 class GlobalState:
-    """θ_global and the outer momentum as flat fp32 CPU tensors; the `RoundState` of a DiLoCo peer.
+    """θ_global and the outer momentum as flat fp32 tensors on one device; the `RoundState` of a DiLoCo peer.
 
     A round updates `fragment` (all of θ by default; one slice per round in streaming mode). Proposals
     are computed into new tensors, so the committed state stays valid for a RETRY; `adopt` copies
@@ -64,16 +76,17 @@ class GlobalState:
     Args:
         theta: the initial global parameters (copied).
         outer: the outer optimizer's settings.
+        device: where θ_global and the momentum live (the outer step runs there).
     """
 
-    def __init__(self, theta: torch.Tensor, outer: OuterConfig) -> None:
+    def __init__(self, theta: torch.Tensor, outer: OuterConfig, device: torch.device | str = "cpu") -> None:
         self.outer = outer
-        self.theta = theta.detach().to("cpu", torch.float32).clone()
+        self.theta = theta.detach().to(device, torch.float32).clone()
         self.momentum = torch.zeros_like(self.theta)
         self.round = -1
         self.fragment = slice(0, self.theta.numel())
         """The part of θ the next round updates."""
-        self._digest = _digest(self.theta.numpy(), self.momentum.numpy())
+        self._digest = _digest(self.theta, self.momentum)
         self._proposal: tuple[slice, torch.Tensor, torch.Tensor, str] | None = None
         self.inner_step: Callable[[], int] = lambda: 0
         """Inner steps this peer made since its last sync (told to joiners with the state)."""
@@ -85,9 +98,8 @@ class GlobalState:
         return self._digest
 
     def _hash_with(self, frag: slice, theta_f: torch.Tensor, momentum_f: torch.Tensor) -> str:
-        t, m = self.theta.numpy(), self.momentum.numpy()
-        return _digest(t[: frag.start], theta_f.numpy(), t[frag.stop :], m[: frag.start], momentum_f.numpy(),
-                       m[frag.stop :])
+        t, m = self.theta, self.momentum
+        return _digest(t[: frag.start], theta_f, t[frag.stop :], m[: frag.start], momentum_f, m[frag.stop :])
 
     def propose(self, mean: torch.Tensor | None, round_: int, attempt: object = None) -> str:
         """The fragment of θ_global and momentum after an outer step with the mean pseudo-gradient.
@@ -102,7 +114,7 @@ class GlobalState:
             raise ValueError(f"the mean pseudo-gradient must have {frag.stop - frag.start} elements")
         g = mean.to(self.theta.device)
         mu, lr = self.outer.momentum, self.outer.lr
-        # Separate mul and add (no addcmul/alpha): one IEEE rounding each, the same on every CPU.
+        # Separate mul and add (no addcmul/alpha): one IEEE rounding each, the same on every CPU and GPU.
         momentum = self.momentum[frag] * mu + g if mu > 0 else g.clone()
         step = g + momentum * mu if self.outer.nesterov and mu > 0 else momentum
         theta = self.theta[frag] - step * lr
@@ -123,7 +135,7 @@ class GlobalState:
             return None
         meta = {"round": self.round, "hash": self._digest, "inner_step": int(self.inner_step())}
         # Copies: a later adopt writes in place while the donor may still be sending.
-        return StateSnapshot(meta, {"theta": self.theta.numpy().copy(), "momentum": self.momentum.numpy().copy()})
+        return StateSnapshot(meta, {"theta": _host_copy(self.theta), "momentum": _host_copy(self.momentum)})
 
     def restore(self, snapshot: StateSnapshot) -> str:
         arrays = snapshot.arrays
@@ -138,7 +150,8 @@ class GlobalState:
             raise ValueError(f"donor state hashes to {digest[:12]}, not the {str(snapshot.meta.get('hash'))[:12]} it claims")
         if not (np.isfinite(theta).all() and np.isfinite(momentum).all()):
             raise ValueError("donor state holds NaN or Inf")
-        self.theta, self.momentum = torch.from_numpy(theta.copy()), torch.from_numpy(momentum.copy())
+        device = self.theta.device
+        self.theta, self.momentum = (torch.from_numpy(a.copy()).to(device) for a in (theta, momentum))
         self._digest, self.round = digest, int(snapshot.meta.get("round", -1))
         self._proposal = None
         self.restored_inner_step = int(snapshot.meta.get("inner_step", 0))
