@@ -12,55 +12,29 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 
-from swarm.compression import CodecConfig
-from swarm.diloco import DiLoCo, OuterConfig
+from swarm.diloco import DiLoCo
 from swarm.peer import PeerConfig, PeerReport, SwarmPeer, SyncResult
-from swarm.task import Batches, Corpus, DataConfig, build_model, count_params, evaluate
+from swarm.task import Batches, Corpus, build_model, count_params, evaluate
 from swarm.task.schedule import inner_lr
+from swarm.training import TrainingConfig
 
 log = logging.getLogger("swarm.train")
 
 
 @dataclass(kw_only=True, slots=True)
-class TrainConfig:
-    """The built-in task's training settings (the same on every peer of a run, except the shard)."""
+class TrainConfig(TrainingConfig):
+    """The train task's settings: the shared training settings (`TrainingConfig`) and the task's own."""
 
-    model: str = "tiny"
-    """Model size: tiny, small or 124m (`swarm.task.SIZES`)."""
-    seed: int = 0
-    """Initial weights' seed; every peer of a run must use the same one."""
-    steps: int = 200
-    """Global inner steps of the run (rounds × sync_every); each peer stops there."""
-    sync_every: int = 20
-    """H: inner steps between syncs."""
+    TABLE: ClassVar[str] = "train"
     fragments: int = 1
     """Streaming DiLoCo: sync this many fragments at staggered steps, overlapped with training (1: off)."""
-    lr: float = 3e-3
-    """Peak inner AdamW learning rate."""
-    warmup_steps: int = 20
-    """Linear warmup of the inner lr, then cosine decay to 10 % at `steps`."""
-    weight_decay: float = 0.1
-    """Inner AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this (0: off)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Corpus and batches."""
-    shard_index: int = 0
-    """Which shard of the train set this peer trains on."""
-    shard_count: int = 1
-    """How many shards the train set is cut into (usually the number of peers)."""
     eval_batches: int = 8
     """Eval windows' batches scored after every sync."""
-    outer: OuterConfig | None = None
-    """The outer optimizer (None: `OuterConfig.recipe` of the codec)."""
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    """What pseudo-gradients are sent as."""
-    device: str = "cpu"
-    """Where the inner steps run (cpu, cuda, cuda:1, ...)."""
     intra_host: bool = False
     """This peer is several processes of one host started by torchrun (data-parallel inside the peer,
     NCCL on GPUs); rank 0 talks to the swarm. torchrun's environment says the rank and world size."""
@@ -68,12 +42,11 @@ class TrainConfig:
     """Read the training loss (a device sync) every this many steps."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.sync_every < 1 or self.steps < self.sync_every:
-            raise ValueError(f"train.steps ({self.steps}) must be >= train.sync_every ({self.sync_every}) >= 1")
-        if not 0 <= self.shard_index < self.shard_count:
-            raise ValueError(f"train.shard_index must be in [0, {self.shard_count}), got {self.shard_index}")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError("train.lr must be > 0 and train.warmup_steps >= 0")
+        TrainingConfig.__post_init__(self)  # (no zero-argument super() in a slots dataclass)
+        if self.steps < self.sync_every:
+            raise ValueError(f"train.steps ({self.steps}) must be >= train.sync_every ({self.sync_every})")
+        if self.fragments < 1 or self.eval_batches < 1 or self.log_every < 1:
+            raise ValueError("train.fragments, train.eval_batches and train.log_every must be >= 1")
 
 
 def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
@@ -126,7 +99,7 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
 
     stopped_by = "done"
     dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec,
-                fragments=config.fragments, on_sync=on_sync, intra_group=group)
+                fragments=config.fragments, on_sync=on_sync, intra_group=group, outer_device=config.outer_device)
     try:
         with dl:
             on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)

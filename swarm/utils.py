@@ -76,7 +76,7 @@ def dies_with_parent(cmd: list[str], signum: int = signal.SIGTERM) -> list[str]:
     return [sys.executable, "-c", _DIES_WITH_PARENT_SHIM, str(os.getpid()), str(int(signum)), program, *cmd[1:]]
 
 
-def check_device(name: str) -> None:
+def check_device(name: str, flag: str = "--device") -> None:
     """Fail early, in one line, on a device this machine's torch cannot use.
 
     Raises:
@@ -88,14 +88,14 @@ def check_device(name: str) -> None:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+        raise ValueError(f"{flag} {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise ValueError(f"--device {name}: {why} (torch {torch.__version__}); use --device cpu, or install a "
+            raise ValueError(f"{flag} {name}: {why} (torch {torch.__version__}); use {flag} cpu, or install a "
                              "CUDA build of torch (README: Installing with a GPU)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible "
+            raise ValueError(f"{flag} {name}: only {torch.cuda.device_count()} CUDA device(s) visible "
                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+        raise ValueError(f"{flag} {name}: MPS is not available on this machine; use {flag} cpu")

@@ -116,10 +116,12 @@ def test_without_an_outer_config_the_codec_picks_its_recipe(codec: str, expected
 
 def test_peer_flags_override_only_what_they_name_of_the_recipe() -> None:
     from swarm.cli.main import build_parser
-    from swarm.peers.cli import _outer
+    from swarm.peers.cli import _training
 
     def outer(*flags: str) -> tuple:
-        o = _outer(build_parser().parse_args(["peer", "--coordinator", "127.0.0.1:1", *flags]))
+        config = _training(build_parser().parse_args(["peer", "--coordinator", "127.0.0.1:1", "--task", "train",
+                                                      *flags]))
+        o = config.outer or OuterConfig.recipe(config.codec.name)  # None: DiLoCo takes the codec's recipe
         return o.lr, o.momentum, o.feedback_decay
 
     assert outer() == (0.7, 0.9, 1.0)

@@ -132,7 +132,7 @@ def test_settings_a_pipeline_cannot_run_are_refused() -> None:
 def test_a_driver_told_to_move_during_an_eval_moves_instead_of_failing() -> None:
     """An eval that waits for a lost stage raises Moving when the coordinator moves this peer; the driver
     must drop that eval and report the move (it died on the Moving before)."""
-    from swarm.pipeline.runner import Moving
+    from swarm.pipeline.driver import Moving, drive
 
     runner = _runner(0)
     calls = []
@@ -145,7 +145,7 @@ def test_a_driver_told_to_move_during_an_eval_moves_instead_of_failing() -> None
 
     runner.handle.peer = SimpleNamespace(address="127.0.0.1:1", move_to=None)
     runner.handle.run = run
-    result = runner.drive(lambda: False)
+    result = drive(runner, lambda: False)
     assert result["moved"] is True
     assert result["evals"] == [] and result["losses"] == []
     assert calls == ["eval"]  # the first eval batch raised; no train step and no second eval was tried

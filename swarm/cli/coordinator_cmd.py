@@ -7,6 +7,7 @@ import asyncio
 import signal
 import sys
 
+from swarm.config import add_flags, build, flag_values
 from swarm.coordinator import server
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.store import open_store
@@ -27,28 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=7070, help="port to listen on; 0 picks a free one (default: %(default)s)")
     p.add_argument("--db", help="SQLite file holding the run's state (default: in memory, lost on exit)")
-    p.add_argument("--config", help="run file (TOML) whose [coordinator] table sets the options below")
-    p.add_argument("--run-id", help="name of the run (overrides the config)")
-    p.add_argument("--lease-s", type=float, help="drop peers silent this long (default 10)")
-    p.add_argument("--min-peers", type=int, help="rounds start with at least this many peers (default 1)")
-    p.add_argument("--rendezvous-timeout-s", type=float, help="longest a round's barrier waits (default 30)")
-    p.add_argument("--stages", type=int, help="pipeline stages of the run; peers with --stage auto get the thinnest (default 1)")
+    p.add_argument("--config", help="run file (TOML) whose [coordinator] table sets the run's options below; "
+                                    "a flag given overrides it")
+    add_flags(p.add_argument_group("the run (the [coordinator] table of --config)"), CoordinatorConfig)
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (0: a free port; default: off)")
     p.set_defaults(run=run)
 
 
 def _config(args: argparse.Namespace) -> CoordinatorConfig:
-    overrides = {
-        "run_id": args.run_id,
-        "lease_s": args.lease_s,
-        "min_peers": args.min_peers,
-        "rendezvous_timeout_s": args.rendezvous_timeout_s,
-        "stages": args.stages,
-    }
-    if args.config:
-        return CoordinatorConfig.from_toml(args.config, **overrides)
-    return CoordinatorConfig(**{k: v for k, v in overrides.items() if v is not None})
+    """The run's settings: their defaults < the --config file < the flags given."""
+    given = flag_values(args, CoordinatorConfig)
+    return CoordinatorConfig.from_toml(args.config, **given) if args.config else build(CoordinatorConfig, given)
 
 
 def run(args: argparse.Namespace) -> int:

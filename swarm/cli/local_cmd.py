@@ -24,9 +24,16 @@ from rich.live import Live
 from rich.table import Table
 
 from swarm.cli.status_cmd import render, status_to_dict
+from swarm.config import add_flags, build, flag_values, to_flags
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
+from swarm.pipeline.config import FILE_ONLY as PIPELINE_FILE_ONLY
+from swarm.pipeline.config import FLAGS as PIPELINE_FLAGS
+from swarm.pipeline.config import PipelineConfig
 from swarm.proto.v1 import coordinator_pb2 as pb
-from swarm.utils import dies_with_parent, run_async
+from swarm.training import FILE_ONLY as TRAINING_FILE_ONLY
+from swarm.training import FLAGS as TRAINING_FLAGS
+from swarm.training import TrainingConfig
+from swarm.utils import check_device, dies_with_parent, run_async
 
 RUN_ID = "local"
 STOP_GRACE_S = 10.0
@@ -57,18 +64,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--peers", type=int, default=None,
                    help="number of peer processes (default: 4; --task pipeline: --stages)")
-    p.add_argument("--model", default="tiny", help="model size: tiny, small or 124m (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=200, help="global inner steps to train (default: %(default)s)")
-    p.add_argument("--inner-steps", type=int, default=20, metavar="H",
-                   help="inner steps between syncs (default: %(default)s)")
-    p.add_argument("--fragments", type=int, default=1,
-                   help="streaming DiLoCo: fragments synced at staggered steps, overlapped with training (default: 1)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak inner AdamW lr (default: %(default)s)")
-    p.add_argument("--data", nargs="+", default=[], metavar="PATH",
-                   help="text files or folders to train on (default: this Python's standard library source)")
-    p.add_argument("--codec", choices=["none", "bf16", "fp16", "int8", "topk", "sparseloco"], default="none",
-                   help="what pseudo-gradients are sent as (default: %(default)s); sparseloco trains with "
-                        "SparseLoCo's outer step (lr 1, no momentum, error feedback decayed by 0.95)")
     p.add_argument("--kill", action="append", default=[], metavar="I@STEP",
                    help="SIGKILL peer I once the run reached STEP (a round for --task control/average); repeatable")
     p.add_argument("--join", action="append", type=int, default=[], metavar="STEP",
@@ -80,12 +75,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch threads per peer (default: CPU cores / peers, at least 1)")
     p.add_argument("--task", choices=["train", "pipeline", "control", "average"], default="train",
                    help="what peers do (default: %(default)s; see `swarm peer --help`)")
-    p.add_argument("--stages", type=int, default=3,
-                   help="--task pipeline: pipeline stages; --peers defaults to this (default: %(default)s)")
-    p.add_argument("--recovery", choices=["checkfree", "checkfree+", "random"], default="checkfree",
-                   help="--task pipeline: how a lost stage is rebuilt (default: %(default)s)")
-    p.add_argument("--activations", choices=["none", "int8"], default="none",
-                   help="--task pipeline: activations between stages as fp32 or int8 (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=20, help="--task control/average: rounds to run (default: %(default)s)")
     p.add_argument("--work-s", type=float, default=0.2, help="--task control/average: simulated work per round")
     p.add_argument("--numel", type=int, default=1_000_000, help="--task average: elements all-reduced per round")
@@ -98,6 +87,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="output folder: new, empty, or an earlier `swarm local` run's (default: %(default)s)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="stop everything after this long (default: %(default)s)")
     p.add_argument("--no-view", action="store_true", help="print progress lines instead of the live view")
+    # The peers' own options, generated from their configs (`swarm peer --help`); the ones given are passed on.
+    t = p.add_argument_group("training (--task train and pipeline; passed on to every peer)")
+    add_flags(t, TrainingConfig, aliases=TRAINING_FLAGS, skip=TRAINING_FILE_ONLY)
+    t.add_argument("--fragments", type=int, default=None,
+                   help="--task train: streaming DiLoCo's fragments (default: the peers', 1: off)")
+    add_flags(p.add_argument_group("pipeline (--task pipeline; --peers defaults to --stages)"), PipelineConfig,
+              own=True, aliases=PIPELINE_FLAGS, skip=PIPELINE_FILE_ONLY)
     p.set_defaults(run=run)
 
 
@@ -123,22 +119,21 @@ def _parse_kills(specs: list[str], peers: int) -> dict[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.peers is None:
-        args.peers = args.stages if args.task == "pipeline" else 4
     try:
-        if args.task == "pipeline" and args.stages < 1:
-            raise ValueError("--stages must be at least 1")
+        training = _training(args)
+        if args.peers is None:
+            args.peers = training.stages if isinstance(training, PipelineConfig) else 4
         kills = _parse_kills(args.kill, args.peers)
-        if args.peers < 1 or args.rounds < 1:
-            raise ValueError("--peers and --rounds must be at least 1")
-        training = args.task in ("train", "pipeline")
-        if training and not 1 <= args.inner_steps <= args.steps:
-            raise ValueError(f"--inner-steps must be in [1, --steps={args.steps}], got {args.inner_steps}")
-        end, unit = (args.steps, "--steps") if training else (args.rounds, "--rounds")
+        if args.peers < 1 or args.rounds < 1 or (args.fragments is not None and args.fragments < 1):
+            raise ValueError("--peers, --rounds and --fragments must be at least 1")
+        if training is not None and training.sync_every > training.steps:
+            raise ValueError(f"--sync-every (--inner-steps) must be in [1, --steps={training.steps}], "
+                             f"got {training.sync_every}")
+        end, unit = (training.steps, "--steps") if training else (args.rounds, "--rounds")
         for j in args.join:  # a pipeline's joiner also comes when a stage is lost: any later step is fine
             if j < 0 or (j >= end and args.task != "pipeline"):
                 raise ValueError(f"--join {j}: must be in [0, {unit}={end}) to join before the run ends")
-        for path in args.data:  # the peers would each fail on it after a slow start
+        for path in training.data.paths if training else []:  # the peers would each fail on it after a slow start
             if not os.path.exists(path):
                 raise ValueError(f"--data {path}: no such file or folder")
             if not os.access(path, os.R_OK):
@@ -147,7 +142,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"swarm local: {e}", file=sys.stderr)
         return 2
-    return run_async(_local(args, kills))
+    return run_async(_local(args, kills, training))
+
+
+def _training(args: argparse.Namespace) -> TrainingConfig | None:
+    """The peers' training settings from the flags given (checked here: the peers would each fail later)."""
+    if args.task not in ("train", "pipeline"):
+        return None
+    cls = PipelineConfig if args.task == "pipeline" else TrainingConfig
+    config = build(cls, flag_values(args, cls))
+    check_device(config.device)
+    return config
 
 
 def prepare_out(out: Path) -> None:
@@ -239,23 +244,33 @@ def _frame(headline: str, status: pb.StatusReply, peers: list[_Child]) -> Group:
     return Group(headline, render(status, max_events=8), _peer_table(peers))
 
 
-def _peer_argv(args: argparse.Namespace, target: str, index: int, shards: int) -> list[str]:
+def _peer_argv(args: argparse.Namespace, training: TrainingConfig | None, target: str, index: int,
+               shards: int) -> list[str]:
     argv = ["peer", "--coordinator", target, "--run-id", RUN_ID, "--peer-id", f"peer-{index}", "--task", args.task,
-            "--codec", args.codec, *(["--hold"] if index >= args.peers else [])]
-    if args.task not in ("train", "pipeline"):
-        return [*argv, "--rounds", str(args.rounds), "--work-s", str(args.work_s), "--numel", str(args.numel)]
+            *(["--hold"] if index >= args.peers else [])]
+    if training is None:  # the protocol tasks all-reduce with the codec too
+        codec = flag_values(args, TrainingConfig).get("codec", {})
+        return [*argv, *to_flags({"codec": codec}), "--rounds", str(args.rounds), "--work-s", str(args.work_s),
+                "--numel", str(args.numel)]
     threads = args.threads or max(1, (os.cpu_count() or 1) // (args.peers + len(args.join)))
-    argv += ["--model", args.model, "--steps", str(args.steps), "--inner-steps", str(args.inner_steps),
-             "--lr", str(args.lr), "--threads", str(threads)]
-    if args.task == "pipeline":
+    # The options given, as given: the peers build the same config from them (same defaults).
+    argv += [*to_flags(flag_values(args, type(training))), "--threads", str(threads)]
+    if isinstance(training, PipelineConfig):
         # The first --peers serve stage I mod S; joiners take what the coordinator gives (a lost stage first).
-        stage = str(index % args.stages) if index < args.peers else "auto"
-        drivers = max(1, (args.peers - 1) // args.stages + 1)
-        argv += ["--stages", str(args.stages), "--stage", stage, "--recovery", args.recovery,
-                 "--activations", args.activations, "--shard", f"{index // args.stages % drivers}/{drivers}"]
-    else:
-        argv += ["--fragments", str(args.fragments), "--shard", f"{index}/{shards}"]
-    return [*argv, "--data", *args.data] if args.data else argv
+        stage = str(index % training.stages) if index < args.peers else "auto"
+        drivers = max(1, (args.peers - 1) // training.stages + 1)
+        return [*argv, "--stage", stage, "--shard", f"{index // training.stages % drivers}/{drivers}"]
+    fragments = ["--fragments", str(args.fragments)] if args.fragments is not None else []
+    return [*argv, *fragments, "--shard", f"{index}/{shards}"]
+
+
+def _where(args: argparse.Namespace, training: TrainingConfig | None, at: int) -> str:
+    """How far the run is, in the live view's headline."""
+    if training is None:
+        return f"round {at + 1}/{args.rounds}, task {args.task}"
+    stages = f", {training.stages} stages" if isinstance(training, PipelineConfig) else ""
+    return (f"step {at}/{training.steps}, model {training.model}, H={training.sync_every}, "
+            f"codec {training.codec.name}{stages}")
 
 
 def _progress(args: argparse.Namespace, status: pb.StatusReply) -> int:
@@ -267,7 +282,7 @@ def _progress(args: argparse.Namespace, status: pb.StatusReply) -> int:
     return max((r.round for r in status.rounds if r.phase != "gathering"), default=-1)
 
 
-async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
+async def _local(args: argparse.Namespace, kills: dict[int, int], training: TrainingConfig | None) -> int:
     out = Path(args.out)  # prepare_out made it ready
     started = time.monotonic()
     console = Console(stderr=True)
@@ -275,7 +290,8 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
         "coordinator", "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
          "--run-id", RUN_ID, "--lease-s", str(args.lease_s), "--rendezvous-timeout-s", str(args.rendezvous_timeout_s),
          "--min-peers", str(args.min_peers or (1 if args.task == "pipeline" else max(1, args.peers - len(kills)))),
-         *(["--stages", str(args.stages)] if args.task == "pipeline" else [])], out / "coordinator.log")
+         *(["--stages", str(training.stages)] if isinstance(training, PipelineConfig) else [])],
+        out / "coordinator.log")
     peers: list[_Child] = []
     interrupted = False
     loop = asyncio.get_running_loop()
@@ -294,7 +310,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
         # Joiners start now and wait, set up, for their step: a process started at the step would
         # spend seconds importing and loading before it joined, and could arrive after the last round.
         for i in range(args.peers + len(args.join)):
-            peers.append(await _spawn(f"peer-{i}", _peer_argv(args, target, i, shards), out / f"peer-{i}.log",
+            peers.append(await _spawn(f"peer-{i}", _peer_argv(args, training, target, i, shards), out / f"peer-{i}.log",
                                       hold=i >= args.peers))
         readers = {c.name: asyncio.create_task(_read_report(c)) for c in peers}
         pending = list(zip(sorted(args.join), peers[args.peers:], strict=True))  # (step, held joiner)
@@ -322,9 +338,7 @@ async def _local(args: argparse.Namespace, kills: dict[int, int]) -> int:
                 # A pipeline cannot reach a later step while a stage is lost: a pending joiner comes now.
                 while pending and (at >= pending[0][0] or (args.task == "pipeline" and status.lost_stages)):
                     _release(pending.pop(0)[1])
-                where = (f"step {at}/{args.steps}, model {args.model}, H={args.inner_steps}, codec {args.codec}"
-                         + (f", {args.stages} stages" if args.task == "pipeline" else "")
-                         if args.task in ("train", "pipeline") else f"round {at + 1}/{args.rounds}, task {args.task}")
+                where = _where(args, training, at)
                 if view is not None:
                     headline = f"swarm local: {where}, {time.monotonic() - started:.0f}s; Ctrl-C stops everything"
                     view.update(_frame(headline, status, peers))

@@ -9,6 +9,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from swarm.config import build, check_table
+
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -65,10 +67,11 @@ class CoordinatorConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> CoordinatorConfig:
-        """Read the `[coordinator]` table of a run file; keyword overrides win (CLI flags).
+        """Read the `[coordinator]` table of a run file (a top-level `run_id` too); keyword overrides that
+        are not None win (CLI flags).
 
         Raises:
-            ValueError: unknown keys or bad values, naming the key.
+            ValueError: unknown keys or bad values, naming the file and the key.
             FileNotFoundError: the file does not exist.
         """
         with open(path, "rb") as f:
@@ -76,9 +79,8 @@ class CoordinatorConfig:
         table = dict(data.get("coordinator", {}))
         if "run_id" in data and "run_id" not in table:
             table["run_id"] = data["run_id"]
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown [coordinator] keys {unknown}; known keys: {sorted(known)}")
-        table.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**table)
+        try:
+            values = check_table(cls, table, where="coordinator")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return build(cls, values, {k: v for k, v in overrides.items() if v is not None})

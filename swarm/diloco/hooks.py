@@ -102,8 +102,8 @@ class DiLoCo:
             training data-parallel, e.g. with DDP): its rank 0 talks to the swarm (`peer`; the other
             ranks pass None) and broadcasts θ_global to the others after each sync.
         outer_device: where θ_global, the outer momentum and the outer step live: "cpu", a CUDA
-            device, or None for the model's GPU when they fit in a third of its free memory, else the
-            CPU. Δ, its encoding (the Triton kernels), the decode and the reduce run where the model
+            device, or "auto" (or None) for the model's GPU when they fit in a third of its free memory,
+            else the CPU. Δ, its encoding (the Triton kernels), the decode and the reduce run where the model
             is either way; only θ_global's slice and the mean cross between the two.
     Raises:
         ValueError: bad settings, or a model without trainable parameters.
@@ -351,7 +351,7 @@ def _cut(params: list[nn.Parameter], n: int) -> list[slice]:
 def _outer_device(choice: str | None, device: torch.device, numel: int) -> torch.device:
     """Where the outer state lives: `choice`, or the model's GPU when θ_global, the momentum and a
     proposal of each (4 × 4 bytes per parameter) take at most a third of its free memory, else the CPU."""
-    if choice is not None:
+    if choice not in (None, "auto"):
         return torch.device(choice)
     if device.type != "cuda":
         return torch.device("cpu")

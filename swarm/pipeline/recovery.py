@@ -58,7 +58,8 @@ class RecoveryConfig:
     """How a run rebuilds a lost stage (the `[recovery]` TOML table)."""
 
     method: Method = "checkfree"
-    """checkfree, checkfree+ (trains out of order), checkpoint or random (see the module doc)."""
+    """checkfree (from the neighbours' weights), checkfree+ (end stages also from their swap partner; trains
+    out of order), checkpoint (from snapshots; the simulation only) or random (fresh weights)."""
     lr_boost: float = 1.1
     """Learning-rate multiplier a rebuilt stage trains with from then on (not for checkpoint restores)."""
     checkpoint_every: int = 100

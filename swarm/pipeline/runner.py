@@ -1,7 +1,7 @@
 """A peer serving one pipeline stage of the built-in model: the stage runner.
 
 Each peer serves one stage (the coordinator's stage map says which; `--stage auto` takes the thinnest,
-a lost stage first). Peers of stage 0 drive: they read batches, cut them into microbatches and send
+a lost stage first). Peers of stage 0 drive (`driver.drive`): they read batches, cut them into microbatches and send
 each along its route (`routing.route`). A microbatch travels as nested calls over the data plane: a
 hop computes its ops, calls the next hop with its output, waits for the gradient of that output,
 runs its backward and replies with the gradient of its input; the last hop computes the loss. So a
@@ -35,109 +35,28 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from swarm.compression import CodecConfig, make_codec
 from swarm.coordinator.client import CoordinatorCallError
-from swarm.diloco import DiLoCo, OuterConfig
-from swarm.peer import PeerConfig, PeerReport, SwarmPeer
-from swarm.pipeline.recovery import RecoveryConfig, fresh_stage_weights, recover
-from swarm.pipeline.routing import Hop, Router, check_route, route
+from swarm.diloco import DiLoCo
+from swarm.peer import PeerReport, SwarmPeer
+from swarm.pipeline.config import PipelineConfig
+from swarm.pipeline.recovery import fresh_stage_weights, recover
+from swarm.pipeline.routing import Hop, Router, check_route
 from swarm.pipeline.stages import StageLayout, load_stage_state, stage_parameters, stage_state
-from swarm.task import Batches, Corpus, DataConfig
-from swarm.task.model import SIZES, ModelConfig, build_model
+from swarm.task.model import build_model
 from swarm.task.schedule import inner_lr
 from swarm.transport.endpoint import PeerFailure
 
 log = logging.getLogger("swarm.pipeline")
 T = TypeVar("T")
-_RETRY_S = 0.5
-"""Pause before a microbatch is sent again after a stage had no live replica."""
-
-
-@dataclass(kw_only=True, slots=True)
-class PipelineConfig:
-    """A pipeline run's settings (the same on every peer of the run, except the shard)."""
-
-    model: str = "tiny"
-    """Model width and heads from `swarm.task.SIZES`; the depth is stages x blocks_per_stage."""
-    stages: int = 3
-    """S: pipeline stages (the coordinator must be started with the same --stages)."""
-    blocks_per_stage: int = 1
-    """Transformer blocks per stage."""
-    seed: int = 0
-    """Initial weights' seed; every peer of a run must use the same one."""
-    steps: int = 200
-    """Optimizer steps each driver (stage-0 peer) makes."""
-    microbatches: int = 2
-    """Microbatches per step; the batch is cut into this many (odd ones run out of order under checkfree+)."""
-    lr: float = 3e-3
-    """Peak AdamW learning rate (warmup, then cosine to 10 % at `steps`)."""
-    warmup_steps: int = 20
-    """Linear warmup steps."""
-    weight_decay: float = 0.1
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Clip each stage's gradient norm to this (0: off); CheckFree uses the norm before clipping."""
-    sync_every: int = 20
-    """DiLoCo among a stage's replicas: inner steps between syncs."""
-    outer: OuterConfig | None = None
-    """DiLoCo's outer optimizer among a stage's replicas (None: `OuterConfig.recipe` of the codec, as in training)."""
-    codec: CodecConfig = field(default_factory=CodecConfig)
-    """What a stage's pseudo-gradients are sent as."""
-    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
-    """How a lost stage is rebuilt: checkfree, checkfree+ or random."""
-    activations: Literal["none", "int8"] = "none"
-    """Activations sent between stages as fp32 or blockwise int8 (gradients always go as fp32)."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Corpus and batches (drivers read them)."""
-    shard_index: int = 0
-    """Which shard of the train set this driver reads."""
-    shard_count: int = 1
-    """How many shards the train set is cut into."""
-    eval_every: int = 25
-    """Driver steps between evals of the held-out loss through the pipeline (0: only at the end)."""
-    eval_batches: int = 2
-    """Held-out batches per eval."""
-    copy_every: int = 10
-    """checkfree+: steps between refreshes of the (de)embedding copies the swap partners keep."""
-    call_timeout_s: float = 60.0
-    """Cap on one microbatch's trip from a hop to the end of its route and back."""
-    stall_timeout_s: float = 180.0
-    """A driver stops with an error when a stage has had no live replica this long."""
-    idle_timeout_s: float = 180.0
-    """A non-driver stops after this long without a microbatch (its drivers are gone for good)."""
-    map_every_s: float = 0.5
-    """How often the stage map is read from the coordinator."""
-    device: str = "cpu"
-    """Where this peer computes."""
-
-    def __post_init__(self) -> None:
-        if self.model not in SIZES:
-            raise ValueError(f"pipeline.model must be one of {', '.join(SIZES)}, got {self.model!r}")
-        if self.stages < 1 or self.blocks_per_stage < 1:
-            raise ValueError("pipeline.stages and pipeline.blocks_per_stage must be >= 1")
-        if self.steps < 1 or self.microbatches < 1 or self.sync_every < 1:
-            raise ValueError("pipeline.steps, pipeline.microbatches and pipeline.sync_every must be >= 1")
-        if self.data.batch_size % self.microbatches:
-            raise ValueError(f"the batch size ({self.data.batch_size}) must be a multiple of "
-                             f"pipeline.microbatches ({self.microbatches})")
-        if self.recovery.method == "checkpoint":
-            raise ValueError("recovery 'checkpoint' exists in the simulation (scripts/repro_checkfree.py) only; "
-                             "a pipeline run rebuilds lost stages with checkfree, checkfree+ or random")
-        self.recovery.check_stages(self.stages)
-        if self.activations not in ("none", "int8"):
-            raise ValueError(f"pipeline.activations must be 'none' or 'int8', got {self.activations!r}")
-        if not 0 <= self.shard_index < self.shard_count:
-            raise ValueError(f"pipeline.shard_index must be in [0, {self.shard_count}), got {self.shard_index}")
-
-    def model_config(self) -> ModelConfig:
-        """The model's shape: the named size with stages x blocks_per_stage blocks."""
-        return replace(SIZES[self.model], n_layers=self.stages * self.blocks_per_stage)
+RETRY_S = 0.5
+"""Pause before a microbatch is sent again after a stage had no live replica, or neighbours asked again."""
 
 
 class StageUnavailable(Exception):
@@ -148,20 +67,8 @@ class StageUnavailable(Exception):
         self.stage = stage
 
 
-class Moving(Exception):
-    """The coordinator moves this peer to another stage (rebalancing): stop serving this one."""
-
-    def __init__(self, stage: int) -> None:
-        super().__init__(f"moving to stage {stage}")
-        self.stage = stage
-
-
-class PipelineStalled(RuntimeError):
-    """A stage had no live replica for longer than `stall_timeout_s`."""
-
-
 @dataclass(slots=True)
-class _Trip:
+class Trip:
     """What travels with a microbatch besides its tensors."""
 
     route: list[Hop]
@@ -239,7 +146,8 @@ class StageRunner:
                                            weight_decay=self.config.weight_decay)
         self.module = torch.nn.ParameterList(params)
         self.diloco = DiLoCo(self.module, self.optimizer, peer=self.handle, sync_every=self.config.sync_every,
-                             outer=self.config.outer, codec=self.config.codec)
+                             outer=self.config.outer, codec=self.config.codec,
+                             outer_device=self.config.outer_device)
         self.diloco.__enter__()
         if self.diloco.state.round >= 0 and not peer.recover:
             # A replica that joined a stage in progress resynced θ_global: go on at the stage's step,
@@ -307,7 +215,7 @@ class StageRunner:
             h = self.model.logits(h)
         return h
 
-    def _forward(self, ops: str, x: torch.Tensor, targets: torch.Tensor, trip: _Trip, last: bool
+    def _forward(self, ops: str, x: torch.Tensor, targets: torch.Tensor, trip: Trip, last: bool
                  ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Run a hop's ops; on the last hop also the loss and its backward. Returns (x, y, loss)."""
         with torch.set_grad_enabled(trip.train):
@@ -328,16 +236,16 @@ class StageRunner:
         if grad is not None:
             y.backward(grad)
 
-    def _count(self, trip: _Trip) -> None:
+    def _count(self, trip: Trip) -> None:
         """A microbatch finished its backward through this (non-driver) stage: step every `microbatches`."""
         self._accumulated += 1
         self._pending_step = max(self._pending_step, trip.step)
         if self._accumulated >= self.config.microbatches and self._graphs == 0:
             # Only with no graph in flight: a step changes the weights those graphs saved for backward.
             self._accumulated = 0
-            self._step(self._pending_step)
+            self.step(self._pending_step)
 
-    def _step(self, step: int) -> None:
+    def step(self, step: int) -> None:
         """Clip, step the optimizer (DiLoCo syncs in its hook every sync_every steps), zero the gradients."""
         assert self.optimizer is not None
         blocks = stage_parameters(self.model, self.layout, self.stage, blocks_only=True).values()
@@ -389,7 +297,7 @@ class StageRunner:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("activations hold NaN or Inf")
 
-    async def _hop(self, trip: _Trip, index: int, x: torch.Tensor, targets: torch.Tensor
+    async def hop(self, trip: Trip, index: int, x: torch.Tensor, targets: torch.Tensor
                    ) -> tuple[torch.Tensor | None, float]:
         """Compute hop `index` and the rest of the route; returns (gradient of x, loss)."""
         ops = trip.route[index][1]
@@ -411,12 +319,12 @@ class StageRunner:
         gx = x.grad if trip.train and x.is_floating_point() else None
         return (gx.detach().cpu() if gx is not None else None), loss
 
-    async def _next(self, trip: _Trip, index: int, y: torch.Tensor, targets: torch.Tensor
+    async def _next(self, trip: Trip, index: int, y: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor | None, float]:
         """Hand `y` to hop `index`: here when this peer serves it, else to the replica expected fastest."""
         stage = trip.route[index][0]
         if stage == self.stage and (stage != 0 or trip.origin[0] == self.peer_id):
-            return await self._hop(trip, index, y, targets)
+            return await self.hop(trip, index, y, targets)
         meta = trip.meta(index)
         y = y.cpu()
         if self.act_codec is not None:
@@ -498,11 +406,11 @@ class StageRunner:
             self._check_input(hops[index][1], x, targets)
         except (ValueError, KeyError, TypeError) as e:
             return {"error": f"bad hop call: {e}"}, {}
-        trip = _Trip(hops, bool(meta.get("train")), step, scale, (origin[0], origin[1]))
+        trip = Trip(hops, bool(meta.get("train")), step, scale, (origin[0], origin[1]))
         self._last_call = time.monotonic()
         self.served += 1
         try:
-            grad, loss = await self._hop(trip, index, x, targets)
+            grad, loss = await self.hop(trip, index, x, targets)
         except StageUnavailable as e:
             return {"error": str(e), "unavailable": e.stage}, {}
         except RuntimeError as e:  # autograd refusing a graph whose weights a step changed: the driver retries
@@ -565,7 +473,7 @@ class StageRunner:
                     got[s] = answer
             if got.keys() >= wanted or time.monotonic() > deadline:
                 break
-            time.sleep(_RETRY_S)
+            time.sleep(RETRY_S)
             self.handle.run(self._read_map())
         survivors = {s: {k[2:]: v for k, v in g["arrays"].items() if k.startswith("w/")} for s, g in got.items()}
         norms = [0.0] * S
@@ -587,93 +495,6 @@ class StageRunner:
                          "lr_scale": decision.lr_scale, "step": self.steps_done}
         log.warning("recovered stage %d: %s", me, decision.reason)
 
-    # ------------------------------------------------------------- driving
-
-    async def _microbatch(self, trip: _Trip, tokens: torch.Tensor) -> float:
-        """Send one microbatch along its route until it comes back, waiting out stages without replicas."""
-        loop = asyncio.get_running_loop()
-        stall: dict[str, Any] | None = None
-        while True:
-            try:
-                _, loss = await self._hop(trip, 0, tokens[:, :-1], tokens[:, 1:].contiguous())
-                if stall is not None:
-                    stall["waited_s"] = round(loop.time() - stall.pop("since"), 3)
-                return loss
-            except StageUnavailable as e:
-                now = loop.time()
-                if stall is None:
-                    stall = {"step": trip.step, "stage": e.stage, "since": now}
-                    self.stalls.append(stall)
-                    log.warning("step %d: %s; waiting for the coordinator to give it a peer", trip.step, e)
-                elif now - stall["since"] > self.config.stall_timeout_s:
-                    raise PipelineStalled(f"{e} for {self.config.stall_timeout_s:.0f} s; giving up") from None
-                if self.handle.peer.move_to is not None:
-                    raise Moving(self.handle.peer.move_to) from None  # perhaps to the very stage waited for
-                await asyncio.sleep(_RETRY_S)
-
-    async def _batch(self, trip_for: Callable[[int], _Trip], batch: torch.Tensor) -> float:
-        parts = batch.chunk(self.config.microbatches)
-        losses = await asyncio.gather(*(self._microbatch(trip_for(i), mb) for i, mb in enumerate(parts)))
-        return float(np.mean(losses))
-
-    def drive(self, stopping: Callable[[], bool]) -> dict[str, Any]:
-        """The driver's loop (stage 0): `steps` optimizer steps over this shard; returns what it saw."""
-        cfg = self.config
-        corpus = Corpus.load(cfg.data)
-        batches = Batches(corpus.shard(cfg.shard_index, cfg.shard_count), seq_len=cfg.data.seq_len,
-                          batch_size=cfg.data.batch_size, seed=cfg.data.seed, peer=cfg.shard_index)
-        held_out = Batches(corpus.eval, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size, seed=12345)
-        evals_data = [next(held_out) for _ in range(cfg.eval_batches)]
-        origin = (self.peer_id, self.handle.peer.address)
-        losses: list[list[float]] = []
-        evals: list[dict[str, Any]] = []
-        started = time.perf_counter()
-        tokens = 0
-
-        def evaluate(step: int) -> None:
-            trip = _Trip(route(cfg.stages, 0, False), False, step, 1.0, origin)
-            try:
-                loss = float(np.mean([self.handle.run(self._batch(lambda i: trip, b)) for b in evals_data]))
-            except Moving:
-                return  # told to move while an eval waited for a lost stage: skip it; the loop then stops
-            evals.append({"step": step, "eval_loss": round(loss, 5), "time_s": round(time.perf_counter() - started, 3)})
-            log.info("step %d: eval loss %.4f", step, loss)
-
-        evaluate(self.steps_done)
-        while self.steps_done < cfg.steps and not stopping() and self.handle.peer.move_to is None:
-            step = self.steps_done
-            batch = next(batches)
-
-            def trip_for(i: int, step: int = step) -> _Trip:
-                return _Trip(route(cfg.stages, i, cfg.recovery.out_of_order), True, step, 1.0 / cfg.microbatches, origin)
-
-            try:
-                loss = self.handle.run(self._batch(trip_for, batch))
-            except Moving:
-                break  # the batch is dropped; nothing was stepped
-            self.compute.submit(self._step, step).result()
-            tokens += batch.shape[0] * (batch.shape[1] - 1)
-            losses.append([step, round(loss, 5)])
-            self.handle.set_progress(self.steps_done, loss, tokens / (time.perf_counter() - started), [self.grad_norm])
-            if cfg.eval_every and self.steps_done % cfg.eval_every == 0:
-                evaluate(self.steps_done)
-        if self.handle.peer.move_to is not None:
-            return {"losses": losses, "evals": evals, "tokens": tokens, "moved": True}
-        if not evals or evals[-1]["step"] != self.steps_done:
-            evaluate(self.steps_done)
-        self.handle.run(self._finish())
-        return {"losses": losses, "evals": evals, "tokens": tokens, "train_s": round(time.perf_counter() - started, 3)}
-
-    async def _finish(self) -> None:
-        """Tell every known peer this driver is done (they stop once no driver is left)."""
-        calls = []
-        for stage in range(1, self.config.stages):
-            for peer in self.router.replicas(stage):
-                address = self.router.address(peer)
-                if address:
-                    calls.append(self.handle.peer.endpoint.call(peer, address, {"op": "finish"}, {}, 5.0))  # type: ignore[union-attr]
-        await asyncio.gather(*calls, return_exceptions=True)
-
     def serve(self, stopping: Callable[[], bool]) -> str:
         """A non-driver's loop: serve until every driver finished, or none came for idle_timeout_s."""
         while not stopping():
@@ -692,58 +513,4 @@ class StageRunner:
     def _count_pending(self) -> None:
         if self._accumulated >= self.config.microbatches and self._graphs == 0:
             self._accumulated = 0
-            self._step(self._pending_step)
-
-
-def run_stage(config: PipelineConfig, peer_config: PeerConfig) -> PeerReport:
-    """Serve pipeline stages until the run ends or Ctrl-C/SIGTERM; returns the report.
-
-    When the coordinator moves this peer (rebalancing), it leaves its stage and joins again for any
-    stage, which puts it on the stage that needs it (rebuilding that stage when it was lost).
-
-    Raises:
-        ValueError: bad settings (the message names the option).
-        CoordinatorCallError: the coordinator refused the join or is unreachable.
-    """
-    served: list[dict[str, Any]] = []
-    while True:
-        report, moved = _serve_one_stage(config, peer_config, served)
-        if not moved:
-            report.extra["stages_served"] = served
-            return report
-        peer_config = replace(peer_config, stage=None)
-
-
-def _serve_one_stage(config: PipelineConfig, peer_config: PeerConfig, served: list[dict[str, Any]]
-                     ) -> tuple[PeerReport, bool]:
-    handle = SwarmPeer(peer_config)
-    runner = StageRunner(config, handle)
-    result: dict[str, Any] = {}
-    reason = "done"
-    try:
-        runner.start()
-        if runner.stage == 0:
-            result = runner.drive(lambda: handle.peer.stopping.is_set())
-            if result.pop("moved", False):
-                reason = f"moving to stage {handle.peer.move_to}"
-        else:
-            reason = runner.serve(lambda: handle.peer.stopping.is_set())
-    except KeyboardInterrupt:
-        reason = "SIGINT"
-    except SystemExit:
-        reason = "SIGTERM"
-    except PipelineStalled as e:
-        log.error("%s", e)
-        reason = f"stalled: {e}"
-    report = runner.close(reason)
-    served.append({"stage": runner.stage, "steps": runner.steps_done, "served": runner.served,
-                   "recovery": runner.recovery, "stopped_by": reason})
-    report.extra = {
-        "task": "pipeline", "stage": runner.stage, "stages": config.stages, "steps": runner.steps_done,
-        "recovery_method": config.recovery.method, "recovery": runner.recovery, "served": runner.served,
-        "grad_norm": runner.grad_norm, "stalls": runner.stalls, "activations": config.activations,
-        "hooks": asdict(runner.diloco.stats) if runner.diloco else None, **result,
-    }
-    if result.get("evals"):
-        report.extra["final_eval_loss"] = result["evals"][-1]["eval_loss"]
-    return report, reason.startswith("moving to stage")
+            self.step(self._pending_step)
