@@ -166,6 +166,9 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
     from swarm.compression import CodecConfig, Contribution, make_codec
     from swarm.transport.endpoint import Endpoint, TransportConfig
 
+    # The peers share the machine's cores: one torch thread each (more only oversubscribe them and
+    # spin), as the numpy arithmetic of the raw path before issue 17 used.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.peers))
     x = Contribution(torch.from_numpy(_tensor(cfg, rank)), make_codec(CodecConfig()))
     tcfg = TransportConfig(host=host, connections_per_peer=cfg.connections, chunk_bytes=cfg.chunk_bytes,
                            io_timeout_s=cfg.round_timeout_s)

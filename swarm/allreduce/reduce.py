@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from swarm.compression import Codec
+from swarm.compression import Codec, all_finite
 from swarm.transport.endpoint import PeerFailure
 
 ALIGN_ELEMENTS = 64
@@ -89,12 +89,12 @@ def check_finite(reduced: torch.Tensor, pieces: list[torch.Tensor], ids: list[st
             or, with every piece finite, the one with the largest |value|.
         FloatingPointError: this member's (`me`) own piece is the cause.
     """
-    if bool(torch.isfinite(reduced).all()):
+    if all_finite(reduced):
         return
     for peer, piece in zip(ids, pieces, strict=True):
-        if peer != me and not bool(torch.isfinite(piece).all()):
+        if peer != me and not all_finite(piece):
             raise PeerFailure(peer, "sent NaN/Inf values")
-    if me in ids and not bool(torch.isfinite(pieces[ids.index(me)]).all()):
+    if me in ids and not all_finite(pieces[ids.index(me)]):
         raise FloatingPointError("this member's own contribution holds NaN/Inf")
     peaks = [float(piece.abs().max()) if piece.numel() else 0.0 for piece in pieces]
     worst = max(range(len(ids)), key=peaks.__getitem__)  # the first of equal peaks, in member order

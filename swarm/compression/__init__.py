@@ -4,7 +4,7 @@
 kernel for CUDA tensors when `swarm.kernels` provides one (`register_kernel`), else the reference.
 """
 
-from swarm.compression.base import Codec, CodecKernel, kernel_for, register_kernel
+from swarm.compression.base import Codec, CodecKernel, all_finite, kernel_for, register_kernel
 from swarm.compression.config import CodecConfig, CodecName, make_codec
 from swarm.compression.dense import BFloat16Codec, Float16Codec, Float32Codec, Int8Codec
 from swarm.compression.feedback import Contribution, ErrorFeedback
@@ -22,6 +22,7 @@ __all__ = [
     "Float32Codec",
     "Int8Codec",
     "TopKCodec",
+    "all_finite",
     "kernel_for",
     "make_codec",
     "register_kernel",

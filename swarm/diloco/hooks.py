@@ -41,7 +41,7 @@ from typing import Any, Protocol, Self
 import torch
 from torch import nn
 
-from swarm.compression import CodecConfig, Contribution, ErrorFeedback, make_codec
+from swarm.compression import CodecConfig, Contribution, ErrorFeedback, all_finite, make_codec
 from swarm.diloco.state import GlobalState, OuterConfig
 from swarm.peer.state import RoundState, SyncResult
 
@@ -233,7 +233,7 @@ class DiLoCo:
         """(θ_local of `part`, this peer's contribution: Δ of `part` with its error feedback)."""
         local = self._flat_params(part)
         delta = self.state.theta[part].to(self.device) - local
-        if not torch.isfinite(delta).all():
+        if not all_finite(delta):
             raise FloatingPointError("the local model holds NaN/Inf: lower the inner lr or clip gradients")
         return local, Contribution(delta, self.codec, self.feedback, at=part.start, size=self.numel,
                                    decay=self.state.outer.feedback_decay)

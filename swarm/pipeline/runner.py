@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from swarm.compression import CodecConfig, make_codec
+from swarm.compression import CodecConfig, all_finite, make_codec
 from swarm.coordinator.client import CoordinatorCallError
 from swarm.diloco import DiLoCo
 from swarm.peer import PeerReport, SwarmPeer
@@ -294,7 +294,7 @@ class StageRunner:
             return
         if x.dtype != torch.float32 or x.shape != (*targets.shape, cfg.dim):
             raise ValueError(f"activations must be float32 [batch, time, {cfg.dim}] matching the targets")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError("activations hold NaN or Inf")
 
     async def hop(self, trip: Trip, index: int, x: torch.Tensor, targets: torch.Tensor
