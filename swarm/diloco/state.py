@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,12 +49,48 @@ class OuterConfig:
             raise ValueError(f"outer.feedback_decay must be in (0, 1], got {self.feedback_decay}")
 
 
+_HASH_CHUNK = 16 << 20
+"""Elements per copy when a GPU tensor is hashed: 64 MiB of pinned memory, twice."""
+
+
 def _digest(*tensors: torch.Tensor | np.ndarray) -> str:
+    """XXH3-128 of the tensors' bytes, in order, wherever they live (the same digest from either device)."""
     h = xxhash.xxh3_128()
+    staging: list[torch.Tensor] = []
     for t in tensors:
-        a = t if isinstance(t, np.ndarray) else _host(t)
-        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        if isinstance(t, np.ndarray) or t.device.type == "cpu":
+            a = t if isinstance(t, np.ndarray) else t.numpy()
+            h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+        else:
+            _hash_device(h, t.reshape(-1), staging)
     return h.hexdigest()
+
+
+def _hash_device(h: Any, t: torch.Tensor, staging: list[torch.Tensor]) -> None:
+    """Feed `t`'s bytes to `h` through two pinned buffers: the copy of one chunk runs while the CPU
+    hashes the previous one (a plain `.cpu()` of 8 GB of state to pageable memory took seconds)."""
+    if staging and staging[0].dtype != t.dtype:
+        staging.clear()
+    if not staging:
+        staging += [torch.empty(_HASH_CHUNK, dtype=t.dtype, pin_memory=True) for _ in range(2)]
+    stream = torch.cuda.current_stream(t.device)
+    pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+    for i, start in enumerate(range(0, t.numel(), _HASH_CHUNK)):
+        n = min(_HASH_CHUNK, t.numel() - start)
+        buf = staging[i % 2][:n]
+        buf.copy_(t[start : start + n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+        if pending is not None:
+            _feed(h, *pending)
+        pending = (buf, done)
+    if pending is not None:
+        _feed(h, *pending)
+
+
+def _feed(h: Any, buf: torch.Tensor, done: torch.cuda.Event) -> None:
+    done.synchronize()
+    h.update(memoryview(buf.numpy()).cast("B"))
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
