@@ -38,10 +38,13 @@ def test_a_cuda_model_syncs_through_the_triton_kernel(codec: str, monkeypatch: p
 
     monkeypatch.setattr(kernel, "encode", counting)
     group, hooks = LocalGroup(2), []
+    models = []
+    for _ in range(2):  # built here, one after the other: threads would share (and race on) the global RNG
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).cuda())
 
     def member(i: int) -> None:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).cuda()
+        model = models[i]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         gen = torch.Generator(device="cuda").manual_seed(i)
         with DiLoCo(model, opt, peer=group.member(i), sync_every=4, codec=codec) as dl:
