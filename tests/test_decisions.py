@@ -29,11 +29,7 @@ from swarm.coordinator.decisions import (
     ReportFailure,
     Tick,
     decide,
-    lost_stages,
-    move_to,
-    next_round,
     recover,
-    thinnest_stage,
 )
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
@@ -48,6 +44,8 @@ from swarm.coordinator.errors import (
     UnknownPeer,
     UnknownRun,
 )
+from swarm.coordinator.placement import lost_stages, move_to, thinnest_stage
+from swarm.coordinator.rounds import next_round
 from swarm.coordinator.state import Capabilities, Decision, Progress, Round, RunState, apply
 from swarm.coordinator.store import MemoryStore
 

@@ -448,5 +448,19 @@ def test_importing_the_package_needs_no_triton_and_registers_the_kernels() -> No
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_the_public_names_are_the_functions_whichever_module_was_imported_first() -> None:
+    # The top-k kernels live in submodules (topk, topk_decoder, topk_format, topk_select) whose names
+    # must not shadow the package's public functions: importing a submodule sets an attribute of
+    # the package with the submodule's name.
+    code = (
+        "import swarm.kernels.topk, swarm.kernels.int8\n"
+        "from swarm.kernels import __all__ as names\n"
+        "import swarm.kernels as k\n"
+        "bad = [n for n in names if not callable(getattr(k, n))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "TRITON_INTERPRET": "1"})
+
+
 def test_zero_level_result_codecs_take_the_reference() -> None:
     assert topk_factory(TopKCodec(chunk=4096, k=256, bits=8, zero_level=True)) is None

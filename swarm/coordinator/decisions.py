@@ -4,24 +4,16 @@ Nothing here reads a clock, touches a socket or mutates its input; every
 function returns the records to change and a reason for logs and
 `swarm status`. `views` answer callers from the state after the change.
 
-Round life cycle (per stage, rounds numbered 0, 1, ...):
-
-    gathering --(all live members arrived, or barrier deadline, >= min_peers)--> running(attempt 1)
-    running(a) --(failure report / member lost before committing)--> running(a+1) | aborted
-    running(a) --(every member of attempt a committed)--> committed
-    running(a) --(attempt deadline)--> committed (with whoever committed) | aborted (nobody did)
-
-A round's barrier deadline only starts once the stage's previous round has
-finished, so a straggler that arrives early for round n+1 cannot start it
-alone while everyone else is still busy with round n.
+This module validates each event and applies it: membership and leases
+(join, heartbeat, leave, expiry) here; how the rounds the event touches
+move on (barriers, attempts, commits, the life-cycle diagram) in
+`rounds.py`; which stage a peer serves in `placement.py`.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 
 from swarm.coordinator.config import CoordinatorConfig
@@ -37,6 +29,8 @@ from swarm.coordinator.errors import (
     UnknownPeer,
     UnknownRun,
 )
+from swarm.coordinator.placement import thinnest_stage
+from swarm.coordinator.rounds import next_round, round_reasons, settle_rounds
 from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState
 
 _PEER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -208,196 +202,7 @@ def _round(state: RunState, stage: int, number: int) -> Round:
     return rnd
 
 
-# ------------------------------------------------------------ round machinery
-
-
-def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, config: CoordinatorConfig) -> Round:
-    if not survivors:
-        return _abort(rnd, now, f"attempt {rnd.attempt} failed ({why}) and no member is left")
-    if rnd.attempt >= config.max_attempts:
-        return _abort(rnd, now, f"attempt {rnd.attempt} failed ({why}); max_attempts={config.max_attempts} reached")
-    number = rnd.attempt + 1
-    return replace(
-        rnd,
-        attempt=number,
-        members=survivors,
-        commits=(),
-        accusations=(),
-        first_report_at=0.0,
-        attempt_deadline=now + config.attempt_timeout_s,
-        reasons=rnd.reasons + (f"attempt {number} with {len(survivors)} members: attempt {rnd.attempt} {why}",),
-    )
-
-
-def _abort(rnd: Round, now: float, why: str) -> Round:
-    return replace(rnd, phase="aborted", finished_at=now, reasons=rnd.reasons + (f"aborted: {why}",))
-
-
-def _finalize(rnd: Round, now: float, note: str) -> Round:
-    """Commit the round with the majority hash of the current attempt's commits.
-
-    Ties between equally large groups go to the group whose first committer
-    comes first in member order, so every coordinator replica would agree.
-    """
-    order = {p: i for i, p in enumerate(rnd.members)}
-    commits = sorted(rnd.commits, key=lambda c: order.get(c[0], len(order)))
-    counts = Counter(digest for _, digest in commits)
-    first_at = {}
-    for i, (_, digest) in enumerate(commits):
-        first_at.setdefault(digest, i)
-    winner = min(counts, key=lambda d: (-counts[d], first_at[d]))
-    donor = next(p for p, d in commits if d == winner)
-    diverged = tuple(p for p, d in commits if d != winner)
-    why = f"committed attempt {rnd.attempt}: {counts[winner]}/{len(rnd.members)} members agree on {winner[:12]}"
-    if diverged:
-        why += f"; diverged: {', '.join(diverged)} (resync from {donor})"
-    if note:
-        why += f"; {note}"
-    return replace(
-        rnd,
-        phase="committed",
-        committed_hash=winner,
-        donor=donor,
-        diverged=diverged,
-        finished_at=now,
-        reasons=rnd.reasons + (why,),
-    )
-
-
-def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: CoordinatorConfig) -> Round:
-    # `_settle` removed departed peers, so arrived peers are live; compare sizes before sets.
-    arrived = rnd.arrived if len(rnd.arrived) <= len(live) else tuple(p for p in rnd.arrived if p in live)
-    everyone = bool(live) and len(arrived) >= len(live) and live.issubset(arrived)
-    deadline_passed = rnd.barrier_deadline is not None and now >= rnd.barrier_deadline
-    if not (everyone or deadline_passed):
-        return rnd
-    if len(arrived) < config.min_peers:
-        if not deadline_passed:
-            return rnd
-        why = f"barrier extended: {len(arrived)} arrived, min_peers={config.min_peers}"
-        repeated = bool(rnd.reasons) and rnd.reasons[-1] == why
-        return replace(
-            rnd,
-            barrier_deadline=now + config.rendezvous_timeout_s,
-            reasons=rnd.reasons if repeated else rnd.reasons + (why,),
-        )
-    members = tuple(sorted(arrived))
-    if everyone:
-        why = f"all {len(members)} live members arrived"
-    else:
-        missing = sorted(live.difference(arrived))
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        why = f"barrier deadline passed with {len(members)} of {len(live)} live members; missing: {shown}"
-    return replace(
-        rnd,
-        phase="running",
-        attempt=1,
-        members=members,
-        attempt_deadline=now + config.attempt_timeout_s,
-        reasons=rnd.reasons + (f"attempt 1 with {len(members)} members: {why}",),
-    )
-
-
-def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str], config: CoordinatorConfig) -> Round:
-    """Move an unfinished round as far as the state allows at `now`."""
-    if rnd.finished:
-        return rnd
-    if rnd.phase == "gathering":
-        if gone.intersection(rnd.arrived):
-            rnd = replace(rnd, arrived=tuple(p for p in rnd.arrived if p not in gone))
-        return _maybe_start(rnd, now, live, config)
-    lost = tuple(p for p in rnd.members if p in gone and rnd.commit_of(p) is None)
-    if lost:
-        survivors = tuple(p for p in rnd.members if p not in lost)
-        return _next_attempt(rnd, now, survivors, f"lost {', '.join(lost)} (left or lease expired)", config)
-    if rnd.accusations:
-        verdict = _verdict(rnd, now, config)
-        if verdict is not None:
-            excluded, why = verdict
-            survivors = tuple(p for p in rnd.members if p not in excluded)
-            return _next_attempt(rnd, now, survivors, why, config)
-        return rnd  # commits wait for the verdict: the attempt may still be superseded
-    if len(rnd.commits) == len(rnd.members):
-        return _finalize(rnd, now, "")
-    if now >= rnd.attempt_deadline:
-        if rnd.commits:
-            late = [p for p in rnd.members if rnd.commit_of(p) is None]
-            return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}")
-        return _abort(rnd, now, f"attempt {rnd.attempt} passed its deadline with no commit")
-    return rnd
-
-
-def _verdict(rnd: Round, now: float, config: CoordinatorConfig) -> tuple[frozenset[str], str] | None:
-    """Who the failure reports exclude, or None while the verdict should wait.
-
-    A member speaks by reporting or committing. The most-accused members are
-    excluded, so two peers blaming a stalled third exclude it, not each other.
-    A clear verdict comes once every member but the accused spoke, or when the
-    report window closes; a tie waits for every member, up to the attempt
-    deadline, then excludes all tied members.
-    """
-    spoke = {r for r, _, _ in rnd.accusations} | {p for p, _ in rnd.commits}
-    silent = set(rnd.members) - spoke
-    votes = Counter(s for _, s, _ in rnd.accusations)
-    top = max(votes.values())
-    excluded = frozenset(s for s, n in votes.items() if n == top)
-    if len(excluded) == 1:
-        # A clear verdict needs no word from the accused (it may be dead), only from the rest.
-        if not silent <= excluded and now < rnd.first_report_at + config.report_window_s:
-            return None
-    elif silent and now < rnd.attempt_deadline:
-        # A tie (typically a stalled peer blaming the peer that blames it) waits for every
-        # member to report or commit; dead members leave through lease expiry meanwhile.
-        return None
-    details = "; ".join(f"{r} reports {s}: {why}" for r, s, why in rnd.accusations[:6])
-    names = ", ".join(sorted(excluded))
-    return excluded, f"failed: excluded {names} ({top} report{'s' if top > 1 else ''}): {details}"
-
-
-def _settle_rounds(
-    state: RunState,
-    now: float,
-    rounds: list[Round],
-    config: CoordinatorConfig,
-    gone: frozenset[str] = frozenset(),
-) -> tuple[Round, ...]:
-    """Settle `rounds` (possibly already changed) in stage/number order.
-
-    When a round finishes, the barrier clock of the stage's next round starts.
-    Returns every round that differs from the stored state.
-    """
-    pending = {r.key: r for r in rounds}
-    for r in rounds:
-        nxt = state.rounds.get((r.stage, r.number + 1))
-        if nxt is not None and nxt.key not in pending:
-            pending[nxt.key] = nxt
-    live_by_stage: dict[int, AbstractSet[str]] = {}
-    out: dict[tuple[int, int], Round] = {}
-    for key in sorted(pending):
-        rnd = out.get(key, pending[key])
-        if rnd.stage not in live_by_stage:
-            ids = state.stage_ids(rnd.stage)
-            live_by_stage[rnd.stage] = ids - gone if gone else ids  # no copy on the hot path
-        was_finished = rnd.finished
-        rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config)
-        out[key] = rnd
-        if rnd.finished and not was_finished:
-            nxt_key = (rnd.stage, rnd.number + 1)
-            nxt = out.get(nxt_key, pending.get(nxt_key, state.rounds.get(nxt_key)))
-            if nxt is not None and nxt.phase == "gathering" and nxt.barrier_deadline is None:
-                nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
-                out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config)
-    return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
-
-
-def _round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:
-    """The reasons the rounds gained, for the decision log."""
-    parts = []
-    for r in rounds:
-        old = before.rounds.get(r.key)
-        new_reasons = r.reasons[len(old.reasons) :] if old is not None and len(old.reasons) <= len(r.reasons) else r.reasons
-        parts += [f"stage {r.stage} round {r.number}: {why}" for why in new_reasons]
-    return "; ".join(parts)
+# ----------------------------------------------------------------- membership
 
 
 def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str, float], why: str,
@@ -422,9 +227,9 @@ def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str,
     ]
     keys = {r.key for r in affected}
     affected += [r for r in due if r.key not in keys]
-    rounds = _settle_rounds(state, now, affected, config, gone=peer_ids)
+    rounds = settle_rounds(state, now, affected, config, gone=peer_ids)
     reason = why
-    gained = _round_reasons(rounds, state)
+    gained = round_reasons(rounds, state)
     if gained:
         reason += "; " + gained
     return Decision(
@@ -451,9 +256,9 @@ def _tick(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
         names = ", ".join(sorted(expired)[:8]) + (f" and {len(expired) - 8} more" if len(expired) > 8 else "")
         return _drop(state, now, frozenset(expired), expired, f"lease expired: {names}", config, due)
     if due:
-        rounds = _settle_rounds(state, now, list(due), config)
+        rounds = settle_rounds(state, now, list(due), config)
         if rounds:
-            return Decision(reason=_round_reasons(rounds, state), put_rounds=rounds)
+            return Decision(reason=round_reasons(rounds, state), put_rounds=rounds)
     return NO_CHANGE
 
 
@@ -556,14 +361,14 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
             arrived=(ev.peer_id,),
             barrier_deadline=None if prev_open else now + config.rendezvous_timeout_s,
         )
-        changed = _settle_rounds(state, now, [rnd], config)
+        changed = settle_rounds(state, now, [rnd], config)
     elif rnd is not None and rnd.phase == "gathering":
         if ev.peer_id not in rnd.arrived:
             rnd = replace(rnd, arrived=rnd.arrived + (ev.peer_id,))
-        changed = _settle_rounds(state, now, [rnd], config)
+        changed = settle_rounds(state, now, [rnd], config)
     else:
         return NO_CHANGE  # started, finished or forgotten: the view tells the caller
-    return Decision(reason=_round_reasons(changed, state), put_rounds=changed, durable=True)
+    return Decision(reason=round_reasons(changed, state), put_rounds=changed, durable=True)
 
 
 def _report(state: RunState, now: float, ev: ReportFailure, config: CoordinatorConfig) -> Decision:
@@ -588,8 +393,8 @@ def _report(state: RunState, now: float, ev: ReportFailure, config: CoordinatorC
         accusations=rnd.accusations + (accusation,),
         first_report_at=rnd.first_report_at if rnd.accusations else now,
     )
-    changed = _settle_rounds(state, now, [rnd], config)
-    return Decision(reason=_round_reasons(changed, state), put_rounds=changed)
+    changed = settle_rounds(state, now, [rnd], config)
+    return Decision(reason=round_reasons(changed, state), put_rounds=changed)
 
 
 def _commit(state: RunState, now: float, ev: Commit, config: CoordinatorConfig) -> Decision:
@@ -617,61 +422,11 @@ def _commit(state: RunState, now: float, ev: Commit, config: CoordinatorConfig) 
             raise InvalidRequest(f"peer {ev.peer_id!r} already committed {previous[:12]} for attempt {rnd.attempt}")
         return NO_CHANGE
     rnd = replace(rnd, commits=rnd.commits + ((ev.peer_id, ev.state_hash),))
-    changed = _settle_rounds(state, now, [rnd], config)
-    return Decision(reason=_round_reasons(changed, state), put_rounds=changed)
+    changed = settle_rounds(state, now, [rnd], config)
+    return Decision(reason=round_reasons(changed, state), put_rounds=changed)
 
 
-# ---------------------------------------------------------------------- views
-
-
-def thinnest_stage(state: RunState, config: CoordinatorConfig) -> int:
-    """The stage a peer that asks for any stage should serve.
-
-    A lost stage (it committed rounds, so it held trained weights, and has no live replica now)
-    comes first, then the stage with the fewest live members; ties go to the lowest index.
-    """
-    if config.stages <= 1:
-        return 0
-    counts = [len(state.stage_ids(s)) for s in range(config.stages)]
-    lost = lost_stages(state, config)
-    return min(range(config.stages), key=lambda s: (s not in lost, counts[s], s))
-
-
-def lost_stages(state: RunState, config: CoordinatorConfig) -> list[int]:
-    """Stages that trained (committed a round) and have no live replica now: they need recovery."""
-    if config.stages <= 1:
-        return []
-    return [s for s in range(config.stages)
-            if not state.stage_ids(s) and state.last_committed(s) is not None]
-
-
-def move_to(state: RunState, config: CoordinatorConfig, peer_id: str) -> int | None:
-    """The stage `peer_id` should move to now to rebalance the pipeline, or None to stay.
-
-    Only peers that asked for any stage are moved. The thinnest stage (a lost one first, see
-    `thinnest_stage`) is filled from the fattest: when the fattest has at least two live members and
-    at least two more than the thinnest, its movable member with the greatest id is told to move
-    (one at a time per stage: a mover leaves and joins again for any stage, which puts it on the
-    thinnest).
-    """
-    member = state.members.get(peer_id)
-    if config.stages <= 1 or member is None or not member.movable:
-        return None
-    counts = [len(state.stage_ids(s)) for s in range(config.stages)]
-    target = thinnest_stage(state, config)
-    fattest = max(range(config.stages), key=lambda s: (counts[s], -s))
-    if member.stage != fattest or fattest == target or counts[fattest] < 2 or counts[fattest] - counts[target] < 2:
-        return None
-    movers = [p for p in state.stage_ids(fattest) if state.members[p].movable]
-    return target if max(movers) == peer_id else None
-
-
-def next_round(state: RunState, stage: int) -> int:
-    """The round of `stage` a peer should rendezvous for now."""
-    latest = state.latest_round(stage)
-    if latest is None:
-        return 0
-    return latest.number if latest.phase == "gathering" else latest.number + 1
+# -------------------------------------------------------------------- restart
 
 
 def recover(state: RunState, now: float, config: CoordinatorConfig) -> Decision:

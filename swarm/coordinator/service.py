@@ -17,17 +17,7 @@ import grpc
 
 from swarm.coordinator import views
 from swarm.coordinator.core import Coordinator
-from swarm.coordinator.decisions import (
-    Arrive,
-    Commit,
-    Heartbeat,
-    Join,
-    Leave,
-    ReportFailure,
-    lost_stages,
-    move_to,
-    next_round,
-)
+from swarm.coordinator.decisions import Arrive, Commit, Heartbeat, Join, Leave, ReportFailure
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
     CoordinatorError,
@@ -41,6 +31,8 @@ from swarm.coordinator.errors import (
     UnknownPeer,
     UnknownRun,
 )
+from swarm.coordinator.placement import lost_stages, move_to
+from swarm.coordinator.rounds import next_round
 from swarm.coordinator.state import Capabilities, Member, Progress
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc

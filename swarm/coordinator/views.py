@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from swarm.coordinator.decisions import next_round
+from swarm.coordinator.rounds import next_round
 from swarm.coordinator.state import Capabilities, Member, Round, RunState
 
 
@@ -61,7 +61,7 @@ def _last(rnd: Round) -> str:
 
 def _live_donor(state: RunState, rnd: Round) -> Member | None:
     """The first member, in member order, that committed the winning hash and is still live."""
-    # `rnd.donor` is that member at commit time (decisions._finalize); while it is live, skip the
+    # `rnd.donor` is that member at commit time (rounds._finalize); while it is live, skip the
     # O(N log N) search, which every one of the N CommitRound replies would otherwise repeat.
     donor = state.members.get(rnd.donor)
     if donor is not None:
