@@ -11,6 +11,9 @@ import asyncio
 import contextlib
 import random
 import socket
+import subprocess
+import sys
+import textwrap
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -724,3 +727,99 @@ async def test_a_malformed_call_is_dropped_and_the_handler_never_runs(
     assert not ran and word in caplog.text
     meta, _ = await client.call("S", server.address, {}, {}, timeout_s=10)  # honest callers still served
     assert meta == {"ok": True}
+
+
+# ---------------------------------------------------------- hostile senders (issue 18)
+
+
+async def test_data_for_a_far_off_round_is_refused_and_left_behind_rounds_free_their_memory(
+    make_endpoints: MakeEndpoints, caplog: pytest.LogCaptureFixture
+) -> None:
+    (a,) = await make_endpoints("A")
+    a.set_horizon(5)
+    # Round 6 may come early (others finished round 5 first); round 40 cannot, from any honest peer.
+    early_reader, early_writer = await connect(a, hello("X") + contrib(16, round=6))
+    far_reader, far_writer = await connect(a, hello("Y") + contrib(16, round=40, sender="Y"))
+    assert await closed_by_endpoint(far_reader, far_writer), "data for round 40 was accepted at round 5"
+    assert not await closed_by_endpoint(early_reader, early_writer, within_s=0.2)
+    assert "Y sent data for round 40; this peer is at round 5" in caplog.text
+    assert (40, 0) not in a._inboxes and a._inboxes[(6, 0)].mail
+    # Moving on to round 7 frees round 6's unstarted inbox; late frames of round 6 are then dropped.
+    a.set_horizon(7)
+    assert (6, 0) not in a._inboxes
+    late_reader, late_writer = await connect(a, hello("Z") + contrib(16, round=6, sender="Z"))
+    assert not await closed_by_endpoint(late_reader, late_writer, within_s=0.2), "a late peer was treated as hostile"
+    assert (6, 0) not in a._inboxes
+
+
+async def test_one_sender_cannot_hold_all_the_memory_for_attempts_not_started(
+    make_endpoints: MakeEndpoints, caplog: pytest.LogCaptureFixture
+) -> None:
+    (a,) = await make_endpoints("A", chunk_bytes=1024, max_pending_bytes=64 << 10, max_pending_bytes_per_peer=16 << 10)
+    frames = hello("X") + b"".join(contrib(2048, round=9, attempt=n) for n in range(3))  # 3 x 8 KiB from X
+    x_reader, x_writer = await connect(a, frames)
+    assert await closed_by_endpoint(x_reader, x_writer), "one sender held more than its share"
+    assert "X would hold more than max_pending_bytes_per_peer=16384" in caplog.text
+    assert not a._inboxes[(9, 2)].mail, "the claim over the share was stored"
+    y_reader, y_writer = await connect(a, hello("Y") + contrib(2048, round=9, sender="Y"))
+    assert not await closed_by_endpoint(y_reader, y_writer, within_s=0.2), "another sender paid for X's claims"
+    assert np.array_equal(received(a._inboxes[(9, 0)], "Y"), np.arange(2048, dtype="float32"))
+
+
+async def test_idle_connections_are_closed_and_the_next_round_redials_without_blaming_anyone(
+    make_endpoints: MakeEndpoints,
+) -> None:
+    eps = await make_endpoints("AB", io_timeout_s=0.2, idle_timeout_s=0.6)
+    xs = inputs(2, 1000)
+    assert_exact_mean(await run_all(eps, xs, round=1), xs)
+    await asyncio.sleep(1.0)  # past the receivers' idle timeout: they closed the connections
+    ports = {int(ep.address.rpartition(":")[2]) for ep in eps}
+    open_into = [c for c in psutil.Process().net_connections(kind="tcp")
+                 if c.laddr and c.laddr.port in ports and c.status == psutil.CONN_ESTABLISHED]
+    assert not open_into, f"{len(open_into)} idle connections still open"
+    assert_exact_mean(await run_all(eps, xs, round=2, timeout_s=2.0), xs)
+
+
+def test_the_accept_loop_survives_running_out_of_file_descriptors() -> None:
+    """Out of descriptors, the endpoint logs it and accepts again once some are free (it used to stop
+    accepting for good, without a word, and joiners hung in their state download)."""
+    code = textwrap.dedent("""
+        import asyncio, logging, resource, socket
+        from swarm.transport.endpoint import Endpoint, TransportConfig
+        logging.basicConfig(level=logging.ERROR, format="%(message)s")
+
+        async def main():
+            ep = Endpoint("A", "r", TransportConfig())
+            host, port = (await ep.start()).rsplit(":", 1)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            hogs = []
+            try:  # take every descriptor but a few, so the endpoint's accept fails
+                while True:
+                    hogs.append(socket.socket())
+            except OSError:
+                pass
+            for s in hogs[-1:]:
+                s.close()
+            del hogs[-1:]
+            client = socket.socket()  # takes the last free one: the endpoint has none to accept with
+            client.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(client, (host, int(port)))
+            except OSError:
+                pass
+            await asyncio.sleep(1.0)
+            for s in hogs:
+                s.close()
+            client.close()
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5)
+            writer.close()
+            await asyncio.sleep(0.8)
+            print("accept loop alive:", not ep._accept_task.done())
+            await ep.close()
+
+        asyncio.run(main())
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "accept loop alive: True" in proc.stdout
+    assert "cannot accept a connection" in proc.stderr

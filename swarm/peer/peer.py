@@ -243,6 +243,8 @@ class Peer:
         stage, cfg, rep, state = self.stage, self.config, self.report, self._state
         assert state is not None, "start() first"
         round_ = self.round
+        if self.endpoint is not None:
+            self.endpoint.set_horizon(round_)  # early data for far-off rounds is refused from now on
         reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
         while reply.outcome == Rdv.WAITING:
             reply = await self.client.rendezvous(stage, round_, cfg.wait_s)

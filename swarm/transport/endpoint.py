@@ -66,6 +66,10 @@ class TransportConfig:
     """Largest payload accepted in one frame."""
     max_pending_bytes: int = 4 << 30
     """Memory allowed for data of attempts this peer has not started yet."""
+    max_pending_bytes_per_peer: int = 1 << 30
+    """The part of it one sender may hold: one peer claiming far-off attempts cannot take all of it."""
+    idle_timeout_s: float = 600.0
+    """An incoming connection with no frame for this long is closed (senders redial theirs after half)."""
     connect_timeout_s: float = 5.0
     """Give up connecting to a peer after this long."""
     io_timeout_s: float = 30.0
@@ -80,6 +84,8 @@ class TransportConfig:
             raise ValueError("connections_per_peer must be >= 1 and chunk_bytes >= 1024")
         if self.chunk_bytes > self.max_frame_bytes:
             raise ValueError("chunk_bytes must not exceed max_frame_bytes")
+        if not self.idle_timeout_s > 2 * self.io_timeout_s:
+            raise ValueError("idle_timeout_s must be more than twice io_timeout_s")
 
 
 class Endpoint:
@@ -113,6 +119,10 @@ class Endpoint:
         self.call_handler: CallHandler | None = None
         """What answers other peers' calls (None: calls are refused with an error reply)."""
         self._idle_calls: dict[str, list[socket.socket]] = {}
+        self._last_sent: dict[socket.socket, float] = {}
+        """When each pooled outgoing connection last carried a frame (loop time)."""
+        self.horizon = -1
+        """The round this peer takes part in next (`set_horizon`); -1: not said, no round window."""
 
     # ------------------------------------------------------------- lifecycle
 
@@ -153,6 +163,7 @@ class Endpoint:
             box = self._inboxes[(round, attempt)] = Inbox(round, attempt)
         box.started = True
         box.pending_bytes = 0
+        box.pending_by.clear()
         return box
 
     def close_inbox(self, round: int, attempt: int) -> None:
@@ -177,18 +188,38 @@ class Endpoint:
         if key in self._closed:
             return None
         box = self._inboxes.get(key)
+        if box is None or not box.started:
+            if 0 <= h.round < self.horizon:
+                return None  # a round this peer has left behind: late, not hostile
+            if self.horizon >= 0 and h.round > self.horizon + 1:
+                raise FrameError(f"{h.sender} sent data for round {h.round}; this peer is at round {self.horizon}")
         if box is None:
             box = self._inboxes[key] = Inbox(h.round, h.attempt)
         buf = box.sink(h.kind, h.sender, h.total, h.tag, self._allocate)
         return memoryview(buf[h.offset : h.offset + h.nbytes]).cast("B")
 
-    def _allocate(self, box: Inbox, nbytes: int) -> np.ndarray:
+    def _allocate(self, box: Inbox, sender: str, nbytes: int) -> np.ndarray:
         if not box.started:
             pending = sum(b.pending_bytes for b in self._inboxes.values())
             if pending + nbytes > self.config.max_pending_bytes:
                 raise FrameError(f"more than max_pending_bytes={self.config.max_pending_bytes} for attempts not started")
+            mine = sum(b.pending_by.get(sender, 0) for b in self._inboxes.values())
+            if mine + nbytes > self.config.max_pending_bytes_per_peer:
+                raise FrameError(f"{sender} would hold more than max_pending_bytes_per_peer="
+                                 f"{self.config.max_pending_bytes_per_peer} for attempts not started")
             box.pending_bytes += nbytes
+            box.pending_by[sender] = box.pending_by.get(sender, 0) + nbytes
         return self.buffer(nbytes, np.uint8)
+
+    def set_horizon(self, round: int) -> None:
+        """This peer takes part in `round` next: early data is accepted for it and the round after only,
+        and what earlier rounds' attempts received without ever starting is freed."""
+        self.horizon = max(self.horizon, round)
+        for key in [k for k, b in self._inboxes.items() if k[0] < self.horizon and not b.started]:
+            box = self._inboxes.pop(key)
+            box.closed = True
+            if box.writing == 0:
+                self._recycle(box)
 
     def buffer(self, numel: int, dtype: np.dtype | str) -> np.ndarray:
         """An uninitialised array, reused from earlier attempts when one of that size is free."""
@@ -215,7 +246,12 @@ class Endpoint:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as e:  # out of file descriptors (EMFILE), say: keep serving once some are free
+                log.error("data plane: cannot accept a connection (%s); trying again in 0.5 s", e)
+                await asyncio.sleep(0.5)
+                continue
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = loop.create_task(self._read_loop(conn))
@@ -233,11 +269,19 @@ class Endpoint:
             got += n
         self.bytes_received += got
 
-    async def read_header(self, conn: socket.socket) -> Header | None:
-        """The next frame's header (None: `conn` closed between frames); FrameError if it is malformed."""
+    async def read_header(self, conn: socket.socket, idle_s: float | None = None) -> Header | None:
+        """The next frame's header (None: `conn` closed between frames); FrameError if it is malformed.
+
+        Args:
+            idle_s: how long to wait for the frame to begin (None: forever); `_Idle` past it.
+        """
         prefix = bytearray(PREFIX.size)
         loop = asyncio.get_running_loop()
-        first = await loop.sock_recv_into(conn, prefix)  # between frames a connection may idle freely
+        try:
+            async with asyncio.timeout(idle_s):
+                first = await loop.sock_recv_into(conn, prefix)
+        except TimeoutError:
+            raise _Idle from None
         if first == 0:
             return None
         async with asyncio.timeout(self.config.io_timeout_s):
@@ -248,7 +292,6 @@ class Endpoint:
 
     async def _read_loop(self, conn: socket.socket) -> None:
         sender = ""
-        scratch = memoryview(bytearray(_SCRATCH_BYTES))
         try:
             async with asyncio.timeout(self.config.io_timeout_s):  # say hello promptly or be dropped
                 hello = await self.read_header(conn)
@@ -259,7 +302,7 @@ class Endpoint:
             if hello.run != self.run_id:
                 raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
             sender = hello.sender
-            first = await self.read_header(conn)
+            first = await self.read_header(conn, self.config.idle_timeout_s)
             if first is not None and first.kind == "state_req":
                 sender = ""  # a state download is not a member of any attempt: its end fails nothing
                 await self._serve_state(conn, hello.sender)
@@ -272,8 +315,11 @@ class Endpoint:
             while h is not None:
                 if h.sender != sender:
                     raise FrameError(f"frame claims sender {h.sender!r} on {sender!r}'s connection")
-                await self._read_payload(conn, h, scratch)
-                h = await self.read_header(conn)
+                await self._read_payload(conn, h)
+                h = await self.read_header(conn, self.config.idle_timeout_s)
+        except _Idle:
+            log.debug("data plane: closing %s's connection, idle for %.0f s", sender, self.config.idle_timeout_s)
+            sender = ""  # idle between frames: it owes nothing, so nothing fails
         except (FrameError, ConnectionError, OSError, TimeoutError) as e:
             why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             log.warning("data plane: dropping connection from %s: %s", sender or "unknown peer", why)
@@ -284,7 +330,7 @@ class Endpoint:
             if sender:
                 self._fail_everywhere(sender, "connection closed")
 
-    async def _read_payload(self, conn: socket.socket, h: Header, scratch: memoryview) -> None:
+    async def _read_payload(self, conn: socket.socket, h: Header) -> None:
         rule = self.faults.hit(f"recv.{h.kind}", round=h.round, attempt=h.attempt, peer=h.sender) if self.faults else None
         if rule is not None and rule.action == "delay":
             await asyncio.sleep(rule.delay_s)
@@ -294,6 +340,7 @@ class Endpoint:
             raise FrameError(f"a {h.kind} frame on an all-reduce connection")
         sink = None if h.kind in ("hello", "abort") or (rule and rule.action == "drop") else self._sink(h)
         if sink is None:
+            scratch = memoryview(bytearray(min(h.nbytes, _SCRATCH_BYTES)))  # only while discarding
             async with asyncio.timeout(self.config.io_timeout_s):
                 left = h.nbytes
                 while left:
@@ -348,6 +395,7 @@ class Endpoint:
 
     def _drop_connections(self, peer: str) -> None:
         for sock, _ in self._conns.pop(peer, []):
+            self._last_sent.pop(sock, None)
             sock.close()
 
     async def send(self, peer: str, address: str, header: Header, payload: memoryview, lane: int = 0,
@@ -375,8 +423,13 @@ class Endpoint:
             damaged[0] ^= 0xFF
             payload = memoryview(damaged)
         loop = asyncio.get_running_loop()
-        sock, lock = await self._connection(peer, address, lane % self.config.connections_per_peer)
+        index = lane % self.config.connections_per_peer
+        sock, lock = await self._connection(peer, address, index)
         async with lock:
+            if loop.time() - self._last_sent.get(sock, loop.time()) > self.config.idle_timeout_s / 2:
+                # The receiver may close it any moment now; a frame written into a closing connection
+                # can vanish without an error here, so it is replaced before it is used again.
+                sock = await self._redial(peer, address, index, sock)
             try:
                 async with asyncio.timeout(self.config.io_timeout_s):
                     await loop.sock_sendall(sock, encode_header(header))
@@ -388,7 +441,18 @@ class Endpoint:
                 if not isinstance(e, (OSError, TimeoutError)):
                     raise
                 raise PeerFailure(peer, f"send failed: {e or 'stalled'}") from None
+            self._last_sent[sock] = loop.time()
         self.bytes_sent += len(payload)
+
+    async def _redial(self, peer: str, address: str, index: int, old: socket.socket) -> socket.socket:
+        """A new connection in place of `old` (the `index`-th to `peer`), keeping its lock."""
+        conns = self._conns.get(peer, [])
+        fresh = await self._dial(peer, address)
+        self._last_sent.pop(old, None)
+        old.close()
+        if index < len(conns) and conns[index][0] is old:
+            conns[index] = (fresh, conns[index][1])
+        return fresh
 
 
     # ------------------------------------------------------ state transfer
@@ -446,7 +510,7 @@ class Endpoint:
                     log.warning("data plane: call from %s failed: %s: %s", asker, type(e).__name__, e)
                     reply = ({"error": f"{type(e).__name__}: {e}"}, {})
             await send_message(self, conn, "reply", *reply)
-            h = await self.read_header(conn)  # between calls a connection may idle freely
+            h = await self.read_header(conn, self.config.idle_timeout_s)  # the caller redials a closed one
 
     async def call(self, peer: str, address: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
                    timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -483,3 +547,8 @@ class Endpoint:
                 else:
                     sock.close()
         raise AssertionError("unreachable")
+
+
+class _Idle(Exception):
+    """A connection sent no frame for `idle_timeout_s`."""
+

@@ -82,6 +82,8 @@ class Inbox:
     started: bool = False
     pending_bytes: int = 0
     """Bytes allocated for frames that came before the attempt started (bounded by the endpoint)."""
+    pending_by: dict[str, int] = field(default_factory=dict)
+    """The same per sender (bounded per sender too)."""
     buffers: list[np.ndarray] = field(default_factory=list)
     """What goes back to the pool with the inbox: what it allocated and what it was given (`own`)."""
     writing: int = 0
@@ -130,7 +132,7 @@ class Inbox:
         return all(self.left.get((kind, p), 1) <= 0 for p in senders)
 
     def sink(self, kind: str, sender: str, total: int, tag: str,
-             allocate: Callable[[Inbox, int], np.ndarray]) -> np.ndarray:
+             allocate: Callable[[Inbox, str, int], np.ndarray]) -> np.ndarray:
         """The buffer a frame of `sender`'s `kind` payload of `total` bytes lands in.
 
         Raises:
@@ -147,7 +149,7 @@ class Inbox:
                 if (total, tag) != (size, want):
                     raise FrameError(f"{sender} sent a {kind} payload of {total} bytes ({tag or 'untagged'}), "
                                      f"not the {size} bytes ({want}) expected")
-            buf = self.mail[key] = self.own(allocate(self, total))
+            buf = self.mail[key] = self.own(allocate(self, sender, total))
             self.tags[key], self.left[key] = tag, total
         elif buf.size != total or self.tags[key] != tag:
             raise FrameError(f"frame from {sender} does not match its {kind} payload in round {self.round}")
