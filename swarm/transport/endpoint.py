@@ -23,29 +23,18 @@ from typing import Any
 
 import numpy as np
 
+from swarm.transport import messages
 from swarm.transport.faults import NO_FAULTS, FaultInjector
 from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_header, decode_prefix, encode_header
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
-from swarm.transport.messages import read_message, send_message
+from swarm.transport.messages import StateSnapshot
 
 __all__ = ["CallHandler", "Endpoint", "Inbox", "PeerFailure", "StateSnapshot", "TransportConfig"]
 log = logging.getLogger("swarm.transport")
 _SCRATCH_BYTES = 1 << 20
-_IDLE_CALLS_PER_PEER = 8
-"""Idle call connections kept per peer for the next calls."""
 CallHandler = Callable[[str, dict[str, Any], dict[str, np.ndarray]],
                        Awaitable[tuple[dict[str, Any], dict[str, np.ndarray]]]]
 """(caller's peer id, description, arrays) -> the reply's (description, arrays)."""
-
-
-@dataclass(slots=True)
-class StateSnapshot:
-    """A donor's committed state as it travels: a small description and named flat arrays."""
-
-    meta: dict[str, Any]
-    """msgpack-able facts about the state (its round and hash, say)."""
-    arrays: dict[str, np.ndarray]
-    """name -> array (any shape; sent as its bytes in C order)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -305,11 +294,11 @@ class Endpoint:
             first = await self.read_header(conn, self.config.idle_timeout_s)
             if first is not None and first.kind == "state_req":
                 sender = ""  # a state download is not a member of any attempt: its end fails nothing
-                await self._serve_state(conn, hello.sender)
+                await messages.serve_state(self, conn, hello.sender)
                 return
             if first is not None and first.kind == "call":
                 sender = ""  # nor are calls
-                await self._serve_calls(conn, hello.sender, first)
+                await messages.serve_calls(self, conn, hello.sender, first)
                 return
             h = first
             while h is not None:
@@ -374,10 +363,11 @@ class Endpoint:
             async with self._dialing.setdefault(peer, asyncio.Lock()):
                 conns = self._conns.setdefault(peer, [])
                 while len(conns) <= index:
-                    conns.append((await self._dial(peer, address), asyncio.Lock()))
+                    conns.append((await self.dial(peer, address), asyncio.Lock()))
         return conns[index]
 
-    async def _dial(self, peer: str, address: str) -> socket.socket:
+    async def dial(self, peer: str, address: str) -> socket.socket:
+        """A new connection to `peer` at `address`, hello sent; PeerFailure if it cannot be made in time."""
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -447,7 +437,7 @@ class Endpoint:
     async def _redial(self, peer: str, address: str, index: int, old: socket.socket) -> socket.socket:
         """A new connection in place of `old` (the `index`-th to `peer`), keeping its lock."""
         conns = self._conns.get(peer, [])
-        fresh = await self._dial(peer, address)
+        fresh = await self.dial(peer, address)
         self._last_sent.pop(old, None)
         old.close()
         if index < len(conns) and conns[index][0] is old:
@@ -455,98 +445,16 @@ class Endpoint:
         return fresh
 
 
-    # ------------------------------------------------------ state transfer
-
-    async def _serve_state(self, conn: socket.socket, asker: str) -> None:
-        """Answer a `state_req` on its own connection: the description, then the bytes in chunks."""
-        snapshot = self.state_provider() if self.state_provider is not None else None
-        if snapshot is None:
-            meta: dict[str, Any] = {"error": f"{self.peer_id} holds no committed state to give"}
-            arrays: dict[str, np.ndarray] = {}
-        else:
-            meta, arrays = dict(snapshot.meta), snapshot.arrays
-        log.info("data plane: sending state (%d bytes) to %s", sum(a.nbytes for a in arrays.values()), asker)
-        await send_message(self, conn, "state", meta, arrays)
+    # ----------------------------------------------- messages (messages.py)
 
     async def fetch_state(self, peer: str, address: str, timeout_s: float) -> StateSnapshot:
-        """Download `peer`'s committed state over a connection of its own.
-
-        Args:
-            timeout_s: cap on the whole download (each frame is also bounded by io_timeout_s).
-        Returns:
-            The donor's description (without the array list) and its arrays.
-        Raises:
-            PeerFailure: the donor is unreachable, stalls, has no state, or sends a malformed or corrupted state.
-        """
-        sock = await self._dial(peer, address)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.get_running_loop().sock_sendall(
-                    sock, encode_header(Header(kind="state_req", run=self.run_id, sender=self.peer_id)))
-                meta, arrays = await read_message(self, sock, peer, "state", self.config.max_state_bytes)
-            if "error" in meta:
-                raise PeerFailure(peer, f"no state to give: {meta['error']}")
-            return StateSnapshot(meta, arrays)
-        except (FrameError, ConnectionError, OSError, TimeoutError, ValueError, TypeError, KeyError) as e:
-            why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-            raise PeerFailure(peer, f"state download failed: {why}") from None
-        finally:
-            sock.close()
-
-    # ---------------------------------------------------------------- calls
-
-    async def _serve_calls(self, conn: socket.socket, asker: str, first: Header) -> None:
-        """Answer `call` messages on their own connection, one after the other, until it closes."""
-        h: Header | None = first
-        while h is not None:
-            meta, arrays = await read_message(self, conn, asker, "call", self.config.max_call_bytes, first=h)
-            handler = self.call_handler
-            if handler is None:
-                reply: tuple[dict[str, Any], dict[str, np.ndarray]] = ({"error": f"{self.peer_id} takes no calls"}, {})
-            else:
-                try:
-                    reply = await handler(asker, meta, arrays)
-                except Exception as e:  # noqa: BLE001 - the caller gets the error; this peer goes on
-                    log.warning("data plane: call from %s failed: %s: %s", asker, type(e).__name__, e)
-                    reply = ({"error": f"{type(e).__name__}: {e}"}, {})
-            await send_message(self, conn, "reply", *reply)
-            h = await self.read_header(conn, self.config.idle_timeout_s)  # the caller redials a closed one
+        """Download `peer`'s committed state over a connection of its own (see `messages.fetch_state`)."""
+        return await messages.fetch_state(self, peer, address, timeout_s)
 
     async def call(self, peer: str, address: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
                    timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Send a request to `peer`'s call handler and return its reply (description, arrays).
-
-        Connections are kept for the next call to the same peer; concurrent calls use several.
-        The reply may hold an "error" entry: the handler's refusal, for the caller to interpret.
-
-        Args:
-            timeout_s: cap on the whole call, the handler's work included.
-        Raises:
-            PeerFailure: the peer is unreachable, broke the connection, stalled past `timeout_s`, or
-                replied with a malformed message.
-        """
-        idle = self._idle_calls.setdefault(peer, [])
-        for fresh in (False, True):
-            reused = bool(idle) and not fresh
-            sock = idle.pop() if reused else await self._dial(peer, address)
-            ok = False
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await send_message(self, sock, "call", meta, arrays)
-                    reply = await read_message(self, sock, peer, "reply", self.config.max_call_bytes)
-                ok = True
-                return reply
-            except (FrameError, ConnectionError, OSError, TimeoutError) as e:
-                if reused and not isinstance(e, TimeoutError):
-                    continue  # the peer may have closed an idle connection: try once on a new one
-                why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
-                raise PeerFailure(peer, f"call failed: {why}") from None
-            finally:
-                if ok and len(idle) < _IDLE_CALLS_PER_PEER:
-                    idle.append(sock)
-                else:
-                    sock.close()
-        raise AssertionError("unreachable")
+        """Send a request to `peer`'s call handler and return its reply (see `messages.call`)."""
+        return await messages.call(self, peer, address, meta, arrays, timeout_s)
 
 
 class _Idle(Exception):

@@ -2,12 +2,15 @@
 
 A message (kinds `state`, `call`, `reply`) travels on a connection of its own: part 0 carries the
 description, then parts 1.. carry the arrays' bytes end to end in chunks. A receiver allocates only
-what the description declares, within a limit, and checks every chunk's place and checksum.
+what the description declares, within a limit, and checks every chunk's place and checksum. Two
+services use them: a donor's committed state (`state_req` -> `state`) and calls to a peer's handler
+(`call` -> `reply`, pipeline stages' microbatches).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,14 +19,28 @@ import msgpack
 import numpy as np
 
 from swarm.transport.frames import FrameError, Header, checksum, encode_header
+from swarm.transport.inbox import PeerFailure
 
 if TYPE_CHECKING:
     from swarm.transport.endpoint import Endpoint
 
+log = logging.getLogger("swarm.transport")
 MAX_META_BYTES = 1 << 20
 """Largest description accepted."""
 _DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool"})
 """Array dtypes a message may carry (never object arrays)."""
+_IDLE_CALLS_PER_PEER = 8
+"""Idle call connections kept per peer for the next calls."""
+
+
+@dataclass(slots=True)
+class StateSnapshot:
+    """A donor's committed state as it travels: a small description and named flat arrays."""
+
+    meta: dict[str, Any]
+    """msgpack-able facts about the state (its round and hash, say)."""
+    arrays: dict[str, np.ndarray]
+    """name -> array (any shape; sent as its bytes in C order)."""
 
 
 @dataclass(slots=True)
@@ -124,3 +141,94 @@ async def _read_frame(ep: Endpoint, sock: socket.socket, peer: str, kind: str, l
     if checksum(payload) != h.checksum:
         raise FrameError(f"checksum mismatch in a {kind} frame (corrupted in transit)")
     return _Frame(h.part, h.offset, h.nbytes, h.total, payload)
+
+
+async def serve_state(ep: Endpoint, conn: socket.socket, asker: str) -> None:
+    """Answer a `state_req` on its own connection: the description, then the bytes in chunks."""
+    snapshot = ep.state_provider() if ep.state_provider is not None else None
+    if snapshot is None:
+        meta: dict[str, Any] = {"error": f"{ep.peer_id} holds no committed state to give"}
+        arrays: dict[str, np.ndarray] = {}
+    else:
+        meta, arrays = dict(snapshot.meta), snapshot.arrays
+    log.info("data plane: sending state (%d bytes) to %s", sum(a.nbytes for a in arrays.values()), asker)
+    await send_message(ep, conn, "state", meta, arrays)
+
+async def fetch_state(ep: Endpoint, peer: str, address: str, timeout_s: float) -> StateSnapshot:
+    """Download `peer`'s committed state over a connection of its own.
+
+    Args:
+        timeout_s: cap on the whole download (each frame is also bounded by io_timeout_s).
+    Returns:
+        The donor's description (without the array list) and its arrays.
+    Raises:
+        PeerFailure: the donor is unreachable, stalls, has no state, or sends a malformed or corrupted state.
+    """
+    sock = await ep.dial(peer, address)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.get_running_loop().sock_sendall(
+                sock, encode_header(Header(kind="state_req", run=ep.run_id, sender=ep.peer_id)))
+            meta, arrays = await read_message(ep, sock, peer, "state", ep.config.max_state_bytes)
+        if "error" in meta:
+            raise PeerFailure(peer, f"no state to give: {meta['error']}")
+        return StateSnapshot(meta, arrays)
+    except (FrameError, ConnectionError, OSError, TimeoutError, ValueError, TypeError, KeyError) as e:
+        why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+        raise PeerFailure(peer, f"state download failed: {why}") from None
+    finally:
+        sock.close()
+
+
+async def serve_calls(ep: Endpoint, conn: socket.socket, asker: str, first: Header) -> None:
+    """Answer `call` messages on their own connection, one after the other, until it closes."""
+    h: Header | None = first
+    while h is not None:
+        meta, arrays = await read_message(ep, conn, asker, "call", ep.config.max_call_bytes, first=h)
+        handler = ep.call_handler
+        if handler is None:
+            reply: tuple[dict[str, Any], dict[str, np.ndarray]] = ({"error": f"{ep.peer_id} takes no calls"}, {})
+        else:
+            try:
+                reply = await handler(asker, meta, arrays)
+            except Exception as e:  # noqa: BLE001 - the caller gets the error; this peer goes on
+                log.warning("data plane: call from %s failed: %s: %s", asker, type(e).__name__, e)
+                reply = ({"error": f"{type(e).__name__}: {e}"}, {})
+        await send_message(ep, conn, "reply", *reply)
+        h = await ep.read_header(conn, ep.config.idle_timeout_s)  # the caller redials a closed one
+
+async def call(ep: Endpoint, peer: str, address: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+               timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Send a request to `peer`'s call handler and return its reply (description, arrays).
+
+    Connections are kept for the next call to the same peer; concurrent calls use several.
+    The reply may hold an "error" entry: the handler's refusal, for the caller to interpret.
+
+    Args:
+        timeout_s: cap on the whole call, the handler's work included.
+    Raises:
+        PeerFailure: the peer is unreachable, broke the connection, stalled past `timeout_s`, or
+            replied with a malformed message.
+    """
+    idle = ep._idle_calls.setdefault(peer, [])
+    for fresh in (False, True):
+        reused = bool(idle) and not fresh
+        sock = idle.pop() if reused else await ep.dial(peer, address)
+        ok = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await send_message(ep, sock, "call", meta, arrays)
+                reply = await read_message(ep, sock, peer, "reply", ep.config.max_call_bytes)
+            ok = True
+            return reply
+        except (FrameError, ConnectionError, OSError, TimeoutError) as e:
+            if reused and not isinstance(e, TimeoutError):
+                continue  # the peer may have closed an idle connection: try once on a new one
+            why = "timed out" if isinstance(e, TimeoutError) else f"{type(e).__name__}: {e}"
+            raise PeerFailure(peer, f"call failed: {why}") from None
+        finally:
+            if ok and len(idle) < _IDLE_CALLS_PER_PEER:
+                idle.append(sock)
+            else:
+                sock.close()
+    raise AssertionError("unreachable")
