@@ -28,6 +28,7 @@ from swarm.training import FLAGS as TRAINING_FLAGS
 from swarm.training import TrainingConfig
 from swarm.transport.endpoint import TransportConfig
 from swarm.transport.faults import FaultInjector
+from swarm.transport.links import TlsFiles
 from swarm.utils import check_device, exit_after_distributed, run_async
 
 
@@ -45,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="coordinator address")
     p.add_argument("--run-id", default="default", help="run to join (default: %(default)s)")
     p.add_argument("--peer-id", default=None, help="unique id in the run (default: HOSTNAME-PID)")
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help="talk to the coordinator and to other peers over mutual TLS with DIR/ca.crt and this "
+                        "peer's certificate, DIR/PEER_ID.crt and .key (`swarm keys issue PEER_ID`); needed when the "
+                        "coordinator runs with --tls-dir; every peer of such a run needs it (default: plaintext)")
     p.add_argument("--stage", default="0",
                    help="pipeline stage served, or `auto` to let the coordinator choose the thinnest (default: %(default)s)")
     p.add_argument("--task", choices=["train", "pipeline", "control", "average"], default="train",
@@ -88,6 +93,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     peer_id = args.peer_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
+        if args.tls_dir and not args.peer_id:
+            raise ValueError("--tls-dir needs --peer-id: the name of this peer's certificate in the folder")
         training = _training(args) if args.task in ("train", "pipeline") else None
         # The protocol tasks all-reduce with a codec too: the one of the flags given.
         codec = training.codec if training else build(CodecConfig, flag_values(args, TrainingConfig).get("codec", {}))
@@ -95,11 +102,12 @@ def run(args: argparse.Namespace) -> int:
             device=training.device if training else "cpu",
             data_plane=args.task != "control",
             client=ClientConfig(target=args.coordinator, run_id=args.run_id, peer_id=peer_id,
-                                retry_for_s=args.retry_for_s),
+                                retry_for_s=args.retry_for_s, tls_dir=args.tls_dir),
             stage=None if args.stage == "auto" else _stage(args.stage),
             codec=codec,
             transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections,
-                                      chunk_bytes=args.chunk_bytes),
+                                      chunk_bytes=args.chunk_bytes,
+                                      tls=TlsFiles.in_folder(args.tls_dir, peer_id) if args.tls_dir else None),
             faults=FaultInjector.from_json(args.faults),
             allreduce_timeout_s=args.allreduce_timeout_s,
             metrics_port=args.metrics_port,

@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Serve one run's control plane over gRPC. Prints `coordinator listening on HOST:PORT` as its "
             "first line of stdout once it accepts calls. With --db the run survives a restart (even SIGKILL): "
-            "start it again on the same file and peers re-attach."
+            "start it again on the same file and peers re-attach. On an address other than loopback it needs "
+            "--tls-dir (mutual TLS: only peers holding a certificate of the run's CA get in, each acting only as "
+            "its own id; see `swarm keys`) or --insecure."
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
@@ -45,6 +47,7 @@ def _config(args: argparse.Namespace) -> CoordinatorConfig:
 def run(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
+        server.preflight(config, args.host)  # before the store: a refused start creates no --db file
         store = open_store(args.db, config.run_id)
     except (ValueError, OSError) as e:
         print(f"swarm coordinator: {e}", file=sys.stderr)
@@ -72,7 +75,7 @@ async def _serve(config: CoordinatorConfig, store, host: str, port: int, metrics
     metrics: MetricsServer | None = None
     try:
         running = await server.start(config, store, host, port)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         store.close()
         print(f"swarm coordinator: {e}", file=sys.stderr)
         return 2

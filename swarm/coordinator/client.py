@@ -21,6 +21,8 @@ import grpc
 from swarm.coordinator.errors import PROTOCOL_VERSION
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.security import Identity, load_identity
+from swarm.security.tls import CHANNEL_OPTIONS, channel_credentials
 
 log = logging.getLogger("swarm.client")
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -58,12 +60,36 @@ class ClientConfig:
     """Deadline of one call (held Rendezvous/CommitRound calls get their wait on top)."""
     retry_for_s: float = 30.0
     """How long to keep retrying while the coordinator is unreachable."""
+    tls_dir: str | None = None
+    """Folder with the run's ca.crt and this client's NAME.crt/NAME.key (`swarm keys issue NAME`): talk to the
+    coordinator over mutual TLS. None: plaintext (a coordinator serving on loopback without --tls-dir)."""
+    tls_name: str = ""
+    """The certificate's name in tls_dir (default: peer_id); the coordinator lets it act only as that peer."""
 
     def __post_init__(self) -> None:
         if ":" not in self.target:
             raise ValueError(f"--coordinator {self.target!r} must be host:port")
         if self.rpc_timeout_s <= 0 or self.retry_for_s < 0:
             raise ValueError("rpc_timeout_s must be > 0 and retry_for_s >= 0")
+        if self.tls_dir is not None:
+            if self.tls_name and self.peer_id and self.tls_name != self.peer_id:
+                raise ValueError(f"tls_name {self.tls_name!r} differs from peer_id {self.peer_id!r}: the coordinator "
+                                 "lets a certificate act only as its own name")
+            self.identity()  # every check now, so a bad file is a clear error at start, not a failed handshake
+
+    def identity(self) -> Identity | None:
+        """This client's credentials from tls_dir, checked (None without tls_dir).
+
+        Raises:
+            ValueError: tls_dir without a name, or a `swarm.security.CredentialError` (missing, unsafe,
+                expired, foreign or misnamed files; the message says what to do).
+        """
+        if self.tls_dir is None:
+            return None
+        name = self.tls_name or self.peer_id
+        if not name:
+            raise ValueError("a client with tls_dir needs peer_id or tls_name: the name of its certificate")
+        return load_identity(self.tls_dir, name, run_id=self.run_id)
 
 
 class CoordinatorClient:
@@ -72,17 +98,20 @@ class CoordinatorClient:
     def __init__(self, config: ClientConfig, incarnation: str | None = None) -> None:
         self.config = config
         self.incarnation = incarnation or os.urandom(8).hex()
-        self._channel = grpc.aio.insecure_channel(
-            config.target,
-            options=[
-                ("grpc.max_receive_message_length", MAX_STATUS_BYTES),
-                # gRPC's default reconnect backoff grows to 120 s: after a coordinator restart a peer
-                # could wait longer than its lease to reconnect, and be dropped though it was alive.
-                ("grpc.initial_reconnect_backoff_ms", _RECONNECT_MIN_MS),
-                ("grpc.min_reconnect_backoff_ms", _RECONNECT_MIN_MS),
-                ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", MAX_STATUS_BYTES),
+            # gRPC's default reconnect backoff grows to 120 s: after a coordinator restart a peer
+            # could wait longer than its lease to reconnect, and be dropped though it was alive.
+            ("grpc.initial_reconnect_backoff_ms", _RECONNECT_MIN_MS),
+            ("grpc.min_reconnect_backoff_ms", _RECONNECT_MIN_MS),
+            ("grpc.max_reconnect_backoff_ms", _RECONNECT_MAX_MS),
+        ]
+        identity = config.identity()
+        if identity is None:
+            self._channel = grpc.aio.insecure_channel(config.target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(config.target, channel_credentials(identity),
+                                                    options=[*options, *CHANNEL_OPTIONS])
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._unreachable_since: float | None = None
         """When calls started meeting UNAVAILABLE (None: the last call got through)."""
@@ -124,14 +153,17 @@ class CoordinatorClient:
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
             log.warning("coordinator %s not reachable (%s), retrying for %.0f s", self.config.target,
-                        _cause(details), max(0.0, give_up - time.monotonic()))
+                        self._cause(details), max(0.0, give_up - time.monotonic()))
 
     def _unreachable_error(self, method: str, details: str) -> CoordinatorCallError:
         since = self._unreachable_since if self._unreachable_since is not None else time.monotonic()
         return CoordinatorCallError(
             method, grpc.StatusCode.UNAVAILABLE, details,
-            f"coordinator {self.config.target} not reachable ({_cause(details)}); gave up after "
+            f"coordinator {self.config.target} not reachable ({self._cause(details)}); gave up after "
             f"{time.monotonic() - since:.0f} s of retries; check the address and that `swarm coordinator` runs there")
+
+    def _cause(self, details: str) -> str:
+        return _cause(details, tls=self.config.tls_dir is not None)
 
     def _ids(self) -> dict[str, str]:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
@@ -189,7 +221,15 @@ class CoordinatorClient:
         return await self._call("GetStatus", pb.GetStatusRequest(run_id=self.config.run_id))
 
 
-def _cause(details: str) -> str:
+def _cause(details: str, tls: bool = False) -> str:
     """The last clause of a gRPC error text ("failed to connect to all addresses; last error: UNKNOWN:
-    ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused" -> "Connection refused")."""
-    return details.rsplit(": ", 1)[-1].strip() or "unavailable"
+    ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused" -> "Connection refused"), or
+    what a failed TLS handshake means."""
+    if "andshake" in details:  # our side of the handshake failed: the coordinator's certificate, or no TLS there
+        return ("TLS handshake failed: the coordinator shows no certificate of this run's CA, or serves "
+                "without --tls-dir")
+    last = details.rsplit(": ", 1)[-1].strip() or "unavailable"
+    if tls and last == "Socket closed":  # how a TLS 1.3 client sees a server refusing its certificate
+        return ("Socket closed; the coordinator may have refused this peer's certificate: another run's CA, "
+                "or expired")
+    return last

@@ -12,6 +12,7 @@ from typing import Any
 from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,15 +48,29 @@ class CoordinatorConfig:
     """Pipeline stages of the run. Above 1, peers serve stages 0 .. stages-1 and a peer that asks
     for any stage gets the thinnest one (a stage that lost every replica first); at 1, stage
     numbers are free-form groups and a peer asking for any stage gets stage 0."""
+    tls_dir: str | None = None
+    """Folder with the run's ca.crt and the coordinator's coordinator.crt/.key (`swarm keys issue
+    coordinator`): serve over mutual TLS, admit only peers with a certificate of this run's CA, and let each
+    act only as the peer its certificate names. Unset: plaintext, allowed on a loopback address only."""
+    insecure: bool = False
+    """Serve plaintext on a non-loopback address anyway: anyone who reaches the port can join, leave or
+    commit as any peer. For a trusted private network only."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s == 0:
             self.heartbeat_interval_s = self.lease_s / 4
         if not _RUN_ID.match(self.run_id):
             raise ValueError(f"run_id {self.run_id!r} must match [A-Za-z0-9._-]{{1,64}}; set coordinator.run_id")
+        if self.tls_dir == "":
+            raise ValueError("coordinator.tls_dir must name a folder (--tls-dir DIR)")
+        if self.tls_dir is not None and self.insecure:
+            raise ValueError("coordinator.tls_dir and coordinator.insecure are both set: give --tls-dir DIR or "
+                             "--insecure, not both")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name != "run_id" and (not isinstance(value, int | float) or not math.isfinite(value) or value <= 0):
+            if f.name in _NOT_NUMBERS:
+                continue
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"coordinator.{f.name} must be a positive number, got {value!r}")
         if self.heartbeat_interval_s * 2 > self.lease_s:
             raise ValueError(

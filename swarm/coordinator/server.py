@@ -16,6 +16,8 @@ from swarm.coordinator.core import Coordinator
 from swarm.coordinator.service import CoordinatorService
 from swarm.coordinator.store import Store
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.security import COORDINATOR, Identity, load_identity
+from swarm.security.tls import is_loopback, server_credentials
 
 log = logging.getLogger("swarm.coordinator")
 SERVICE_NAME = "swarm.v1.Coordinator"
@@ -42,11 +44,13 @@ class RunningServer:
 
 async def start(config: CoordinatorConfig, store: Store, host: str, port: int,
                 clock: Callable[[], float] | None = None) -> RunningServer:
-    """Start serving on host:port (port 0 picks a free port).
+    """Start serving on host:port (port 0 picks a free port); over mutual TLS when `config.tls_dir` is set.
 
     Raises:
+        ValueError: as `preflight`.
         OSError: the address cannot be bound.
     """
+    identity = preflight(config, host)
     core = Coordinator(config, store) if clock is None else Coordinator(config, store, clock)
     server = grpc.aio.server(
         options=[
@@ -57,10 +61,16 @@ async def start(config: CoordinatorConfig, store: Store, host: str, port: int,
             ("grpc.server.max_pending_requests_hard_limit", 100_000),
         ]
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(core), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(core, authenticate=identity is not None), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    address = f"{_bracket(host)}:{port}"
+    if identity is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, server_credentials(identity))
+        log.info("serving over mutual TLS as %r of run %r; certificate valid until %s", identity.name,
+                 identity.run_id, identity.not_after)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}; is the port in use?")
     await server.start()
@@ -68,6 +78,28 @@ async def start(config: CoordinatorConfig, store: Store, host: str, port: int,
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ticker = asyncio.get_running_loop().create_task(_tick_forever(core))
     return RunningServer(server=server, core=core, port=bound, _ticker=ticker)
+
+
+def preflight(config: CoordinatorConfig, host: str) -> Identity | None:
+    """What `start` checks before anything listens (callers may check first, before opening a store).
+
+    The safe default: plaintext only where nobody else can connect (a loopback address) unless
+    `config.insecure`; with `config.tls_dir`, the coordinator's credentials are loaded and checked now, so a
+    bad certificate fails the start rather than every handshake.
+
+    Returns:
+        The coordinator's identity (None: plaintext).
+
+    Raises:
+        ValueError: `host` is not loopback and neither `config.tls_dir` nor `config.insecure` is set; or the
+            TLS folder's files are missing or unusable (a `swarm.security.CredentialError` that says what to do).
+    """
+    if config.tls_dir is None and not config.insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve run {config.run_id!r} on {host} without TLS: anyone reaching the port could join, "
+            "leave or commit as any peer; give --tls-dir DIR (see `swarm keys --help`), or --insecure on a "
+            "trusted network")
+    return load_identity(config.tls_dir, COORDINATOR, run_id=config.run_id) if config.tls_dir else None
 
 
 async def _tick_forever(core: Coordinator) -> None:

@@ -36,6 +36,7 @@ from swarm.coordinator.rounds import next_round
 from swarm.coordinator.state import Capabilities, Member, Progress
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.security.tls import caller_name
 
 log = logging.getLogger("swarm.coordinator")
 
@@ -69,6 +70,10 @@ V = TypeVar("V")
 def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     @functools.wraps(handler)
     async def wrapper(self: CoordinatorService, request: Any, context: grpc.aio.ServicerContext) -> R:
+        # Before the handler: a refused request must change nothing, not even a lease.
+        if self.authenticate and (refusal := _refusal(request, context)) is not None:
+            log.warning("refused %s: %s", handler.__name__, refusal[1])
+            await context.abort(*refusal)
         try:
             return await handler(self, request, context)
         except CoordinatorError as e:
@@ -76,6 +81,21 @@ def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]
             raise AssertionError("unreachable") from e
 
     return wrapper
+
+
+def _refusal(request: Any, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
+    """Why an authenticated caller may not make `request` (None: it may). A request that names a peer
+    (every one but GetStatus) may name only the peer of the caller's certificate."""
+    claimed = getattr(request, "peer_id", None)
+    if claimed is None:  # GetStatus: any holder of a certificate of the run may read
+        return None
+    caller = caller_name(context.auth_context())
+    if caller is None:
+        return grpc.StatusCode.UNAUTHENTICATED, f"no certificate name on this connection; peer {claimed!r} refused"
+    if caller != claimed:
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"the certificate of {caller!r} cannot act as peer {claimed!r}; a peer acts only as its own id")
+    return None
 
 
 def _caps_to_pb(c: Capabilities) -> pb.Capabilities:
@@ -103,8 +123,13 @@ def _progress_to_pb(p: Progress) -> pb.Progress:
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """Serves the Coordinator service of protos/swarm/v1/coordinator.proto."""
 
-    def __init__(self, core: Coordinator) -> None:
+    def __init__(self, core: Coordinator, *, authenticate: bool = False) -> None:
+        """Args:
+            core: the coordinator the requests go to.
+            authenticate: callers come over mutual TLS; each may act only as its certificate's name.
+        """
         self.core = core
+        self.authenticate = authenticate
         self._members_pb: dict[tuple[int, int, int], list[pb.Member]] = {}
         self._started: dict[tuple[int, int, int], tuple[float, pb.RendezvousReply]] = {}
 

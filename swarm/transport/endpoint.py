@@ -27,6 +27,7 @@ from swarm.transport import messages
 from swarm.transport.faults import NO_FAULTS, FaultInjector
 from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_header, decode_prefix, encode_header
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
+from swarm.transport.links import Link, TlsFiles, TlsLink
 from swarm.transport.messages import StateSnapshot
 
 __all__ = ["CallHandler", "Endpoint", "Inbox", "PeerFailure", "StateSnapshot", "TransportConfig"]
@@ -67,6 +68,8 @@ class TransportConfig:
     """Largest state accepted from a donor."""
     max_call_bytes: int = 1 << 30
     """Largest call or reply accepted (a microbatch's activations)."""
+    tls: TlsFiles | None = None
+    """Mutual TLS with the run's certificates (None: plain TCP, for loopback and trusted networks)."""
 
     def __post_init__(self) -> None:
         if self.connections_per_peer < 1 or self.chunk_bytes < 1024:
@@ -95,7 +98,7 @@ class Endpoint:
         self.address = ""
         self._inboxes: dict[tuple[int, int], Inbox] = {}
         self._closed: set[tuple[int, int]] = set()
-        self._conns: dict[str, list[tuple[socket.socket, asyncio.Lock]]] = {}
+        self._conns: dict[str, list[tuple[Link, asyncio.Lock]]] = {}
         self._dialing: dict[str, asyncio.Lock] = {}
         self._pool = BufferPool()
         self._readers: set[asyncio.Task[None]] = set()
@@ -107,8 +110,10 @@ class Endpoint:
         """What this peer serves to a peer that asks for its state (None: nothing to give)."""
         self.call_handler: CallHandler | None = None
         """What answers other peers' calls (None: calls are refused with an error reply)."""
-        self._idle_calls: dict[str, list[socket.socket]] = {}
-        self._last_sent: dict[socket.socket, float] = {}
+        self._idle_calls: dict[str, list[Link]] = {}
+        self._last_sent: dict[Link, float] = {}
+        self._tls = config.tls.contexts() if config.tls is not None else None
+        """(server, client) TLS contexts, when the data plane runs over TLS."""
         """When each pooled outgoing connection last carried a frame (loop time)."""
         self.horizon = -1
         """The round this peer takes part in next (`set_horizon`); -1: not said, no round window."""
@@ -247,28 +252,26 @@ class Endpoint:
             self._readers.add(task)
             task.add_done_callback(self._readers.discard)
 
-    async def recv_exactly(self, conn: socket.socket, view: memoryview) -> None:
+    async def recv_exactly(self, conn: Link, view: memoryview) -> None:
         """Fill `view` from `conn` (counted in `bytes_received`); ConnectionError if it closes first."""
-        loop = asyncio.get_running_loop()
         got = 0
         while got < len(view):
-            n = await loop.sock_recv_into(conn, view[got:])
+            n = await conn.recv_into(view[got:])
             if n == 0:
                 raise ConnectionError("connection closed mid-frame")
             got += n
         self.bytes_received += got
 
-    async def read_header(self, conn: socket.socket, idle_s: float | None = None) -> Header | None:
+    async def read_header(self, conn: Link, idle_s: float | None = None) -> Header | None:
         """The next frame's header (None: `conn` closed between frames); FrameError if it is malformed.
 
         Args:
             idle_s: how long to wait for the frame to begin (None: forever); `_Idle` past it.
         """
         prefix = bytearray(PREFIX.size)
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(idle_s):
-                first = await loop.sock_recv_into(conn, prefix)
+                first = await conn.recv_into(memoryview(prefix))
         except TimeoutError:
             raise _Idle from None
         if first == 0:
@@ -279,10 +282,14 @@ class Endpoint:
             await self.recv_exactly(conn, memoryview(body))
         return decode_header(bytes(body), self.config.max_frame_bytes)
 
-    async def _read_loop(self, conn: socket.socket) -> None:
+    async def _read_loop(self, sock: socket.socket) -> None:
         sender = ""
+        conn = Link(sock)
         try:
             async with asyncio.timeout(self.config.io_timeout_s):  # say hello promptly or be dropped
+                if self._tls is not None:
+                    conn = TlsLink(sock, self._tls[0], server_side=True)
+                    await conn.handshake()
                 hello = await self.read_header(conn)
             if hello is None:
                 return
@@ -290,6 +297,8 @@ class Endpoint:
                 raise FrameError("a connection must start with a hello frame without payload")
             if hello.run != self.run_id:
                 raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
+            if conn.peer_name is not None and conn.peer_name != hello.sender:
+                raise FrameError(f"the certificate of {conn.peer_name!r} claims to be {hello.sender!r}")
             sender = hello.sender
             first = await self.read_header(conn, self.config.idle_timeout_s)
             if first is not None and first.kind == "state_req":
@@ -309,7 +318,7 @@ class Endpoint:
         except _Idle:
             log.debug("data plane: closing %s's connection, idle for %.0f s", sender, self.config.idle_timeout_s)
             sender = ""  # idle between frames: it owes nothing, so nothing fails
-        except (FrameError, ConnectionError, OSError, TimeoutError) as e:
+        except (FrameError, ConnectionError, OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
             log.warning("data plane: dropping connection from %s: %s", sender or "unknown peer", why)
             if sender:
@@ -319,7 +328,7 @@ class Endpoint:
             if sender:
                 self._fail_everywhere(sender, "connection closed")
 
-    async def _read_payload(self, conn: socket.socket, h: Header) -> None:
+    async def _read_payload(self, conn: Link, h: Header) -> None:
         rule = self.faults.hit(f"recv.{h.kind}", round=h.round, attempt=h.attempt, peer=h.sender) if self.faults else None
         if rule is not None and rule.action == "delay":
             await asyncio.sleep(rule.delay_s)
@@ -356,7 +365,7 @@ class Endpoint:
 
     # ---------------------------------------------------------------- sending
 
-    async def _connection(self, peer: str, address: str, index: int) -> tuple[socket.socket, asyncio.Lock]:
+    async def _connection(self, peer: str, address: str, index: int) -> tuple[Link, asyncio.Lock]:
         conns = self._conns.get(peer, [])
         if len(conns) <= index:
             # One dial at a time per peer: the concurrent sends of a part's chunks would each open a connection.
@@ -366,22 +375,27 @@ class Endpoint:
                     conns.append((await self.dial(peer, address), asyncio.Lock()))
         return conns[index]
 
-    async def dial(self, peer: str, address: str) -> socket.socket:
+    async def dial(self, peer: str, address: str) -> Link:
         """A new connection to `peer` at `address`, hello sent; PeerFailure if it cannot be made in time."""
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = Link(sock)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 await loop.sock_connect(sock, (host.strip("[]"), int(port)))
-                hello = Header(kind="hello", run=self.run_id, sender=self.peer_id)
-                await loop.sock_sendall(sock, encode_header(hello))
-        except (OSError, TimeoutError) as e:
+                if self._tls is not None:
+                    link = TlsLink(sock, self._tls[1], server_side=False)
+                    await link.handshake()
+                    if link.peer_name != peer:  # a certificate of the run, but not of the peer we dial
+                        raise ConnectionError(f"its certificate is {link.peer_name!r}'s")
+                await link.send(encode_header(Header(kind="hello", run=self.run_id, sender=self.peer_id)))
+        except (OSError, TimeoutError, ConnectionError) as e:
             sock.close()
             raise PeerFailure(peer, f"cannot connect to {address}: {e or 'timed out'}") from None
-        return sock
+        return link
 
     def _drop_connections(self, peer: str) -> None:
         for sock, _ in self._conns.pop(peer, []):
@@ -422,8 +436,8 @@ class Endpoint:
                 sock = await self._redial(peer, address, index, sock)
             try:
                 async with asyncio.timeout(self.config.io_timeout_s):
-                    await loop.sock_sendall(sock, encode_header(header))
-                    await loop.sock_sendall(sock, payload)
+                    await sock.send(encode_header(header))
+                    await sock.send(payload)
             except BaseException as e:
                 # A frame cut short (error, stall or cancellation) would make the receiver read the next
                 # frame's header as payload: the connection cannot be reused.
@@ -434,7 +448,7 @@ class Endpoint:
             self._last_sent[sock] = loop.time()
         self.bytes_sent += len(payload)
 
-    async def _redial(self, peer: str, address: str, index: int, old: socket.socket) -> socket.socket:
+    async def _redial(self, peer: str, address: str, index: int, old: Link) -> Link:
         """A new connection in place of `old` (the `index`-th to `peer`), keeping its lock."""
         conns = self._conns.get(peer, [])
         fresh = await self.dial(peer, address)

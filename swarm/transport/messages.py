@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from swarm.transport.inbox import PeerFailure
 
 if TYPE_CHECKING:
     from swarm.transport.endpoint import Endpoint
+    from swarm.transport.links import Link
 
 log = logging.getLogger("swarm.transport")
 MAX_META_BYTES = 1 << 20
@@ -52,10 +52,9 @@ class _Frame:
     payload: memoryview
 
 
-async def send_message(ep: Endpoint, conn: socket.socket, kind: str, meta: dict[str, Any],
+async def send_message(ep: Endpoint, conn: Link, kind: str, meta: dict[str, Any],
                        arrays: dict[str, np.ndarray]) -> None:
     """Send one message on `conn`: the description, then the arrays' bytes in chunks."""
-    loop = asyncio.get_running_loop()
     views = [memoryview(np.ascontiguousarray(a)).cast("B") for a in arrays.values()]
     described = dict(meta, arrays=[[name, str(a.dtype), list(a.shape)] for name, a in arrays.items()])
     body = msgpack.packb(described, use_bin_type=True)
@@ -71,12 +70,12 @@ async def send_message(ep: Endpoint, conn: socket.socket, kind: str, meta: dict[
         header = Header(kind=header.kind, run=ep.run_id, sender=ep.peer_id, part=header.part, offset=header.offset,
                         total=header.total, nbytes=len(payload), checksum=checksum(payload))
         async with asyncio.timeout(ep.config.io_timeout_s):
-            await loop.sock_sendall(conn, encode_header(header))
-            await loop.sock_sendall(conn, payload)
+            await conn.send(encode_header(header))
+            await conn.send(payload)
         ep.bytes_sent += len(payload)
 
 
-async def read_message(ep: Endpoint, sock: socket.socket, peer: str, kind: str, limit: int,
+async def read_message(ep: Endpoint, sock: Link, peer: str, kind: str, limit: int,
                        first: Header | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Read one message of `kind` from `peer` (its first header already read when `first` is given).
 
@@ -121,7 +120,7 @@ async def read_message(ep: Endpoint, sock: socket.socket, peer: str, kind: str, 
     return meta, arrays
 
 
-async def _read_frame(ep: Endpoint, sock: socket.socket, peer: str, kind: str, limit: int,
+async def _read_frame(ep: Endpoint, sock: Link, peer: str, kind: str, limit: int,
                       into: np.ndarray | None = None, first: Header | None = None) -> _Frame:
     h = first if first is not None else await ep.read_header(sock)
     if h is None:
@@ -143,7 +142,7 @@ async def _read_frame(ep: Endpoint, sock: socket.socket, peer: str, kind: str, l
     return _Frame(h.part, h.offset, h.nbytes, h.total, payload)
 
 
-async def serve_state(ep: Endpoint, conn: socket.socket, asker: str) -> None:
+async def serve_state(ep: Endpoint, conn: Link, asker: str) -> None:
     """Answer a `state_req` on its own connection: the description, then the bytes in chunks."""
     snapshot = ep.state_provider() if ep.state_provider is not None else None
     if snapshot is None:
@@ -167,8 +166,7 @@ async def fetch_state(ep: Endpoint, peer: str, address: str, timeout_s: float) -
     sock = await ep.dial(peer, address)
     try:
         async with asyncio.timeout(timeout_s):
-            await asyncio.get_running_loop().sock_sendall(
-                sock, encode_header(Header(kind="state_req", run=ep.run_id, sender=ep.peer_id)))
+            await sock.send(encode_header(Header(kind="state_req", run=ep.run_id, sender=ep.peer_id)))
             meta, arrays = await read_message(ep, sock, peer, "state", ep.config.max_state_bytes)
         if "error" in meta:
             raise PeerFailure(peer, f"no state to give: {meta['error']}")
@@ -180,7 +178,7 @@ async def fetch_state(ep: Endpoint, peer: str, address: str, timeout_s: float) -
         sock.close()
 
 
-async def serve_calls(ep: Endpoint, conn: socket.socket, asker: str, first: Header) -> None:
+async def serve_calls(ep: Endpoint, conn: Link, asker: str, first: Header) -> None:
     """Answer `call` messages on their own connection, one after the other, until it closes."""
     h: Header | None = first
     while h is not None:
