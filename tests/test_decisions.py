@@ -40,7 +40,6 @@ from swarm.coordinator.errors import (
     ProtocolMismatch,
     RoundAhead,
     RoundNotReady,
-    StaleAttempt,
     UnknownPeer,
     UnknownRun,
 )
@@ -462,13 +461,19 @@ def test_report_failure_moves_to_the_next_attempt_without_the_suspect() -> None:
     assert view.attempt is not None and view.attempt.number == 2
 
 
-def test_commit_for_a_superseded_attempt_is_stale() -> None:
+def test_a_commit_for_a_superseded_attempt_changes_nothing_and_is_told_what_to_do() -> None:
+    """Not an error: a member excluded on another's word must not crash on its late commit (issue 18)."""
     sim = Sim()
     sim.start(0.0, ["a", "b", "c"])
     sim.report(1.0, "a", 0, 1, "c")
     sim.report(1.0, "b", 0, 1, "c")  # every member spoke: the verdict is immediate
-    err = sim.rejects(2.0, Commit(RUN, "b", inc("b"), 0, 0, 1, H1), StaleAttempt)
-    assert "run attempt 2" in str(err)
+    before = copy.deepcopy(sim.state)
+    d = sim.do(2.0, Commit(RUN, "b", inc("b"), 0, 0, 1, H1))
+    assert not d.put_rounds and sim.state == before
+    retry = views.commit(sim.state, 2.0, "b", 0, 0, 1, H1)
+    assert retry.outcome == "retry" and retry.attempt is not None and retry.attempt.number == 2
+    excluded = views.commit(sim.state, 2.0, "c", 0, 0, 1, H1)
+    assert excluded.outcome == "aborted" and "excluded from attempt 2" in excluded.reason
 
 
 def test_attempts_beyond_max_attempts_abort_the_round() -> None:

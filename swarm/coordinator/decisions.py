@@ -25,7 +25,6 @@ from swarm.coordinator.errors import (
     ProtocolMismatch,
     RoundAhead,
     RoundNotReady,
-    StaleAttempt,
     UnknownPeer,
     UnknownRun,
 )
@@ -407,13 +406,10 @@ def _commit(state: RunState, now: float, ev: Commit, config: CoordinatorConfig) 
         raise RoundNotReady(f"round {ev.round} of stage {ev.stage} has not started; Rendezvous first")
     if ev.attempt > rnd.attempt:
         raise InvalidRequest(f"attempt {ev.attempt} of round {ev.round} does not exist (latest is {rnd.attempt})")
-    if ev.attempt < rnd.attempt:
-        raise StaleAttempt(
-            f"attempt {ev.attempt} of round {ev.round} was superseded by attempt {rnd.attempt} "
-            f"({rnd.reasons[-1] if rnd.reasons else 'no reason'}); run attempt {rnd.attempt} instead"
-        )
-    if rnd.finished:
-        return NO_CHANGE  # a late or repeated commit: the view compares it with the outcome
+    if rnd.finished or ev.attempt < rnd.attempt:
+        # A late, repeated or superseded commit changes nothing; the view tells its sender what to do:
+        # run the new attempt (still a member), keep its state (excluded), or resync (committed without it).
+        return NO_CHANGE
     if ev.peer_id not in rnd.members:
         raise InvalidRequest(f"peer {ev.peer_id!r} is not a member of attempt {rnd.attempt} of round {ev.round}")
     previous = rnd.commit_of(ev.peer_id)

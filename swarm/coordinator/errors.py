@@ -40,10 +40,6 @@ class DuplicatePeer(CoordinatorError):
     """Another live process already holds this peer id."""
 
 
-class StaleAttempt(CoordinatorError):
-    """The request names an attempt that a later attempt superseded."""
-
-
 class RoundNotReady(CoordinatorError):
     """The request needs a round state the round is not in (e.g. commit before start)."""
 

@@ -27,7 +27,6 @@ from swarm.coordinator.errors import (
     ProtocolMismatch,
     RoundAhead,
     RoundNotReady,
-    StaleAttempt,
     UnknownPeer,
     UnknownRun,
 )
@@ -47,7 +46,6 @@ _STATUS: dict[type[CoordinatorError], grpc.StatusCode] = {
     UnknownPeer: grpc.StatusCode.NOT_FOUND,
     LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
     DuplicatePeer: grpc.StatusCode.ALREADY_EXISTS,
-    StaleAttempt: grpc.StatusCode.ABORTED,
     RoundNotReady: grpc.StatusCode.FAILED_PRECONDITION,
     RoundAhead: grpc.StatusCode.OUT_OF_RANGE,
 }
