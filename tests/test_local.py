@@ -121,6 +121,30 @@ def test_local_run_with_sparseloco_on_the_wire(tmp_path: Path) -> None:
         assert peer["bytes_sent"] < 3 * fp32_bytes_per_round / 40
 
 
+@pytest.mark.slow
+def test_swarm_local_runs_over_tls_by_default_and_a_rerun_makes_new_keys(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [*SWARM, "local", "--task", "average", "--peers", "2", "--rounds", "2", "--work-s", "0", "--numel", "20000",
+           "--no-view", "--out", str(out), "--timeout-s", "90"]
+    fingerprints = []
+    for _ in range(2):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["state_hashes_identical"] and summary["finished_peers"] == 2
+        assert "serving over mutual TLS" in (out / "coordinator.log").read_text()
+        keys = sorted(p.name for p in (out / "keys").iterdir())
+        assert keys == ["ca.crt", "ca.key", "coordinator.crt", "coordinator.key", "local.crt", "local.key",
+                        "peer-0.crt", "peer-0.key", "peer-1.crt", "peer-1.key"]
+        assert all((out / "keys" / k).stat().st_mode & 0o077 == 0 for k in keys if k.endswith(".key"))
+        fingerprints.append((out / "keys" / "ca.crt").read_bytes())
+    assert fingerprints[0] != fingerprints[1], "the rerun kept the old run's CA"
+    plain = subprocess.run([*cmd[:-4], "--no-tls", "--out", str(tmp_path / "plain"), "--timeout-s", "90"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert plain.returncode == 0, plain.stderr
+    assert not (tmp_path / "plain" / "keys").exists()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_a_child_whose_parent_died_before_the_prctl_never_runs(tmp_path: Path) -> None:
     # The race: `swarm local` killed between a child's start and its prctl leaves no one to send the

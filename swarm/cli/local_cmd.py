@@ -30,17 +30,20 @@ from swarm.pipeline.config import FILE_ONLY as PIPELINE_FILE_ONLY
 from swarm.pipeline.config import FLAGS as PIPELINE_FLAGS
 from swarm.pipeline.config import PipelineConfig
 from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.security import COORDINATOR, init_ca, issue
 from swarm.training import FILE_ONLY as TRAINING_FILE_ONLY
 from swarm.training import FLAGS as TRAINING_FLAGS
 from swarm.training import TrainingConfig
 from swarm.utils import check_device, dies_with_parent, run_async
 
 RUN_ID = "local"
+KEYS = "keys"
+"""Where a TLS run keeps its CA and certificates, in --out."""
 STOP_GRACE_S = 10.0
 MARKER = ".swarm-local"
 """File that marks a folder as `swarm local`'s own: only such a folder (or an empty one) is written into."""
 _OWN_FILES = ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "coordinator.log", "summary.json",
-              "loss.png", "peer-*.log")
+              "loss.png", "peer-*.log", "keys/*.crt", "keys/*.key")
 """What a run writes into --out; a rerun removes these (a stale coordinator.db would resume the old run)."""
 CHILD_LOG_LEVEL = "INFO"
 """Log level of the children: their logs are files the user reads after the run, so they say what happened."""
@@ -87,6 +90,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="output folder: new, empty, or an earlier `swarm local` run's (default: %(default)s)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="stop everything after this long (default: %(default)s)")
     p.add_argument("--no-view", action="store_true", help="print progress lines instead of the live view")
+    p.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
+                   help="mutual TLS on both planes, with a run CA and certificates made in OUT/keys, as a run over "
+                        "the internet needs (default: on; --no-tls: plaintext, as loopback allows)")
     # The peers' own options, generated from their configs (`swarm peer --help`); the ones given are passed on.
     t = p.add_argument_group("training (--task train and pipeline; passed on to every peer)")
     add_flags(t, TrainingConfig, aliases=TRAINING_FLAGS, skip=TRAINING_FILE_ONLY)
@@ -177,8 +183,22 @@ def prepare_out(out: Path) -> None:
             for path in out.glob(pattern):
                 if path.is_file():
                     path.unlink()
+        with contextlib.suppress(OSError):  # only when empty: nothing of the user's goes with it
+            (out / KEYS).rmdir()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `swarm local`; a rerun with this --out replaces its files\n")
+
+
+VIEWER = "local"
+"""The certificate name of `swarm local`'s own client (its live view reads the status)."""
+
+
+def _make_keys(folder: Path, peers: int) -> Path:
+    """A run CA and certificates for the coordinator, each peer (peer-I) and the live view, in `folder`."""
+    init_ca(folder, RUN_ID)
+    for name in (COORDINATOR, VIEWER, *(f"peer-{i}" for i in range(peers))):
+        issue(folder, name)
+    return folder
 
 
 async def _spawn(name: str, argv: list[str], log_path: Path, hold: bool = False) -> _Child:
@@ -286,8 +306,10 @@ async def _local(args: argparse.Namespace, kills: dict[int, int], training: Trai
     out = Path(args.out)  # prepare_out made it ready
     started = time.monotonic()
     console = Console(stderr=True)
+    keys = _make_keys(out / KEYS, args.peers + len(args.join)) if args.tls else None
+    tls = ["--tls-dir", str(keys)] if keys else []
     coordinator = await _spawn("coordinator", [
-        "coordinator", "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
+        "coordinator", *tls, "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
          "--run-id", RUN_ID, "--lease-s", str(args.lease_s), "--rendezvous-timeout-s", str(args.rendezvous_timeout_s),
          "--min-peers", str(args.min_peers or (1 if args.task == "pipeline" else max(1, args.peers - len(kills)))),
          *(["--stages", str(training.stages)] if isinstance(training, PipelineConfig) else [])],
@@ -310,11 +332,12 @@ async def _local(args: argparse.Namespace, kills: dict[int, int], training: Trai
         # Joiners start now and wait, set up, for their step: a process started at the step would
         # spend seconds importing and loading before it joined, and could arrive after the last round.
         for i in range(args.peers + len(args.join)):
-            peers.append(await _spawn(f"peer-{i}", _peer_argv(args, training, target, i, shards), out / f"peer-{i}.log",
-                                      hold=i >= args.peers))
+            peers.append(await _spawn(f"peer-{i}", [*_peer_argv(args, training, target, i, shards), *tls],
+                                      out / f"peer-{i}.log", hold=i >= args.peers))
         readers = {c.name: asyncio.create_task(_read_report(c)) for c in peers}
         pending = list(zip(sorted(args.join), peers[args.peers:], strict=True))  # (step, held joiner)
-        client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5))
+        client = CoordinatorClient(ClientConfig(target=target, run_id=RUN_ID, rpc_timeout_s=5, retry_for_s=5,
+                                                tls_dir=str(keys) if keys else None, tls_name=VIEWER))
         view = Live(console=console, refresh_per_second=4) if not args.no_view else None
         last_line = 0.0
         status: pb.StatusReply | None = None

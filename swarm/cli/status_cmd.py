@@ -29,6 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--watch", action="store_true", help="refresh the view every --interval-s until Ctrl-C")
     p.add_argument("--interval-s", type=float, default=1.0, help="refresh interval with --watch (default: %(default)s)")
     p.add_argument("--timeout-s", type=float, default=5.0, help="give up after this long (default: %(default)s)")
+    p.add_argument("--tls-dir", default=None, metavar="DIR",
+                   help="reach a coordinator that runs with --tls-dir: DIR holds the run's ca.crt and a certificate "
+                        "for --tls-name (`swarm keys issue NAME`; a `swarm local` run's OUT/keys has one named local)")
+    p.add_argument("--tls-name", default="status", metavar="NAME",
+                   help="the certificate to use in --tls-dir (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -68,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    config = ClientConfig(target=args.coordinator, run_id=args.run_id, rpc_timeout_s=args.timeout_s, retry_for_s=args.timeout_s)
+    try:
+        config = ClientConfig(target=args.coordinator, run_id=args.run_id, rpc_timeout_s=args.timeout_s,
+                              retry_for_s=args.timeout_s, tls_dir=args.tls_dir, tls_name=args.tls_name)
+    except ValueError as e:  # a missing, unsafe, expired or foreign certificate: one line
+        print(f"swarm status: {e}", file=sys.stderr)
+        return 2
     client = CoordinatorClient(config)
     console = Console()
     try:
