@@ -583,7 +583,7 @@ def test_minority_hash_diverges_and_resyncs_from_the_first_majority_member() -> 
         assert views.commit(sim.state, 1.0, p, 0, 0, 1, H1).outcome == "ok"
 
 
-def test_tie_is_broken_by_member_order() -> None:
+def test_tie_is_broken_by_member_order_among_peers_that_joined_together() -> None:
     sim = Sim()
     sim.start(0.0, ["a", "b", "c", "d"])
     sim.commit(1.0, "c", 0, 1, H1)  # the first commit does not decide the tie
@@ -592,6 +592,23 @@ def test_tie_is_broken_by_member_order() -> None:
     sim.commit(1.0, "a", 0, 1, H2)
     rnd = sim.round(0)
     assert (rnd.committed_hash, rnd.donor, rnd.diverged) == (H2, "a", ("b", "c"))
+
+
+def test_two_fresh_ids_that_sort_first_lose_a_tie_to_two_longer_standing_peers() -> None:
+    """Issue 18: ties went to the lowest id, so two ids named to sort first outvoted two honest peers and
+    made them resync onto the forged state. The longer-standing group wins a tie now."""
+    sim = Sim()
+    sim.join(0.0, "honest-1")
+    sim.join(0.0, "honest-2")
+    sim.join(5.0, "aaa-fake")
+    sim.join(5.0, "aab-fake")
+    sim.start(6.0, ["aaa-fake", "aab-fake", "honest-1", "honest-2"])
+    sim.commit(7.0, "aaa-fake", 0, 1, H2)
+    sim.commit(7.0, "aab-fake", 0, 1, H2)
+    sim.commit(7.0, "honest-1", 0, 1, H1)
+    sim.commit(7.0, "honest-2", 0, 1, H1)
+    rnd = sim.round(0)
+    assert (rnd.committed_hash, rnd.donor, rnd.diverged) == (H1, "honest-1", ("aaa-fake", "aab-fake"))
 
 
 def test_attempt_deadline_with_partial_commits_finalizes_with_the_committers() -> None:

@@ -17,7 +17,9 @@ alone while everyone else is still busy with round n.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
@@ -47,19 +49,22 @@ def _abort(rnd: Round, now: float, why: str) -> Round:
     return replace(rnd, phase="aborted", finished_at=now, reasons=rnd.reasons + (f"aborted: {why}",))
 
 
-def _finalize(rnd: Round, now: float, note: str) -> Round:
+def _finalize(rnd: Round, now: float, note: str, joined_at: Callable[[str], float]) -> Round:
     """Commit the round with the majority hash of the current attempt's commits.
 
-    Ties between equally large groups go to the group whose first committer
-    comes first in member order, so every coordinator replica would agree.
+    Ties between equally large groups go to the group holding the longest-standing member (the
+    earliest `joined_at`; then member order): an id is whatever its holder chose, so "the lowest
+    id wins" let two fresh ids named to sort first outvote two honest peers, while how long a peer
+    has been a member cannot be chosen. Stored times and member order: every replica agrees.
     """
     order = {p: i for i, p in enumerate(rnd.members)}
     commits = sorted(rnd.commits, key=lambda c: order.get(c[0], len(order)))
     counts = Counter(digest for _, digest in commits)
-    first_at = {}
-    for i, (_, digest) in enumerate(commits):
-        first_at.setdefault(digest, i)
-    winner = min(counts, key=lambda d: (-counts[d], first_at[d]))
+    seniority: dict[str, tuple[float, int]] = {}
+    for i, (peer, digest) in enumerate(commits):
+        rank = (joined_at(peer), i)
+        seniority[digest] = min(seniority.get(digest, rank), rank)
+    winner = min(counts, key=lambda d: (-counts[d], seniority[d]))
     donor = next(p for p, d in commits if d == winner)
     diverged = tuple(p for p, d in commits if d != winner)
     why = f"committed attempt {rnd.attempt}: {counts[winner]}/{len(rnd.members)} members agree on {winner[:12]}"
@@ -112,7 +117,8 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
     )
 
 
-def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str], config: CoordinatorConfig) -> Round:
+def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str], config: CoordinatorConfig,
+            joined_at: Callable[[str], float]) -> Round:
     """Move an unfinished round as far as the state allows at `now`."""
     if rnd.finished:
         return rnd
@@ -132,11 +138,11 @@ def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str]
             return _next_attempt(rnd, now, survivors, why, config)
         return rnd  # commits wait for the verdict: the attempt may still be superseded
     if len(rnd.commits) == len(rnd.members):
-        return _finalize(rnd, now, "")
+        return _finalize(rnd, now, "", joined_at)
     if now >= rnd.attempt_deadline:
         if rnd.commits:
             late = [p for p in rnd.members if rnd.commit_of(p) is None]
-            return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}")
+            return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}", joined_at)
         return _abort(rnd, now, f"attempt {rnd.attempt} passed its deadline with no commit")
     return rnd
 
@@ -188,6 +194,10 @@ def settle_rounds(
     Returns:
         Every round that differs from the stored state.
     """
+    def joined_at(peer: str) -> float:  # a peer that left meanwhile counts as the newest
+        member = state.members.get(peer)
+        return member.joined_at if member is not None else math.inf
+
     pending = {r.key: r for r in rounds}
     for r in rounds:
         nxt = state.rounds.get((r.stage, r.number + 1))
@@ -201,14 +211,14 @@ def settle_rounds(
             ids = state.stage_ids(rnd.stage)
             live_by_stage[rnd.stage] = ids - gone if gone else ids  # no copy on the hot path
         was_finished = rnd.finished
-        rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config)
+        rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config, joined_at)
         out[key] = rnd
         if rnd.finished and not was_finished:
             nxt_key = (rnd.stage, rnd.number + 1)
             nxt = out.get(nxt_key, pending.get(nxt_key, state.rounds.get(nxt_key)))
             if nxt is not None and nxt.phase == "gathering" and nxt.barrier_deadline is None:
                 nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
-                out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config)
+                out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config, joined_at)
     return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
 
 
