@@ -106,7 +106,7 @@ async def _peer(rank: int, case: Case, conn: Any, barrier: Any) -> dict[str, Any
     spent: list[float] = []
     codec = _Timed(make_codec(CodecConfig(name=case.codec)), spent)
     feedback = ErrorFeedback() if codec.uses_error_feedback else None
-    ep = Endpoint(f"p{rank}", "bench-sync", TransportConfig(io_timeout_s=300))
+    ep = Endpoint(f"p{rank}", "bench-sync", TransportConfig(io_timeout_s=120))
     conn.send(("address", await ep.start()))
     members = [Participant(f"p{i}", a) for i, a in enumerate(conn.recv())]
     rows = []

@@ -287,7 +287,8 @@ def test_two_peers_average_over_tls_on_both_planes_and_end_identical(
     """alice and bob all-reduce over the data plane with their certificates: every round commits and both
     end with the same state hash (the data plane refuses anyone else, tests/test_data_plane_tls.py)."""
     run = str(keys["run"])
-    coord = coordinator_proc(extra_args=["--tls-dir", run, "--run-id", RUN])
+    # Both must be in round 0: with one, the other would join a run in progress (another test's subject).
+    coord = coordinator_proc(extra_args=["--tls-dir", run, "--run-id", RUN, "--min-peers", "2"])
     procs = [subprocess.Popen([*SWARM, "peer", "--coordinator", coord.target, "--run-id", RUN, "--tls-dir", run,
                                "--peer-id", name, "--task", "average", "--numel", "50000", "--rounds", "3",
                                "--work-s", "0.05", "--retry-for-s", "5"],

@@ -68,14 +68,15 @@ def test_init_writes_a_ca_whose_key_only_its_owner_can_read(tmp_path: Path) -> N
 
 
 def test_issue_writes_a_pair_signed_by_the_ca_and_named_after_the_peer(keys: Path) -> None:
-    key, crt = issue(keys, "peer-1", dt.timedelta(days=2))
+    now = dt.datetime.now(dt.UTC)  # not the module's NOW: a slow run reaches this test minutes after import
+    key, crt = issue(keys, "peer-1", dt.timedelta(days=2), now=now)
     assert (key, crt) == (keys / "peer-1.key", keys / "peer-1.crt")
     assert _mode(key) == 0o600
     cert = _cert(crt)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "peer-1"
     assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
         x509.DNSName) == ["peer-1"]
-    assert abs(cert.not_valid_after_utc - NOW - dt.timedelta(days=2)) < dt.timedelta(minutes=1)
+    assert abs(cert.not_valid_after_utc - now - dt.timedelta(days=2)) < dt.timedelta(minutes=1)
     identity = load_identity(keys, "peer-1", run_id="r1")
     assert (identity.name, identity.run_id) == ("peer-1", "r1")
     assert identity.cert_pem == crt.read_bytes() and identity.ca_pem == (keys / "ca.crt").read_bytes()
