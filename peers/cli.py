@@ -50,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="talk to the coordinator and to other peers over mutual TLS with DIR/ca.crt and this "
                         "peer's certificate, DIR/PEER_ID.crt and .key (`swarm keys issue PEER_ID`); needed when the "
                         "coordinator runs with --tls-dir; every peer of such a run needs it (default: plaintext)")
+    p.add_argument("--token", default=os.environ.get("SWARM_JOIN_TOKEN"), metavar="TOKEN",
+                   help="a join token (`swarm token create`; env SWARM_JOIN_TOKEN keeps it out of the process list): "
+                        "when --tls-dir has no PEER_ID.crt yet, make a key there and get its certificate from the "
+                        "coordinator's enrollment port; then run as with --tls-dir. Needs --tls-dir and --peer-id")
     p.add_argument("--stage", default="0",
                    help="pipeline stage served, or `auto` to let the coordinator choose the thinnest (default: %(default)s)")
     p.add_argument("--task", choices=["train", "pipeline", "control", "average"], default="train",
@@ -95,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.tls_dir and not args.peer_id:
             raise ValueError("--tls-dir needs --peer-id: the name of this peer's certificate in the folder")
+        if args.token:
+            _join_with_token(args)
         training = _training(args) if args.task in ("train", "pipeline") else None
         # The protocol tasks all-reduce with a codec too: the one of the flags given.
         codec = training.codec if training else build(CodecConfig, flag_values(args, TrainingConfig).get("codec", {}))
@@ -131,6 +137,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"swarm peer: stopped on error: {report.errors[-1]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _join_with_token(args: argparse.Namespace) -> None:
+    """Enroll with --token unless --tls-dir has this peer's certificate; --run-id defaults to the token's.
+
+    Raises:
+        ValueError: no --tls-dir or --peer-id, or the token or enrollment refused (the message says why).
+        OSError: --tls-dir cannot be written.
+    """
+    from swarm.coordinator.client import enroll_over_grpc
+    from swarm.security.join import join_with_token
+    from swarm.security.tokens import read_claims
+
+    if not args.tls_dir or not args.peer_id:
+        raise ValueError("--token needs --tls-dir DIR (where this peer's key and certificate go) and --peer-id")
+    if args.run_id == "default":  # not given: the token names the run
+        args.run_id = read_claims(args.token).run_id
+    if join_with_token(args.token, send=enroll_over_grpc, coordinator=args.coordinator, folder=args.tls_dir,
+                       name=args.peer_id, run_id=args.run_id, timeout_s=max(args.retry_for_s, 5.0)):
+        print(f"swarm peer: enrolled {args.peer_id!r} with the join token: {args.tls_dir}", file=sys.stderr)
 
 
 def _training(args: argparse.Namespace) -> TrainConfig | PipelineConfig:

@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "first line of stdout once it accepts calls. With --db the run survives a restart (even SIGKILL): "
             "start it again on the same file and peers re-attach. On an address other than loopback it needs "
             "--tls-dir (mutual TLS: only peers holding a certificate of the run's CA get in, each acting only as "
-            "its own id; see `swarm keys`) or --insecure."
+            "its own id; see `swarm keys`) or --insecure. With --enroll-port it also issues certificates to "
+            "peers that hold a join token (`swarm token`; --tls-dir must then hold the run CA's ca.key)."
         ),
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
@@ -92,6 +93,9 @@ async def _serve(config: CoordinatorConfig, store, host: str, port: int, metrics
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if running.enroll_port is not None:
+        print(f"swarm coordinator: join-token enrollment on {host}:{running.enroll_port}", file=sys.stderr,
+              flush=True)
     print(f"coordinator listening on {host}:{running.port}", flush=True)
     try:
         await stop.wait()

@@ -22,13 +22,19 @@ from swarm.coordinator.errors import PROTOCOL_VERSION
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.security import Identity, load_identity
+from swarm.security.errors import CredentialError
 from swarm.security.tls import CHANNEL_OPTIONS, channel_credentials
+from swarm.security.tokens import TokenRefused
 
 log = logging.getLogger("swarm.client")
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 MAX_STATUS_BYTES = 256 << 20
 _RECONNECT_MIN_MS = 100
 _RECONNECT_MAX_MS = 1000
+_ENROLL_REFUSED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                             grpc.StatusCode.INVALID_ARGUMENT})
+_ENROLL_RETRY_S = 0.5
+"""Pause between tries of an enrollment listener that is not reachable (yet)."""
 _RETRY_MAX_S = 0.5
 """Longest pause between retries of an unavailable coordinator (times up to 1.5 with jitter).
 
@@ -233,3 +239,34 @@ def _cause(details: str, tls: bool = False) -> str:
         return ("Socket closed; the coordinator may have refused this peer's certificate: another run's CA, "
                 "or expired")
     return last
+
+
+def enroll_over_grpc(target: str, ca_pem: bytes, token: str, name: str, csr_pem: bytes, timeout_s: float) -> bytes:
+    """The Enroll call of join tokens, blocking (made once, before a peer's event loop starts): TLS that trusts
+    only `ca_pem` and the name `coordinator`; no client certificate (the caller has none yet).
+
+    Returns:
+        The issued certificate, PEM.
+
+    Raises:
+        TokenRefused: the coordinator refused the token, name or request (its reason in the message).
+        CredentialError: nothing answered within `timeout_s`, or the listener's certificate is not of `ca_pem`.
+    """
+    request = pb.EnrollRequest(token=token, peer_id=name, csr_pem=csr_pem)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    deadline = time.monotonic() + timeout_s
+    with grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.EnrollmentStub(channel)
+        while True:
+            # UNAVAILABLE is retried until the deadline: a coordinator starting at the same time as its first
+            # peers is waited for. A failed handshake reads the same, so the last error names both causes.
+            try:
+                return stub.Enroll(request, timeout=max(deadline - time.monotonic(), 0.1)).cert_pem
+            except grpc.RpcError as e:
+                code, details = e.code(), e.details()  # type: ignore[attr-defined]
+            if code in _ENROLL_REFUSED:
+                raise TokenRefused(f"the coordinator refused the join token: {details}")
+            if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() + _ENROLL_RETRY_S >= deadline:
+                raise CredentialError(f"cannot enroll at {target} ({code.name}: {details}): nothing serves "
+                                      "--enroll-port there, or its certificate is not of the run CA in the token")
+            time.sleep(_ENROLL_RETRY_S)

@@ -12,7 +12,7 @@ from typing import Any
 from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure"})
+_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,6 +55,10 @@ class CoordinatorConfig:
     insecure: bool = False
     """Serve plaintext on a non-loopback address anyway: anyone who reaches the port can join, leave or
     commit as any peer. For a trusted private network only."""
+    enroll_port: int | None = None
+    """Also serve join-token enrollment on this port (0: a free one), with server-only TLS: a peer started
+    with `--token` sends a certificate request there and gets its certificate. Needs tls_dir to hold the run
+    CA's ca.key (docs/security.md, "Join tokens"); by convention the coordinator's port + 1. Unset: off."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s == 0:
@@ -66,6 +70,13 @@ class CoordinatorConfig:
         if self.tls_dir is not None and self.insecure:
             raise ValueError("coordinator.tls_dir and coordinator.insecure are both set: give --tls-dir DIR or "
                              "--insecure, not both")
+        if self.enroll_port is not None:
+            if self.tls_dir is None:
+                raise ValueError("coordinator.enroll_port needs coordinator.tls_dir (--tls-dir DIR holding ca.key): "
+                                 "join tokens issue certificates of the run's CA")
+            if isinstance(self.enroll_port, bool) or not isinstance(self.enroll_port, int) \
+                    or not 0 <= self.enroll_port <= 65535:
+                raise ValueError(f"coordinator.enroll_port must be a port, 0-65535, got {self.enroll_port!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _NOT_NUMBERS:

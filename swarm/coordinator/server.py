@@ -13,10 +13,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.core import Coordinator
-from swarm.coordinator.service import CoordinatorService
+from swarm.coordinator.service import CoordinatorService, EnrollmentService
 from swarm.coordinator.store import Store
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.security import COORDINATOR, Identity, load_identity
+from swarm.security import COORDINATOR, CredentialError, Identity, load_identity
+from swarm.security.issuer import Issuer
 from swarm.security.tls import is_loopback, server_credentials
 
 log = logging.getLogger("swarm.coordinator")
@@ -33,11 +34,16 @@ class RunningServer:
     core: Coordinator
     port: int
     _ticker: asyncio.Task[None]
+    enroll_port: int | None = None
+    """The join-token enrollment listener's port (None: not served)."""
+    _enroll_server: grpc.aio.Server | None = None
 
     async def stop(self, grace_s: float = 1.0) -> None:
         self._ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._ticker
+        if self._enroll_server is not None:
+            await self._enroll_server.stop(grace_s)
         await self.server.stop(grace_s)
         self.core.store.close()
 
@@ -73,11 +79,33 @@ async def start(config: CoordinatorConfig, store: Store, host: str, port: int,
                  identity.run_id, identity.not_after)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}; is the port in use?")
+    enroll_server, enroll_port = None, None
+    if config.enroll_port is not None:
+        assert identity is not None and config.tls_dir is not None  # CoordinatorConfig checks it
+        issuer = Issuer.load(config.tls_dir, run_id=config.run_id)
+        enroll_server, enroll_port = _enrollment_server(core, identity, issuer, host, config.enroll_port)
+        await enroll_server.start()
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ticker = asyncio.get_running_loop().create_task(_tick_forever(core))
-    return RunningServer(server=server, core=core, port=bound, _ticker=ticker)
+    return RunningServer(server=server, core=core, port=bound, _ticker=ticker, enroll_port=enroll_port,
+                         _enroll_server=enroll_server)
+
+
+def _enrollment_server(core: Coordinator, identity: Identity, issuer: Issuer, host: str,
+                       port: int) -> tuple[grpc.aio.Server, int]:
+    """The join-token listener: server-authenticated TLS only (a joining peer has no certificate yet; it checks
+    ours against the run CA its token carries), small messages, the Enrollment service and nothing else, so
+    the main port's mutual TLS stays strict."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 10), ("grpc.so_reuseport", 0)])
+    pb_grpc.add_EnrollmentServicer_to_server(EnrollmentService(core, issuer), server)
+    credentials = grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)], require_client_auth=False)
+    bound = server.add_secure_port(f"{_bracket(host)}:{port}", credentials)
+    if bound == 0:
+        raise OSError(f"cannot listen for enrollment on {host}:{port}; is the port in use?")
+    log.info("serving join-token enrollment on %s:%d", host, bound)
+    return server, bound
 
 
 def preflight(config: CoordinatorConfig, host: str) -> Identity | None:
@@ -92,14 +120,21 @@ def preflight(config: CoordinatorConfig, host: str) -> Identity | None:
 
     Raises:
         ValueError: `host` is not loopback and neither `config.tls_dir` nor `config.insecure` is set; or the
-            TLS folder's files are missing or unusable (a `swarm.security.CredentialError` that says what to do).
+            TLS folder's files are missing or unusable (a `swarm.security.CredentialError` that says what to do),
+            ca.key among them when `config.enroll_port` is set.
     """
     if config.tls_dir is None and not config.insecure and not is_loopback(host):
         raise ValueError(
             f"refusing to serve run {config.run_id!r} on {host} without TLS: anyone reaching the port could join, "
             "leave or commit as any peer; give --tls-dir DIR (see `swarm keys --help`), or --insecure on a "
             "trusted network")
-    return load_identity(config.tls_dir, COORDINATOR, run_id=config.run_id) if config.tls_dir else None
+    identity = load_identity(config.tls_dir, COORDINATOR, run_id=config.run_id) if config.tls_dir else None
+    if config.tls_dir and config.enroll_port is not None:
+        try:
+            Issuer.load(config.tls_dir, run_id=config.run_id)
+        except CredentialError as e:
+            raise CredentialError(f"--enroll-port signs certificates with the run CA's key: {e}") from None
+    return identity
 
 
 async def _tick_forever(core: Coordinator) -> None:

@@ -7,6 +7,7 @@ only here (`_STATUS`).
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import time
@@ -35,6 +36,7 @@ from swarm.coordinator.rounds import next_round
 from swarm.coordinator.state import Capabilities, Member, Progress
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.security.issuer import InvalidToken, Issuer, TokenRefused
 from swarm.security.tls import caller_name
 
 log = logging.getLogger("swarm.coordinator")
@@ -339,3 +341,34 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             lost_stages=lost_stages(state, self.core.config),
         )
 
+
+
+_ENROLL_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidToken: grpc.StatusCode.UNAUTHENTICATED,
+    TokenRefused: grpc.StatusCode.PERMISSION_DENIED,
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+}
+"""Status per enrollment refusal (checked in this order: the token errors are ValueErrors too)."""
+
+
+class EnrollmentService(pb_grpc.EnrollmentServicer):
+    """Serves the Enrollment service (join tokens) on the coordinator's enrollment port: decodes the request,
+    lets the `Issuer` decide and sign, and maps its refusals to status codes."""
+
+    def __init__(self, core: Coordinator, issuer: Issuer) -> None:
+        self.core = core
+        self.issuer = issuer
+
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollReply:
+        # No await between the check and the record inside `enroll`: two requests with one token cannot
+        # both take its last use.
+        try:
+            cert_pem = self.issuer.enroll(request.token, request.peer_id, request.csr_pem, log_=self.core.store,
+                                          live_member=request.peer_id in self.core.state.members,
+                                          now=dt.datetime.now(dt.UTC))
+        except ValueError as e:  # InvalidToken, TokenRefused and a bad CSR or name are all ValueErrors
+            code = next(c for t, c in _ENROLL_STATUS.items() if isinstance(e, t))
+            log.warning("enrollment of %r refused: %s", request.peer_id, e)
+            await context.abort(code, str(e))
+            raise AssertionError("unreachable") from e
+        return pb.EnrollReply(cert_pem=cert_pem, ca_pem=self.issuer.ca_pem, run_id=self.issuer.run_id)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from swarm.coordinator.state import Capabilities, Decision, Member, Progress, Round, RunState, apply
+from swarm.security.tokens import Enrollment
 
 SCHEMA_VERSION = 1
 
@@ -34,6 +35,18 @@ class Store(ABC):
     def commit(self, decision: Decision) -> None:
         """Persist `decision` (durable ones before returning), then apply it to `self.state`."""
 
+    @abstractmethod
+    def token_uses(self, token_id: str) -> int:
+        """Names enrolled with join token `token_id` so far (its uses)."""
+
+    @abstractmethod
+    def enrollment(self, name: str) -> Enrollment | None:
+        """The join-token enrollment that issued a certificate for `name`, if any."""
+
+    @abstractmethod
+    def record_enrollment(self, enrollment: Enrollment) -> None:
+        """Persist a new enrollment (one use of its token) before returning."""
+
     def flush(self) -> None:
         """Write batched non-durable changes (no-op where nothing is batched)."""
 
@@ -46,9 +59,19 @@ class MemoryStore(Store):
 
     def __init__(self, run_id: str) -> None:
         self.state = RunState(run_id=run_id)
+        self._enrollments: dict[str, Enrollment] = {}
 
     def commit(self, decision: Decision) -> None:
         apply(self.state, decision)
+
+    def token_uses(self, token_id: str) -> int:
+        return sum(e.token_id == token_id for e in self._enrollments.values())
+
+    def enrollment(self, name: str) -> Enrollment | None:
+        return self._enrollments.get(name)
+
+    def record_enrollment(self, enrollment: Enrollment) -> None:
+        self._enrollments[enrollment.name] = enrollment
 
 
 def _member_to_json(m: Member) -> str:
@@ -97,6 +120,11 @@ class SqliteStore(Store):
                 stage INTEGER NOT NULL, number INTEGER NOT NULL, data TEXT NOT NULL,
                 PRIMARY KEY (stage, number));
             CREATE TABLE IF NOT EXISTS tombstones (peer_id TEXT PRIMARY KEY, at REAL NOT NULL);
+            -- Join tokens: one row per name issued; a token's uses are its rows. Added without a schema
+            -- bump: an older file simply gets the empty table.
+            CREATE TABLE IF NOT EXISTS enrollments (
+                name TEXT PRIMARY KEY, token_id TEXT NOT NULL, key_sha256 TEXT NOT NULL, at REAL NOT NULL);
+            CREATE INDEX IF NOT EXISTS enrollments_by_token ON enrollments (token_id);
             """
         )
         meta = dict(self._db.execute("SELECT key, value FROM meta"))
@@ -149,6 +177,20 @@ class SqliteStore(Store):
                 "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)",
                 [(r.stage, r.number, _round_to_json(r)) for r in d.put_rounds],
             )
+
+    def token_uses(self, token_id: str) -> int:
+        (n,) = self._db.execute("SELECT COUNT(*) FROM enrollments WHERE token_id = ?", (token_id,)).fetchone()
+        return int(n)
+
+    def enrollment(self, name: str) -> Enrollment | None:
+        row = self._db.execute("SELECT name, token_id, key_sha256, at FROM enrollments WHERE name = ?",
+                               (name,)).fetchone()
+        return Enrollment(*row) if row else None
+
+    def record_enrollment(self, enrollment: Enrollment) -> None:
+        with self._transaction():
+            self._db.execute("INSERT INTO enrollments VALUES (?, ?, ?, ?)",
+                             (enrollment.name, enrollment.token_id, enrollment.key_sha256, enrollment.at))
 
     def flush(self) -> None:
         if not self._dirty:

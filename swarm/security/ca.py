@@ -135,26 +135,76 @@ def issue(folder: str | Path, name: str, ttl: dt.timedelta = CERT_TTL, *, force:
     if not force:
         refuse_overwrite([key_file, crt])
     now = now or dt.datetime.now(dt.UTC)
+    ca, ca_key = load_signer(folder, now=now)
+    if now + ttl > ca.not_valid_after_utc:
+        raise ValueError(f"--ttl {_days(ttl)} would outlive the run's CA (it expires "
+                         f"{ca.not_valid_after_utc:%Y-%m-%d}); give a shorter --ttl")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _leaf(ca, ca_key, name, key.public_key(), ttl, now)
+    check_signed_by(cert, ca, crt, folder)  # cheap, and catches a CA whose files do not belong together
+    write_file(key_file, _key_pem(key), 0o600, force)
+    write_file(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
+    return key_file, crt
+
+
+def load_signer(folder: str | Path, *, now: dt.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The run CA's certificate and key in `folder`, checked to belong together and to be in date.
+
+    Raises:
+        MissingCredential, UnsafeKeyFile, ExpiredCredential, CredentialError: as `issue`.
+    """
+    folder = Path(folder)
     where = "certificates are issued in the folder of the run's CA: create it with `swarm keys init` or pass its --dir"
     ca, _ = load_ca_cert(folder, now=now, how=where)
     ca_key_file = key_path(folder, CA_NAME)
     ca_key = parse_key(ca_key_file, read_key(ca_key_file, where))
     if ca_key.public_key().public_numbers() != ca.public_key().public_numbers():  # type: ignore[union-attr]
         raise CredentialError(f"{ca_key_file} is not the key of {cert_path(folder, CA_NAME)}")
-    if now + ttl > ca.not_valid_after_utc:
-        raise ValueError(f"--ttl {_days(ttl)} would outlive the run's CA (it expires "
-                         f"{ca.not_valid_after_utc:%Y-%m-%d}); give a shorter --ttl")
-    key = ec.generate_private_key(ec.SECP256R1())
+    return ca, ca_key
+
+
+def sign_csr(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, csr_pem: bytes, name: str,
+             ttl: dt.timedelta = CERT_TTL, *, now: dt.datetime) -> bytes:
+    """A certificate for `name` on the public key of a certificate signing request (join tokens: the
+    requester's private key never leaves it). Only the CSR's key is used: its subject and extensions are
+    ignored, the certificate is built exactly as `issue` builds one, its lifetime capped at the CA's.
+
+    Returns:
+        The certificate, PEM.
+
+    Raises:
+        ValueError: a bad name, a CSR that is not PEM, not P-256, or whose signature does not verify.
+    """
+    check_name(name)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise ValueError("the certificate signing request is not a PEM PKCS#10 request") from None
+    if not csr.is_signature_valid:
+        raise ValueError("the certificate signing request's signature does not verify (the key does not match)")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+        # A ValueError, not a TypeError: bad input from the network, reported like every other.
+        raise ValueError("the certificate signing request must carry an ECDSA P-256 key")  # noqa: TRY004
+    ttl = min(ttl, ca.not_valid_after_utc - now)
+    if ttl <= dt.timedelta(0):
+        raise ValueError("the run's CA has expired: nothing can be issued")
+    return _leaf(ca, ca_key, name, public_key, ttl, now).public_bytes(serialization.Encoding.PEM)
+
+
+def _leaf(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, name: str, public_key: ec.EllipticCurvePublicKey,
+          ttl: dt.timedelta, now: dt.datetime) -> x509.Certificate:
+    """An identity's certificate: CN and DNS SAN `name` (the coordinator's also IP 127.0.0.1), signed by the CA."""
     san: list[x509.GeneralName] = [x509.DNSName(name)]
     if name == COORDINATOR:
         san.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     run_id = ca.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "swarm"),
                                  x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, str(run_id)),
                                  x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca.subject).public_key(key.public_key())
+        .issuer_name(ca.subject).public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + ttl)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
@@ -165,15 +215,11 @@ def issue(folder: str | Path, name: str, ttl: dt.timedelta = CERT_TTL, *, force:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
         .add_extension(x509.SubjectAlternativeName(san), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.public_key()),  # type: ignore[arg-type]
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    check_signed_by(cert, ca, crt, folder)  # cheap, and catches a CA whose files do not belong together
-    write_file(key_file, _key_pem(key), 0o600, force)
-    write_file(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
-    return key_file, crt
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

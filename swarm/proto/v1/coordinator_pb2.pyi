@@ -7,6 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EnrollRequest(_message.Message):
+    __slots__ = ("token", "peer_id", "csr_pem")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    peer_id: str
+    csr_pem: bytes
+    def __init__(self, token: _Optional[str] = ..., peer_id: _Optional[str] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("cert_pem", "ca_pem", "run_id")
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    cert_pem: bytes
+    ca_pem: bytes
+    run_id: str
+    def __init__(self, cert_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., run_id: _Optional[str] = ...) -> None: ...
+
 class Capabilities(_message.Message):
     __slots__ = ("device", "flops", "bandwidth_bytes_per_s", "memory_bytes")
     DEVICE_FIELD_NUMBER: _ClassVar[int]

@@ -362,3 +362,88 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EnrollmentStub:
+    """Join tokens (docs/security.md, "Join tokens"): a peer that holds a token but no certificate yet sends
+    a certificate signing request and gets its certificate. Served on the coordinator's separate enrollment
+    port only (server-authenticated TLS: the caller has no certificate to show), never on the mutual-TLS port
+    that serves Coordinator.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/swarm.v1.Enrollment/Enroll',
+                request_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.FromString,
+                _registered_method=True)
+
+
+class EnrollmentServicer:
+    """Join tokens (docs/security.md, "Join tokens"): a peer that holds a token but no certificate yet sends
+    a certificate signing request and gets its certificate. Served on the coordinator's separate enrollment
+    port only (server-authenticated TLS: the caller has no certificate to show), never on the mutual-TLS port
+    that serves Coordinator.
+    """
+
+    def Enroll(self, request, context):
+        """Verify the token, count one use, sign the CSR for `peer_id`; refused tokens change nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EnrollmentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.EnrollRequest.FromString,
+                    response_serializer=swarm_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'swarm.v1.Enrollment', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('swarm.v1.Enrollment', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Enrollment:
+    """Join tokens (docs/security.md, "Join tokens"): a peer that holds a token but no certificate yet sends
+    a certificate signing request and gets its certificate. Served on the coordinator's separate enrollment
+    port only (server-authenticated TLS: the caller has no certificate to show), never on the mutual-TLS port
+    that serves Coordinator.
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swarm.v1.Enrollment/Enroll',
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.EnrollRequest.SerializeToString,
+            swarm_dot_proto_dot_v1_dot_coordinator__pb2.EnrollReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
