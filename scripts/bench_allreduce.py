@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import multiprocessing as mp
@@ -58,6 +59,7 @@ import os
 import platform
 import queue
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -102,6 +104,8 @@ class BenchConfig:
     """Event loop of the swarm workers."""
     profile_dir: str = ""
     """If set, rank 0 of the swarm phase writes a cProfile of its timed rounds here."""
+    tls_dir: str = ""
+    """If set, the swarm workers talk mutual TLS with the certificates there (p0, p1, ... of one run CA)."""
 
     def __post_init__(self) -> None:
         if self.peers < 2:
@@ -165,13 +169,15 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
     from swarm.allreduce.butterfly import Participant, allreduce_attempt
     from swarm.compression import CodecConfig, Contribution, make_codec
     from swarm.transport.endpoint import Endpoint, TransportConfig
+    from swarm.transport.links import TlsFiles
 
     # The peers share the machine's cores: one torch thread each (more only oversubscribe them and
     # spin), as the numpy arithmetic of the raw path before issue 17 used.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.peers))
     x = Contribution(torch.from_numpy(_tensor(cfg, rank)), make_codec(CodecConfig()))
     tcfg = TransportConfig(host=host, connections_per_peer=cfg.connections, chunk_bytes=cfg.chunk_bytes,
-                           io_timeout_s=cfg.round_timeout_s)
+                           io_timeout_s=cfg.round_timeout_s, idle_timeout_s=4 * cfg.round_timeout_s,
+                           tls=TlsFiles.in_folder(cfg.tls_dir, f"p{rank}") if cfg.tls_dir else None)
     ep = Endpoint(f"p{rank}", "bench", tcfg)
     conn.send(("address", await ep.start()))
     # The parent answers once every worker has reported; bounded like every other wait.
@@ -592,16 +598,28 @@ def main() -> int:
     ap.add_argument("--hivemind-compression", default="none",
                     help="comma-separated, each a hivemind run: none (hivemind_* keys), uniform8bit "
                          "(hivemind_uniform8bit_* keys)")
+    ap.add_argument("--tls", action="store_true",
+                    help="swarm's workers talk mutual TLS (a run CA and certificates made for the run)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: indented)")
     args = ap.parse_args()
+    tls_dir = ""
+    if args.tls:
+        from swarm.security import init_ca, issue
+
+        root = tempfile.mkdtemp(prefix="bench-tls-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        init_ca(Path(root) / "keys", "bench")
+        for i in range(args.peers):
+            issue(Path(root) / "keys", f"p{i}")
+        tls_dir = str(Path(root) / "keys")
     cfg = BenchConfig(peers=args.peers, numel=args.numel, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                       round_timeout_s=args.round_timeout_s, connections=args.connections,
-                      chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir)
+                      chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir, tls_dir=tls_dir)
     report: dict[str, Any] = {"peers": cfg.peers, "numel": cfg.numel, "rounds": cfg.rounds, "repeat": args.repeat,
                               "mbytes_per_peer": round(cfg.numel * 4 / 1e6, 1),
                               "network": f"wanlab tbf {args.lab} Mbit/s egress per host" if args.lab else "loopback",
                               "transport": {"connections_per_peer": cfg.connections, "chunk_bytes": cfg.chunk_bytes,
-                                            "loop": cfg.loop},
+                                            "loop": cfg.loop, "tls": bool(cfg.tls_dir)},
                               "machine": _machine(),
                               "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "background_cpu_busy_pct": []}
     phases = [args.only] if args.only else ["swarm", "gloo"]
