@@ -21,7 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from swarm.allreduce.reduce import blame, check_finite, gathers_payloads, parts_for, reduce_payloads
+from swarm.allreduce.reduce import (
+    blame,
+    check_finite,
+    encode_result,
+    gathers_payloads,
+    parts_for,
+    reduce_payloads,
+)
 from swarm.compression import Contribution
 from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
 from swarm.transport.frames import Header, checksum
@@ -128,10 +135,7 @@ async def _butterfly(at: _Attempt, contribution: Contribution, parts: list[tuple
         mine = out[my_start : my_start + my_len]
         received = [payloads[me] if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
         reduce_payloads(codec, received, ids, at.me, mine)
-        # Every member must hold the same bytes: the owner keeps the decoded result payload, not its fp32 sum.
-        final = result.encode(mine, alias=True)
-        if not _aliases(final, mine):
-            result.decode(final, my_len, out=mine)
+        final = encode_result(result, mine)
         at.faults_after_reduce()
         host = _host(final)
         gathering = at.sends("result", {p: (me, host) for p in other_ids}, result.name)
@@ -180,10 +184,6 @@ def _on(payload: np.ndarray, device: torch.device) -> torch.Tensor:
 def _host_view(values: torch.Tensor) -> np.ndarray | None:
     """Where raw result bytes may land directly (host memory only)."""
     return values.numpy().view(np.uint8) if values.device.type == "cpu" else None
-
-
-def _aliases(payload: torch.Tensor, values: torch.Tensor) -> bool:
-    return payload.device == values.device and payload.data_ptr() == values.data_ptr()
 
 
 def _same_memory(payload: np.ndarray, values: torch.Tensor) -> bool:

@@ -125,6 +125,16 @@ def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], 
     return out
 
 
+def encode_result(result: Codec, reduced: torch.Tensor) -> torch.Tensor:
+    """The payload of a reduced part under the result codec, with `reduced` overwritten by its decoding:
+    every member must hold the same bytes, so the owner keeps the decoded payload, not its fp32 sum
+    (nothing to write back for a payload that is `reduced`'s own bytes, as `none`'s)."""
+    payload = result.encode(reduced, alias=True)
+    if not (payload.device == reduced.device and payload.data_ptr() == reduced.data_ptr()):
+        result.decode(payload, reduced.numel(), out=reduced)
+    return payload
+
+
 @contextlib.contextmanager
 def blame(sender: str) -> Iterator[None]:
     """Around a decode of `sender`'s payload: one the codec refuses fails that sender, not this peer."""

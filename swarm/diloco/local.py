@@ -6,7 +6,7 @@ import threading
 
 import torch
 
-from swarm.allreduce.reduce import gathers_payloads, reduce_payloads
+from swarm.allreduce.reduce import encode_result, gathers_payloads, reduce_payloads
 from swarm.compression import Codec, Contribution
 from swarm.peer.state import RoundState, SyncResult
 
@@ -49,9 +49,7 @@ class LocalGroup:
             self.bytes_sent += n * (n - 1) * codec.payload_nbytes(numel)
         else:
             result = codec.result_codec(n)
-            payload = result.encode(out, alias=True)
-            if payload.data_ptr() != out.data_ptr():
-                result.decode(payload, numel, out=out)
+            encode_result(result, out)
             if n > 1:
                 self.bytes_sent += int((codec.payload_nbytes(numel) + result.payload_nbytes(numel)) * (n - 1))
         self._mean = out

@@ -93,11 +93,6 @@ def _feed(h: Any, buf: torch.Tensor, done: torch.cuda.Event) -> None:
     h.update(memoryview(buf.numpy()).cast("B"))
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """`t`'s values in host memory (a view when it is there already)."""
-    return (t if t.device.type == "cpu" else t.cpu()).numpy()
-
-
 def _host_copy(t: torch.Tensor) -> np.ndarray:
     """A copy of `t`'s values in host memory (one copy, from either device)."""
     return t.numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()

@@ -166,10 +166,7 @@ class Endpoint:
         Their buffers go back to the pool once no payload is being received into them.
         """
         for key in [k for k in self._inboxes if k[0] < round or (k[0] == round and k[1] <= attempt)]:
-            box = self._inboxes.pop(key)
-            box.closed = True
-            if box.writing == 0:
-                self._recycle(box)
+            self._forget(key)
             self._closed.add(key)
         self._closed.add((round, attempt))
         if len(self._closed) > 4096:
@@ -210,10 +207,14 @@ class Endpoint:
         and what earlier rounds' attempts received without ever starting is freed."""
         self.horizon = max(self.horizon, round)
         for key in [k for k, b in self._inboxes.items() if k[0] < self.horizon and not b.started]:
-            box = self._inboxes.pop(key)
-            box.closed = True
-            if box.writing == 0:
-                self._recycle(box)
+            self._forget(key)
+
+    def _forget(self, key: tuple[int, int]) -> None:
+        """Drop an inbox; its buffers go back to the pool once no payload is being received into them."""
+        box = self._inboxes.pop(key)
+        box.closed = True
+        if box.writing == 0:
+            self._recycle(box)
 
     def buffer(self, numel: int, dtype: np.dtype | str) -> np.ndarray:
         """An uninitialised array, reused from earlier attempts when one of that size is free."""
