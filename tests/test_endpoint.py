@@ -427,6 +427,20 @@ async def test_garbage_on_the_port_is_refused_and_the_endpoint_keeps_serving(
     assert_exact_mean(await run_all([a, b], xs, round=1), xs)
 
 
+async def test_one_address_cannot_hold_more_than_its_share_of_connections(make_endpoints: MakeEndpoints) -> None:
+    """A flood of idle sockets from one address is closed at accept past the cap; the cap frees as they go."""
+    a, b = await make_endpoints("AB", max_connections_per_address=4)
+    held = [await connect(a, b"") for _ in range(4)]
+    extra = [await connect(a, b"") for _ in range(3)]
+    for reader, writer in extra:
+        assert await closed_by_endpoint(reader, writer, within_s=2.0), "a connection past the cap was kept"
+    for reader, writer in held:  # kept (and then closed by us)
+        assert not await closed_by_endpoint(reader, writer, within_s=0.05)
+    await asyncio.sleep(0.2)
+    xs = inputs(2, 1000)  # B's connections from the same address fit again
+    assert_exact_mean(await run_all([a, b], xs, round=1), xs)
+
+
 async def test_a_valid_connection_is_kept(make_endpoints: MakeEndpoints) -> None:
     """The control of the garbage test: the same raw client speaking properly stays connected."""
     (a,) = await make_endpoints("A")

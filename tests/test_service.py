@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swarm.coordinator.client import CoordinatorCallError, CoordinatorClient
 from swarm.coordinator.errors import PROTOCOL_VERSION
+from swarm.coordinator.limits import RateLimiter
 from swarm.coordinator.server import SERVICE_NAME, RunningServer
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
@@ -371,3 +372,65 @@ async def test_join_any_stage_and_recovery_of_a_lost_stage(server_factory, make_
     with pytest.raises(CoordinatorCallError) as e:
         await make_client(srv, "bad").join("127.0.0.1:9200", stage=3)
     assert e.value.code.name == "INVALID_ARGUMENT" and "stages 0..2" in e.value.details
+
+
+# ------------------------------------------------------------------ rate limits
+
+
+def test_a_rate_limiter_allows_the_burst_then_the_rate() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=2.0, burst=3, clock=lambda: now[0])
+    assert [limiter.allow("x") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("y"), "one caller's flood must not spend another's budget"
+    assert limiter.retry_in_s("x") == pytest.approx(0.5)
+    now[0] += 0.5
+    assert limiter.allow("x") and not limiter.allow("x")
+    now[0] += 10.0  # idle: back to a full burst, not more
+    assert [limiter.allow("x") for _ in range(4)] == [True, True, True, False]
+
+
+def test_a_rate_limiter_forgets_idle_callers() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate_per_s=1.0, burst=2, clock=lambda: now[0])
+    for i in range(50):
+        limiter.allow(f"peer-{i}")
+    assert len(limiter) == 50
+    now[0] += 5.0
+    limiter.allow("x")  # touching one bucket does not sweep; a full one is not re-stored
+    assert limiter.allow("x") and len(limiter) == 51
+    limiter._shrink(now[0])
+    assert len(limiter) == 1, "only the caller still below a full bucket is kept"
+
+
+async def test_a_peer_flooding_the_coordinator_is_throttled_alone_and_changes_nothing(
+        server_factory: Callable, make_client: Callable) -> None:
+    srv = await server_factory(lease_s=60.0, heartbeat_interval_s=1.0, rpc_rate_per_s=1.0, rpc_burst=5)
+    flooder, honest = make_client(srv, "flooder"), make_client(srv, "honest")
+    await flooder.join("127.0.0.1:6001")
+    await honest.join("127.0.0.1:6002")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        request = pb.HeartbeatRequest(run_id=srv.core.config.run_id, peer_id="flooder",
+                                      incarnation=flooder.incarnation)
+        codes = []
+        for _ in range(20):
+            try:
+                await stub.Heartbeat(request, timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+                details = e.details() or ""
+        assert codes.count(grpc.StatusCode.OK) <= 6  # the burst, and at most one refill
+        assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details.startswith("rate limit") and "'flooder'" in details
+        before = snapshot(srv)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Leave(pb.LeaveRequest(run_id=srv.core.config.run_id, peer_id="flooder",
+                                             incarnation=flooder.incarnation), timeout=5)
+        assert snapshot(srv) == before, "a throttled request must change nothing"
+    reply = await honest.heartbeat()  # the other peer's budget is its own
+    assert reply.lease_expires_in_s > 0
+    # The client library waits out a throttle instead of failing: its next call goes through.
+    started = time.monotonic()
+    await flooder.heartbeat()
+    assert time.monotonic() - started < 5.0

@@ -28,6 +28,7 @@ from swarm.security.tokens import TokenRefused
 
 log = logging.getLogger("swarm.client")
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
 MAX_STATUS_BYTES = 256 << 20
 _RECONNECT_MIN_MS = 100
 _RECONNECT_MAX_MS = 1000
@@ -50,6 +51,12 @@ class CoordinatorCallError(Exception):
         self.method = method
         self.code = code
         self.details = details
+
+
+def _throttled(e: grpc.aio.AioRpcError) -> bool:
+    """The coordinator's rate limit refused the call (retried after a backoff, like UNAVAILABLE; a message too
+    large is RESOURCE_EXHAUSTED too, and is not retried)."""
+    return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and (e.details() or "").startswith("rate limit")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -139,9 +146,13 @@ class CoordinatorClient:
             try:
                 reply = await rpc(request, timeout=self.config.rpc_timeout_s + extra_s)
             except grpc.aio.AioRpcError as e:
-                if e.code() not in _RETRYABLE:
+                throttled = _throttled(e)
+                if e.code() not in _RETRYABLE and not throttled:
                     raise CoordinatorCallError(method, e.code(), e.details() or "") from None
-                self._unavailable(e.details() or "", give_up)
+                if throttled:
+                    log.warning("coordinator %s: %s", self.config.target, e.details())
+                else:
+                    self._unavailable(e.details() or "", give_up)
                 if time.monotonic() + backoff_s > give_up:
                     raise self._unreachable_error(method, e.details() or "") from None
             else:

@@ -40,6 +40,12 @@ class CoordinatorConfig:
     """Longest a Rendezvous or CommitRound call is held before answering WAITING."""
     max_message_bytes: int = 1 << 20
     """Largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    rpc_rate_per_s: float = 50.0
+    """Requests one peer (or, for requests naming no peer, one address) may make per second, sustained;
+    past its budget a request gets RESOURCE_EXHAUSTED ("rate limit ...") and changes nothing. An honest
+    peer makes about one a second."""
+    rpc_burst: float = 200.0
+    """Requests one peer may make at once after being quiet (the bucket's size)."""
     tick_interval_s: float = 0.05
     """How often deadlines and leases are checked."""
     flush_interval_s: float = 1.0
@@ -88,6 +94,8 @@ class CoordinatorConfig:
                 f"coordinator.heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most half of "
                 f"coordinator.lease_s ({self.lease_s}) or one late heartbeat drops a healthy peer"
             )
+        if self.rpc_burst < 1:
+            raise ValueError(f"coordinator.rpc_burst must be at least 1, got {self.rpc_burst!r}")
         if self.max_message_bytes < 4096:
             raise ValueError("coordinator.max_message_bytes must be at least 4096")
 

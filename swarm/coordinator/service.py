@@ -31,6 +31,7 @@ from swarm.coordinator.errors import (
     UnknownPeer,
     UnknownRun,
 )
+from swarm.coordinator.limits import RateLimiter
 from swarm.coordinator.placement import lost_stages, move_to
 from swarm.coordinator.rounds import next_round
 from swarm.coordinator.state import Capabilities, Member, Progress
@@ -74,6 +75,11 @@ def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]
         if self.authenticate and (refusal := _refusal(request, context)) is not None:
             log.warning("refused %s: %s", handler.__name__, refusal[1])
             await context.abort(*refusal)
+        caller = getattr(request, "peer_id", None) or _address(context)
+        if not self.limiter.allow(caller):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"rate limit: {caller!r} made more than {self.limiter.rate_per_s:g} requests a second; "
+                                f"retry in {self.limiter.retry_in_s(caller):.2f} s")
         try:
             return await handler(self, request, context)
         except CoordinatorError as e:
@@ -96,6 +102,12 @@ def _refusal(request: Any, context: grpc.aio.ServicerContext) -> tuple[grpc.Stat
         return (grpc.StatusCode.PERMISSION_DENIED,
                 f"the certificate of {caller!r} cannot act as peer {claimed!r}; a peer acts only as its own id")
     return None
+
+
+def _address(context: grpc.aio.ServicerContext) -> str:
+    """The caller's host, without the port ("ipv4:10.0.0.2:5123" -> "ipv4:10.0.0.2"): a client cannot get a fresh
+    budget by opening a new connection."""
+    return context.peer().rpartition(":")[0] or context.peer()
 
 
 def _caps_to_pb(c: Capabilities) -> pb.Capabilities:
@@ -130,6 +142,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """
         self.core = core
         self.authenticate = authenticate
+        self.limiter = RateLimiter(core.config.rpc_rate_per_s, core.config.rpc_burst, time.monotonic)
         self._members_pb: dict[tuple[int, int, int], list[pb.Member]] = {}
         self._started: dict[tuple[int, int, int], tuple[float, pb.RendezvousReply]] = {}
 

@@ -60,6 +60,9 @@ class TransportConfig:
     """The part of it one sender may hold: one peer claiming far-off attempts cannot take all of it."""
     idle_timeout_s: float = 600.0
     """An incoming connection with no frame for this long is closed (senders redial theirs after half)."""
+    max_connections_per_address: int = 256
+    """Incoming connections one remote address may hold at once; more are closed at accept (peers behind one
+    NAT share an address: each uses connections_per_peer, plus downloads and calls)."""
     connect_timeout_s: float = 5.0
     """Give up connecting to a peer after this long."""
     io_timeout_s: float = 30.0
@@ -72,6 +75,8 @@ class TransportConfig:
     """Mutual TLS with the run's certificates (None: plain TCP, for loopback and trusted networks)."""
 
     def __post_init__(self) -> None:
+        if self.max_connections_per_address < 1:
+            raise ValueError("max_connections_per_address must be >= 1")
         if self.connections_per_peer < 1 or self.chunk_bytes < 1024:
             raise ValueError("connections_per_peer must be >= 1 and chunk_bytes >= 1024")
         if self.chunk_bytes > self.max_frame_bytes:
@@ -102,6 +107,9 @@ class Endpoint:
         self._dialing: dict[str, asyncio.Lock] = {}
         self._pool = BufferPool()
         self._readers: set[asyncio.Task[None]] = set()
+        self._per_address: dict[str, int] = {}
+        """Open incoming connections per remote address."""
+        self._refused_logged: dict[str, float] = {}
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
@@ -242,14 +250,25 @@ class Endpoint:
         assert self._listener is not None
         while True:
             try:
-                conn, _ = await loop.sock_accept(self._listener)
+                conn, remote = await loop.sock_accept(self._listener)
             except OSError as e:  # out of file descriptors (EMFILE), say: keep serving once some are free
                 log.error("data plane: cannot accept a connection (%s); trying again in 0.5 s", e)
                 await asyncio.sleep(0.5)
                 continue
+            host = str(remote[0])
+            if self._per_address.get(host, 0) >= self.config.max_connections_per_address:
+                conn.close()
+                if len(self._refused_logged) > 1024:
+                    self._refused_logged.clear()
+                if loop.time() - self._refused_logged.get(host, -1e9) > 10.0:  # a line per flood, not per socket
+                    self._refused_logged[host] = loop.time()
+                    log.warning("data plane: refusing connections from %s: it holds %d already "
+                                "(max_connections_per_address)", host, self._per_address[host])
+                continue
+            self._per_address[host] = self._per_address.get(host, 0) + 1
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._read_loop(conn))
+            task = loop.create_task(self._read_loop(conn, host))
             self._readers.add(task)
             task.add_done_callback(self._readers.discard)
 
@@ -283,7 +302,7 @@ class Endpoint:
             await self.recv_exactly(conn, memoryview(body))
         return decode_header(bytes(body), self.config.max_frame_bytes)
 
-    async def _read_loop(self, sock: socket.socket) -> None:
+    async def _read_loop(self, sock: socket.socket, host: str) -> None:
         sender = ""
         conn = Link(sock)
         try:
@@ -326,6 +345,8 @@ class Endpoint:
                 self._fail_everywhere(sender, why)
         finally:
             conn.close()
+            if (left := self._per_address.pop(host, 1) - 1) > 0:
+                self._per_address[host] = left
             if sender:
                 self._fail_everywhere(sender, "connection closed")
 
