@@ -415,7 +415,8 @@ class Endpoint:
                         raise ConnectionError(f"its certificate is {link.peer_name!r}'s")
                 await link.send(encode_header(Header(kind="hello", run=self.run_id, sender=self.peer_id)))
         except (OSError, TimeoutError, ConnectionError) as e:
-            sock.close()
+            link.close()
+            sock.close()  # a no-op once TLS owns the descriptor
             raise PeerFailure(peer, f"cannot connect to {address}: {e or 'timed out'}") from None
         return link
 

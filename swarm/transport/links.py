@@ -1,9 +1,9 @@
 """A data-plane connection's byte stream: plain TCP, or TLS over it, behind one small interface.
 
 `Link.send` and `Link.recv_into` are all the endpoint uses, so payloads move the same way on both:
-from a memoryview of the payload out, and into the destination buffer in. TLS runs through
-`ssl.MemoryBIO`s on the event loop's socket calls (the loop's own TLS needs streams, which would
-copy every payload once more). Both sides present certificates of the run's CA (mutual TLS): a
+from a memoryview of the payload out, and into the destination buffer in. TLS runs on a non-blocking
+`ssl.SSLSocket` that the event loop only watches for readiness (the loop's own TLS needs streams,
+and memory BIOs cost two more copies of every payload). Both sides present certificates of the run's CA (mutual TLS): a
 link's `peer_name` is the common name of the other side's certificate, which the endpoint compares
 with the peer id the other side claims.
 """
@@ -11,16 +11,22 @@ with the peer id the other side claims.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import os
 import socket
 import ssl
+import threading
 from dataclasses import dataclass
 
 from swarm.security.files import CA_NAME, cert_path, key_path
 
-_RECV_BYTES = 256 << 10
-"""Bytes read from the socket at a time when TLS needs more."""
-_RECORD_BYTES = 16 << 10
-"""Plaintext written per TLS record (TLS's own maximum)."""
+_WRITE_BYTES = 1 << 20
+"""Plaintext handed to OpenSSL per write (it cuts it into records of 16 KiB)."""
+_THREAD_BYTES = 256 << 10
+"""Reads and writes at least this large run on a worker thread; smaller ones (headers) on the loop."""
+_WANT_READ, _WANT_WRITE = -1, -2
+_CRYPTO = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="tls")
+"""Where large TLS reads and writes run."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -76,12 +82,19 @@ class Link:
 
 
 class TlsLink(Link):
-    """TLS over a connected socket; `await handshake()` before anything else."""
+    """TLS over a connected non-blocking socket; `await handshake()` before anything else.
+
+    OpenSSL reads and writes the socket itself (an `ssl.SSLSocket` in non-blocking mode) and the event loop
+    only says when the socket is ready: a payload is encrypted from its memoryview straight into the kernel
+    and decrypted straight into the destination buffer, with no copy through memory BIOs.
+    """
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_side: bool) -> None:
-        super().__init__(sock)
-        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._in, self._out, server_side=server_side)
+        sock.setblocking(False)
+        tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+        super().__init__(tls)  # the plain socket is detached: the TLS socket owns the descriptor now
+        self._tls = tls
+        self._lock = threading.Lock()  # an SSL object is used by one thread at a time
 
     async def handshake(self) -> None:
         """Run the TLS handshake; `peer_name` is then the other side's certificate name.
@@ -95,42 +108,80 @@ class TlsLink(Link):
                 self._tls.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
-                    raise ConnectionError("connection closed during the TLS handshake") from None
-        await self._flush()
+                await self._ready(write=False)
+            except ssl.SSLWantWriteError:
+                await self._ready(write=True)
+            except ssl.SSLEOFError:
+                raise ConnectionError("connection closed during the TLS handshake") from None
         cert = self._tls.getpeercert() or {}
         names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
         self.peer_name = names[0] if names else ""
 
     async def send(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
+        loop = asyncio.get_running_loop()
         while view:
-            n = self._tls.write(view[:_RECORD_BYTES])
-            view = view[n:]
-            if self._out.pending >= _RECV_BYTES or not view:
-                await self._flush()
+            chunk = view[:_WRITE_BYTES]
+            # Encryption runs on a worker thread for large chunks (OpenSSL releases the GIL), so the links of
+            # one peer encrypt in parallel and the event loop goes on; after a want, OpenSSL needs the same bytes.
+            n = await loop.run_in_executor(_CRYPTO, self._write, chunk) if len(chunk) >= _THREAD_BYTES \
+                else self._write(chunk)
+            if n < 0:
+                await self._ready(write=n == _WANT_WRITE)
+            view = view[max(n, 0):]
 
     async def recv_into(self, view: memoryview) -> int:
+        loop = asyncio.get_running_loop()
         while True:
+            n = await loop.run_in_executor(_CRYPTO, self._read, view) if len(view) >= _THREAD_BYTES \
+                else self._read(view)
+            if n >= 0:
+                return n
+            await self._ready(write=n == _WANT_WRITE)
+
+    def _write(self, chunk: memoryview) -> int:
+        """Bytes of `chunk` written, or _WANT_READ / _WANT_WRITE: what the socket must be ready for first."""
+        with self._lock:
             try:
-                return self._tls.read(len(view), view)
-            except ssl.SSLWantReadError:
-                await self._flush()  # TLS 1.3 may have to answer (key updates) before it can read
-                if not await self._fill():
-                    return 0
-            except ssl.SSLZeroReturnError:
-                return 0
+                return self._tls.send(chunk)
+            except ssl.SSLWantWriteError:
+                return _WANT_WRITE
+            except ssl.SSLWantReadError:  # TLS 1.3 may have to read (key updates) before it can write
+                return _WANT_READ
 
-    async def _flush(self) -> None:
-        if self._out.pending:
-            await asyncio.get_running_loop().sock_sendall(self.sock, self._out.read())
+    def _read(self, view: memoryview) -> int:
+        """Bytes decrypted into `view`: as many records as have arrived (0: closed), or _WANT_READ/_WANT_WRITE
+        when none had."""
+        got = 0
+        with self._lock:
+            while got < len(view):
+                try:
+                    n = self._tls.recv_into(view[got:])
+                except ssl.SSLWantReadError:
+                    return got or _WANT_READ
+                except ssl.SSLWantWriteError:
+                    return got or _WANT_WRITE
+                except ssl.SSLZeroReturnError:
+                    return got
+                if n == 0:
+                    return got
+                got += n
+        return got
 
-    async def _fill(self) -> bool:
-        """Feed the TLS object what the socket has; False once the socket is closed."""
-        chunk = await asyncio.get_running_loop().sock_recv(self.sock, _RECV_BYTES)
-        if not chunk:
-            self._in.write_eof()
-            return False
-        self._in.write(chunk)
-        return True
+    async def _ready(self, write: bool) -> None:
+        """Wait until the socket can be written (or read); the caller's timeout cancels the wait cleanly."""
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        fd = self._tls.fileno()
+        if fd < 0:
+            raise ConnectionError("connection closed")
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        (loop.add_writer if write else loop.add_reader)(fd, wake)
+        try:
+            await ready
+        finally:
+            (loop.remove_writer if write else loop.remove_reader)(fd)
