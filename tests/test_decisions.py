@@ -890,6 +890,29 @@ def test_a_tie_nobody_breaks_excludes_both_at_the_attempt_deadline() -> None:
     assert (rnd.attempt, rnd.members) == (2, ("c",))
 
 
+def test_one_members_word_against_a_live_peer_costs_the_accuser_its_place_too() -> None:
+    """Issue 18: a lone accuser of a member that committed is excluded with it; the others go on."""
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c", "d"])
+    sim.commit(1.0, "b", 0, 1, H1)
+    sim.commit(1.0, "c", 0, 1, H1)
+    sim.report(1.5, "a", 0, 1, "b")  # b delivered to c and d; a says otherwise
+    d = sim.commit(1.6, "d", 0, 1, H1)
+    rnd = sim.round(0)
+    assert (rnd.attempt, rnd.members) == (2, ("c", "d")), d.reason
+    assert "lone accuser a" in d.reason
+
+
+def test_a_lone_report_against_a_silent_peer_excludes_only_the_silent_one() -> None:
+    """The other side of the rule: a dead peer cannot speak, and its one accuser stays."""
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c"])
+    sim.commit(1.0, "c", 0, 1, H1)
+    sim.report(1.5, "a", 0, 1, "b")
+    sim.tick(1.5 + CFG.report_window_s)
+    assert sim.round(0).members == ("a", "c")
+
+
 def test_the_same_report_twice_changes_nothing() -> None:
     sim = Sim()
     sim.start(0.0, ["a", "b", "c"])

@@ -151,7 +151,8 @@ def _verdict(rnd: Round, now: float, config: CoordinatorConfig) -> tuple[frozens
     """Who the failure reports exclude, or None while the verdict should wait.
 
     A member speaks by reporting or committing. The most-accused members are
-    excluded, so two peers blaming a stalled third exclude it, not each other.
+    excluded, so two peers blaming a stalled third exclude it, not each other; a
+    member accused by one member only, but alive (it spoke), goes with its accuser.
     A clear verdict comes once every member but the accused spoke, or when the
     report window closes; a tie waits for every member, up to the attempt
     deadline, then excludes all tied members.
@@ -171,7 +172,14 @@ def _verdict(rnd: Round, now: float, config: CoordinatorConfig) -> tuple[frozens
         return None
     details = "; ".join(f"{r} reports {s}: {why}" for r, s, why in rnd.accusations[:6])
     names = ", ".join(sorted(excluded))
-    return excluded, f"failed: excluded {names} ({top} report{'s' if top > 1 else ''}): {details}"
+    why = f"failed: excluded {names} ({top} report{'s' if top > 1 else ''}): {details}"
+    # One member's word against a member that is alive (it committed or reported) proves nothing about
+    # which of the two failed (with gathered payloads, a commit does not prove delivery either): the
+    # accuser goes too, so a liar cannot remove an honest peer without losing its own place.
+    lone = frozenset(r for r, s, _ in rnd.accusations if s in excluded and s in spoke) if top == 1 else frozenset()
+    if lone - excluded:
+        why += f"; with its lone accuser {', '.join(sorted(lone - excluded))}, as {names} is alive"
+    return excluded | lone, why
 
 
 def settle_rounds(
