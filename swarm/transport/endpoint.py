@@ -268,7 +268,7 @@ class Endpoint:
             self._per_address[host] = self._per_address.get(host, 0) + 1
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._read_loop(conn, host))
+            task = loop.create_task(self._read_loop(conn, host, f"{host}:{remote[1]}"))
             self._readers.add(task)
             task.add_done_callback(self._readers.discard)
 
@@ -302,14 +302,16 @@ class Endpoint:
             await self.recv_exactly(conn, memoryview(body))
         return decode_header(bytes(body), self.config.max_frame_bytes)
 
-    async def _read_loop(self, sock: socket.socket, host: str) -> None:
-        sender = ""
+    async def _read_loop(self, sock: socket.socket, host: str, where: str) -> None:
+        sender = ""  # the member whose attempts a broken connection fails ("": none)
+        named = ""  # who the connection says it is, for the log
         conn = Link(sock)
         try:
             async with asyncio.timeout(self.config.io_timeout_s):  # say hello promptly or be dropped
                 if self._tls is not None:
                     conn = TlsLink(sock, self._tls[0], server_side=True)
                     await conn.handshake()
+                    named = conn.peer_name or ""
                 hello = await self.read_header(conn)
             if hello is None:
                 return
@@ -319,7 +321,7 @@ class Endpoint:
                 raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
             if conn.peer_name is not None and conn.peer_name != hello.sender:
                 raise FrameError(f"the certificate of {conn.peer_name!r} claims to be {hello.sender!r}")
-            sender = hello.sender
+            sender = named = hello.sender
             first = await self.read_header(conn, self.config.idle_timeout_s)
             if first is not None and first.kind == "state_req":
                 sender = ""  # a state download is not a member of any attempt: its end fails nothing
@@ -340,7 +342,7 @@ class Endpoint:
             sender = ""  # idle between frames: it owes nothing, so nothing fails
         except (FrameError, ConnectionError, OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
-            log.warning("data plane: dropping connection from %s: %s", sender or "unknown peer", why)
+            log.warning("data plane: dropping connection from %s at %s: %s", named or "an unnamed peer", where, why)
             if sender:
                 self._fail_everywhere(sender, why)
         finally:

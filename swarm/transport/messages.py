@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("swarm.transport")
 MAX_META_BYTES = 1 << 20
 """Largest description accepted."""
+_UNPACK_LIMITS = {"max_array_len": 1 << 16, "max_map_len": 1024, "max_str_len": 1 << 16, "max_bin_len": 1 << 20,
+                  "max_ext_len": 0}
+"""A description is a few scalars and one spec per array (a state has one per tensor): larger containers are
+refused while unpacking. What one description unpacks to is freed as soon as its message is answered."""
+_MAX_DIMS = 32
 _DTYPES = frozenset({"float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool"})
 """Array dtypes a message may carry (never object arrays)."""
 _IDLE_CALLS_PER_PEER = 8
@@ -88,7 +94,7 @@ async def read_message(ep: Endpoint, sock: Link, peer: str, kind: str, limit: in
     if head.part != 0:
         raise FrameError(f"a {kind} message must start with its description")
     try:
-        meta = msgpack.unpackb(bytes(head.payload), raw=False)
+        meta = msgpack.unpackb(bytes(head.payload), raw=False, **_UNPACK_LIMITS)
     except Exception as e:  # noqa: BLE001 - msgpack raises many unrelated types for garbage
         raise FrameError(f"malformed {kind} description: {e}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("arrays", []), list):
@@ -97,9 +103,9 @@ async def read_message(ep: Endpoint, sock: Link, peer: str, kind: str, limit: in
     for spec in meta.pop("arrays", []):
         if (not isinstance(spec, list) or len(spec) != 3 or not isinstance(spec[0], str)
                 or spec[1] not in _DTYPES or not isinstance(spec[2], list)
-                or any(not isinstance(d, int) or d < 0 for d in spec[2])):
+                or len(spec[2]) > _MAX_DIMS or any(not isinstance(d, int) or d < 0 for d in spec[2])):
             raise FrameError(f"bad array description in a {kind} message: {str(spec)[:80]}")
-        nbytes = int(np.prod(spec[2], dtype=np.int64)) * np.dtype(spec[1]).itemsize
+        nbytes = math.prod(spec[2]) * np.dtype(spec[1]).itemsize  # Python ints: no wrap-around
         if nbytes > limit:
             raise FrameError(f"{kind} message of more than {limit} bytes")
         arrays[spec[0]] = np.empty(spec[2], dtype=np.dtype(spec[1]))
@@ -193,6 +199,7 @@ async def serve_calls(ep: Endpoint, conn: Link, asker: str, first: Header) -> No
                 log.warning("data plane: call from %s failed: %s: %s", asker, type(e).__name__, e)
                 reply = ({"error": f"{type(e).__name__}: {e}"}, {})
         await send_message(ep, conn, "reply", *reply)
+        del meta, arrays, reply  # nothing of one call is held while the connection waits for the next
         h = await ep.read_header(conn, ep.config.idle_timeout_s)  # the caller redials a closed one
 
 async def call(ep: Endpoint, peer: str, address: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
