@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp
 
-.PHONY: setup local test protos clean
+.PHONY: setup local test lab-deps protos clean
 
 setup: $(STAMP)
 
@@ -27,8 +27,23 @@ $(STAMP): pyproject.toml
 local: setup
 	$(BIN)/swarm local --peers 4 --steps 200 --inner-steps 20 --out runs/local
 
-test: setup
+test: setup lab-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The WAN lab (scripts/wanlab.py, tests/test_wanlab.py) needs ip and tc (iproute2) and, for its NAT
+# routers, nft (nftables). Installed when root with apt-get; otherwise says what to run (its tests skip).
+lab-deps:
+	@PATH="$$PATH:/usr/sbin:/sbin"; pkgs=""; \
+	{ command -v ip && command -v tc; } >/dev/null || pkgs="iproute2"; \
+	command -v nft >/dev/null || pkgs="$$pkgs nftables"; \
+	[ -z "$$pkgs" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y --no-install-recommends $$pkgs || { apt-get update && apt-get install -y --no-install-recommends $$pkgs; } \
+		|| echo "lab-deps: could not install $$pkgs; the WAN lab tests will skip"; \
+	else \
+		echo "lab-deps: missing $$pkgs; the WAN lab tests will skip. To run them: sudo apt-get install -y $$pkgs"; \
+	fi
 
 # Regenerate swarm/proto/ from protos/ (needs grpcio-tools from the dev extra).
 protos: setup
