@@ -21,9 +21,18 @@ peer's call) to each reply received (`*_release_*`; `*_release_spread_ms` is
 the last reply). Clients and coordinator share the machine's cores, and so does
 anything else running there: `cores_used_during_run` says how many each used.
 
+`--tls` measures every N in both arms in one invocation, plaintext and mutual TLS (`--repeat K` times,
+alternating which goes first), and reports the runs of both arms and `tls_vs_plain` (p50/p99 of each latency
+in both arms, medians over the repeats, and their ratio TLS / plain). The TLS arm makes a run
+CA and one P-256 certificate per peer, serves the coordinator with `--tls-dir`, and each simulated peer
+dials its own channel showing its own certificate (the coordinator lets a call act only as the peer its
+certificate names). So that the arms differ only in TLS, both give every peer a channel of its own
+(`--channel-per-peer`); connections are set up before the clock starts (`connect_s` says how long that took).
+
 Usage:
     .venv/bin/python scripts/bench_coordinator.py --peers 1000 --json
     .venv/bin/python scripts/bench_coordinator.py --sweep 100,1000,2000,4000 --json
+    .venv/bin/python scripts/bench_coordinator.py --peers 200 --tls --repeat 5 --json
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import random
 import select
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,16 +58,19 @@ import threading
 import time
 from array import array
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
 
+from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.errors import PROTOCOL_VERSION
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
+from swarm.security import COORDINATOR, init_ca, issue, load_identity
+from swarm.security.tls import CHANNEL_OPTIONS, channel_credentials
 from swarm.utils import dies_with_parent, run_async
 
 P99_LIMIT_MS = 50.0
@@ -70,6 +83,10 @@ CRITERION = (
 )
 _MAX_ERRORS_KEPT = 5
 _STOP_GRACE_S = 10.0
+_RATE_LIMIT_OFF = {"rpc_rate_per_s": 1_000_000, "rpc_burst": 1_000_000, "probe_timeout_s": 0}
+"""The coordinator's per-peer RPC rate limit, where it has one, is set this high: the bench measures latency,
+and must not throttle itself (a peer here sends a few calls a second). Its reachability probe is off: the
+simulated peers serve no data plane."""
 
 
 # ---------------------------------------------------------------- configuration
@@ -90,6 +107,11 @@ class BenchConfig:
     """Worker processes the peers are spread over."""
     channels_per_proc: int = 4
     """gRPC channels (TCP connections) per worker process, shared by its peers."""
+    channel_per_peer: bool = False
+    """Give every peer a channel (TCP connection) of its own instead; always so with `tls`."""
+    tls: bool = False
+    """Serve over mutual TLS: a run CA and a certificate per peer are made for the run, and each peer's
+    channel shows its own certificate."""
     rounds: int = 3
     """Rendezvous + commit rounds during the run."""
     duration_s: float = 10.0
@@ -131,6 +153,8 @@ class BenchConfig:
     round: every STARTED reply lists all N members (~60 bytes each), so a round sends ~60 * N^2 bytes."""
 
     def __post_init__(self) -> None:
+        if self.tls:
+            self.channel_per_peer = True  # a channel shows one certificate, and a peer may act only as its own
         if self.peers < 1:
             raise ValueError("--peers must be at least 1")
         if self.procs < 1 or self.channels_per_proc < 1:
@@ -165,6 +189,8 @@ class _WorkerSpec:
     run_id: str
     peer_ids: list[str]
     config: BenchConfig
+    tls_dir: str | None = None
+    """The run's keys (ca.crt and one pair per peer id) when the coordinator serves over mutual TLS."""
 
 
 @dataclass(slots=True)
@@ -388,19 +414,38 @@ async def _leave_all(peers: list[_Peer], cfg: BenchConfig, errors: _Errors) -> i
     return sum(await asyncio.gather(*(leave(p) for p in peers)))
 
 
-async def _worker(conn: mpc.Connection, spec: _WorkerSpec) -> None:
-    cfg = spec.config
+def _open_channels(spec: _WorkerSpec) -> tuple[list[grpc.aio.Channel], list[pb_grpc.CoordinatorStub]]:
+    """The worker's channels, and each of its peers' stub: on a few channels shared round-robin, or on one
+    channel per peer, which over TLS shows that peer's own certificate."""
     options = [
         ("grpc.max_receive_message_length", 256 << 20),
         # Without a local pool, channels with equal arguments share one TCP connection.
         ("grpc.use_local_subchannel_pool", 1),
     ]
-    channels = [grpc.aio.insecure_channel(spec.target, options=options) for _ in range(cfg.channels_per_proc)]
+
+    def dial(peer_id: str) -> grpc.aio.Channel:
+        if spec.tls_dir is None:
+            return grpc.aio.insecure_channel(spec.target, options=options)
+        identity = load_identity(spec.tls_dir, peer_id, run_id=spec.run_id)
+        return grpc.aio.secure_channel(spec.target, channel_credentials(identity),
+                                       options=options + list(CHANNEL_OPTIONS))
+
+    if spec.config.channel_per_peer:
+        channels = [dial(pid) for pid in spec.peer_ids]
+        return channels, [pb_grpc.CoordinatorStub(c) for c in channels]
+    channels = [dial("") for _ in range(spec.config.channels_per_proc)]
+    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
+    return channels, [stubs[i % len(stubs)] for i in range(len(spec.peer_ids))]
+
+
+async def _worker(conn: mpc.Connection, spec: _WorkerSpec) -> None:
+    cfg = spec.config
+    channels, stubs = _open_channels(spec)
     try:
-        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), 15.0)
-        stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
-        peers = [_Peer(pid, stubs[i % len(stubs)], spec.run_id) for i, pid in enumerate(spec.peer_ids)]
-        conn.send(_Report(spec.index, "ready"))
+        start = time.monotonic()  # connections (and TLS handshakes) are made here, before any clock starts
+        await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), 15.0 + 0.05 * len(channels))
+        peers = [_Peer(pid, stub, spec.run_id) for pid, stub in zip(spec.peer_ids, stubs, strict=True)]
+        conn.send(_Report(spec.index, "ready", start=start, end=time.monotonic()))
 
         await _wait_message(conn, 60.0)  # "join now"
         errors = _Errors()
@@ -532,7 +577,7 @@ class _BenchFailure(Exception):
 class _Coordinator:
     """A `swarm coordinator` child process on a free port, stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, cfg: BenchConfig, run_id: str, workdir: Path) -> None:
+    def __init__(self, cfg: BenchConfig, run_id: str, workdir: Path, tls_dir: Path | None = None) -> None:
         argv = [sys.executable]
         if cfg.profile:
             argv += ["-m", "cProfile", "-o", str(Path(cfg.profile).resolve())]
@@ -543,6 +588,10 @@ class _Coordinator:
             argv += ["--db", str(workdir / "coordinator.db")]
         if cfg.config:
             argv += ["--config", str(Path(cfg.config).resolve())]
+        if tls_dir is not None:
+            argv += ["--tls-dir", str(tls_dir.resolve())]
+        for name, value in _rate_limit_off().items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
         self.stderr_path = workdir / "coordinator.stderr"
         self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop(); a file, not a pipe: a full pipe would stall the coordinator
         self.proc = subprocess.Popen(
@@ -595,6 +644,22 @@ class _Coordinator:
                 self.proc.wait(5.0)
         self._stderr.close()
         return self.proc.returncode
+
+
+def _rate_limit_off() -> dict[str, int]:
+    """The rate-limit fields this coordinator has (none before it had a limit), set out of the bench's way."""
+    known = {f.name for f in fields(CoordinatorConfig)}
+    return {k: v for k, v in _RATE_LIMIT_OFF.items() if k in known}
+
+
+def _make_keys(folder: Path, run_id: str, peer_ids: list[str]) -> float:
+    """A run CA, the coordinator's certificate and one per peer in `folder`, as `swarm keys` makes them;
+    returns the seconds it took."""
+    start = time.monotonic()
+    init_ca(folder, run_id)
+    for name in (COORDINATOR, *peer_ids):
+        issue(folder, name)
+    return time.monotonic() - start
 
 
 # ------------------------------------------------------------------ statistics
@@ -678,8 +743,12 @@ def _stop_workers(conns: dict[int, mpc.Connection], procs: list[mp.Process]) -> 
 def run_one(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark once; returns the JSON-able result (with `failure` set if a phase failed)."""
     run_id = "bench"
-    result: dict[str, Any] = {"peers": cfg.peers, "procs": cfg.procs, "rounds": cfg.rounds,
-                              "arrival_spread_s": cfg.arrival_spread_s, "db": cfg.db}
+    result: dict[str, Any] = {
+        "peers": cfg.peers, "procs": cfg.procs, "rounds": cfg.rounds, "arrival_spread_s": cfg.arrival_spread_s,
+        "db": cfg.db, "tls": cfg.tls,
+        "channels": "one per peer" if cfg.channel_per_peer else f"{cfg.channels_per_proc} per worker process",
+        "rate_limit": _rate_limit_off() or "none (this coordinator has no per-peer rate limit)",
+    }
     all_errors = _Errors()
     ctx = mp.get_context("spawn")
     procs: list[mp.Process] = []
@@ -688,23 +757,28 @@ def run_one(cfg: BenchConfig) -> dict[str, Any]:
     monitor: _Monitor | None = None
     with tempfile.TemporaryDirectory(prefix="bench-coordinator-") as tmp:
         try:
-            coordinator = _Coordinator(cfg, run_id, Path(tmp))
+            ids = [f"p{i:05d}" for i in range(cfg.peers)]
+            tls_dir = Path(tmp) / "keys" if cfg.tls else None
+            if tls_dir is not None:
+                result["tls_keys_s"] = round(_make_keys(tls_dir, run_id, ids), 3)
+            coordinator = _Coordinator(cfg, run_id, Path(tmp), tls_dir)
             target = coordinator.wait_listening()
             monitor = _Monitor(coordinator.proc.pid, int(cfg.max_coordinator_rss_gb * 2**30))
             monitor.start()
             started_at = time.monotonic()
 
-            ids = [f"p{i:05d}" for i in range(cfg.peers)]
             for w in range(min(cfg.procs, cfg.peers)):
                 parent, child = ctx.Pipe()
-                spec = _WorkerSpec(index=w, target=target, run_id=run_id, peer_ids=ids[w :: cfg.procs], config=cfg)
+                spec = _WorkerSpec(index=w, target=target, run_id=run_id, peer_ids=ids[w :: cfg.procs], config=cfg,
+                                   tls_dir=None if tls_dir is None else str(tls_dir))
                 proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True, name=f"bench-worker-{w}")
                 proc.start()
                 child.close()
                 procs.append(proc)
                 conns[w] = parent
 
-            _collect(conns, procs, "ready", 60.0)
+            ready = _collect(conns, procs, "ready", 60.0)
+            result["connect_s"] = round(max(r.end for r in ready) - min(r.start for r in ready), 3)
             for c in conns.values():
                 c.send("join")
             joined = _collect(conns, procs, "joined", cfg.join_timeout_s)
@@ -842,6 +916,56 @@ def _summary(r: dict[str, Any]) -> str:
     )
 
 
+_COMPARED = (*(f"{name}_p{p}_ms" for name in ("heartbeat", "rendezvous_release", "commit_release", "rendezvous",
+                                               "commit") for p in (50, 99)),
+             "connect_s", "join_s", "coordinator_cpu_s", "clients_cpu_s")
+"""What `tls_vs_plain` compares. rendezvous_* and commit_* (whole calls) are mostly waiting at the barrier;
+the *_release_* figures are the coordinator's part."""
+
+
+def run_tls_pair(cfg: BenchConfig, repeat: int = 1) -> dict[str, Any]:
+    """Run `cfg` in plaintext and over mutual TLS, every peer on a channel of its own in both arms, `repeat`
+    times in the order plain, tls, tls, plain, plain, ... (a slow spell of a shared machine then hits both arms
+    alike). Returns the runs of each arm and `tls_vs_plain`: for each figure of `_COMPARED` its median over
+    the repeats in both arms, the ratio of the medians (TLS / plain) and the ratio of each repeat."""
+    arms: dict[str, list[dict[str, Any]]] = {"plain": [], "tls": []}
+    for i in range(repeat):
+        for arm in ("plain", "tls") if i % 2 == 0 else ("tls", "plain"):
+            suffix = f".{arm}.{i}" if repeat > 1 else f".{arm}"
+            arms[arm].append(run_one(replace(
+                cfg, tls=arm == "tls", channel_per_peer=True, profile=cfg.profile and cfg.profile + suffix,
+                coordinator_log=cfg.coordinator_log and cfg.coordinator_log + suffix)))
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(b / a, 2) if a and b is not None else None
+
+    versus = {}
+    for key in _COMPARED:
+        per_arm = [[r[key] for r in arms[arm] if r.get(key) is not None] for arm in ("plain", "tls")]
+        a, b = (round(statistics.median(v), 3) if v else None for v in per_arm)
+        versus[key] = {"plain": a, "tls": b, "ratio": ratio(a, b),
+                       "ratio_per_repeat": [ratio(x.get(key), y.get(key)) for x, y in zip(*arms.values(), strict=True)]}
+    first = arms["plain"][0]
+    out: dict[str, Any] = {
+        "peers": cfg.peers,
+        "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)
+                      if f.name not in ("tls", "channel_per_peer", "channels_per_proc")},
+                   "repeat": repeat, "order": "plain, tls, tls, plain, ... (a fresh coordinator and workers each run)",
+                   "channels": first["channels"], "rate_limit": first["rate_limit"]},
+        "tls_vs_plain": versus, **arms, "passes": all(r["passes"] for runs in arms.values() for r in runs),
+    }
+    failed = [f"{arm} {i}: {r['failure']}" for arm, runs in arms.items() for i, r in enumerate(runs) if "failure" in r]
+    if failed:
+        out["failure"] = "; ".join(failed)
+    return out
+
+
+def _pair_summary(r: dict[str, Any]) -> str:
+    runs = [f"{arm + ':':6} {_summary(x)}" for arm in ("plain", "tls") for x in r[arm]]
+    ratios = ", ".join(f"{k} {v['ratio']}" for k, v in r["tls_vs_plain"].items())
+    return "\n".join([*runs, f"TLS / plain (medians): {ratios}"])
+
+
 # -------------------------------------------------------------------------- cli
 
 
@@ -863,6 +987,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=flag_type, default=getattr(defaults, name),
                        help=f"{_FIELD_HELP[name]} (default: %(default)s)")
     p.add_argument("--db", action="store_true", help="run the coordinator on a SQLite file (default: in memory)")
+    p.add_argument("--channel-per-peer", action="store_true",
+                   help="give every peer a channel (TCP connection) of its own (default: --channels-per-proc shared)")
+    p.add_argument("--tls", action="store_true",
+                   help="measure each N in two arms, plaintext and mutual TLS (a certificate per peer, a channel per "
+                        "peer in both arms), and report the ratios TLS / plain")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with --tls: run the pair this many times, alternating which arm goes first, and compare "
+                        "the medians (default: %(default)s)")
     return p
 
 
@@ -892,10 +1024,12 @@ _FIELD_HELP = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.repeat < 1 or (args.repeat > 1 and not args.tls):
+            raise ValueError("--repeat must be at least 1, and is for --tls")
         counts = [args.peers] if args.peers is not None else [int(x) for x in args.sweep.split(",") if x.strip()]
         kwargs = {k: getattr(args, k) for k in _FIELD_HELP}
         configs = [
-            BenchConfig(peers=n, db=args.db, **{
+            BenchConfig(peers=n, db=args.db, channel_per_peer=args.channel_per_peer, **{
                 **kwargs,
                 "profile": f"{args.profile}.{n}" if args.profile and args.sweep else args.profile,
                 "coordinator_log": (
@@ -915,10 +1049,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for cfg in configs:
-            r = run_one(cfg)
+            r = run_tls_pair(cfg, args.repeat) if args.tls else run_one(cfg)
             results.append(r)
             if not args.json:
-                print(_summary(r), flush=True)
+                print((_pair_summary if args.tls else _summary)(r), flush=True)
             if args.sweep and not r["passes"] and not args.keep_going:
                 break
     except KeyboardInterrupt:
