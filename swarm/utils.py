@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -99,3 +100,15 @@ def check_device(name: str, flag: str = "--device") -> None:
                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"{flag} {name}: MPS is not available on this machine; use {flag} cpu")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` is reachable from this machine only: 127.0.0.0/8, ::1 or localhost.
+    Any other name or address (0.0.0.0, ::, a hostname, a LAN address) counts as exposed."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -23,7 +23,8 @@ from swarm.coordinator.server import RunningServer, preflight
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.security import COORDINATOR, ExpiredCredential, MissingCredential, init_ca, issue
-from swarm.security.tls import CHANNEL_OPTIONS, is_loopback
+from swarm.security.tls import CHANNEL_OPTIONS
+from swarm.utils import is_loopback
 from tests.conftest import FAST_CONFIG, StartCoordinator
 
 RUN = FAST_CONFIG["run_id"]

@@ -29,6 +29,7 @@ from swarm.coordinator.decisions import (
     ReportFailure,
     Tick,
     decide,
+    dialable_address,
     recover,
 )
 from swarm.coordinator.errors import (
@@ -1021,3 +1022,43 @@ def test_a_stage_outside_the_run_is_refused_and_changes_nothing() -> None:
     with pytest.raises(InvalidRequest, match=r"stages 0\.\.2"):
         decide(state, 0.0, Join(RUN, "p", PROTOCOL_VERSION, "h:9000", Capabilities(), 3, "i"), cfg)
     assert not state.members
+
+
+# ------------------------------------------------------------- reachability (issue 19)
+
+
+@pytest.mark.parametrize(("address", "observed", "dialable"), [
+    ("10.0.0.5:7000", "10.0.0.5", "10.0.0.5:7000"),  # as said
+    ("203.0.113.9:7000", "10.0.0.5", "203.0.113.9:7000"),  # a public address said by a peer behind NAT
+    (":7000", "198.51.100.4", "198.51.100.4:7000"),  # "the host you see me at"
+    ("0.0.0.0:7000", "198.51.100.4", "198.51.100.4:7000"),
+    ("[::]:7000", "2001:db8::1", "[2001:db8::1]:7000"),
+    ("127.0.0.1:7000", "127.0.0.1", "127.0.0.1:7000"),  # both on the coordinator's host
+    ("0.0.0.0:7000", "127.0.0.1", "127.0.0.1:7000"),
+    ("127.0.0.1:7000", "", "127.0.0.1:7000"),  # the caller's host unknown: taken as said
+])
+def test_a_peer_is_given_out_at_an_address_others_can_dial(address: str, observed: str, dialable: str) -> None:
+    assert dialable_address("p", address, observed) == dialable
+
+
+@pytest.mark.parametrize(("address", "observed", "says"), [
+    ("127.0.0.1:7000", "10.0.0.5", "advertises the loopback address"),
+    ("localhost:7000", "10.0.0.5", "advertises the loopback address"),
+    ("[::1]:7000", "2001:db8::1", "advertises the loopback address"),
+    (":7000", "", "cannot tell where it calls from"),
+])
+def test_an_address_nobody_else_could_dial_is_refused(address: str, observed: str, says: str) -> None:
+    with pytest.raises(InvalidRequest, match=says):
+        dialable_address("p", address, observed)
+
+
+def test_a_join_records_the_dialable_address_and_whether_it_is_reachable() -> None:
+    store = MemoryStore("r")
+    cfg = CoordinatorConfig(run_id="r")
+    store.commit(decide(store.state, 0.0, Join("r", "a", PROTOCOL_VERSION, "0.0.0.0:7000", Capabilities(), 0, "i",
+                                               observed="192.0.2.7", reachable=False), cfg))
+    member = store.state.members["a"]
+    assert (member.address, member.reachable) == ("192.0.2.7:7000", False)
+    with pytest.raises(InvalidRequest):
+        decide(store.state, 1.0, Join("r", "b", PROTOCOL_VERSION, "127.0.0.1:7001", Capabilities(), 0, "j",
+                                      observed="192.0.2.8"), cfg)

@@ -434,3 +434,21 @@ async def test_a_peer_flooding_the_coordinator_is_throttled_alone_and_changes_no
     started = time.monotonic()
     await flooder.heartbeat()
     assert time.monotonic() - started < 5.0
+
+
+# ------------------------------------------------------------- reachability (issue 19)
+
+
+async def test_join_probes_the_data_plane_and_says_whether_others_can_dial_it(
+        server_factory: Callable, make_client: Callable) -> None:
+    srv = await server_factory(probe_timeout_s=1.0)
+    listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    async with listener:
+        listening = await make_client(srv, "listening").join(f"0.0.0.0:{port}")
+        assert (listening.address, listening.reachable) == (f"127.0.0.1:{port}", True)
+    closed = await make_client(srv, "closed").join(f"127.0.0.1:{port}")  # nothing listens there any more
+    assert not closed.reachable
+    status = await make_client(srv, "observer").status()
+    unreachable = {m.member.peer_id: m.member.unreachable for m in status.members}
+    assert unreachable == {"listening": False, "closed": True}

@@ -49,7 +49,9 @@ def render(status: pb.StatusReply, max_events: int = 12) -> Group:
         members.add_column(col, justify="right" if col not in ("peer", "address") else "left")
     for m in status.members:
         members.add_row(
-            m.member.peer_id, str(m.stage), m.member.address, f"{m.lease_expires_in_s:.1f}s",
+            m.member.peer_id, str(m.stage),
+            m.member.address + (" (unreachable: dials out)" if m.member.unreachable else ""),
+            f"{m.lease_expires_in_s:.1f}s",
             str(m.progress.step), f"{m.progress.loss:.4f}", f"{m.progress.tokens_per_s:.0f}",
         )
     rounds = Table(title="rounds", title_justify="left")

@@ -185,15 +185,19 @@ class CoordinatorClient:
     def _ids(self) -> dict[str, str]:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
 
-    async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int | None = 0) -> pb.JoinReply:
+    async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int | None = 0,
+                   no_inbound: bool = False) -> pb.JoinReply:
         """Join the run (again, after a lease expiry, with the same incarnation).
 
         Args:
+            address: the data plane's host:port; an empty or unspecified host lets the coordinator fill in the
+                address it sees this call come from.
             stage: the pipeline stage to serve; None lets the coordinator choose (the reply says which).
+            no_inbound: this peer accepts no inbound connection (it dials the others).
         """
         request = pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION, address=address, capabilities=capabilities, stage=stage or 0,
-            any_stage=stage is None, **self._ids()
+            any_stage=stage is None, no_inbound=no_inbound, **self._ids()
         )
         return await self._call("Join", request)
 

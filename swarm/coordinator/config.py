@@ -12,7 +12,7 @@ from typing import Any
 from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port"})
+_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,6 +40,9 @@ class CoordinatorConfig:
     """Longest a Rendezvous or CommitRound call is held before answering WAITING."""
     max_message_bytes: int = 1 << 20
     """Largest request accepted; larger ones get RESOURCE_EXHAUSTED."""
+    probe_timeout_s: float = 2.0
+    """On Join, the coordinator tries to connect to the peer's data-plane address for this long: a peer it cannot
+    reach (behind NAT) is marked unreachable and dials the others instead (0: do not probe, all reachable)."""
     rpc_rate_per_s: float = 50.0
     """Requests one peer (or, for requests naming no peer, one address) may make per second, sustained;
     past its budget a request gets RESOURCE_EXHAUSTED ("rate limit ...") and changes nothing. An honest
@@ -94,6 +97,8 @@ class CoordinatorConfig:
                 f"coordinator.heartbeat_interval_s ({self.heartbeat_interval_s}) must be at most half of "
                 f"coordinator.lease_s ({self.lease_s}) or one late heartbeat drops a healthy peer"
             )
+        if not (isinstance(self.probe_timeout_s, int | float) and 0 <= self.probe_timeout_s <= 60):
+            raise ValueError(f"coordinator.probe_timeout_s must be 0..60 seconds, got {self.probe_timeout_s!r}")
         if self.rpc_burst < 1:
             raise ValueError(f"coordinator.rpc_burst must be at least 1, got {self.rpc_burst!r}")
         if self.max_message_bytes < 4096:

@@ -31,6 +31,7 @@ from swarm.coordinator.errors import (
 from swarm.coordinator.placement import thinnest_stage
 from swarm.coordinator.rounds import next_round, round_reasons, settle_rounds
 from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState
+from swarm.utils import is_loopback
 
 _PEER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _HASH = re.compile(r"^[0-9a-f]{8,128}$")
@@ -53,6 +54,10 @@ class Join:
     incarnation: str
     any_stage: bool = False
     """Let the coordinator choose the stage (the thinnest); `stage` is then ignored."""
+    observed: str = ""
+    """The host the coordinator saw this request come from ("": unknown)."""
+    reachable: bool = True
+    """Whether others can dial `address` (the coordinator's probe); False: the peer dials out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +171,33 @@ def _check_stage(stage: int) -> None:
 
 
 def _check_address(address: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidRequest(f"address {address!r} must be host:port with a port in 1..65535")
+    _, sep, port = address.rpartition(":")
+    if not sep or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidRequest(f"address {address!r} must be host:port (or :port) with a port in 1..65535")
+
+
+def dialable_address(peer_id: str, address: str, observed: str) -> str:
+    """The data-plane address others are given for a peer that says `address` and calls from host `observed`.
+
+    An empty or unspecified host (":7000", "0.0.0.0:7000") means "the host you see me at". A loopback host is
+    refused from a peer that is not on the coordinator's host: nobody else could dial it.
+
+    Raises:
+        InvalidRequest: the address cannot be made dialable.
+    """
+    host, _, port = address.rpartition(":")
+    bare = host.strip("[]")
+    if bare in ("", "0.0.0.0", "::"):
+        if not observed:
+            raise InvalidRequest(f"peer {peer_id!r} left its data-plane host to the coordinator ({address!r}), which "
+                                 f"cannot tell where it calls from; give --advertise HOST")
+        return f"[{observed}]:{port}" if ":" in observed else f"{observed}:{port}"
+    if is_loopback(bare) and observed and not is_loopback(observed):
+        raise InvalidRequest(
+            f"peer {peer_id!r} advertises the loopback address {address} but calls from {observed}: no other host "
+            f"could dial it; listen on a reachable address (--data-host 0.0.0.0, and others dial the address the "
+            f"coordinator sees) or say where others dial with --advertise HOST[:PORT]")
+    return address
 
 
 def _live_member(state: RunState, now: float, peer_id: str, incarnation: str) -> Member:
@@ -272,6 +301,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
         raise InvalidRequest(f"peer_id {ev.peer_id!r} must match [A-Za-z0-9._-]{{1,128}}")
     _check_text("incarnation", ev.incarnation, 64)
     _check_address(ev.address)
+    ev = replace(ev, address=dialable_address(ev.peer_id, ev.address, ev.observed))
     _check_stage(ev.stage)
     existing = state.members.get(ev.peer_id)
     if ev.any_stage:
@@ -293,7 +323,8 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
                 raise InvalidRequest(
                     f"peer {ev.peer_id!r} serves stage {existing.stage}; Leave before joining stage {ev.stage}"
                 )
-            member = replace(existing, address=ev.address, capabilities=caps, lease_expires_at=now + config.lease_s)
+            member = replace(existing, address=ev.address, capabilities=caps, lease_expires_at=now + config.lease_s,
+                             reachable=ev.reachable)
             return Decision(reason=f"{ev.peer_id} re-joined stage {ev.stage} from {ev.address}", put_members=(member,))
         if existing.lease_expires_at > now:
             left = existing.lease_expires_at - now
@@ -312,6 +343,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
         joined_at=now,
         lease_expires_at=now + config.lease_s,
         movable=ev.any_stage,
+        reachable=ev.reachable,
     )
     return before.then(Decision(reason=f"{ev.peer_id} joined stage {ev.stage} from {ev.address}", put_members=(member,)))
 

@@ -18,7 +18,8 @@ from swarm.coordinator.store import Store
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.security import COORDINATOR, CredentialError, Identity, load_identity
 from swarm.security.issuer import Issuer
-from swarm.security.tls import is_loopback, server_credentials
+from swarm.security.tls import server_credentials
+from swarm.utils import is_loopback
 
 log = logging.getLogger("swarm.coordinator")
 SERVICE_NAME = "swarm.v1.Coordinator"

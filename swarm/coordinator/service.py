@@ -7,6 +7,8 @@ only here (`_STATUS`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import functools
 import logging
@@ -18,7 +20,7 @@ import grpc
 
 from swarm.coordinator import views
 from swarm.coordinator.core import Coordinator
-from swarm.coordinator.decisions import Arrive, Commit, Heartbeat, Join, Leave, ReportFailure
+from swarm.coordinator.decisions import Arrive, Commit, Heartbeat, Join, Leave, ReportFailure, dialable_address
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
     CoordinatorError,
@@ -110,6 +112,30 @@ def _address(context: grpc.aio.ServicerContext) -> str:
     return context.peer().rpartition(":")[0] or context.peer()
 
 
+def _observed_host(context: grpc.aio.ServicerContext) -> str:
+    """The IP address the caller connects from ("ipv4:10.0.0.2:5123" -> "10.0.0.2", "ipv6:[::1]:5" -> "::1"; "" for
+    other transports)."""
+    kind, _, rest = context.peer().partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return ""
+    return rest.rpartition(":")[0].strip("[]")
+
+
+async def probe(address: str, timeout_s: float) -> bool:
+    """Whether a TCP connection to `address` (host:port) opens within `timeout_s`: is the peer there dialable?
+    It connects and closes without a byte (the data plane logs such a connection at debug level only)."""
+    host, _, port = address.rpartition(":")
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 def _caps_to_pb(c: Capabilities) -> pb.Capabilities:
     return pb.Capabilities(
         device=c.device, flops=c.flops, bandwidth_bytes_per_s=c.bandwidth_bytes_per_s, memory_bytes=c.memory_bytes
@@ -117,7 +143,8 @@ def _caps_to_pb(c: Capabilities) -> pb.Capabilities:
 
 
 def _member_to_pb(m: Member) -> pb.Member:
-    return pb.Member(peer_id=m.peer_id, address=m.address, capabilities=_caps_to_pb(m.capabilities))
+    return pb.Member(peer_id=m.peer_id, address=m.address, capabilities=_caps_to_pb(m.capabilities),
+                     unreachable=not m.reachable)
 
 
 def _attempt_to_pb(a: views.AttemptView | None) -> pb.Attempt | None:
@@ -180,6 +207,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     @_mapped
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         c = request.capabilities
+        observed = _observed_host(context)
+        # Checked before the probe: the coordinator dials only an address it would accept.
+        address = dialable_address(request.peer_id, request.address, observed) if request.address else request.address
+        timeout_s = self.core.config.probe_timeout_s
+        reachable = not request.no_inbound and (timeout_s == 0 or await probe(address, timeout_s))
         event = Join(
             run_id=request.run_id,
             peer_id=request.peer_id,
@@ -189,6 +221,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             stage=request.stage,
             incarnation=request.incarnation,
             any_stage=request.any_stage,
+            observed=observed,
+            reachable=reachable,
         )
         lost_before = lost_stages(self.core.state, self.core.config)
         decision = self.core.handle(event)
@@ -206,6 +240,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
             stage=stage,
             stages=max(1, cfg.stages),
+            address=state.members[request.peer_id].address,
+            reachable=state.members[request.peer_id].reachable,
             recover=stage in lost_before,
             neighbours=[_member_to_pb(m) for s in (stage - 1, stage + 1) if 0 <= s
                         for m in sorted(state.stage_members(s), key=lambda m: m.peer_id)[:1]] if stage in lost_before else [],

@@ -51,6 +51,8 @@ class Member:
     progress: Progress = Progress()
     movable: bool = False
     """It joined asking for any stage: the coordinator may move it to rebalance the stages."""
+    reachable: bool = True
+    """Others can dial its address (the coordinator's probe connected); False: it dials out (behind NAT)."""
 
 
 @dataclass(frozen=True, slots=True)

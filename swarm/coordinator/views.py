@@ -77,10 +77,13 @@ def donor_for(state: RunState, stage: int, peer_id: str) -> Member | None:
     if last is None:
         return None
     donor = _live_donor(state, last)
-    if donor is not None and donor.peer_id != peer_id:
+    if donor is not None and donor.peer_id != peer_id and donor.reachable:
         return donor
-    holders = [p for p, d in last.commits if d == last.committed_hash and p != peer_id and p in state.members]
-    return state.members[holders[0]] if holders else None
+    holders = [state.members[p] for p, d in last.commits
+               if d == last.committed_hash and p != peer_id and p in state.members]
+    # A holder others can dial first: a state download is dialed by the one who needs it.
+    holders.sort(key=lambda m: not m.reachable)
+    return holders[0] if holders else (donor if donor is not None and donor.peer_id != peer_id else None)
 
 
 def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: int) -> RendezvousView:

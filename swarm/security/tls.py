@@ -3,8 +3,6 @@ required at all (anywhere but loopback)."""
 
 from __future__ import annotations
 
-import ipaddress
-
 import grpc
 
 from swarm.security.files import COORDINATOR
@@ -29,16 +27,6 @@ def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
                                         certificate_chain=identity.cert_pem)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether listening on `host` is reachable from this machine only: 127.0.0.0/8, ::1 or localhost.
-    Any other name or address (0.0.0.0, ::, a hostname, a LAN address) counts as exposed."""
-    host = host.strip().removeprefix("[").removesuffix("]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def caller_name(auth_context: dict[str, list[bytes]]) -> str | None:

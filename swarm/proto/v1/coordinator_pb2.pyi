@@ -52,14 +52,16 @@ class Progress(_message.Message):
     def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stage_grad_norms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "capabilities")
+    __slots__ = ("peer_id", "address", "capabilities", "unreachable")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     capabilities: Capabilities
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+    unreachable: bool
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., unreachable: _Optional[bool] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("number", "members", "deadline_in_s")
@@ -72,7 +74,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage")
+    __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage", "no_inbound")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +83,7 @@ class JoinRequest(_message.Message):
     STAGE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     ANY_STAGE_FIELD_NUMBER: _ClassVar[int]
+    NO_INBOUND_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     protocol_version: int
@@ -89,10 +92,11 @@ class JoinRequest(_message.Message):
     stage: int
     incarnation: str
     any_stage: bool
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ...) -> None: ...
+    no_inbound: bool
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ..., no_inbound: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages")
+    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable")
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +109,8 @@ class JoinReply(_message.Message):
     RECOVER_FIELD_NUMBER: _ClassVar[int]
     NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
     lease_s: float
     heartbeat_interval_s: float
     next_round: int
@@ -117,7 +123,9 @@ class JoinReply(_message.Message):
     recover: bool
     neighbours: _containers.RepeatedCompositeFieldContainer[Member]
     stages: int
-    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ...) -> None: ...
+    address: str
+    reachable: bool
+    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "progress")
