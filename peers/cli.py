@@ -75,7 +75,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flags(p.add_argument_group("pipeline (--task pipeline; start the coordinator with the same --stages)"),
               PipelineConfig, own=True, aliases=PIPELINE_FLAGS, skip=PIPELINE_FILE_ONLY)
     p.add_argument("--numel", type=int, default=1_000_000, help="elements all-reduced per round by --task average")
-    p.add_argument("--data-host", default="127.0.0.1", help="address the data plane listens on (default: %(default)s)")
+    p.add_argument("--data-host", default="127.0.0.1",
+                   help="address the data plane listens on (default: %(default)s, this host only); 0.0.0.0 listens on "
+                        "every interface and, without --advertise, others dial the address the coordinator sees "
+                        "this peer's calls come from")
+    p.add_argument("--data-port", type=int, default=0, help="port the data plane listens on (default: a free one)")
+    p.add_argument("--advertise", default="", metavar="HOST[:PORT]|none",
+                   help="where other peers dial this one, when it is not where it listens (a public address, a NAT "
+                        "port forward); `none`: nobody can dial it (behind NAT): it dials the others and they send "
+                        "back on those connections. The coordinator checks it can connect and otherwise treats "
+                        "the peer as `none` (see `swarm status`)")
     p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
     p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
     p.add_argument("--allreduce-timeout-s", type=float, default=60.0, help="cap on one all-reduce attempt")
@@ -92,6 +101,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="set up (imports, settings), then wait for a line on stdin before joining; end of input "
                         "exits without joining (`swarm local` starts its --join peers this way)")
     p.set_defaults(run=run)
+
+
+def _advertised(flag: str) -> dict[str, object]:
+    """TransportConfig fields for --advertise HOST[:PORT] | none.
+
+    Raises:
+        ValueError: not a host, host:port or `none`.
+    """
+    if not flag:
+        return {}
+    if flag == "none":
+        return {"inbound": False}
+    host, port = flag, ""
+    if flag.startswith("["):  # [v6]:port or [v6]
+        host, _, rest = flag[1:].partition("]")
+        port = rest.removeprefix(":")
+    elif flag.count(":") == 1:
+        host, _, port = flag.partition(":")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise ValueError(f"--advertise {flag!r}: give HOST, HOST:PORT ([V6]:PORT) or none")
+    return {"advertise_host": host, "advertise_port": int(port or 0)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
                                 retry_for_s=args.retry_for_s, tls_dir=args.tls_dir),
             stage=None if args.stage == "auto" else _stage(args.stage),
             codec=codec,
-            transport=TransportConfig(host=args.data_host, connections_per_peer=args.connections,
+            transport=TransportConfig(host=args.data_host, port=args.data_port, **_advertised(args.advertise),
+                                      connections_per_peer=args.connections,
                                       chunk_bytes=args.chunk_bytes,
                                       tls=TlsFiles.in_folder(args.tls_dir, peer_id) if args.tls_dir else None),
             faults=FaultInjector.from_json(args.faults),

@@ -162,3 +162,21 @@ async def test_state_downloads_and_calls_run_over_tls(make_endpoints: MakeEndpoi
     donor.call_handler = handler
     meta, arrays = await joiner.call("A", donor.address, {}, {"x": theta}, timeout_s=10)
     assert meta == {"asker": "B"} and np.array_equal(arrays["y"], theta * 2)
+
+
+async def test_a_peer_that_accepts_nothing_averages_over_tls_on_the_connections_it_dialed(
+        make_endpoints: MakeEndpoints) -> None:
+    """Connection reversal over TLS: A and B send to C on the connections C opened (issue 19)."""
+    a, b, c = await make_endpoints("ABC")
+    c.dials_out = True
+    assert c._accept_task is not None and c._listener is not None
+    c._accept_task.cancel()
+    c._listener.close()
+    members = [Participant("A", a.address), Participant("B", b.address), Participant("C", "")]
+    await c.reach_out([("A", a.address), ("B", b.address)])
+    codec = make_codec(CodecConfig(name="int8"))
+    xs = [np.random.default_rng(i).standard_normal(20_001).astype(np.float32) for i in range(3)]
+    outs = await asyncio.gather(*(allreduce_attempt(e, Contribution(torch.from_numpy(x), codec), members, 0, 0, 5.0)
+                                  for e, x in zip((a, b, c), xs, strict=True)), return_exceptions=True)
+    assert all(isinstance(o, torch.Tensor) for o in outs), outs
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -38,7 +38,9 @@ class AllReduceResult:
 
 
 def participants(attempt: pb.Attempt) -> list[Participant]:
-    return [Participant(m.peer_id, m.address, m.capabilities.bandwidth_bytes_per_s) for m in attempt.members]
+    """The members in reduction order; a member others cannot dial has no address: it dials them."""
+    return [Participant(m.peer_id, "" if m.unreachable else m.address, m.capabilities.bandwidth_bytes_per_s)
+            for m in attempt.members]
 
 
 async def fault_tolerant_allreduce(
@@ -66,6 +68,7 @@ async def fault_tolerant_allreduce(
             return AllReduceResult("excluded", attempt, None, failures)
         try:
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
+            await endpoint.reach_out([(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id])
             mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit)
             return AllReduceResult("done", attempt, mean, failures)
         except PeerFailure as e:

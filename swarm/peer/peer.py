@@ -191,7 +191,15 @@ class Peer:
     async def _join(self) -> None:
         caps = pb.Capabilities(device=self.config.device)
         # A re-join asks for the stage it was given, so a lease expiry never moves a peer.
-        reply = await self.client.join(self.address, caps, self.stage if self.stage is not None else self.config.stage)
+        inbound = self.endpoint is None or self.endpoint.config.inbound
+        reply = await self.client.join(self.address, caps, self.stage if self.stage is not None else self.config.stage,
+                                       no_inbound=not inbound)
+        if self.endpoint is not None and self.endpoint.dials_out != (not reply.reachable):
+            self.endpoint.dials_out = not reply.reachable
+            if not reply.reachable:
+                log.warning("others cannot dial this peer at %s (%s): it dials them instead (connection reversal)",
+                            reply.address, "said with --advertise none" if not inbound else
+                            "the coordinator could not connect to it: behind NAT or a firewall?")
         self.stage = int(reply.stage)
         self.recover = reply.recover
         self.neighbours = list(reply.neighbours)

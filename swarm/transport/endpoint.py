@@ -18,16 +18,17 @@ import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from swarm.transport import messages
+from swarm.transport import messages, reversal
+from swarm.transport.config import TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
 from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_header, decode_prefix, encode_header
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
-from swarm.transport.links import Link, TlsFiles, TlsLink
+from swarm.transport.links import Link, TlsLink
 from swarm.transport.messages import StateSnapshot
 
 __all__ = ["CallHandler", "Endpoint", "Inbox", "PeerFailure", "StateSnapshot", "TransportConfig"]
@@ -36,53 +37,6 @@ _SCRATCH_BYTES = 1 << 20
 CallHandler = Callable[[str, dict[str, Any], dict[str, np.ndarray]],
                        Awaitable[tuple[dict[str, Any], dict[str, np.ndarray]]]]
 """(caller's peer id, description, arrays) -> the reply's (description, arrays)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class TransportConfig:
-    """How a peer's data plane listens and talks."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on."""
-    port: int = 0
-    """Port to listen on; 0 picks a free one."""
-    advertise_host: str = ""
-    """Host others should dial (default: host)."""
-    connections_per_peer: int = 1
-    """Parallel TCP connections per peer pair (several fill a long fat pipe)."""
-    chunk_bytes: int = 4 << 20
-    """Payload bytes per frame; parts are cut into chunks of this size."""
-    max_frame_bytes: int = 256 << 20
-    """Largest payload accepted in one frame."""
-    max_pending_bytes: int = 4 << 30
-    """Memory allowed for data of attempts this peer has not started yet."""
-    max_pending_bytes_per_peer: int = 1 << 30
-    """The part of it one sender may hold: one peer claiming far-off attempts cannot take all of it."""
-    idle_timeout_s: float = 600.0
-    """An incoming connection with no frame for this long is closed (senders redial theirs after half)."""
-    max_connections_per_address: int = 256
-    """Incoming connections one remote address may hold at once; more are closed at accept (peers behind one
-    NAT share an address: each uses connections_per_peer, plus downloads and calls)."""
-    connect_timeout_s: float = 5.0
-    """Give up connecting to a peer after this long."""
-    io_timeout_s: float = 30.0
-    """A frame (send or receive) that makes no progress for this long fails its peer."""
-    max_state_bytes: int = 64 << 30
-    """Largest state accepted from a donor."""
-    max_call_bytes: int = 1 << 30
-    """Largest call or reply accepted (a microbatch's activations)."""
-    tls: TlsFiles | None = None
-    """Mutual TLS with the run's certificates (None: plain TCP, for loopback and trusted networks)."""
-
-    def __post_init__(self) -> None:
-        if self.max_connections_per_address < 1:
-            raise ValueError("max_connections_per_address must be >= 1")
-        if self.connections_per_peer < 1 or self.chunk_bytes < 1024:
-            raise ValueError("connections_per_peer must be >= 1 and chunk_bytes >= 1024")
-        if self.chunk_bytes > self.max_frame_bytes:
-            raise ValueError("chunk_bytes must not exceed max_frame_bytes")
-        if not self.idle_timeout_s > 2 * self.io_timeout_s:
-            raise ValueError("idle_timeout_s must be more than twice io_timeout_s")
 
 
 class Endpoint:
@@ -120,9 +74,13 @@ class Endpoint:
         """What answers other peers' calls (None: calls are refused with an error reply)."""
         self._idle_calls: dict[str, list[Link]] = {}
         self._last_sent: dict[Link, float] = {}
+        """When each pooled outgoing connection last carried a frame (loop time)."""
         self._tls = config.tls.contexts() if config.tls is not None else None
         """(server, client) TLS contexts, when the data plane runs over TLS."""
-        """When each pooled outgoing connection last carried a frame (loop time)."""
+        self.dials_out = False
+        """Others cannot dial this peer (behind NAT): it dials them and both send on that (reversal.py)."""
+        self._dialed_in = asyncio.Event()
+        """Set when a peer that dials out has dialed in (reversal.wait_for_dial_in)."""
         self.horizon = -1
         """The round this peer takes part in next (`set_horizon`); -1: not said, no round window."""
 
@@ -134,7 +92,10 @@ class Endpoint:
         sock.setblocking(False)
         self._listener = sock
         port = sock.getsockname()[1]
-        self.address = f"{self.config.advertise_host or self.config.host}:{port}"
+        host = self.config.advertise_host or self.config.host
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        self.address = f"{host}:{self.config.advertise_port or port}"
+        self.dials_out = not self.config.inbound
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         return self.address
 
@@ -322,7 +283,12 @@ class Endpoint:
             if conn.peer_name is not None and conn.peer_name != hello.sender:
                 raise FrameError(f"the certificate of {conn.peer_name!r} claims to be {hello.sender!r}")
             sender = named = hello.sender
+            duplex = hello.tag == reversal.DUPLEX
+            if duplex:
+                reversal.adopt(self, sender, conn)
             first = await self.read_header(conn, self.config.idle_timeout_s)
+            if duplex and first is not None and first.kind in ("state_req", "call"):
+                raise FrameError(f"a {first.kind} on a duplex data connection")
             if first is not None and first.kind == "state_req":
                 sender = ""  # a state download is not a member of any attempt: its end fails nothing
                 await messages.serve_state(self, conn, hello.sender)
@@ -346,6 +312,8 @@ class Endpoint:
             if sender:
                 self._fail_everywhere(sender, why)
         finally:
+            if named:
+                reversal.forget(self, named, conn)
             conn.close()
             if (left := self._per_address.pop(host, 1) - 1) > 0:
                 self._per_address[host] = left
@@ -390,17 +358,34 @@ class Endpoint:
     # ---------------------------------------------------------------- sending
 
     async def _connection(self, peer: str, address: str, index: int) -> tuple[Link, asyncio.Lock]:
+        """The `index`-th connection to send to `peer` on, dialed if need be (`address` ""; `peer` dials us)."""
         conns = self._conns.get(peer, [])
         if len(conns) <= index:
+            if not address:
+                return await reversal.wait_for_dial_in(self, peer, index)
             # One dial at a time per peer: the concurrent sends of a part's chunks would each open a connection.
             async with self._dialing.setdefault(peer, asyncio.Lock()):
                 conns = self._conns.setdefault(peer, [])
                 while len(conns) <= index:
-                    conns.append((await self.dial(peer, address), asyncio.Lock()))
+                    link = await self.dial(peer, address, duplex=self.dials_out)
+                    conns.append((link, asyncio.Lock()))
+                    if self.dials_out:  # the peer sends back on it
+                        task = asyncio.get_running_loop().create_task(reversal.serve_dialed(self, peer, link))
+                        self._readers.add(task)
+                        task.add_done_callback(self._readers.discard)
         return conns[index]
 
-    async def dial(self, peer: str, address: str) -> Link:
-        """A new connection to `peer` at `address`, hello sent; PeerFailure if it cannot be made in time."""
+    async def reach_out(self, peers: list[tuple[str, str]]) -> None:
+        """Dial (peer, address) ahead of an attempt when others cannot dial this peer (see `reversal.reach_out`)."""
+        if self.dials_out:
+            await reversal.reach_out(self, peers)
+
+    async def dial(self, peer: str, address: str, duplex: bool = False) -> Link:
+        """A new connection to `peer` at `address`, hello sent; PeerFailure if it cannot be made in time.
+
+        Args:
+            duplex: the hello says the peer may send back on it (this peer accepts no inbound connection).
+        """
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -415,7 +400,8 @@ class Endpoint:
                     await link.handshake()
                     if link.peer_name != peer:  # a certificate of the run, but not of the peer we dial
                         raise ConnectionError(f"its certificate is {link.peer_name!r}'s")
-                await link.send(encode_header(Header(kind="hello", run=self.run_id, sender=self.peer_id)))
+                await link.send(encode_header(Header(kind="hello", run=self.run_id, sender=self.peer_id,
+                                                     tag=reversal.DUPLEX if duplex else "")))
         except (OSError, TimeoutError, ConnectionError) as e:
             link.close()
             sock.close()  # a no-op once TLS owns the descriptor
@@ -455,7 +441,7 @@ class Endpoint:
         index = lane % self.config.connections_per_peer
         sock, lock = await self._connection(peer, address, index)
         async with lock:
-            if loop.time() - self._last_sent.get(sock, loop.time()) > self.config.idle_timeout_s / 2:
+            if address and loop.time() - self._last_sent.get(sock, loop.time()) > self.config.idle_timeout_s / 2:
                 # The receiver may close it any moment now; a frame written into a closing connection
                 # can vanish without an error here, so it is replaced before it is used again.
                 sock = await self._redial(peer, address, index, sock)

@@ -1,0 +1,75 @@
+"""Connection reversal (issue 19): a peer that accepts no inbound connection still takes part by dialing the
+others, who send back on what it dialed. Endpoints on 127.0.0.1:0; the dial-out peer's listener is closed
+before the round, so any attempt to dial it fails the test."""
+
+from __future__ import annotations
+
+import asyncio
+
+from swarm.allreduce.butterfly import Participant
+from swarm.transport.endpoint import Endpoint, PeerFailure
+from tests.test_endpoint import MakeEndpoints, assert_exact_mean, inputs, make_endpoints, members, run_all
+
+__all__ = ["make_endpoints"]  # the fixture, used by name
+
+
+async def behind_nat(ep: Endpoint) -> None:
+    """Make `ep` accept nothing, as a peer behind NAT does, and dial out instead."""
+    ep.dials_out = True
+    assert ep._accept_task is not None and ep._listener is not None
+    ep._accept_task.cancel()
+    await asyncio.gather(ep._accept_task, return_exceptions=True)
+    ep._listener.close()
+
+
+def as_others_see(eps: list[Endpoint]) -> list[Participant]:
+    """The members as the coordinator gives them: no address for a peer that dials out."""
+    return [Participant(m.peer_id, "" if ep.dials_out else m.address, m.bandwidth)
+            for ep, m in zip(eps, members(eps), strict=True)]
+
+
+async def test_a_peer_that_accepts_nothing_averages_with_peers_it_can_dial(make_endpoints: MakeEndpoints) -> None:
+    a, b, n = await make_endpoints("ABN", connections_per_peer=2)
+    await behind_nat(n)
+    group = as_others_see([a, b, n])
+    await n.reach_out([(m.peer_id, m.address) for m in group if m.address and m.peer_id != n.peer_id])
+    assert len(a._conns["N"]) == len(b._conns["N"]) == 2, "N dialed its two lanes to each peer ahead"
+    for round in range(3):  # and again over the same connections
+        xs = inputs(3, 10_000, seed=round)
+        assert_exact_mean(await run_all([a, b, n], xs, group, round=round), xs)
+    assert n.bytes_received > 0 and len(a._conns["N"]) == 2
+
+
+async def test_without_reaching_out_first_the_peers_wait_for_its_connections(make_endpoints: MakeEndpoints) -> None:
+    """The lazy path: nobody dialed ahead; A and B's sends to N wait until N's own sends have dialed them."""
+    a, b, n = await make_endpoints("ABN")
+    await behind_nat(n)
+    xs = inputs(3, 5_000)
+    assert_exact_mean(await run_all([a, b, n], xs, as_others_see([a, b, n]), start_after_s={"N": 0.3}), xs)
+
+
+async def test_two_peers_that_both_accept_nothing_fail_each_other_clearly_and_in_time(
+        make_endpoints: MakeEndpoints) -> None:
+    a, n, m = await make_endpoints("ANM", connect_timeout_s=0.5)
+    await behind_nat(n)
+    await behind_nat(m)
+    outcomes = await run_all([a, n, m], inputs(3, 1_000), as_others_see([a, n, m]), timeout_s=5.0)
+    for peer, other in (("N", "M"), ("M", "N")):
+        error = outcomes[peer].error
+        assert isinstance(error, PeerFailure) and error.peer == other, outcomes[peer]
+        assert "need a relay" in error.reason
+        assert outcomes[peer].elapsed_s < 3.0
+
+
+async def test_when_the_other_side_closes_an_idle_connection_the_next_attempt_dials_again(
+        make_endpoints: MakeEndpoints) -> None:
+    a, n = await make_endpoints("AN", io_timeout_s=0.2, idle_timeout_s=0.5)
+    await behind_nat(n)
+    group = as_others_see([a, n])
+    xs = inputs(2, 2_000)
+    assert_exact_mean(await run_all([a, n], xs, group, round=0), xs)
+    await asyncio.sleep(1.0)  # A's reader closes N's connection, idle
+    assert not a._conns.get("N") and not n._conns.get("A"), "both sides stopped sending on the closed connection"
+    await n.reach_out([("A", a.address)])
+    xs = inputs(2, 2_000, seed=1)
+    assert_exact_mean(await run_all([a, n], xs, group, round=1), xs)
