@@ -172,7 +172,7 @@ def _check_stage(stage: int) -> None:
 
 def _check_address(address: str) -> None:
     _, sep, port = address.rpartition(":")
-    if not sep or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or len(address) > 256 or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise InvalidRequest(f"address {address!r} must be host:port (or :port) with a port in 1..65535")
 
 
@@ -183,8 +183,9 @@ def dialable_address(peer_id: str, address: str, observed: str) -> str:
     refused from a peer that is not on the coordinator's host: nobody else could dial it.
 
     Raises:
-        InvalidRequest: the address cannot be made dialable.
+        InvalidRequest: the address is not host:port or cannot be made dialable.
     """
+    _check_address(address)
     host, _, port = address.rpartition(":")
     bare = host.strip("[]")
     if bare in ("", "0.0.0.0", "::"):

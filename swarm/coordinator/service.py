@@ -208,10 +208,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinReply:
         c = request.capabilities
         observed = _observed_host(context)
-        # Checked before the probe: the coordinator dials only an address it would accept.
-        address = dialable_address(request.peer_id, request.address, observed) if request.address else request.address
+        address = dialable_address(request.peer_id, request.address, observed)
+        # The probe dials back the caller's own host only, so no request can make the coordinator connect
+        # elsewhere; another host (a name, a public address seen from a private network) is taken on its word.
         timeout_s = self.core.config.probe_timeout_s
-        reachable = not request.no_inbound and (timeout_s == 0 or await probe(address, timeout_s))
+        host = address.rpartition(":")[0].strip("[]")
+        reachable = not request.no_inbound and (
+            timeout_s == 0 or not observed or host != observed or await probe(address, timeout_s))
         event = Join(
             run_id=request.run_id,
             peer_id=request.peer_id,

@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 
 from swarm.security.ca import CERT_TTL, load_signer, sign_csr
 from swarm.security.errors import CredentialError
-from swarm.security.files import check_name
+from swarm.security.files import COORDINATOR, check_name
 from swarm.security.tokens import (
     Enrollment,
     InvalidToken,
@@ -128,11 +128,15 @@ class Issuer:
         """
         claims = verify_token(token, self.key)
         check_name(name)
+        if name == COORDINATOR:  # peers trust that name as the coordinator: a token makes peers only
+            raise ValueError(f"a join token cannot enroll the name {COORDINATOR!r}: it is the coordinator's; "
+                             f"choose another --peer-id")
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError:
-            raise ValueError("the certificate signing request is not a PEM PKCS#10 request") from None
-        public_key = csr.public_key()
+            public_key = csr.public_key()
+        except Exception:  # noqa: BLE001 - cryptography raises ValueError, UnsupportedAlgorithm, InvalidVersion...
+            raise ValueError("the certificate signing request is not a PEM PKCS#10 request with a key this "
+                             "coordinator can read (ECDSA P-256)") from None
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise ValueError("the certificate signing request must carry an ECDSA P-256 key")  # noqa: TRY004
         key_sha = public_key_sha256(public_key)

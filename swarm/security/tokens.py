@@ -109,6 +109,10 @@ def make_token(claims: TokenClaims, key: bytes) -> str:
     return f"{PREFIX}{payload}.{_b64(_mac(key, payload))}"
 
 
+_YEAR_9999_S = 253_402_300_799
+"""The latest expiry a token can say (NaN, infinite or absurd times are refused, not read as "never")."""
+
+
 def read_claims(token: str) -> TokenClaims:
     """The claims of `token` without checking its MAC (the peer's side: only the coordinator can check it).
 
@@ -121,9 +125,9 @@ def read_claims(token: str) -> TokenClaims:
         claims = TokenClaims(run_id=str(body["run"]), token_id=str(body["id"]), expires_at=float(body["exp"]),
                              max_uses=int(body["max"]), ca_pem=_der_to_pem(_unb64(str(body["ca"]))),
                              enroll=str(body["enroll"]))
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, OverflowError, binascii.Error):
         raise InvalidToken("the join token is damaged (its claims do not decode); copy it again in full") from None
-    if not _TOKEN_ID.match(claims.token_id) or claims.max_uses < 1:
+    if not _TOKEN_ID.match(claims.token_id) or claims.max_uses < 1 or not 0 <= claims.expires_at < _YEAR_9999_S:
         raise InvalidToken("the join token is damaged (bad token id or max uses); copy it again in full")
     return claims
 
