@@ -1,7 +1,8 @@
 """A real swarm across hosts of the WAN lab (issue 19): a coordinator and two public peers on their own
 addresses, and a peer behind a NAT router that drops every unsolicited inbound connection. Mutual TLS on
 both planes, as over the internet. The NAT'd peer cannot be dialed, so it takes part by dialing the others
-(connection reversal); every peer must end every round with the same state hash.
+(connection reversal); two such peers meet through a public one (a relay). Every peer must end every round
+with the same state hash.
 
 Needs root, iproute2 and nftables (`make lab-deps`); skips saying so otherwise."""
 
@@ -29,8 +30,9 @@ RUN = "nat-run"
 ROUNDS = 4
 PORT = 7000
 DATA_PORT = 7100
-PUBLIC, NAT = (1, 2), 3
-"""Hosts 1 and 2 have their own addresses; host 3 sits behind its own NAT router; host 0 runs the coordinator."""
+PUBLIC, NATTED = (1, 2), (3, 4)
+"""Hosts 1 and 2 have their own addresses; hosts 3 and 4 each sit behind a NAT router of their own (so they cannot
+dial each other either); host 0 runs the coordinator."""
 
 
 def swarm(*args: str) -> list[str]:
@@ -39,7 +41,7 @@ def swarm(*args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[WanLab]:
-    with WanLab(4, rate_mbit=1000, nat=[NAT]) as lab:
+    with WanLab(5, rate_mbit=1000, nat=list(NATTED)) as lab:
         yield lab
 
 
@@ -47,7 +49,7 @@ def lab() -> Iterator[WanLab]:
 def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("keys")
     init_ca(folder, RUN)
-    for name in (COORDINATOR, "p1", "p2", "p3", "looped"):
+    for name in (COORDINATOR, "p1", "p2", "p3", "p4", "looped"):
         issue(folder, name)
     return folder
 
@@ -57,7 +59,7 @@ def coordinator(lab: WanLab, keys: Path, tmp_path_factory: pytest.TempPathFactor
     log = tmp_path_factory.mktemp("coordinator") / "stderr"
     with open(log, "wb") as err:
         proc = lab.exec(0, swarm("coordinator", "--host", lab.ip(0), "--port", str(PORT), "--tls-dir", str(keys),
-                                 "--run-id", RUN, "--min-peers", "3", "--lease-s", "10"),
+                                 "--run-id", RUN, "--min-peers", "4", "--lease-s", "10"),
                         stdout=subprocess.PIPE, stderr=err)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
@@ -82,18 +84,21 @@ def report(proc: subprocess.Popen[bytes], timeout_s: float) -> tuple[dict[str, A
     return lines[-1], err.decode()
 
 
-def test_a_peer_behind_nat_trains_with_public_peers_and_all_end_identical(lab: WanLab, keys: Path,
-                                                                        coordinator: str) -> None:
+def test_peers_behind_nat_average_with_public_peers_and_through_a_relay_and_all_end_identical(
+        lab: WanLab, keys: Path, coordinator: str) -> None:
     started = time.monotonic()
-    procs = {f"p{i}": peer(lab, i, f"p{i}", coordinator, keys) for i in (*PUBLIC, NAT)}
+    procs = {f"p{i}": peer(lab, i, f"p{i}", coordinator, keys) for i in (*PUBLIC, *NATTED)}
     results = {name: report(proc, timeout_s=150) for name, proc in procs.items()}
     reports = {name: r for name, (r, _) in results.items()}
     assert {n: r["rounds_committed"] for n, r in reports.items()} == dict.fromkeys(procs, ROUNDS), reports
     assert len({r["state_hash"] for r in reports.values()}) == 1, reports
     assert all(r["bytes_received"] > 0 for r in reports.values())
-    nat_log = results["p3"][1]
-    assert "others cannot dial this peer" in nat_log and "connection reversal" in nat_log, nat_log[-2000:]
+    for i in NATTED:
+        log = results[f"p{i}"][1]
+        assert "others cannot dial this peer" in log and "connection reversal" in log, log[-2000:]
     assert all("others cannot dial" not in results[f"p{i}"][1] for i in PUBLIC)
+    # p3 and p4 reach each other only through the first public member, p1: it relayed their parts every round
+    assert reports["p1"]["bytes_relayed"] > 0 and reports["p2"]["bytes_relayed"] == 0, reports
     assert time.monotonic() - started < 150
 
 

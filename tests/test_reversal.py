@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 
 from swarm.allreduce.butterfly import Participant
+from swarm.peer.attempts import relay_for
+from swarm.transport import relay
 from swarm.transport.endpoint import Endpoint, PeerFailure
 from tests.test_endpoint import MakeEndpoints, assert_exact_mean, inputs, make_endpoints, members, run_all
 
@@ -33,6 +35,10 @@ async def test_a_peer_that_accepts_nothing_averages_with_peers_it_can_dial(make_
     await behind_nat(n)
     group = as_others_see([a, b, n])
     await n.reach_out([(m.peer_id, m.address) for m in group if m.address and m.peer_id != n.peer_id])
+    for _ in range(100):  # A and B adopt them as each hello arrives
+        if len(a._conns.get("N", [])) == len(b._conns.get("N", [])) == 2:
+            break
+        await asyncio.sleep(0.02)
     assert len(a._conns["N"]) == len(b._conns["N"]) == 2, "N dialed its two lanes to each peer ahead"
     for round in range(3):  # and again over the same connections
         xs = inputs(3, 10_000, seed=round)
@@ -73,3 +79,48 @@ async def test_when_the_other_side_closes_an_idle_connection_the_next_attempt_di
     await n.reach_out([("A", a.address)])
     xs = inputs(2, 2_000, seed=1)
     assert_exact_mean(await run_all([a, n], xs, group, round=1), xs)
+
+
+async def test_two_peers_that_accept_nothing_meet_through_a_relay_and_average_exactly(
+        make_endpoints: MakeEndpoints) -> None:
+    a, b, n, m = await make_endpoints("ABNM", connections_per_peer=2)
+    for ep in (n, m):
+        await behind_nat(ep)
+    group = as_others_see([a, b, n, m])
+    relay_address = relay_for(group)
+    assert relay_address == a.address
+    for round in range(2):
+        await asyncio.gather(*(ep.reach_out([(p.peer_id, p.address) for p in group if p.peer_id != ep.peer_id],
+                                            relay_address) for ep in (n, m)))
+        xs = inputs(4, 20_000, seed=round)
+        assert_exact_mean(await run_all([a, b, n, m], xs, group, round=round), xs)
+    # N <-> M went through A, which copied both directions' bytes: a quarter of the data each way, at least
+    assert a.bytes_relayed >= 2 * 4 * 20_000 // 4
+    assert len(n._conns["M"]) == len(m._conns["N"]) == 2
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the other side closed (EOF or reset) within 3 s without sending a byte."""
+    try:
+        return await asyncio.wait_for(reader.read(), 3.0) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def test_a_relay_refuses_bad_splice_requests_and_drops_unpaired_ones_in_time(
+        make_endpoints: MakeEndpoints) -> None:
+    (a,) = await make_endpoints("A", connect_timeout_s=0.5)
+    host, _, port = a.address.rpartition(":")
+    for preamble in (relay.MAGIC + (60_000).to_bytes(2, "big"), relay.MAGIC + b"\x00\x00",  # oversized, empty key
+                     relay.MAGIC + b"\x00\x10abc"):  # cut short
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(preamble)
+        if preamble.endswith(b"abc"):
+            writer.write_eof()
+        assert await closed(reader), "the relay answered a bad splice request"
+        writer.close()
+    reader, writer = await asyncio.open_connection(host, int(port))  # a well-formed request nobody pairs
+    writer.write(relay.MAGIC + (3).to_bytes(2, "big") + b"key" + b"early bytes")
+    assert await closed(reader)
+    writer.close()
+    assert not a._splices and a.bytes_relayed == 0

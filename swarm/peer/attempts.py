@@ -43,6 +43,12 @@ def participants(attempt: pb.Attempt) -> list[Participant]:
             for m in attempt.members]
 
 
+def relay_for(members: list[Participant]) -> str:
+    """Where two members others cannot dial meet: the first member, in reduction order, others can dial (every
+    member computes the same one); "" when there is none."""
+    return next((m.address for m in members if m.address), "")
+
+
 async def fault_tolerant_allreduce(
     endpoint: Endpoint,
     client: CoordinatorClient,
@@ -68,7 +74,8 @@ async def fault_tolerant_allreduce(
             return AllReduceResult("excluded", attempt, None, failures)
         try:
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
-            await endpoint.reach_out([(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id])
+            others = [(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id]
+            await endpoint.reach_out(others, relay_for(members))
             mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit)
             return AllReduceResult("done", attempt, mean, failures)
         except PeerFailure as e:

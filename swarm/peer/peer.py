@@ -164,6 +164,8 @@ class Peer:
             Metric("swarm_peer_bytes_sent_total", "counter", "Data-plane payload bytes sent.", ep.bytes_sent if ep else 0),
             Metric("swarm_peer_bytes_received_total", "counter", "Data-plane payload bytes received.",
                    ep.bytes_received if ep else 0),
+            Metric("swarm_peer_bytes_relayed_total", "counter", "Bytes relayed between two members that cannot "
+                   "dial each other.", ep.bytes_relayed if ep else 0),
             Metric("swarm_peer_round", "gauge", "The round this peer rendezvouses for next.", self.round),
             Metric("swarm_peer_step", "gauge", "Training step reported with heartbeats.", p.step),
             Metric("swarm_peer_loss", "gauge", "Training loss reported with heartbeats.", p.loss),
@@ -185,6 +187,7 @@ class Peer:
         if self.endpoint is not None:
             self.report.bytes_sent = self.endpoint.bytes_sent
             self.report.bytes_received = self.endpoint.bytes_received
+            self.report.bytes_relayed = self.endpoint.bytes_relayed
             await self.endpoint.close()
         return self.report
 

@@ -34,6 +34,8 @@ class PeerReport:
     failures_seen: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    bytes_relayed: int = 0
+    """Bytes this peer copied between two members that cannot dial each other (it was their relay)."""
     per_round: dict[int, dict] = field(default_factory=dict)
     """round -> {attempt, members, hash} of each committed result."""
     extra: dict = field(default_factory=dict)

@@ -17,16 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from swarm.transport import messages, reversal
+from swarm.transport import accept, messages, reversal
 from swarm.transport.config import TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
-from swarm.transport.frames import PREFIX, FrameError, Header, checksum, decode_header, decode_prefix, encode_header
+from swarm.transport.frames import (
+    PREFIX,
+    FrameError,
+    Header,
+    Idle,
+    checksum,
+    decode_header,
+    decode_prefix,
+    encode_header,
+)
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
 from swarm.transport.links import Link, TlsLink
 from swarm.transport.messages import StateSnapshot
@@ -81,6 +90,10 @@ class Endpoint:
         """Others cannot dial this peer (behind NAT): it dials them and both send on that (reversal.py)."""
         self._dialed_in = asyncio.Event()
         """Set when a peer that dials out has dialed in (reversal.wait_for_dial_in)."""
+        self._splices: dict[bytes, tuple[socket.socket, asyncio.Future[None], asyncio.Future[None]]] = {}
+        """Splice requests waiting for their partner, when this peer relays (relay.py)."""
+        self.bytes_relayed = 0
+        """Bytes this peer copied between two others that cannot dial each other."""
         self.horizon = -1
         """The round this peer takes part in next (`set_horizon`); -1: not said, no round window."""
 
@@ -96,7 +109,7 @@ class Endpoint:
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         self.address = f"{host}:{self.config.advertise_port or port}"
         self.dials_out = not self.config.inbound
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        self._accept_task = asyncio.get_running_loop().create_task(accept.accept_loop(self))
         return self.address
 
     async def close(self) -> None:
@@ -206,33 +219,6 @@ class Endpoint:
 
     # -------------------------------------------------------------- receiving
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._listener is not None
-        while True:
-            try:
-                conn, remote = await loop.sock_accept(self._listener)
-            except OSError as e:  # out of file descriptors (EMFILE), say: keep serving once some are free
-                log.error("data plane: cannot accept a connection (%s); trying again in 0.5 s", e)
-                await asyncio.sleep(0.5)
-                continue
-            host = str(remote[0])
-            if self._per_address.get(host, 0) >= self.config.max_connections_per_address:
-                conn.close()
-                if len(self._refused_logged) > 1024:
-                    self._refused_logged.clear()
-                if loop.time() - self._refused_logged.get(host, -1e9) > 10.0:  # a line per flood, not per socket
-                    self._refused_logged[host] = loop.time()
-                    log.warning("data plane: refusing connections from %s: it holds %d already "
-                                "(max_connections_per_address)", host, self._per_address[host])
-                continue
-            self._per_address[host] = self._per_address.get(host, 0) + 1
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._read_loop(conn, host, f"{host}:{remote[1]}"))
-            self._readers.add(task)
-            task.add_done_callback(self._readers.discard)
-
     async def recv_exactly(self, conn: Link, view: memoryview) -> None:
         """Fill `view` from `conn` (counted in `bytes_received`); ConnectionError if it closes first."""
         got = 0
@@ -247,14 +233,14 @@ class Endpoint:
         """The next frame's header (None: `conn` closed between frames); FrameError if it is malformed.
 
         Args:
-            idle_s: how long to wait for the frame to begin (None: forever); `_Idle` past it.
+            idle_s: how long to wait for the frame to begin (None: forever); `Idle` past it.
         """
         prefix = bytearray(PREFIX.size)
         try:
             async with asyncio.timeout(idle_s):
                 first = await conn.recv_into(memoryview(prefix))
         except TimeoutError:
-            raise _Idle from None
+            raise Idle from None
         if first == 0:
             return None
         async with asyncio.timeout(self.config.io_timeout_s):
@@ -262,63 +248,6 @@ class Endpoint:
             body = bytearray(decode_prefix(bytes(prefix)))
             await self.recv_exactly(conn, memoryview(body))
         return decode_header(bytes(body), self.config.max_frame_bytes)
-
-    async def _read_loop(self, sock: socket.socket, host: str, where: str) -> None:
-        sender = ""  # the member whose attempts a broken connection fails ("": none)
-        named = ""  # who the connection says it is, for the log
-        conn = Link(sock)
-        try:
-            async with asyncio.timeout(self.config.io_timeout_s):  # say hello promptly or be dropped
-                if self._tls is not None:
-                    conn = TlsLink(sock, self._tls[0], server_side=True)
-                    await conn.handshake()
-                    named = conn.peer_name or ""
-                hello = await self.read_header(conn)
-            if hello is None:
-                return
-            if hello.kind != "hello" or not hello.sender or hello.nbytes:
-                raise FrameError("a connection must start with a hello frame without payload")
-            if hello.run != self.run_id:
-                raise FrameError(f"peer {hello.sender} belongs to run {hello.run!r}, not {self.run_id!r}")
-            if conn.peer_name is not None and conn.peer_name != hello.sender:
-                raise FrameError(f"the certificate of {conn.peer_name!r} claims to be {hello.sender!r}")
-            sender = named = hello.sender
-            duplex = hello.tag == reversal.DUPLEX
-            if duplex:
-                reversal.adopt(self, sender, conn)
-            first = await self.read_header(conn, self.config.idle_timeout_s)
-            if duplex and first is not None and first.kind in ("state_req", "call"):
-                raise FrameError(f"a {first.kind} on a duplex data connection")
-            if first is not None and first.kind == "state_req":
-                sender = ""  # a state download is not a member of any attempt: its end fails nothing
-                await messages.serve_state(self, conn, hello.sender)
-                return
-            if first is not None and first.kind == "call":
-                sender = ""  # nor are calls
-                await messages.serve_calls(self, conn, hello.sender, first)
-                return
-            h = first
-            while h is not None:
-                if h.sender != sender:
-                    raise FrameError(f"frame claims sender {h.sender!r} on {sender!r}'s connection")
-                await self._read_payload(conn, h)
-                h = await self.read_header(conn, self.config.idle_timeout_s)
-        except _Idle:
-            log.debug("data plane: closing %s's connection, idle for %.0f s", sender, self.config.idle_timeout_s)
-            sender = ""  # idle between frames: it owes nothing, so nothing fails
-        except (FrameError, ConnectionError, OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
-            why = "stalled mid-frame" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
-            log.warning("data plane: dropping connection from %s at %s: %s", named or "an unnamed peer", where, why)
-            if sender:
-                self._fail_everywhere(sender, why)
-        finally:
-            if named:
-                reversal.forget(self, named, conn)
-            conn.close()
-            if (left := self._per_address.pop(host, 1) - 1) > 0:
-                self._per_address[host] = left
-            if sender:
-                self._fail_everywhere(sender, "connection closed")
 
     async def _read_payload(self, conn: Link, h: Header) -> None:
         rule = self.faults.hit(f"recv.{h.kind}", round=h.round, attempt=h.attempt, peer=h.sender) if self.faults else None
@@ -367,18 +296,30 @@ class Endpoint:
             async with self._dialing.setdefault(peer, asyncio.Lock()):
                 conns = self._conns.setdefault(peer, [])
                 while len(conns) <= index:
-                    link = await self.dial(peer, address, duplex=self.dials_out)
-                    conns.append((link, asyncio.Lock()))
-                    if self.dials_out:  # the peer sends back on it
-                        task = asyncio.get_running_loop().create_task(reversal.serve_dialed(self, peer, link))
-                        self._readers.add(task)
-                        task.add_done_callback(self._readers.discard)
+                    self.add_lane(peer, await self.dial(peer, address, duplex=self.dials_out))
         return conns[index]
 
-    async def reach_out(self, peers: list[tuple[str, str]]) -> None:
-        """Dial (peer, address) ahead of an attempt when others cannot dial this peer (see `reversal.reach_out`)."""
+    def add_lane(self, peer: str, link: Link) -> None:
+        """Send to `peer` on `link`, which this peer dialed; when it dials out, read what comes back on it."""
+        self._conns.setdefault(peer, []).append((link, asyncio.Lock()))
         if self.dials_out:
-            await reversal.reach_out(self, peers)
+            self.spawn(reversal.serve_dialed(self, peer, link))
+
+    def serve(self, sock: socket.socket, where: str) -> None:
+        """Serve a connection this peer opened as if it had accepted it (one end of a relayed splice)."""
+        self.spawn(accept.serve_connection(self, sock, "", where))
+
+    def spawn(self, reader: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's reader until it ends (cancelled by `close`)."""
+        task = asyncio.get_running_loop().create_task(reader)
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def reach_out(self, peers: list[tuple[str, str]], relay_address: str = "") -> None:
+        """Dial (peer, address) ahead of an attempt when others cannot dial this peer, through `relay_address`
+        to peers without an address (see `reversal.reach_out`)."""
+        if self.dials_out:
+            await reversal.reach_out(self, peers, relay_address)
 
     async def dial(self, peer: str, address: str, duplex: bool = False) -> Link:
         """A new connection to `peer` at `address`, hello sent; PeerFailure if it cannot be made in time.
@@ -387,14 +328,26 @@ class Endpoint:
             duplex: the hello says the peer may send back on it (this peer accepts no inbound connection).
         """
         host, _, port = address.rpartition(":")
-        loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                await asyncio.get_running_loop().sock_connect(sock, (host.strip("[]"), int(port)))
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise PeerFailure(peer, f"cannot connect to {address}: {e or 'timed out'}") from None
+        return await self.greet(sock, peer, duplex, f"cannot connect to {address}")
+
+    async def greet(self, sock: socket.socket, peer: str, duplex: bool, failing: str) -> Link:
+        """Open a connected socket to `peer` as its dialer: TLS (checking the certificate is `peer`'s) and hello.
+
+        Raises:
+            PeerFailure: `failing`: why, within connect_timeout_s.
+        """
         link = Link(sock)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
-                await loop.sock_connect(sock, (host.strip("[]"), int(port)))
                 if self._tls is not None:
                     link = TlsLink(sock, self._tls[1], server_side=False)
                     await link.handshake()
@@ -405,7 +358,7 @@ class Endpoint:
         except (OSError, TimeoutError, ConnectionError) as e:
             link.close()
             sock.close()  # a no-op once TLS owns the descriptor
-            raise PeerFailure(peer, f"cannot connect to {address}: {e or 'timed out'}") from None
+            raise PeerFailure(peer, f"{failing}: {e or 'timed out'}") from None
         return link
 
     def _drop_connections(self, peer: str) -> None:
@@ -480,8 +433,3 @@ class Endpoint:
                    timeout_s: float) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Send a request to `peer`'s call handler and return its reply (see `messages.call`)."""
         return await messages.call(self, peer, address, meta, arrays, timeout_s)
-
-
-class _Idle(Exception):
-    """A connection sent no frame for `idle_timeout_s`."""
-

@@ -130,3 +130,7 @@ def decode_header(body: bytes, max_payload_bytes: int) -> Header:
     if header.kind in PAYLOAD_KINDS and header.offset + header.nbytes > header.total:
         raise FrameError(f"a {header.kind} frame's bytes lie outside the payload it declares")
     return header
+
+
+class Idle(Exception):
+    """A connection sent no frame for `idle_timeout_s`."""

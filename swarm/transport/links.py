@@ -169,19 +169,23 @@ class TlsLink(Link):
         return got
 
     async def _ready(self, write: bool) -> None:
-        """Wait until the socket can be written (or read); the caller's timeout cancels the wait cleanly."""
-        loop = asyncio.get_running_loop()
-        ready = loop.create_future()
         fd = self._tls.fileno()
         if fd < 0:
             raise ConnectionError("connection closed")
+        await wait_ready(fd, write)
 
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
 
-        (loop.add_writer if write else loop.add_reader)(fd, wake)
-        try:
-            await ready
-        finally:
-            (loop.remove_writer if write else loop.remove_reader)(fd)
+async def wait_ready(fd: int, write: bool = False) -> None:
+    """Wait until descriptor `fd` can be written (or read); the caller's timeout cancels the wait cleanly."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await ready
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)

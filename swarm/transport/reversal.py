@@ -8,8 +8,9 @@ given an empty address for such a peer: a send to it waits, up to `connect_timeo
 its connections to arrive (`wait_for_dial_in`) instead of dialing. At each attempt the dialer makes
 sure its connections to every member it can dial exist and are fresh (`reach_out`).
 
-Two peers that both accept no inbound connection have no path between them here: the wait fails
-that peer with a reason that says so (a relay is the way around it; docs/decisions.md).
+Two peers that both accept no inbound connection meet through a relay (relay.py): a member others
+can dial, chosen the same way by both. Without one, the wait fails that peer with a reason that
+says so.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from swarm.transport import relay
 from swarm.transport.frames import FrameError
 from swarm.transport.inbox import PeerFailure
 from swarm.transport.links import Link
@@ -93,9 +95,10 @@ async def serve_dialed(ep: Endpoint, peer: str, link: Link) -> None:
             ep._fail_everywhere(peer, failed)
 
 
-async def reach_out(ep: Endpoint, peers: list[tuple[str, str]]) -> None:
-    """Make sure this endpoint has its `connections_per_peer` connections, fresh, to each (peer, address);
-    a peer that cannot be reached now is left for the all-reduce to fail and report."""
+async def reach_out(ep: Endpoint, peers: list[tuple[str, str]], relay_address: str = "") -> None:
+    """Make sure this endpoint has its `connections_per_peer` connections, fresh, to each (peer, address), and
+    through `relay_address` to each peer without an address (it cannot be dialed either); a peer that cannot be
+    reached now is left for the all-reduce to fail and report."""
     loop = asyncio.get_running_loop()
 
     async def one(peer: str, address: str) -> None:
@@ -105,9 +108,25 @@ async def reach_out(ep: Endpoint, peers: list[tuple[str, str]]) -> None:
             forget(ep, peer, link)
             link.close()
         try:
-            for index in range(ep.config.connections_per_peer):
-                await ep._connection(peer, address, index)
+            for lane in range(len(ep._conns.get(peer, [])), ep.config.connections_per_peer):
+                if address:
+                    await ep._connection(peer, address, lane)
+                else:
+                    await _through_relay(ep, peer, relay_address, lane)
         except PeerFailure as e:
-            log.info("data plane: cannot dial %s ahead of the attempt: %s", peer, e.reason)
+            log.info("data plane: cannot reach %s ahead of the attempt: %s", peer, e.reason)
 
-    await asyncio.gather(*(one(peer, address) for peer, address in peers if address))
+    await asyncio.gather(*(one(peer, address) for peer, address in peers if address or relay_address))
+
+
+async def _through_relay(ep: Endpoint, peer: str, relay_address: str, lane: int) -> None:
+    """Open lane `lane` to `peer` through the relay: the lower id of the two dials over it (TLS client, duplex
+    hello), the other serves it as if it had accepted it; both then send on it."""
+    try:
+        sock = await relay.open_splice(ep, relay_address, relay.splice_key(ep.run_id, ep.peer_id, peer, lane))
+    except (OSError, TimeoutError) as e:
+        raise PeerFailure(peer, f"cannot reach the relay {relay_address}: {e or 'timed out'}") from None
+    if ep.peer_id < peer:
+        ep.add_lane(peer, await ep.greet(sock, peer, True, f"cannot reach it through the relay {relay_address}"))
+    else:
+        ep.serve(sock, f"the relay {relay_address}")
