@@ -5,6 +5,10 @@ before the round, so any attempt to dial it fails the test."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
+import sys
 
 from swarm.allreduce.butterfly import Participant
 from swarm.peer.attempts import relay_for
@@ -123,4 +127,48 @@ async def test_a_relay_refuses_bad_splice_requests_and_drops_unpaired_ones_in_ti
     writer.write(relay.MAGIC + (3).to_bytes(2, "big") + b"key" + b"early bytes")
     assert await closed(reader)
     writer.close()
-    assert not a._splices and a.bytes_relayed == 0
+    assert a.relay.waiting == 0 and a.bytes_relayed == 0
+
+
+async def test_peers_that_nobody_can_dial_meet_through_a_stand_alone_relay(make_endpoints: MakeEndpoints) -> None:
+    n, m = await make_endpoints("NM")
+    for ep in (n, m):
+        await behind_nat(ep)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    server = relay.Relay(pair_timeout_s=2.0)
+    serving = asyncio.get_running_loop().create_task(relay.serve_forever(server, listener))
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        group = as_others_see([n, m])
+        assert relay_for(group) == "" and relay_for(group, address) == address
+        await asyncio.gather(n.reach_out([("M", "")], address), m.reach_out([("N", "")], address))
+        xs = inputs(2, 10_000)
+        assert_exact_mean(await run_all([n, m], xs, group), xs)
+        assert server.bytes_relayed > 2 * 4 * 10_000 // 2
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        listener.close()
+
+
+def test_swarm_relay_serves_until_sigterm_and_closes_what_is_not_a_splice() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "swarm.cli.main", "relay", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("relay listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            try:
+                assert sock.recv(100) == b"", "the relay answered something that is not a splice request"
+            except ConnectionResetError:
+                pass  # closed with our bytes unread: a reset
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and "relay stopped" in err.decode()
+    finally:
+        proc.kill()
+        proc.wait()

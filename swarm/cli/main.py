@@ -24,7 +24,7 @@ def _terminate_early(signum: int, frame: object) -> None:
 
 signal.signal(signal.SIGTERM, _terminate_early)
 
-from swarm.cli import coordinator_cmd, keys_cmd, local_cmd, status_cmd, token_cmd
+from swarm.cli import coordinator_cmd, keys_cmd, local_cmd, relay_cmd, status_cmd, token_cmd
 
 _importing = False
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "WARNING"),
                         help="logging level for stderr (default: %(default)s; env SWARM_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (coordinator_cmd, *_installed_commands(), status_cmd, local_cmd, keys_cmd, token_cmd):
+    for module in (coordinator_cmd, *_installed_commands(), relay_cmd, status_cmd, local_cmd, keys_cmd, token_cmd):
         module.add_parser(sub)
     return parser
 

@@ -12,7 +12,7 @@ from typing import Any
 from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s"})
+_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s", "relay"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +43,9 @@ class CoordinatorConfig:
     probe_timeout_s: float = 2.0
     """On Join, the coordinator tries to connect to the peer's data-plane address for this long: a peer it cannot
     reach (behind NAT) is marked unreachable and dials the others instead (0: do not probe, all reachable)."""
+    relay: str = ""
+    """HOST:PORT of a `swarm relay` that peers nobody can dial use to reach each other; unset: they meet through
+    the first member of the round others can dial."""
     rpc_rate_per_s: float = 50.0
     """Requests one peer (or, for requests naming no peer, one address) may make per second, sustained;
     past its budget a request gets RESOURCE_EXHAUSTED ("rate limit ...") and changes nothing. An honest
@@ -99,6 +102,9 @@ class CoordinatorConfig:
             )
         if not (isinstance(self.probe_timeout_s, int | float) and 0 <= self.probe_timeout_s <= 60):
             raise ValueError(f"coordinator.probe_timeout_s must be 0..60 seconds, got {self.probe_timeout_s!r}")
+        host, _, port = self.relay.rpartition(":")
+        if self.relay and not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"coordinator.relay must be HOST:PORT, got {self.relay!r}")
         if self.rpc_burst < 1:
             raise ValueError(f"coordinator.rpc_burst must be at least 1, got {self.rpc_burst!r}")
         if self.max_message_bytes < 4096:

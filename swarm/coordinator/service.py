@@ -245,6 +245,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             stages=max(1, cfg.stages),
             address=state.members[request.peer_id].address,
             reachable=state.members[request.peer_id].reachable,
+            relay=cfg.relay,
             recover=stage in lost_before,
             neighbours=[_member_to_pb(m) for s in (stage - 1, stage + 1) if 0 <= s
                         for m in sorted(state.stage_members(s), key=lambda m: m.peer_id)[:1]] if stage in lost_before else [],

@@ -43,10 +43,10 @@ def participants(attempt: pb.Attempt) -> list[Participant]:
             for m in attempt.members]
 
 
-def relay_for(members: list[Participant]) -> str:
-    """Where two members others cannot dial meet: the first member, in reduction order, others can dial (every
-    member computes the same one); "" when there is none."""
-    return next((m.address for m in members if m.address), "")
+def relay_for(members: list[Participant], relay: str = "") -> str:
+    """Where two members others cannot dial meet: the run's stand-alone `relay` when it has one, else the first
+    member, in reduction order, others can dial (every member computes the same one); "" when there is none."""
+    return relay or next((m.address for m in members if m.address), "")
 
 
 async def fault_tolerant_allreduce(
@@ -57,11 +57,13 @@ async def fault_tolerant_allreduce(
     round: int,
     attempt: pb.Attempt,
     timeout_s: float,
+    relay: str = "",
 ) -> AllReduceResult:
     """All-reduce `contribution` in `round`, starting with `attempt`, moving on past failed members.
 
     Args:
         timeout_s: cap on each attempt (the coordinator's deadline may be shorter).
+        relay: the run's stand-alone relay, if the coordinator names one.
     Returns:
         The outcome; `mean` is set only when status is "done".
     Raises:
@@ -75,7 +77,7 @@ async def fault_tolerant_allreduce(
         try:
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
             others = [(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id]
-            await endpoint.reach_out(others, relay_for(members))
+            await endpoint.reach_out(others, relay_for(members, relay))
             mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit)
             return AllReduceResult("done", attempt, mean, failures)
         except PeerFailure as e:

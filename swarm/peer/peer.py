@@ -278,7 +278,8 @@ class Peer:
             if contribution is not None:
                 assert self.endpoint is not None, "the data plane is off"
                 result = await fault_tolerant_allreduce(
-                    self.endpoint, self.client, contribution, stage, round_, attempt, cfg.allreduce_timeout_s)
+                    self.endpoint, self.client, contribution, stage, round_, attempt, cfg.allreduce_timeout_s,
+                    self._joined.relay if self._joined is not None else "")
                 rep.failures_seen += result.failures
                 rep.attempts += len(result.failures)
                 if result.mean is None:

@@ -63,7 +63,7 @@ async def serve_connection(ep: Endpoint, sock: socket.socket, host: str, where: 
             log.debug("data plane: %s closed without a byte (a reachability probe?)", where)
             return
         if key is not None:
-            await relay.serve_splice(ep, sock, key, where)
+            await ep.relay.serve(sock, key, where)
             return
         async with asyncio.timeout(ep.config.io_timeout_s):  # say hello promptly or be dropped
             if ep._tls is not None:

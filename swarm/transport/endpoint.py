@@ -39,6 +39,7 @@ from swarm.transport.frames import (
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
 from swarm.transport.links import Link, TlsLink
 from swarm.transport.messages import StateSnapshot
+from swarm.transport.relay import Relay
 
 __all__ = ["CallHandler", "Endpoint", "Inbox", "PeerFailure", "StateSnapshot", "TransportConfig"]
 log = logging.getLogger("swarm.transport")
@@ -90,10 +91,8 @@ class Endpoint:
         """Others cannot dial this peer (behind NAT): it dials them and both send on that (reversal.py)."""
         self._dialed_in = asyncio.Event()
         """Set when a peer that dials out has dialed in (reversal.wait_for_dial_in)."""
-        self._splices: dict[bytes, tuple[socket.socket, asyncio.Future[None], asyncio.Future[None]]] = {}
-        """Splice requests waiting for their partner, when this peer relays (relay.py)."""
-        self.bytes_relayed = 0
-        """Bytes this peer copied between two others that cannot dial each other."""
+        self.relay = Relay(config.connect_timeout_s)
+        """What this peer does as the relay of two members that cannot dial each other (relay.py)."""
         self.horizon = -1
         """The round this peer takes part in next (`set_horizon`); -1: not said, no round window."""
 
@@ -304,6 +303,11 @@ class Endpoint:
         self._conns.setdefault(peer, []).append((link, asyncio.Lock()))
         if self.dials_out:
             self.spawn(reversal.serve_dialed(self, peer, link))
+
+    @property
+    def bytes_relayed(self) -> int:
+        """Bytes this peer copied between two others that cannot dial each other."""
+        return self.relay.bytes_relayed
 
     def serve(self, sock: socket.socket, where: str) -> None:
         """Serve a connection this peer opened as if it had accepted it (one end of a relayed splice)."""

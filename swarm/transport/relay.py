@@ -14,16 +14,13 @@ relay holds at most MAX_WAITING unpaired keys, and the per-address connection ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-from typing import TYPE_CHECKING
 
 from swarm.transport.links import wait_ready
 
-if TYPE_CHECKING:
-    from swarm.transport.endpoint import Endpoint
-
-log = logging.getLogger("swarm.transport")
+log = logging.getLogger("swarm.relay")
 
 MAGIC = b"SWSPLICE"
 """How a splice request begins (a data-plane frame begins with frames.MAGIC, TLS with 0x16)."""
@@ -67,44 +64,78 @@ async def read_key(sock: socket.socket) -> bytes:
     return bytes(key)
 
 
-async def serve_splice(ep: Endpoint, sock: socket.socket, key: bytes, where: str) -> None:
-    """Pair `sock` with the connection of the same key and copy between them until one closes."""
-    waiting = ep._splices
-    partner = waiting.pop(key, None)
-    loop = asyncio.get_running_loop()
-    if partner is None:
-        if len(waiting) >= MAX_WAITING:
-            raise ConnectionError(f"{len(waiting)} splice requests already wait for their partner")
-        paired: asyncio.Future[None] = loop.create_future()
-        finished: asyncio.Future[None] = loop.create_future()
-        waiting[key] = (sock, paired, finished)
+class Relay:
+    """Pairs splice requests and copies between the two connections of each pair.
+
+    Args:
+        pair_timeout_s: how long a request waits for its partner.
+    """
+
+    def __init__(self, pair_timeout_s: float) -> None:
+        self.pair_timeout_s = pair_timeout_s
+        self.bytes_relayed = 0
+        """Bytes copied, both directions of every pair."""
+        self._waiting: dict[bytes, tuple[socket.socket, asyncio.Future[None], asyncio.Future[None]]] = {}
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their partner now."""
+        return len(self._waiting)
+
+    async def serve(self, sock: socket.socket, key: bytes, where: str) -> None:
+        """Pair `sock` with the connection of the same key and copy between them until one closes.
+
+        Raises:
+            ConnectionError: no partner came in time, or too many requests wait already.
+        """
+        partner = self._waiting.pop(key, None)
+        loop = asyncio.get_running_loop()
+        if partner is None:
+            if len(self._waiting) >= MAX_WAITING:
+                raise ConnectionError(f"{len(self._waiting)} splice requests already wait for their partner")
+            paired: asyncio.Future[None] = loop.create_future()
+            finished: asyncio.Future[None] = loop.create_future()
+            self._waiting[key] = (sock, paired, finished)
+            try:
+                async with asyncio.timeout(self.pair_timeout_s):
+                    await paired
+            except TimeoutError:
+                raise ConnectionError(f"nobody came to splice key {key[:80]!r} within "
+                                      f"{self.pair_timeout_s:g} s") from None
+            finally:
+                if self._waiting.get(key, (None,))[0] is sock:
+                    del self._waiting[key]
+            await finished  # the partner's task copies both ways until the splice ends
+            return
+        other, paired, finished = partner
+        paired.set_result(None)
+        log.debug("relaying %r for %s", key[:80], where)
         try:
-            async with asyncio.timeout(ep.config.connect_timeout_s):
-                await paired
-        except TimeoutError:
-            raise ConnectionError(f"nobody came to splice key {key[:80]!r} within "
-                                  f"{ep.config.connect_timeout_s:g} s") from None
+            await asyncio.gather(self._copy(loop, sock, other), self._copy(loop, other, sock))
         finally:
-            if waiting.get(key, (None,))[0] is sock:
-                del waiting[key]
-        await finished  # the partner's task copies both ways until the splice ends
-        return
-    other, paired, finished = partner
-    paired.set_result(None)
-    log.debug("data plane: relaying %r for %s", key[:80], where)
-    try:
-        await asyncio.gather(_copy(ep, loop, sock, other), _copy(ep, loop, other, sock))
-    finally:
-        other.close()
-        finished.set_result(None)
+            other.close()
+            finished.set_result(None)
+
+    async def _copy(self, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
+        view = memoryview(bytearray(_COPY_BYTES))
+        try:
+            while n := await loop.sock_recv_into(src, view):
+                await loop.sock_sendall(dst, view[:n])
+                self.bytes_relayed += n
+        except OSError:
+            pass
+        finally:  # one side is gone: end the other so both ends see it
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
 
 
-async def open_splice(ep: Endpoint, relay: str, key: bytes) -> socket.socket:
+async def open_splice(relay: str, key: bytes, timeout_s: float) -> socket.socket:
     """A connection to `relay` asking for the splice `key` (preamble sent): its other end is the peer
     that sends the same key.
 
     Raises:
-        OSError, TimeoutError: the relay cannot be reached within connect_timeout_s.
+        OSError, TimeoutError: the relay cannot be reached within `timeout_s`.
     """
     host, _, port = relay.rpartition(":")
     loop = asyncio.get_running_loop()
@@ -112,30 +143,13 @@ async def open_splice(ep: Endpoint, relay: str, key: bytes) -> socket.socket:
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        async with asyncio.timeout(ep.config.connect_timeout_s):
+        async with asyncio.timeout(timeout_s):
             await loop.sock_connect(sock, (host.strip("[]"), int(port)))
             await loop.sock_sendall(sock, MAGIC + len(key).to_bytes(2, "big") + key)
     except BaseException:
         sock.close()
         raise
     return sock
-
-
-async def _copy(ep: Endpoint, loop: asyncio.AbstractEventLoop, src: socket.socket, dst: socket.socket) -> None:
-    buf = bytearray(_COPY_BYTES)
-    view = memoryview(buf)
-    try:
-        while n := await loop.sock_recv_into(src, view):
-            await loop.sock_sendall(dst, view[:n])
-            ep.bytes_relayed += n
-    except OSError:
-        pass
-    finally:  # one side is gone: end the other so both ends see it
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
@@ -145,3 +159,51 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, vi
         if n == 0:
             raise ConnectionError("connection closed inside a splice preamble")
         got += n
+
+
+async def serve_forever(relay: Relay, listener: socket.socket, max_per_address: int = 256,
+                        preamble_timeout_s: float = 10.0) -> None:
+    """Serve splice requests on `listener` (a bound, listening, non-blocking socket) until cancelled: the
+    stand-alone `swarm relay`, for runs where no member can be dialed. Anything but a splice request is
+    closed at once."""
+    loop = asyncio.get_running_loop()
+    per_address: dict[str, int] = {}
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(sock: socket.socket, host: str, where: str) -> None:
+        try:
+            async with asyncio.timeout(preamble_timeout_s):
+                if await first_bytes(sock, len(MAGIC)) != MAGIC:
+                    raise ConnectionError("not a splice request")
+                key = await read_key(sock)
+            await relay.serve(sock, key, where)
+        except (ConnectionError, OSError, TimeoutError) as e:
+            log.info("relay: dropping connection from %s: %s", where, e or "no splice request in time")
+        finally:
+            sock.close()
+            per_address[host] -= 1
+            if not per_address[host]:
+                del per_address[host]
+
+    try:
+        while True:
+            try:
+                sock, remote = await loop.sock_accept(listener)
+            except OSError as e:  # out of file descriptors, say
+                log.error("relay: cannot accept a connection (%s); trying again in 0.5 s", e)
+                await asyncio.sleep(0.5)
+                continue
+            host = str(remote[0])
+            if per_address.get(host, 0) >= max_per_address:
+                sock.close()
+                continue
+            per_address[host] = per_address.get(host, 0) + 1
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(one(sock, host, f"{host}:{remote[1]}"))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -123,7 +123,8 @@ async def _through_relay(ep: Endpoint, peer: str, relay_address: str, lane: int)
     """Open lane `lane` to `peer` through the relay: the lower id of the two dials over it (TLS client, duplex
     hello), the other serves it as if it had accepted it; both then send on it."""
     try:
-        sock = await relay.open_splice(ep, relay_address, relay.splice_key(ep.run_id, ep.peer_id, peer, lane))
+        sock = await relay.open_splice(relay_address, relay.splice_key(ep.run_id, ep.peer_id, peer, lane),
+                                      ep.config.connect_timeout_s)
     except (OSError, TimeoutError) as e:
         raise PeerFailure(peer, f"cannot reach the relay {relay_address}: {e or 'timed out'}") from None
     if ep.peer_id < peer:
