@@ -4,6 +4,8 @@ daemon (peers/) or the scripts, and a concept fits one file of about 500 lines."
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,17 @@ LINE_LIMIT = 520
 def test_a_file_holds_one_concept_of_about_500_lines(path: str) -> None:
     lines = len((REPO / path).read_text().splitlines())
     assert lines <= LONG_FILES.get(path, LINE_LIMIT), f"{path} has {lines} lines; split it by concept"
+
+
+def test_the_coordinator_and_the_relay_run_without_importing_torch() -> None:
+    """A coordinator serving 10,000 peers, or a relay, should not carry torch's ~200 MB (issue 22)."""
+    code = ("import sys\n"
+            "from swarm.cli.main import _command, build_parser\n"
+            "for argv in (['coordinator', '--port', '0'], ['--log-level', 'INFO', 'relay'],\n"
+            "             ['status', '--coordinator', 'h:1']):\n"
+            "    build_parser(_command(argv)).parse_known_args(argv)\n"
+            "import swarm.coordinator.server, swarm.transport.relay\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout[:400]

@@ -24,12 +24,17 @@ def _terminate_early(signum: int, frame: object) -> None:
 
 signal.signal(signal.SIGTERM, _terminate_early)
 
-from swarm.cli import coordinator_cmd, keys_cmd, local_cmd, relay_cmd, status_cmd, token_cmd
+import importlib
 
 _importing = False
 
+LIGHT = {"coordinator": "swarm.cli.coordinator_cmd", "relay": "swarm.cli.relay_cmd",
+         "status": "swarm.cli.status_cmd", "keys": "swarm.cli.keys_cmd", "token": "swarm.cli.token_cmd"}
+"""Commands that need no torch: run alone, only their own module is imported (a coordinator or relay process
+then holds about a quarter of the memory)."""
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swarm",
         description="Fault-tolerant decentralized training over the internet.",
@@ -38,15 +43,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("SWARM_LOG_LEVEL", "WARNING"),
                         help="logging level for stderr (default: %(default)s; env SWARM_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if only is not None:
+        importlib.import_module(LIGHT[only]).add_parser(sub)
+        return parser
+    from swarm.cli import coordinator_cmd, keys_cmd, local_cmd, relay_cmd, status_cmd, token_cmd
     for module in (coordinator_cmd, *_installed_commands(), relay_cmd, status_cmd, local_cmd, keys_cmd, token_cmd):
         module.add_parser(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The light command `argv` runs, if it is one (the first word that is not an option or its value)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word if word in LIGHT else None
+    return None
+
+
 def _installed_commands() -> list[Any]:
     """Command modules registered under the `swarm.commands` entry point: `swarm peer` (the daemon in
     swarm.peers, which builds on this library; the library never imports it)."""
-    import importlib
     from importlib.metadata import entry_points
 
     found = [importlib.import_module(ep.value) for ep in sorted(entry_points(group="swarm.commands"),
@@ -72,7 +91,8 @@ def _missing(_: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `swarm` console script; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
