@@ -62,6 +62,7 @@ CFG = CoordinatorConfig(
     min_peers=1,
     max_attempts=3,
 )
+H0 = "00000000ffff"
 H1 = "11111111aaaa"
 H2 = "22222222bbbb"
 
@@ -109,8 +110,8 @@ class Sim:
     def leave(self, now: float, peer: str, reason: str = "done") -> Decision:
         return self.do(now, Leave(RUN, peer, inc(peer), reason))
 
-    def arrive(self, now: float, peer: str, number: int, stage: int = 0) -> Decision:
-        return self.do(now, Arrive(RUN, peer, inc(peer), stage, number))
+    def arrive(self, now: float, peer: str, number: int, stage: int = 0, state_hash: str = "") -> Decision:
+        return self.do(now, Arrive(RUN, peer, inc(peer), stage, number, state_hash))
 
     def report(self, now: float, peer: str, number: int, attempt: int, suspect: str) -> Decision:
         return self.do(now, ReportFailure(RUN, peer, inc(peer), 0, number, attempt, suspect, "timeout"))
@@ -433,8 +434,16 @@ def test_next_round_barrier_waits_for_the_previous_round() -> None:
     sim.commit(t, "b", 0, 1, H1)
     assert sim.round(0).phase == "committed"
     assert sim.round(1).barrier_deadline == t + BARRIER_S  # the clock starts when round 0 finished
-    sim.arrive(t + 1, "a", 1)
-    sim.arrive(t + 2, "b", 1)
+    # c arrived while round 0 ran: it holds the state before round 0, so round 0's commit sends it back
+    assert sim.round(1).arrived == ()
+    view = views.rendezvous(sim.state, t, "c", 0, 1, state_hash=H0)
+    assert (view.outcome, view.next_round, view.donor.peer_id) == ("missed", 1, "a"), view
+    assert f"not round 0's committed {H1}" in view.reason
+    sim.arrive(t + 1, "a", 1, state_hash=H1)
+    sim.arrive(t + 1.5, "c", 1, state_hash=H0)  # asking again without resyncing changes nothing
+    assert sim.round(1).arrived == ("a",)
+    sim.arrive(t + 2, "b", 1, state_hash=H1)
+    sim.arrive(t + 3, "c", 1, state_hash=H1)  # resynced from a
     rnd1 = sim.round(1)
     assert (rnd1.phase, rnd1.members) == ("running", ("a", "b", "c"))
 
@@ -850,6 +859,50 @@ def test_diverged_view_names_a_live_donor_when_the_first_one_is_gone() -> None:
     view = views.commit(store.state, 3.0, "c", 0, 0, 1, "cccccccc")
     assert view.outcome == "diverged" and view.donor is not None and view.donor.peer_id == "b"
     assert "resync from b" in view.reason
+
+
+
+def test_diverged_view_names_a_donor_others_can_dial() -> None:
+    cfg = CoordinatorConfig(run_id="r", lease_s=10)
+    store = MemoryStore("r")
+    for i, p in enumerate(["a", "b", "c"]):  # a sits behind NAT: nobody can dial it
+        store.commit(decide(store.state, 0.0, Join("r", p, 1, f"h:{9000 + i}", Capabilities(), 0, p,
+                                                   reachable=p != "a"), cfg))
+    for p in ["a", "b", "c"]:
+        store.commit(decide(store.state, 1.0, Arrive("r", p, p, 0, 0), cfg))
+    for p, digest in [("a", "aaaaaaaa"), ("b", "aaaaaaaa"), ("c", "cccccccc")]:
+        store.commit(decide(store.state, 2.0, Commit("r", p, p, 0, 0, 1, digest), cfg))
+    view = views.commit(store.state, 2.0, "c", 0, 0, 1, "cccccccc")
+    assert view.outcome == "diverged" and view.donor is not None and view.donor.peer_id == "b", view
+
+
+def test_a_peer_that_does_not_hold_the_committed_state_resyncs_before_it_takes_part() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b"])
+    sim.commit(1.0, "a", 0, 1, H1)
+    sim.commit(1.0, "b", 0, 1, H1)
+    sim.join(2.0, "c")
+    sim.arrive(2.0, "a", 1, state_hash=H1)
+    assert sim.arrive(2.5, "c", 1, state_hash=H0).empty  # a failed resync left it with its initial state
+    view = views.rendezvous(sim.state, 2.5, "c", 0, 1, state_hash=H0)
+    assert (view.outcome, view.donor.peer_id) == ("missed", "a"), view
+    assert views.rendezvous(sim.state, 2.5, "c", 0, 1, state_hash=H1).outcome == "waiting"
+    sim.arrive(3.0, "c", 1, state_hash=H1)
+    sim.arrive(3.0, "b", 1, state_hash=H1)
+    assert sim.round(1).members == ("a", "b", "c")
+
+
+def test_with_no_live_holder_of_the_committed_state_peers_go_on_from_what_they_hold() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b"])
+    sim.commit(1.0, "a", 0, 1, H1)
+    sim.commit(1.0, "b", 0, 1, H1)
+    sim.leave(2.0, "a")
+    sim.leave(2.0, "b")
+    sim.join(3.0, "c")
+    sim.arrive(3.0, "c", 1, state_hash=H0)  # nobody can give it round 0's state: the run goes on from c's
+    assert sim.round(1).arrived == ("c",)
+    assert views.rendezvous(sim.state, 3.0, "c", 0, 1, state_hash=H0).outcome in ("waiting", "started")
 
 
 # ------------------------------------------------------------ failure verdicts

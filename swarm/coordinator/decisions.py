@@ -29,7 +29,7 @@ from swarm.coordinator.errors import (
     UnknownRun,
 )
 from swarm.coordinator.placement import thinnest_stage
-from swarm.coordinator.rounds import next_round, round_reasons, settle_rounds
+from swarm.coordinator.rounds import behind, next_round, round_reasons, settle_rounds
 from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState
 from swarm.utils import is_loopback
 
@@ -83,6 +83,8 @@ class Arrive:
     incarnation: str
     stage: int
     round: int
+    state_hash: str = ""
+    """The hash of the state the peer holds ("": not checked); one `behind` the run does not arrive."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +384,8 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
             f"round {ev.round} of stage {ev.stage} is ahead of the run (next round is {next_round(state, ev.stage)}); "
             f"resync, then Rendezvous for the round Join returned"
         )
+    if behind(state, ev.stage, ev.peer_id, ev.state_hash):
+        return NO_CHANGE  # its view says MISSED: resync from a holder of the committed state first
     rnd = state.rounds.get((ev.stage, ev.round))
     if ev.round == newest + 1:
         prev_open = latest is not None and not latest.finished

@@ -24,7 +24,7 @@ from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
 from swarm.coordinator.config import CoordinatorConfig
-from swarm.coordinator.state import Round, RunState
+from swarm.coordinator.state import Member, Round, RunState
 
 
 def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, config: CoordinatorConfig) -> Round:
@@ -224,8 +224,18 @@ def settle_rounds(
         if rnd.finished and not was_finished:
             nxt_key = (rnd.stage, rnd.number + 1)
             nxt = out.get(nxt_key, pending.get(nxt_key, state.rounds.get(nxt_key)))
-            if nxt is not None and nxt.phase == "gathering" and nxt.barrier_deadline is None:
+            if nxt is None or nxt.phase != "gathering":
+                continue
+            started = nxt
+            if rnd.phase == "committed":
+                # Who arrived for the next round while this one ran holds an older state (members of
+                # this one could not arrive yet): it must resync to this round's before it takes part.
+                holders = {p for p, d in rnd.commits if d == rnd.committed_hash}
+                if not holders.issuperset(nxt.arrived):
+                    nxt = replace(nxt, arrived=tuple(p for p in nxt.arrived if p in holders))
+            if nxt.barrier_deadline is None:
                 nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
+            if nxt is not started:
                 out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config, joined_at)
     return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
 
@@ -240,6 +250,46 @@ def round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:
         )
         parts += [f"stage {r.stage} round {r.number}: {why}" for why in new_reasons]
     return "; ".join(parts)
+
+
+def live_donor(state: RunState, rnd: Round) -> Member | None:
+    """The first member, in member order, that committed the winning hash and is still live."""
+    # `rnd.donor` is that member at commit time (rounds._finalize); while it is live, skip the
+    # O(N log N) search, which every one of the N CommitRound replies would otherwise repeat.
+    donor = state.members.get(rnd.donor)
+    if donor is not None:
+        return donor
+    order = {p: i for i, p in enumerate(rnd.members)}
+    holders = sorted((p for p, d in rnd.commits if d == rnd.committed_hash), key=lambda p: order.get(p, len(order)))
+    return next((state.members[p] for p in holders if p in state.members), None)
+
+
+def donor_for(state: RunState, stage: int, peer_id: str) -> Member | None:
+    """A live member other than `peer_id` that holds the last committed state of `stage`, if any."""
+    last = state.last_committed(stage)
+    if last is None:
+        return None
+    donor = live_donor(state, last)
+    if donor is not None and donor.peer_id != peer_id and donor.reachable:
+        return donor
+    holders = [state.members[p] for p, d in last.commits
+               if d == last.committed_hash and p != peer_id and p in state.members]
+    # A holder others can dial first: a state download is dialed by the one who needs it.
+    holders.sort(key=lambda m: not m.reachable)
+    return holders[0] if holders else (donor if donor is not None and donor.peer_id != peer_id else None)
+
+
+def behind(state: RunState, stage: int, peer_id: str, state_hash: str) -> bool:
+    """Whether a peer holding `state_hash` must resync before it takes part in a round of `stage`.
+
+    It must when the stage committed a round whose state it does not hold and a live member other
+    than itself holds that state. With no such member (every holder gone, or a stage rebuilt by
+    recovery) whatever the peers hold is what the run goes on from. "" is not checked.
+    """
+    if not state_hash:
+        return False
+    last = state.last_committed(stage)
+    return last is not None and last.committed_hash != state_hash and donor_for(state, stage, peer_id) is not None
 
 
 def next_round(state: RunState, stage: int) -> int:

@@ -267,9 +267,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_mapped
     async def Rendezvous(self, request: pb.RendezvousRequest, context: grpc.aio.ServicerContext) -> pb.RendezvousReply:
-        self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round))
+        self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round,
+                                request.state_hash))
         view = await self._hold(request, context, lambda: self._cached_start(request) or views.rendezvous(
-            self.core.state, self.core.clock(), request.peer_id, request.stage, request.round))
+            self.core.state, self.core.clock(), request.peer_id, request.stage, request.round, request.state_hash))
         if isinstance(view, pb.RendezvousReply):
             return view
         reply = pb.RendezvousReply(
@@ -279,6 +280,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             reason=view.reason,
             donor=_member_to_pb(view.donor) if view.donor else None,
         )
+        if view.outcome == "missed" and (last := self.core.state.last_committed(request.stage)) is not None:
+            reply.has_committed, reply.last_committed_round = True, last.number
+            reply.last_committed_hash = last.committed_hash
         if view.attempt is not None and view.outcome == "started":
             if len(self._started) > 64:
                 self._started.clear()

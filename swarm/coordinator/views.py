@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from swarm.coordinator.rounds import next_round
+from swarm.coordinator.rounds import behind, donor_for, next_round
 from swarm.coordinator.state import Capabilities, Member, Round, RunState
 
 
@@ -59,40 +59,20 @@ def _last(rnd: Round) -> str:
     return rnd.reasons[-1] if rnd.reasons else ""
 
 
-def _live_donor(state: RunState, rnd: Round) -> Member | None:
-    """The first member, in member order, that committed the winning hash and is still live."""
-    # `rnd.donor` is that member at commit time (rounds._finalize); while it is live, skip the
-    # O(N log N) search, which every one of the N CommitRound replies would otherwise repeat.
-    donor = state.members.get(rnd.donor)
-    if donor is not None:
-        return donor
-    order = {p: i for i, p in enumerate(rnd.members)}
-    holders = sorted((p for p, d in rnd.commits if d == rnd.committed_hash), key=lambda p: order.get(p, len(order)))
-    return next((state.members[p] for p in holders if p in state.members), None)
-
-
-def donor_for(state: RunState, stage: int, peer_id: str) -> Member | None:
-    """A live member other than `peer_id` that holds the last committed state of `stage`, if any."""
-    last = state.last_committed(stage)
-    if last is None:
-        return None
-    donor = _live_donor(state, last)
-    if donor is not None and donor.peer_id != peer_id and donor.reachable:
-        return donor
-    holders = [state.members[p] for p, d in last.commits
-               if d == last.committed_hash and p != peer_id and p in state.members]
-    # A holder others can dial first: a state download is dialed by the one who needs it.
-    holders.sort(key=lambda m: not m.reachable)
-    return holders[0] if holders else (donor if donor is not None and donor.peer_id != peer_id else None)
-
-
-def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: int) -> RendezvousView:
-    """What a peer that arrived for round `number` should do now."""
+def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: int, state_hash: str = "") -> RendezvousView:
+    """What a peer holding `state_hash` that arrived for round `number` should do now."""
     rnd = state.rounds.get((stage, number))
     nxt = next_round(state, stage)
     if rnd is None:
         return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} is over; resync, then join {nxt}",
                               donor_for(state, stage, peer_id))
+    if rnd.phase == "gathering" and peer_id not in rnd.arrived and behind(state, stage, peer_id, state_hash):
+        last = state.last_committed(stage)
+        assert last is not None
+        donor = donor_for(state, stage, peer_id)
+        return RendezvousView(
+            "missed", None, nxt, f"your state {state_hash[:12]} is not round {last.number}'s committed "
+            f"{last.committed_hash[:12]}: resync from {donor.peer_id if donor else '?'}, then join {nxt}", donor)
     if rnd.phase == "gathering":
         waiting_for = "the previous round to finish" if rnd.barrier_deadline is None else (
             f"{max(0.0, rnd.barrier_deadline - now):.1f}s more at most")
@@ -125,7 +105,7 @@ def commit(state: RunState, now: float, peer_id: str, stage: int, number: int, a
     if rnd.phase == "aborted":
         return CommitView("aborted", None, None, "", f"{_last(rnd)}; keep local state")
     if rnd.phase == "committed":
-        donor = _live_donor(state, rnd)
+        donor = donor_for(state, stage, peer_id)  # one others can dial: the resync is dialed by the one behind
         if attempt == rnd.attempt and digest == rnd.committed_hash:
             return CommitView("ok", donor, None, rnd.committed_hash, _last(rnd))
         why = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -37,6 +38,9 @@ LEAVE_RETRY_S = 2.0
 `swarm local` SIGTERMs the coordinator and the peers together; a peer that retried for the client's
 `retry_for_s` (30 s) would outlive it by that much. A peer that cannot say goodbye is dropped when its
 lease expires, which is just as correct."""
+DONOR_CATCH_UP_S = 5.0
+"""How long a resync asks again a donor that still holds an older round than the one committed."""
+DONOR_RETRY_S = 0.2
 Rdv = pb.RendezvousReply.Outcome
 Cmt = pb.CommitRoundReply.Outcome
 T = TypeVar("T")
@@ -256,16 +260,19 @@ class Peer:
         round_ = self.round
         if self.endpoint is not None:
             self.endpoint.set_horizon(round_)  # early data for far-off rounds is refused from now on
-        reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
+        # The coordinator compares the hash with the last committed state: a peer that does not hold it
+        # (joined while a round ran, a resync failed) is told MISSED and resyncs before it takes part.
+        reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest)
         while reply.outcome == Rdv.WAITING:
-            reply = await self.client.rendezvous(stage, round_, cfg.wait_s)
+            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest)
         if reply.outcome == Rdv.MISSED:
             rep.missed += 1
             self.round = int(reply.next_round)
-            donor = reply.donor if reply.HasField("donor") else None
-            if self.endpoint is None:
+            if not reply.has_committed or reply.last_committed_hash == state.digest:
                 return SyncResult("kept", round_, reason=reply.reason)
-            resynced = await self._resync(donor, -1, "", reply.reason)
+            donor = reply.donor if reply.HasField("donor") else None
+            resynced = await self._resync(donor, int(reply.last_committed_round), reply.last_committed_hash,
+                                          reply.reason)
             return SyncResult("resynced" if resynced else "kept", round_, reason=reply.reason)
         if reply.outcome == Rdv.ABORTED:
             rep.aborted += 1
@@ -337,8 +344,15 @@ class Peer:
             rep.errors.append(f"resync impossible: no live donor ({why})")
             return False
         try:
-            snap = await self.endpoint.fetch_state(donor.peer_id, donor.address, self.config.state_timeout_s)
-            got_round, got_hash = int(snap.meta.get("round", -1)), str(snap.meta.get("hash", ""))
+            # A donor adopts a round when its own commit reply arrives, which may come after ours: an older
+            # round is asked again for a few seconds before giving up.
+            patience = time.monotonic() + min(DONOR_CATCH_UP_S, self.config.state_timeout_s)
+            while True:
+                snap = await self.endpoint.fetch_state(donor.peer_id, donor.address, self.config.state_timeout_s)
+                got_round, got_hash = int(snap.meta.get("round", -1)), str(snap.meta.get("hash", ""))
+                if not 0 <= got_round < round_ or time.monotonic() > patience:
+                    break
+                await asyncio.sleep(DONOR_RETRY_S)
             if round_ >= 0 and got_round == round_ and got_hash != committed_hash:
                 raise ValueError(f"donor {donor.peer_id} offers hash {got_hash[:12]} for round {round_}, "
                                  f"the coordinator committed {committed_hash[:12]}")

@@ -170,23 +170,25 @@ class LeaveReply(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RendezvousRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s")
+    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
     stage: int
     round: int
     wait_s: float
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    state_hash: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
-    __slots__ = ("outcome", "attempt", "next_round", "reason", "donor")
+    __slots__ = ("outcome", "attempt", "next_round", "reason", "donor", "has_committed", "last_committed_round", "last_committed_hash")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[RendezvousReply.Outcome]
@@ -204,12 +206,18 @@ class RendezvousReply(_message.Message):
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     DONOR_FIELD_NUMBER: _ClassVar[int]
+    HAS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LAST_COMMITTED_HASH_FIELD_NUMBER: _ClassVar[int]
     outcome: RendezvousReply.Outcome
     attempt: Attempt
     next_round: int
     reason: str
     donor: Member
-    def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ...) -> None: ...
+    has_committed: bool
+    last_committed_round: int
+    last_committed_hash: str
+    def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "suspect", "reason", "wait_s")
