@@ -28,7 +28,10 @@ listens on the host's lab address, gloo uses GLOO_SOCKET_IFNAME=eth0, and every
 host's egress is shaped to RATE_MBIT. `link_utilization` = bytes a peer sent
 per round / (link rate x round time), payload bytes for swarm
 (Endpoint.bytes_sent) and wire bytes (interface counter, headers included) for
-both.
+both. `--lab-delay-ms D` (and `--lab-jitter-ms J`) makes the one-way latency
+between any two hosts D ms (± J): each host's link holds frames D/2 ms each
+way (a TAP wire, scripts/lablink.py), so the RTT is 2 D; the measured RTT is
+reported (`lab_rtt_ms`).
 
 With `--vs-hivemind` a third phase follows: hivemind 1.1.12's DecentralizedAverager on the same tensors.
 hivemind's pins conflict with swarm's, so it runs in its own venv (scripts/setup_hivemind_venv.sh makes
@@ -44,6 +47,7 @@ Usage:
     .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 5 --json
     .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 3 --vs-hivemind --json
     .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 25000000 --rounds 5 --lab 1000 --json
+    .venv/bin/python scripts/bench_allreduce.py --peers 4 --numel 40000000 --lab 1000 --lab-delay-ms 50 --connections 8 --json
 """
 
 from __future__ import annotations
@@ -589,6 +593,10 @@ def main() -> int:
     ap.add_argument("--only", choices=["swarm", "gloo"], help="run one phase only")
     ap.add_argument("--lab", type=float, default=0.0, metavar="RATE_MBIT",
                     help="run inside a WAN lab of --peers namespaces, egress shaped to RATE_MBIT")
+    ap.add_argument("--lab-delay-ms", type=float, default=0.0, help="--lab: one-way latency between two hosts")
+    ap.add_argument("--lab-jitter-ms", type=float, default=0.0, help="--lab: ± uniform jitter of that latency")
+    ap.add_argument("--lab-sysctl", action="append", default=[], metavar="KEY=VALUE",
+                    help="--lab: set this sysctl in every host (e.g. net.ipv4.tcp_wmem='4096 16384 16777216')")
     ap.add_argument("--profile-dir", default="", help="write a cProfile of swarm rank 0's timed rounds here")
     ap.add_argument("--vs-hivemind", action="store_true",
                     help="after swarm and gloo, run hivemind's DecentralizedAverager on the same tensors")
@@ -626,10 +634,18 @@ def main() -> int:
     # SIGTERM unwinds like Ctrl-C, so the finally blocks kill the workers and tear the lab down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.lab:
-        report["latency"] = "not shaped (no netem here): inject it with FaultRule(action='delay')"
+        report["latency"] = (f"one-way {args.lab_delay_ms:g} ± {args.lab_jitter_ms:g} ms between any two hosts "
+                             f"(each link holds frames {args.lab_delay_ms / 2:g} ms each way)")
     with contextlib.ExitStack() as stack:
         try:
-            lab = stack.enter_context(WanLab(cfg.peers, args.lab)) if args.lab else None
+            lab = stack.enter_context(WanLab(cfg.peers, args.lab, delay_ms=args.lab_delay_ms / 2,
+                                             jitter_ms=args.lab_jitter_ms / 2)) if args.lab else None
+            if lab is not None:
+                for setting in args.lab_sysctl:  # per network namespace: the host's TCP buffers, for instance
+                    for i in range(cfg.peers):
+                        subprocess.run(["ip", "netns", "exec", lab.netns(i), "sysctl", "-qw", setting], check=True)
+                report["lab_sysctl"] = args.lab_sysctl
+                report["lab_rtt_ms"] = round(statistics.median(lab.rtt_ms(0, 1, n=10)), 2)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
             report["lab_error"] = (f"cannot build the WAN lab (network namespaces need root and iproute2: "
                                    f"apt-get install -y iproute2): {e}")
