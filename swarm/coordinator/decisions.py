@@ -384,7 +384,7 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
             f"round {ev.round} of stage {ev.stage} is ahead of the run (next round is {next_round(state, ev.stage)}); "
             f"resync, then Rendezvous for the round Join returned"
         )
-    if behind(state, ev.stage, ev.peer_id, ev.state_hash):
+    if behind(state, ev.stage, ev.peer_id, ev.state_hash) is not None:
         return NO_CHANGE  # its view says MISSED: resync from a holder of the committed state first
     rnd = state.rounds.get((ev.stage, ev.round))
     if ev.round == newest + 1:

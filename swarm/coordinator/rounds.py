@@ -226,7 +226,7 @@ def settle_rounds(
             nxt = out.get(nxt_key, pending.get(nxt_key, state.rounds.get(nxt_key)))
             if nxt is None or nxt.phase != "gathering":
                 continue
-            started = nxt
+            before = nxt
             if rnd.phase == "committed":
                 # Who arrived for the next round while this one ran holds an older state (members of
                 # this one could not arrive yet): it must resync to this round's before it takes part.
@@ -235,7 +235,7 @@ def settle_rounds(
                     nxt = replace(nxt, arrived=tuple(p for p in nxt.arrived if p in holders))
             if nxt.barrier_deadline is None:
                 nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
-            if nxt is not started:
+            if nxt is not before:
                 out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config, joined_at)
     return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
 
@@ -252,7 +252,7 @@ def round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:
     return "; ".join(parts)
 
 
-def live_donor(state: RunState, rnd: Round) -> Member | None:
+def _live_donor(state: RunState, rnd: Round) -> Member | None:
     """The first member, in member order, that committed the winning hash and is still live."""
     # `rnd.donor` is that member at commit time (rounds._finalize); while it is live, skip the
     # O(N log N) search, which every one of the N CommitRound replies would otherwise repeat.
@@ -264,32 +264,38 @@ def live_donor(state: RunState, rnd: Round) -> Member | None:
     return next((state.members[p] for p in holders if p in state.members), None)
 
 
-def donor_for(state: RunState, stage: int, peer_id: str) -> Member | None:
-    """A live member other than `peer_id` that holds the last committed state of `stage`, if any."""
-    last = state.last_committed(stage)
-    if last is None:
-        return None
-    donor = live_donor(state, last)
+def holder_of(state: RunState, rnd: Round, peer_id: str) -> Member | None:
+    """A live member other than `peer_id` that committed `rnd`'s winning hash, one others can dial first."""
+    donor = _live_donor(state, rnd)
     if donor is not None and donor.peer_id != peer_id and donor.reachable:
         return donor
-    holders = [state.members[p] for p, d in last.commits
-               if d == last.committed_hash and p != peer_id and p in state.members]
+    holders = [state.members[p] for p, d in rnd.commits
+               if d == rnd.committed_hash and p != peer_id and p in state.members]
     # A holder others can dial first: a state download is dialed by the one who needs it.
     holders.sort(key=lambda m: not m.reachable)
     return holders[0] if holders else (donor if donor is not None and donor.peer_id != peer_id else None)
 
 
-def behind(state: RunState, stage: int, peer_id: str, state_hash: str) -> bool:
-    """Whether a peer holding `state_hash` must resync before it takes part in a round of `stage`.
+def donor_for(state: RunState, stage: int, peer_id: str) -> Member | None:
+    """A live member other than `peer_id` that holds the last committed state of `stage`, if any."""
+    last = state.last_committed(stage)
+    return holder_of(state, last, peer_id) if last is not None else None
+
+
+def behind(state: RunState, stage: int, peer_id: str, state_hash: str) -> tuple[Round, Member] | None:
+    """The last committed round and a donor of it, when a peer holding `state_hash` must resync first.
 
     It must when the stage committed a round whose state it does not hold and a live member other
     than itself holds that state. With no such member (every holder gone, or a stage rebuilt by
-    recovery) whatever the peers hold is what the run goes on from. "" is not checked.
+    recovery) whatever the peers hold is what the run goes on from: None. "" is not checked.
     """
     if not state_hash:
-        return False
+        return None
     last = state.last_committed(stage)
-    return last is not None and last.committed_hash != state_hash and donor_for(state, stage, peer_id) is not None
+    if last is None or last.committed_hash == state_hash:
+        return None
+    donor = holder_of(state, last, peer_id)
+    return (last, donor) if donor is not None else None
 
 
 def next_round(state: RunState, stage: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from swarm.coordinator.rounds import behind, donor_for, next_round
+from swarm.coordinator.rounds import behind, donor_for, holder_of, next_round
 from swarm.coordinator.state import Capabilities, Member, Round, RunState
 
 
@@ -66,13 +66,11 @@ def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: in
     if rnd is None:
         return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} is over; resync, then join {nxt}",
                               donor_for(state, stage, peer_id))
-    if rnd.phase == "gathering" and peer_id not in rnd.arrived and behind(state, stage, peer_id, state_hash):
-        last = state.last_committed(stage)
-        assert last is not None
-        donor = donor_for(state, stage, peer_id)
+    if rnd.phase == "gathering" and peer_id not in rnd.arrived and (lag := behind(state, stage, peer_id, state_hash)):
+        last, donor = lag
         return RendezvousView(
             "missed", None, nxt, f"your state {state_hash[:12]} is not round {last.number}'s committed "
-            f"{last.committed_hash[:12]}: resync from {donor.peer_id if donor else '?'}, then join {nxt}", donor)
+            f"{last.committed_hash[:12]}: resync from {donor.peer_id}, then join {nxt}", donor)
     if rnd.phase == "gathering":
         waiting_for = "the previous round to finish" if rnd.barrier_deadline is None else (
             f"{max(0.0, rnd.barrier_deadline - now):.1f}s more at most")
@@ -105,7 +103,7 @@ def commit(state: RunState, now: float, peer_id: str, stage: int, number: int, a
     if rnd.phase == "aborted":
         return CommitView("aborted", None, None, "", f"{_last(rnd)}; keep local state")
     if rnd.phase == "committed":
-        donor = donor_for(state, stage, peer_id)  # one others can dial: the resync is dialed by the one behind
+        donor = holder_of(state, rnd, peer_id)  # one others can dial: the resync is dialed by the one behind
         if attempt == rnd.attempt and digest == rnd.committed_hash:
             return CommitView("ok", donor, None, rnd.committed_hash, _last(rnd))
         why = (
