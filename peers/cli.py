@@ -16,7 +16,7 @@ from collections.abc import Callable
 from swarm.compression import CodecConfig
 from swarm.config import add_flags, build, flag_values, load_toml
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError
-from swarm.peer import PeerConfig, PeerReport
+from swarm.peer import PeerConfig, PeerReport, StateLost
 from swarm.peers.daemon import ProtocolTaskConfig, print_report, run_peer
 from swarm.peers.train import TrainConfig, train
 from swarm.pipeline.config import FILE_ONLY as PIPELINE_FILE_ONLY
@@ -71,6 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="train on shard I of N of the corpus: sets shard_index and shard_count (default: 0/1)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_flags(p.add_argument_group("train (--task train)"), TrainConfig, own=True,
+              aliases={"checkpoint.dir": "--checkpoint-dir", "checkpoint.every": "--checkpoint-every",
+                       "checkpoint.keep": "--keep", "checkpoint.resume": "--resume"},
               skip={"intra_host", "eval_batches"})  # intra_host: from torchrun; eval_batches: as the pipeline's
     add_flags(p.add_argument_group("pipeline (--task pipeline; start the coordinator with the same --stages)"),
               PipelineConfig, own=True, aliases=PIPELINE_FLAGS, skip=PIPELINE_FILE_ONLY)
@@ -257,7 +259,7 @@ def _run_training(args: argparse.Namespace, work: Callable[[], PeerReport]) -> P
     except ValueError as e:  # bad data or settings found once training set up
         print(f"swarm peer: {e}", file=sys.stderr)
         return 2
-    except CoordinatorCallError as e:
+    except (CoordinatorCallError, StateLost) as e:
         print(f"swarm peer: {e}", file=sys.stderr)
         return 1
 

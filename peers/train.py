@@ -12,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
-from swarm.diloco import DiLoCo
-from swarm.peer import PeerConfig, PeerReport, SwarmPeer, SyncResult
+import swarm.checkpoint as ck
+from swarm.diloco import DiLoCo, checkpoint_of, restore
+from swarm.peer import PeerConfig, PeerReport, StateLost, SwarmPeer, SyncResult
 from swarm.task import Batches, Corpus, build_model, count_params, evaluate
 from swarm.task.schedule import inner_lr
 from swarm.training import TrainingConfig
@@ -40,6 +42,8 @@ class TrainConfig(TrainingConfig):
     NCCL on GPUs); rank 0 talks to the swarm. torchrun's environment says the rank and world size."""
     log_every: int = 10
     """Read the training loss (a device sync) every this many steps."""
+    checkpoint: ck.CheckpointConfig = field(default_factory=ck.CheckpointConfig)
+    """Checkpoints of the committed state (and the last one when the peer stops), and resuming from them."""
 
     def __post_init__(self) -> None:
         TrainingConfig.__post_init__(self)  # (no zero-argument super() in a slots dataclass)
@@ -53,8 +57,10 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     """Train until θ_global reaches `config.steps` global steps, or Ctrl-C/SIGTERM; returns the report.
 
     Raises:
-        ValueError: bad settings or data (the message names the option).
+        ValueError: bad settings or data (the message names the option), or a checkpoint to resume from that
+            cannot be used (`CheckpointError`).
         CoordinatorCallError: the coordinator refused the join or is unreachable.
+        StateLost: nobody holds the run's committed state and this peer has no checkpoint of it.
     """
     device = torch.device(config.device)
     group, rank, world, backend = None, 0, 1, ""
@@ -100,6 +106,25 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     stopped_by = "done"
     dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec,
                 fragments=config.fragments, on_sync=on_sync, intra_group=group, outer_device=config.outer_device)
+    run_id = peer_config.client.run_id
+    resumed = _resume(config, run_id, dl, inner, batches) if rank == 0 else None
+    saver = ck.Checkpointer(config.checkpoint, run_id) if config.checkpoint.dir and handle is not None else None
+
+    def save() -> None:
+        tensors, meta = checkpoint_of(dl, inner)
+        tensors["data.generator"] = batches.state_dict()["generator"].numpy().copy()
+        meta.update(model=config.model, seed=config.seed, steps=config.steps, global_step=global_step(),
+                    peer_id=peer_config.client.peer_id, data_step=batches.step, shard=[config.shard_index,
+                                                                                      config.shard_count])
+        saver.save(dl.state.round, dl.state.digest, tensors, meta)
+        handle.set_checkpoint(dl.state.round)
+
+    def on_sync_and_save(result: SyncResult) -> None:
+        on_sync(result)
+        if saver is not None and result.outcome in ("committed", "resynced") and saver.due(dl.state.round):
+            save()
+
+    dl.on_sync = on_sync_and_save
     try:
         with dl:
             on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)
@@ -123,6 +148,13 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
                     handle.set_progress(global_step() + 1, last_loss, tokens / (time.perf_counter() - started))
                 inner.step()  # the DiLoCo hook syncs here every H steps
                 inner.zero_grad(set_to_none=True)
+    except StateLost:
+        assert handle is not None  # (only rank 0 joins)
+        handle.close("state lost")
+        if (handle.peer.run_committed + 1) * dl.stride < config.steps:
+            raise
+        log.warning("the run already committed round %d, its last; nothing to do", handle.peer.run_committed)
+        stopped_by = "run already finished"
     except KeyboardInterrupt:
         stopped_by = "SIGINT"
     except SystemExit:
@@ -130,6 +162,11 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     finally:
         if group is not None:
             torch.distributed.destroy_process_group()
+        if saver is not None:
+            # The committed state when the peer stops (done, Ctrl-C, SIGTERM): nothing trained is lost.
+            if dl.state.round > saver.last_round:
+                save()
+            saver.close()
     report = (handle.report if handle else None) or PeerReport(peer_id=peer_config.client.peer_id)
     if handle is None:
         report.stopped_by = f"rank {rank} of the peer"
@@ -142,8 +179,45 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "evals": evals,
         "final_round": dl.state.round, "hooks": asdict(dl.stats), "device": str(device),
         "processes": world, "intra_backend": backend,
+        "resumed_from": resumed, "checkpoints": saver.written if saver else [],
+        "checkpoint_errors": saver.errors if saver else [],
     }
     return report
+
+
+def _resume(config: TrainConfig, run_id: str, dl: DiLoCo, inner: torch.optim.Optimizer,
+            batches: Batches) -> dict[str, Any] | None:
+    """Load the checkpoint to resume from, if any (before joining): `--resume`, else the newest in `--checkpoint-dir`.
+
+    Returns:
+        The checkpoint's round, hash and folder (None: none, the peer starts from its initial weights and
+        takes the run's state from a live member).
+    Raises:
+        CheckpointError: --resume names nothing usable, or the checkpoint is of another model or run.
+    """
+    c = config.checkpoint
+    source = c.resume or c.dir
+    if not source:
+        return None
+    path = Path(source)
+    if c.resume and not path.exists():
+        raise ck.CheckpointError(f"--resume {source}: no such file or folder")
+    found = ck.find(path, run_id=run_id)
+    if found is None:
+        if c.resume:
+            raise ck.CheckpointError(f"--resume {source}: no valid checkpoint of run {run_id!r} there")
+        log.info("no checkpoint of run %r in %s yet: starting from the run's live members or the initial weights",
+                 run_id, source)
+        return None
+    if found.manifest.get("model") != config.model:
+        raise ck.CheckpointError(f"{found.path} is a checkpoint of model {found.manifest.get('model')!r}, "
+                                 f"this peer trains {config.model!r} (--model)")
+    restore(dl, inner, found)
+    if "data.generator" in found.tensors:
+        batches.load_state_dict({"generator": torch.from_numpy(found.tensors["data.generator"].copy()),
+                                 "step": found.manifest.get("data_step", 0)})
+    log.info("resuming from %s: round %d, hash %s", found.path, found.round, found.hash[:12])
+    return {"round": found.round, "hash": found.hash, "path": str(found.path)}
 
 
 def _next_byte_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:

@@ -1115,3 +1115,45 @@ def test_a_join_records_the_dialable_address_and_whether_it_is_reachable() -> No
     with pytest.raises(InvalidRequest):
         decide(store.state, 1.0, Join("r", "b", PROTOCOL_VERSION, "127.0.0.1:7001", Capabilities(), 0, "j",
                                       observed="192.0.2.8"), cfg)
+
+
+def test_a_joiner_is_told_the_state_is_lost_only_when_nobody_holds_it_and_its_own_is_no_committed_round() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b"])
+    for p in ("a", "b"):
+        sim.commit(1.0, p, 0, 1, H1)
+    sim.start(2.0, ["a", "b"], number=1)
+    for p in ("a", "b"):
+        sim.commit(3.0, p, 1, 1, H2)
+    # Both say they hold a checkpoint of round 0 (once each, however often they say it); an uncommitted round's
+    # or an unknown one's is not recorded.
+    for t in (4.0, 4.5):
+        sim.heartbeat(t, "a", Progress(checkpoint_round=0))
+    sim.heartbeat(4.0, "b", Progress(checkpoint_round=0))
+    sim.heartbeat(4.0, "b", Progress(checkpoint_round=7))
+    assert sim.round(0).checkpointed_by == ("a", "b") and sim.round(1).checkpointed_by == ()
+    sim.join(4.0, "c")
+    assert views.state_lost(sim.state, 0, "c", H0) == (False, "")  # a and b hold round 1: c resyncs
+    assert views.state_lost(sim.state, 0, "c", "") == (False, "")  # no state yet: not checked
+    sim.leave(5.0, "a")
+    sim.leave(5.0, "b")
+    lost, why = views.state_lost(sim.state, 0, "c", H0)
+    assert lost and "committed round 1" in why and "checkpoints were reported of round 0 by a, b" in why, why
+    lost, why = views.state_lost(sim.state, 0, "c", H1)  # round 0's state, from a checkpoint: the run resumes
+    assert not lost and "resumes stage 0 from round 0" in why, why
+    assert views.state_lost(sim.state, 0, "c", H2) == (False, "")
+
+
+def test_checkpoint_holders_survive_a_restart_of_the_coordinator(tmp_path: Any) -> None:
+    from swarm.coordinator.store import SqliteStore
+
+    store = SqliteStore(tmp_path / "db", RUN)
+    sim = Sim()
+    sim.store = store
+    sim.start(0.0, ["a"])
+    sim.commit(1.0, "a", 0, 1, H1)
+    sim.heartbeat(2.0, "a", Progress(checkpoint_round=0))
+    store.close()
+    again = SqliteStore(tmp_path / "db", RUN)
+    assert again.state.rounds[(0, 0)].checkpointed_by == ("a",)
+    again.close()

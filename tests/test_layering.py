@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 # it. The daemon (peers/: the train task, the test tasks, `swarm peer`) sits on top with the CLI.
 RANK = {
     "proto": 0, "utils": 0, "metrics": 0, "task": 0, "config": 0,
+    "checkpoint": 0,  # the checkpoint file format (safetensors + manifest): what to save is each layer's own
     "security": 0,  # the run CA, certificates and TLS settings: both planes (transport, coordinator) use it
     "transport": 1,
     "compression": 2,

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from swarm.cli.export_cmd import export_newest
 from swarm.cli.status_cmd import render, status_to_dict
 from swarm.config import add_flags, build, flag_values, to_flags
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
@@ -45,6 +47,9 @@ MARKER = ".swarm-local"
 _OWN_FILES = ("coordinator.db", "coordinator.db-wal", "coordinator.db-shm", "coordinator.log", "summary.json",
               "loss.png", "peer-*.log", "keys/*.crt", "keys/*.key")
 """What a run writes into --out; a rerun removes these (a stale coordinator.db would resume the old run)."""
+CHECKPOINTS, MODEL = "checkpoints", "model"
+"""Folders of a run in --out: each training peer's checkpoints, and the trained weights (`swarm export`); a rerun
+removes them too (a peer would resume from an old checkpoint)."""
 CHILD_LOG_LEVEL = "INFO"
 """Log level of the children: their logs are files the user reads after the run, so they say what happened."""
 
@@ -57,7 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Start a coordinator and --peers peer processes on loopback that train the built-in byte-level model "
             "(or --data) with DiLoCo, show the run live, and write OUT/summary.json (per peer: final eval loss, "
             "state hash, bytes sent/received, rounds, attempts, failures seen) and OUT/loss.png (eval loss vs "
-            "step and vs bytes communicated). Ctrl-C stops everything cleanly. OUT must be new, empty or an earlier "
+            "step and vs bytes communicated); training peers keep checkpoints in OUT/checkpoints/PEER and the trained "
+            "weights are written to OUT/model/model.safetensors (`swarm export` of the final checkpoint). "
+            "Ctrl-C stops everything cleanly (each peer saves its committed state first). OUT must be new, empty or an earlier "
             "`swarm local` run's folder (whose files are replaced); any other folder is refused, nothing deleted. "
             "--task pipeline cuts the model into --stages stages served by different peers (peer I serves stage "
             "I mod S; stage 0 drives), --join peers ask for any stage, and --kill of a stage's only peer makes "
@@ -185,6 +192,8 @@ def prepare_out(out: Path) -> None:
                     path.unlink()
         with contextlib.suppress(OSError):  # only when empty: nothing of the user's goes with it
             (out / KEYS).rmdir()
+        for folder in (CHECKPOINTS, MODEL):  # the marker says this folder is a run's: these are its own
+            shutil.rmtree(out / folder, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by `swarm local`; a rerun with this --out replaces its files\n")
 
@@ -281,7 +290,8 @@ def _peer_argv(args: argparse.Namespace, training: TrainingConfig | None, target
         drivers = max(1, (args.peers - 1) // training.stages + 1)
         return [*argv, "--stage", stage, "--shard", f"{index // training.stages % drivers}/{drivers}"]
     fragments = ["--fragments", str(args.fragments)] if args.fragments is not None else []
-    return [*argv, *fragments, "--shard", f"{index}/{shards}"]
+    return [*argv, *fragments, "--shard", f"{index}/{shards}",
+            "--checkpoint-dir", str(Path(args.out) / CHECKPOINTS / f"peer-{index}")]
 
 
 def _where(args: argparse.Namespace, training: TrainingConfig | None, at: int) -> str:
@@ -413,8 +423,15 @@ def _summarize(out: Path, peers: list[_Child], status: dict, wall_s: float, inte
         "final_eval_loss": {name: (r.get("extra") or {}).get("final_eval_loss") for name, r in reports.items()},
         "coordinator": status,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     wrote = [out / "summary.json"]
+    if identical and (source := next((out / CHECKPOINTS / c.name for c in peers
+                                      if (out / CHECKPOINTS / c.name).is_dir()), None)):
+        try:
+            summary["model"] = export_newest(source, out / MODEL)
+            wrote.append(out / MODEL)
+        except (ValueError, OSError) as e:
+            console.print(f"swarm local: could not export the trained model: {e}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if any((r.get("extra") or {}).get("evals") for r in reports.values()):
         try:
             plot_losses(reports, out / "loss.png")

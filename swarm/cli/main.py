@@ -46,8 +46,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only is not None:
         importlib.import_module(LIGHT[only]).add_parser(sub)
         return parser
-    from swarm.cli import coordinator_cmd, keys_cmd, local_cmd, relay_cmd, status_cmd, token_cmd
-    for module in (coordinator_cmd, *_installed_commands(), relay_cmd, status_cmd, local_cmd, keys_cmd, token_cmd):
+    from swarm.cli import coordinator_cmd, export_cmd, keys_cmd, local_cmd, relay_cmd, status_cmd, token_cmd
+    for module in (coordinator_cmd, *_installed_commands(), relay_cmd, status_cmd, local_cmd, export_cmd, keys_cmd,
+                   token_cmd):
         module.add_parser(sub)
     return parser
 

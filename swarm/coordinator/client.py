@@ -186,7 +186,7 @@ class CoordinatorClient:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
 
     async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int | None = 0,
-                   no_inbound: bool = False) -> pb.JoinReply:
+                   no_inbound: bool = False, state_hash: str = "") -> pb.JoinReply:
         """Join the run (again, after a lease expiry, with the same incarnation).
 
         Args:
@@ -194,10 +194,12 @@ class CoordinatorClient:
                 address it sees this call come from.
             stage: the pipeline stage to serve; None lets the coordinator choose (the reply says which).
             no_inbound: this peer accepts no inbound connection (it dials the others).
+            state_hash: the hash of the state this peer holds ("": none yet); the reply says `state_lost` when
+                nobody holds the committed state and this one is no committed round's.
         """
         request = pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION, address=address, capabilities=capabilities, stage=stage or 0,
-            any_stage=stage is None, no_inbound=no_inbound, **self._ids()
+            any_stage=stage is None, no_inbound=no_inbound, state_hash=state_hash, **self._ids()
         )
         return await self._call("Join", request)
 

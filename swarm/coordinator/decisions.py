@@ -38,6 +38,8 @@ _HASH = re.compile(r"^[0-9a-f]{8,128}$")
 MAX_REASON_CHARS = 500
 MAX_STAGES = 4096
 MAX_GRAD_NORMS = 4096
+MAX_CHECKPOINT_HOLDERS = 16
+"""Peers remembered per round as holding its checkpoint (enough to name some in an error; bounded)."""
 
 
 # --------------------------------------------------------------------- events
@@ -362,7 +364,14 @@ def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorCo
     for i, norm in enumerate(p.stage_grad_norms):
         _check_number(f"progress.stage_grad_norms[{i}]", norm)
     renewed = replace(member, lease_expires_at=now + config.lease_s, progress=p)
-    return Decision(reason="", put_members=(renewed,), durable=False)
+    decision = Decision(reason="", put_members=(renewed,), durable=False)
+    rnd = state.rounds.get((member.stage, p.checkpoint_round)) if p.checkpoint_round >= 0 else None
+    if (rnd is not None and rnd.phase == "committed" and ev.peer_id not in rnd.checkpointed_by
+            and len(rnd.checkpointed_by) < MAX_CHECKPOINT_HOLDERS):
+        # Remembered with the round (durably): who could resume the run if every live holder is lost.
+        held = replace(rnd, checkpointed_by=(*rnd.checkpointed_by, ev.peer_id))
+        decision = decision.then(Decision(reason="", put_rounds=(held,)))
+    return decision
 
 
 def _leave(state: RunState, now: float, ev: Leave, config: CoordinatorConfig) -> Decision:

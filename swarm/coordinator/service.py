@@ -155,7 +155,8 @@ def _attempt_to_pb(a: views.AttemptView | None) -> pb.Attempt | None:
 
 def _progress_to_pb(p: Progress) -> pb.Progress:
     return pb.Progress(
-        step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, stage_grad_norms=list(p.stage_grad_norms)
+        step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, stage_grad_norms=list(p.stage_grad_norms),
+        has_checkpoint=p.checkpoint_round >= 0, checkpoint_round=max(0, p.checkpoint_round),
     )
 
 
@@ -232,6 +233,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         state, cfg = self.core.state, self.core.config
         stage = state.members[request.peer_id].stage
         last = state.last_committed(stage)
+        recover = stage in lost_before
+        lost, why = (False, "") if recover else views.state_lost(state, stage, request.peer_id, request.state_hash)
+        if why:
+            log.warning("%s: %s", request.peer_id, why)
         return pb.JoinReply(
             lease_s=cfg.lease_s,
             heartbeat_interval_s=cfg.heartbeat_interval_s,
@@ -239,14 +244,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             has_committed=last is not None,
             last_committed_round=last.number if last else 0,
             last_committed_hash=last.committed_hash if last else "",
-            reason=decision.reason,
+            reason="; ".join(r for r in (decision.reason, why) if r),
+            state_lost=lost,
             donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
             stage=stage,
             stages=max(1, cfg.stages),
             address=state.members[request.peer_id].address,
             reachable=state.members[request.peer_id].reachable,
             relay=cfg.relay,
-            recover=stage in lost_before,
+            recover=recover,
             neighbours=[_member_to_pb(m) for s in (stage - 1, stage + 1) if 0 <= s
                         for m in sorted(state.stage_members(s), key=lambda m: m.peer_id)[:1]] if stage in lost_before else [],
         )
@@ -254,7 +260,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     @_mapped
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         p = request.progress
-        progress = Progress(p.step, p.loss, p.tokens_per_s, tuple(p.stage_grad_norms))
+        progress = Progress(p.step, p.loss, p.tokens_per_s, tuple(p.stage_grad_norms),
+                            p.checkpoint_round if p.has_checkpoint else -1)
         self.core.handle(Heartbeat(request.run_id, request.peer_id, request.incarnation, progress))
         target = move_to(self.core.state, self.core.config, request.peer_id)
         return pb.HeartbeatReply(lease_expires_in_s=self.core.config.lease_s, move=target is not None,

@@ -35,6 +35,8 @@ class Progress:
     loss: float = 0.0
     tokens_per_s: float = 0.0
     stage_grad_norms: tuple[float, ...] = ()
+    checkpoint_round: int = -1
+    """The newest committed round the peer holds a checkpoint of on disk (-1: none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,9 @@ class Round:
     donor: str = ""
     finished_at: float = 0.0
     reasons: tuple[str, ...] = ()
+    checkpointed_by: tuple[str, ...] = ()
+    """Peers that said they hold this committed round's state on disk (a peer restarted with it can resume
+    the run when no live member holds a newer state)."""
 
     @property
     def key(self) -> tuple[int, int]:

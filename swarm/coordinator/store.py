@@ -93,8 +93,8 @@ def _round_to_json(r: Round) -> str:
 
 def _round_from_json(text: str) -> Round:
     d: dict[str, Any] = json.loads(text)
-    for key in ("arrived", "members", "diverged", "reasons"):
-        d[key] = tuple(d[key])
+    for key in ("arrived", "members", "diverged", "reasons", "checkpointed_by"):
+        d[key] = tuple(d.get(key, ()))  # (checkpointed_by: absent from databases written before it)
     d["commits"] = tuple((p, h) for p, h in d["commits"])
     d["accusations"] = tuple((r, s, why) for r, s, why in d["accusations"])
     return Round(**d)

@@ -55,6 +55,32 @@ def attempt_view(state: RunState, rnd: Round, now: float) -> AttemptView:
     return AttemptView(number=rnd.attempt, members=members, deadline_in_s=max(0.0, rnd.attempt_deadline - now))
 
 
+def state_lost(state: RunState, stage: int, peer_id: str, state_hash: str) -> tuple[bool, str]:
+    """Whether a peer joining `stage` with `state_hash` must not train on from it, and what the join means.
+
+    Lost: the stage committed rounds, no live member other than the caller holds the last committed
+    state, and `state_hash` is no committed round's hash (a fresh peer, or one whose state the run never
+    committed). The run then goes on only from a checkpoint: the reason names the newest rounds some
+    peer said it checkpointed. A peer holding an older committed round's state (its checkpoint) is
+    taken: the run resumes from it. "" is not checked (no state yet; the pipeline rebuilds stages).
+    """
+    last = state.last_committed(stage)
+    if not state_hash or last is None or state_hash == last.committed_hash or holder_of(state, last, peer_id):
+        return False, ""
+    committed = sorted((r for r in state.rounds.values() if r.stage == stage and r.phase == "committed"),
+                       key=lambda r: r.number, reverse=True)
+    match = next((r for r in committed if r.committed_hash == state_hash), None)
+    if match is not None:
+        return False, (f"resumes stage {stage} from round {match.number}'s committed state: no live member holds "
+                       f"a newer one (round {last.number} was the last committed)")
+    saved = [f"round {r.number} by {', '.join(r.checkpointed_by)}" for r in committed if r.checkpointed_by][:3]
+    return True, (
+        f"stage {stage} committed round {last.number} (hash {last.committed_hash[:12]}) but no live member holds its "
+        f"state, and this peer's state {state_hash[:12]} is no committed round's; training on from it would throw the "
+        f"run away. Start it with --resume DIR (or --checkpoint-dir DIR) holding a checkpoint of this run"
+        + (f": checkpoints were reported of {'; '.join(saved)}" if saved else " (no peer reported one)"))
+
+
 def _last(rnd: Round) -> str:
     return rnd.reasons[-1] if rnd.reasons else ""
 

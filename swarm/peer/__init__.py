@@ -4,6 +4,6 @@ built on it; nothing here knows that daemon."""
 
 from swarm.peer.handle import SwarmPeer
 from swarm.peer.peer import Peer, PeerConfig
-from swarm.peer.state import GENESIS_HASH, PeerReport, RoundState, SyncOutcome, SyncResult
+from swarm.peer.state import GENESIS_HASH, PeerReport, RoundState, StateLost, SyncOutcome, SyncResult
 
-__all__ = ["GENESIS_HASH", "Peer", "PeerConfig", "PeerReport", "RoundState", "SwarmPeer", "SyncOutcome", "SyncResult"]
+__all__ = ["GENESIS_HASH", "Peer", "PeerConfig", "PeerReport", "RoundState", "StateLost", "SwarmPeer", "SyncOutcome", "SyncResult"]

@@ -116,6 +116,10 @@ class SwarmPeer:
         progress = pb.Progress(step=step, loss=loss, tokens_per_s=tokens_per_s, stage_grad_norms=grad_norms or [])
         self._loop.call_soon_threadsafe(setattr, self.peer, "progress", progress)
 
+    def set_checkpoint(self, round_: int) -> None:
+        """Tell the coordinator (with the next heartbeats) that this peer holds a checkpoint of `round_`."""
+        self._loop.call_soon_threadsafe(setattr, self.peer, "checkpoint_round", round_)
+
     def close(self, reason: str = "done") -> None:
         """Leave the run, stop the loop and its thread; idempotent."""
         if self.report is not None:

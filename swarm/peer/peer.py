@@ -26,7 +26,7 @@ from swarm.compression import CodecConfig, Contribution
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.metrics import Metric, MetricsServer
 from swarm.peer.attempts import fault_tolerant_allreduce
-from swarm.peer.state import PeerReport, RoundState, SyncResult
+from swarm.peer.state import PeerReport, RoundState, StateLost, SyncResult
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
@@ -113,6 +113,8 @@ class Peer:
         self.address = config.address
         self._state: RoundState | None = None
         self.metrics: MetricsServer | None = None
+        self.checkpoint_round = -1
+        """The newest committed round this peer holds a checkpoint of (told with heartbeats; -1: none)."""
 
     # ------------------------------------------------------------ lifecycle
 
@@ -133,7 +135,7 @@ class Peer:
         if self.config.metrics_port is not None:
             self.metrics = MetricsServer(self._metrics, self.config.metrics_host, self.config.metrics_port)
             log.info("metrics at http://%s/metrics", await self.metrics.start())
-        await self._join()
+        await self._join(state.digest if state is not None else "")
         self._heartbeats = asyncio.create_task(self._heartbeat_loop())
         if state is not None:
             await self.attach(state)
@@ -143,9 +145,15 @@ class Peer:
 
         A peer told to recover a lost stage keeps `state` as it is: nobody holds the stage's committed
         state any more, so it is rebuilt from the neighbours (`swarm.pipeline`) before this call.
+
+        Raises:
+            StateLost: nobody holds the committed state and `state` is no committed round's (the coordinator
+                said so at the join): training on from it would throw the run away.
         """
         self._state = state
         reply = self._joined
+        if reply is not None and reply.state_lost and not reply.recover and reply.last_committed_hash != state.digest:
+            raise StateLost(reply.reason)
         if reply is not None and reply.has_committed and not reply.recover and reply.last_committed_hash != state.digest:
             # Joining a run in progress: take the committed state from the donor the coordinator named.
             donor = reply.donor if reply.HasField("donor") else None
@@ -195,12 +203,15 @@ class Peer:
             await self.endpoint.close()
         return self.report
 
-    async def _join(self) -> None:
+    async def _join(self, state_hash: str | None = None) -> None:
+        """Join (again); `state_hash` (default: the attached state's) lets the coordinator check it."""
         caps = pb.Capabilities(device=self.config.device)
+        if state_hash is None:
+            state_hash = self._state.digest if self._state is not None else ""
         # A re-join asks for the stage it was given, so a lease expiry never moves a peer.
         inbound = self.endpoint is None or self.endpoint.config.inbound
         reply = await self.client.join(self.address, caps, self.stage if self.stage is not None else self.config.stage,
-                                       no_inbound=not inbound)
+                                       no_inbound=not inbound, state_hash=state_hash)
         if self.endpoint is not None and self.endpoint.dials_out != (not reply.reachable):
             self.endpoint.dials_out = not reply.reachable
             if not reply.reachable:
@@ -224,7 +235,12 @@ class Peer:
         while True:
             await asyncio.sleep(self._heartbeat_s)
             try:
-                reply = await self.client.heartbeat(self.progress)
+                progress = self.progress
+                if self.checkpoint_round >= 0:
+                    progress = pb.Progress()
+                    progress.CopyFrom(self.progress)
+                    progress.has_checkpoint, progress.checkpoint_round = True, self.checkpoint_round
+                reply = await self.client.heartbeat(progress)
                 if reply.move and self.move_to is None:
                     log.warning("the coordinator moves this peer to stage %d (rebalancing)", reply.move_to_stage)
                     self.move_to = int(reply.move_to_stage)

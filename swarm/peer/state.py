@@ -15,6 +15,11 @@ GENESIS_HASH = hashlib.sha256(b"swarm genesis").hexdigest()
 """The state hash of a peer that has committed nothing yet."""
 
 
+class StateLost(RuntimeError):
+    """The run committed rounds whose state no live member holds, and this peer's state is none of them:
+    it must resume from a checkpoint (the message, the coordinator's, says which exist) instead of training on."""
+
+
 @dataclass(slots=True)
 class PeerReport:
     """What a peer did, printed as JSON when it stops."""
