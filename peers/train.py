@@ -22,7 +22,9 @@ import swarm.checkpoint as ck
 from swarm.diloco import DiLoCo, checkpoint_of, restore
 from swarm.peer import PeerConfig, PeerReport, StateLost, SwarmPeer, SyncResult
 from swarm.task import Batches, Corpus, build_model, count_params, evaluate
+from swarm.task.hf import is_hf, load_hf
 from swarm.task.schedule import inner_lr
+from swarm.task.tokens import TokenCorpus
 from swarm.training import TrainingConfig
 
 log = logging.getLogger("swarm.train")
@@ -71,11 +73,18 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         group, rank, world, backend = dist.group.WORLD, dist.get_rank(), dist.get_world_size(), dist.get_backend()
-    model = build_model(config.model, seed=config.seed).to(device)
+    tokenizer = None
+    if is_hf(config.model):
+        if config.intra_host:
+            raise ValueError("--model hf:... in a multi-process (torchrun) peer is not supported yet; run one process")
+        hf_model, tokenizer = load_hf(config.model, seed=config.seed)
+        model = hf_model.to(device)
+    else:
+        model = build_model(config.model, seed=config.seed).to(device)
     # DDP averages gradients across this host's processes every step; DiLoCo syncs across peers.
     step_model = torch.nn.parallel.DistributedDataParallel(model) if group is not None else model
     inner = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    corpus = Corpus.load(config.data)
+    corpus = TokenCorpus.load(config.data, tokenizer) if tokenizer is not None else Corpus.load(config.data)
     batches = Batches(corpus.shard(config.shard_index, config.shard_count), seq_len=config.data.seq_len,
                       batch_size=config.data.batch_size, seed=config.data.seed,
                       peer=config.shard_index * 4096 + rank)  # each process of the peer its own windows
@@ -150,11 +159,13 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
                 inner.zero_grad(set_to_none=True)
     except StateLost:
         assert handle is not None  # (only rank 0 joins)
-        handle.close("state lost")
         if (handle.peer.run_committed + 1) * dl.stride < config.steps:
+            handle.close("state lost")
             raise
+        # Every peer of a finished run left: nothing to resume, nothing to train.
         log.warning("the run already committed round %d, its last; nothing to do", handle.peer.run_committed)
         stopped_by = "run already finished"
+        handle.close(stopped_by)
     except KeyboardInterrupt:
         stopped_by = "SIGINT"
     except SystemExit:

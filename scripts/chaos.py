@@ -44,6 +44,8 @@ from chaos_procs import RUN_ID, Child, LabSpec, Net, kill_all, wait_listening, w
 
 POLL_S = 0.5
 OVERDUE_GRACE_S = 3.0
+STATE_LOST = "no live member holds its state"
+"""What a peer refused at its join says (swarm.coordinator.views.state_lost)."""
 """A deadline the coordinator (ticking every 50 ms) has not acted on this long after it passed is a hang."""
 
 
@@ -66,6 +68,7 @@ class Chaos:
         self.late: dict[tuple[int, int], str] = {}
         self.hangs: list[str] = []
         self.crashes: list[str] = []
+        self.refused: list[str] = []
         self.new_ids = itertools.count(cfg.peers)
         self.incarnations: Counter[str] = Counter()
         self.host_of: dict[str, int] = {}
@@ -116,6 +119,8 @@ class Chaos:
                 "--model", "tiny", "--steps", "1000000000", "--inner-steps", str(self.cfg.inner_steps),
                 "--threads", "1", "--shard", f"{k % shards}/{shards}",
                 "--allreduce-timeout-s", str(self.cfg.allreduce_timeout_s),
+                # A checkpoint every round: a peer restarted under its id resumes from its own (swarm.checkpoint).
+                "--checkpoint-dir", str(self.cfg.out / "checkpoints" / name), "--checkpoint-every", "1", "--keep", "2",
                 *self.net.peer_net_args(), *self.net.tls(name)]
         child = self.net.spawn(name, self.incarnations[name], host, argv)
         self.peers[name] = child
@@ -259,8 +264,14 @@ class Chaos:
         for c in self.children:
             if c.ended_at is None and not c.alive() and not c.killed and not c.terminated:
                 why = f"{c.label} exited {c.proc.returncode} by itself: {why_ended(c.log)}"
-                self.crashes.append(why)
-                self.log("crash", detail=why)
+                if c.proc.returncode == 1 and STATE_LOST in why:
+                    # Refused at its join: nobody live held the run's state and it had no checkpoint of it. That is
+                    # the coordinator doing its job (a crash would be training on from the initial weights).
+                    self.refused.append(why)
+                    self.log("refused", detail=why)
+                else:
+                    self.crashes.append(why)
+                    self.log("crash", detail=why)
                 if c is self.coordinator:
                     self.outages.append([time.time(), 0.0])
                     self.after(0.5, self.start_coordinator)
@@ -395,7 +406,7 @@ class Chaos:
             "processes": {"started": len(self.children), "survivors": len(survivors),
                           "final_hashes": len(set(survivors.values())), "quiet_end": self.quiet},
             "hangs": len(hangs), "divergences": len(bad), "lost_rounds": len(self.ledger.lost),
-            "crashes": len(self.crashes),
+            "crashes": len(self.crashes), "refused_state_lost": len(self.refused),
             "loss": {"first": first, "last": last, "evals": len(evals)},
             "checks": checks, "ok": all(checks.values()),
             "details": {"hangs": hangs[:20], "divergences": bad[:20], "lost_rounds": list(self.ledger.lost.values())[:20],

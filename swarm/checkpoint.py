@@ -97,7 +97,8 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush `path` (a file or a folder's entries) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -145,9 +146,9 @@ def write(folder: str | Path, *, run_id: str, round_: int, state_hash: str,
                     "created_at": time.time(), "files": files, **(meta or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         for name in (TENSORS, MANIFEST):
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
         os.rename(tmp, final)
-        _fsync(folder)
+        fsync_path(folder)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"cannot write a checkpoint into {folder}: {e}") from e

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from swarm.compression import CodecConfig
 from swarm.diloco import OuterConfig
 from swarm.task import SIZES, DataConfig
+from swarm.task.hf import is_hf
 
 
 def _recipe(kwargs: dict[str, Any]) -> OuterConfig:
@@ -32,7 +33,9 @@ class TrainingConfig:
     """The TOML table of the config and the prefix of the options its errors name."""
 
     model: str = "tiny"
-    """Model size: tiny, small or 124m (`swarm.task.SIZES`); a pipeline has stages x blocks_per_stage blocks."""
+    """Model: tiny, small or 124m (the built-in byte-level model, `swarm.task.SIZES`), or hf:PATH_OR_NAME (a Hugging
+    Face causal LM from a local folder or the local hub cache, its tokenizer for --data; train task only); a
+    pipeline has stages x blocks_per_stage blocks of the built-in model."""
     seed: int = 0
     """Initial weights' seed; every peer of a run must use the same one."""
     steps: int = 200
@@ -65,8 +68,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         t = self.TABLE
-        if self.model not in SIZES:
-            raise ValueError(f"{t}.model must be one of {', '.join(SIZES)}, got {self.model!r}")
+        if self.model not in SIZES and not is_hf(self.model):
+            raise ValueError(f"{t}.model must be one of {', '.join(SIZES)} or hf:PATH_OR_NAME, got {self.model!r}")
         if self.steps < 1 or self.sync_every < 1:
             raise ValueError(f"{t}.steps ({self.steps}) and {t}.sync_every ({self.sync_every}) must be >= 1")
         if self.lr <= 0 or self.warmup_steps < 0:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
+import importlib.util
 import ipaddress
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -112,3 +115,22 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def unshadow_kernels() -> None:
+    """Python started in this repository's root (`python -m`, pytest) finds its `kernels/` folder (installed as
+    `swarm.kernels`) under the bare name `kernels` first, which hides Hugging Face's `kernels` package that
+    transformers imports. Load the installed one under that name instead (or none, when it is not installed)."""
+    if "kernels" in sys.modules:
+        return
+    spec = importlib.util.find_spec("kernels")
+    if spec is None or spec.origin is None or not (Path(spec.origin).parent / "topk_select.py").is_file():
+        return  # not ours
+    ours = Path(spec.origin).parent.parent.resolve()
+    real = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != ours])
+    if real is None or real.loader is None:
+        sys.modules["kernels"] = None  # type: ignore[assignment]  # find_spec answers None: "not installed"
+        return
+    module = importlib.util.module_from_spec(real)
+    sys.modules["kernels"] = module
+    real.loader.exec_module(module)

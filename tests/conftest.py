@@ -24,6 +24,9 @@ from swarm.coordinator import server as coordinator_server
 from swarm.coordinator.client import ClientConfig, CoordinatorClient
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.store import MemoryStore
+from swarm.utils import unshadow_kernels
+
+unshadow_kernels()  # pytest puts the repo root on sys.path: its kernels/ would hide the package transformers imports
 
 REPO = Path(__file__).resolve().parent.parent
 

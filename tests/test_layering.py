@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 # (they register themselves; compression finds them by name at first use), so they sit just above
 # it. The daemon (peers/: the train task, the test tasks, `swarm peer`) sits on top with the CLI.
 RANK = {
-    "proto": 0, "utils": 0, "metrics": 0, "task": 0, "config": 0,
+    "proto": 0, "utils": 0, "metrics": 0, "config": 0,
+    "task": 0.5,  # the built-in model and data, and Hugging Face models (which need utils' import fix)
     "checkpoint": 0,  # the checkpoint file format (safetensors + manifest): what to save is each layer's own
     "security": 0,  # the run CA, certificates and TLS settings: both planes (transport, coordinator) use it
     "transport": 1,

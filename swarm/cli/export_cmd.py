@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "newest valid checkpoint; a damaged one is skipped, saying why), check it, and write the model's "
             f"parameters as a plain state_dict: TO/{WEIGHTS} (load it with safetensors.torch.load_model or "
             f"load_file + load_state_dict) and TO/{CONFIG} (model size, run, round, committed hash). The weights are "
-            "θ_global of the checkpoint's round: the state every member of the run held."
+            "θ_global of the checkpoint's round: the state every member of the run held. A run of --model hf:PATH "
+            "is written in Hugging Face format instead (save_pretrained: config, weights, tokenizer; load it with "
+            "from_pretrained(TO)): PATH must still hold the model's config."
         ),
         epilog="example: swarm export runs/p0-checkpoints --to exported/",
     )
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"swarm export: {e}", file=sys.stderr)
         return 2
     print(f"exported round {found.round} of run {found.run_id!r} ({info['params']:,} parameters, model "
-          f"{info['model']!r}) from {found.path} to {out / WEIGHTS}")
+          f"{info['model']!r}) from {found.path} to {out}")
     return 0
 
 
@@ -67,13 +69,26 @@ def export(found: Checkpoint, out: Path) -> dict[str, object]:
     Raises:
         CheckpointError: the checkpoint's model is not a built-in one, or θ_global does not fit it.
     """
+    import torch
     from safetensors.torch import save_model
 
-    model = model_of(found)
-    out.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(out / WEIGHTS))
+    from swarm.checkpoint import CheckpointError
+    from swarm.task.hf import is_hf, save_pretrained
+
     m = found.manifest
-    info = {"model": m["model"], "params": sum(p.numel() for p in model.parameters()), "run_id": m["run_id"],
+    out.mkdir(parents=True, exist_ok=True)
+    if is_hf(str(m.get("model"))):  # Hugging Face format: config, weights, tokenizer (from_pretrained reads it)
+        theta = found.tensors.get("global.theta")
+        try:
+            params = save_pretrained(m["model"], torch.from_numpy(theta.copy()) if theta is not None else
+                                     torch.zeros(0), out)
+        except ValueError as e:
+            raise CheckpointError(f"{found.path}: {e}") from e
+    else:
+        model = model_of(found)
+        save_model(model, str(out / WEIGHTS))
+        params = sum(p.numel() for p in model.parameters())
+    info = {"model": m["model"], "params": params, "run_id": m["run_id"],
             "round": m["round"], "hash": m["hash"], "global_step": m.get("global_step"), "source": str(found.path)}
     (out / CONFIG).write_text(json.dumps(info, indent=1) + "\n")
     return info

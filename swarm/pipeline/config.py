@@ -46,6 +46,9 @@ class PipelineConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         TrainingConfig.__post_init__(self)  # (no zero-argument super() in a slots dataclass)
+        if self.model not in SIZES:
+            raise ValueError(f"pipeline.model must be one of {', '.join(SIZES)}: a pipeline cuts the built-in model "
+                             f"into stages (hf: models train with --task train), got {self.model!r}")
         if self.stages < 1 or self.blocks_per_stage < 1 or self.microbatches < 1:
             raise ValueError("pipeline.stages, pipeline.blocks_per_stage and pipeline.microbatches must be >= 1")
         if self.data.batch_size % self.microbatches:

@@ -70,6 +70,11 @@ class DataConfig:
     """Windows per batch."""
     seed: int = 0
     """Seed of the window sampler; each peer mixes in its own index."""
+    text_field: str = "text"
+    """With a tokenizer (--model hf:...): the field of a JSONL record or the column of a Parquet file that holds
+    the text."""
+    cache_dir: str = ""
+    """With a tokenizer: where token ids are kept after the first tokenization ("": ~/.cache/swarm/tokens)."""
 
     def __post_init__(self) -> None:
         self.paths = [os.fspath(path) for path in self.paths]
