@@ -68,7 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              "shard and the device)")
     add_flags(t, TrainingConfig, aliases=TRAINING_FLAGS, skip=TRAINING_FILE_ONLY)
     t.add_argument("--shard", metavar="I/N",
-                   help="train on shard I of N of the corpus: sets shard_index and shard_count (default: 0/1)")
+                   help="train on shard I of N of the corpus: sets shard_index and shard_count; `auto`: the "
+                        "coordinator gives each peer a shard no other live peer trains on (of its --shards) "
+                        "(default: 0/1)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     add_flags(p.add_argument_group("train (--task train)"), TrainConfig, own=True,
               aliases={"checkpoint.dir": "--checkpoint-dir", "checkpoint.every": "--checkpoint-every",
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             allreduce_timeout_s=args.allreduce_timeout_s,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            shard_auto=args.shard == "auto",
         )
         task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s) \
             if args.task in ("control", "average") else None
@@ -202,7 +205,7 @@ def _training(args: argparse.Namespace) -> TrainConfig | PipelineConfig:
     cls = TrainConfig if args.task == "train" else PipelineConfig
     layers = [load_toml(cls, args.config, cls.TABLE)] if args.config else []
     layers.append(flag_values(args, cls))
-    if args.shard is not None:
+    if args.shard is not None and args.shard != "auto":
         layers.append(_shard(args.shard))
     config = build(cls, *layers)
     check_device(config.device)

@@ -85,9 +85,15 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     step_model = torch.nn.parallel.DistributedDataParallel(model) if group is not None else model
     inner = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     corpus = TokenCorpus.load(config.data, tokenizer) if tokenizer is not None else Corpus.load(config.data)
-    batches = Batches(corpus.shard(config.shard_index, config.shard_count), seq_len=config.data.seq_len,
-                      batch_size=config.data.batch_size, seed=config.data.seed,
-                      peer=config.shard_index * 4096 + rank)  # each process of the peer its own windows
+    if peer_config.shard_auto and config.intra_host:
+        raise ValueError("--shard auto in a multi-process (torchrun) peer is not supported; give --shard I/N")
+
+    def make_batches(index: int, count: int) -> Batches:
+        return Batches(corpus.shard(index, count), seq_len=config.data.seq_len, batch_size=config.data.batch_size,
+                       seed=config.data.seed, peer=index * 4096 + rank)  # each process of the peer its own windows
+
+    shard = (config.shard_index, config.shard_count)
+    batches = None if peer_config.shard_auto else make_batches(*shard)  # --shard auto: after the join
     H = config.sync_every
     evals: list[dict] = []
     handle = SwarmPeer(peer_config) if rank == 0 else None
@@ -116,15 +122,16 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec,
                 fragments=config.fragments, on_sync=on_sync, intra_group=group, outer_device=config.outer_device)
     run_id = peer_config.client.run_id
-    resumed = _resume(config, run_id, dl, inner, batches) if rank == 0 else None
+    resumed, data_state = _resume(config, run_id, dl, inner) if rank == 0 else (None, None)
     saver = ck.Checkpointer(config.checkpoint, run_id) if config.checkpoint.dir and handle is not None else None
 
     def save() -> None:
+        if batches is None:
+            return  # never joined: nothing trained, and a resumed state is on disk already
         tensors, meta = checkpoint_of(dl, inner)
         tensors["data.generator"] = batches.state_dict()["generator"].numpy().copy()
         meta.update(model=config.model, seed=config.seed, steps=config.steps, global_step=global_step(),
-                    peer_id=peer_config.client.peer_id, data_step=batches.step, shard=[config.shard_index,
-                                                                                      config.shard_count])
+                    peer_id=peer_config.client.peer_id, data_step=batches.step, shard=list(shard))
         saver.save(dl.state.round, dl.state.digest, tensors, meta)
         handle.set_checkpoint(dl.state.round)
 
@@ -136,6 +143,13 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     dl.on_sync = on_sync_and_save
     try:
         with dl:
+            if batches is None:
+                assert handle is not None and handle.peer.shard is not None, "the coordinator gave no shard"
+                shard = handle.peer.shard
+                batches = make_batches(*shard)
+                log.info("training on data shard %d of %d (--shard auto)", *shard)
+            if data_state is not None:
+                batches.load_state_dict(data_state)
             on_sync(SyncResult("start", dl.state.round))  # the loss at the start (or at joining)
             if handle is not None and (handle.peer.run_committed + 1) * dl.stride >= config.steps:
                 # Joined a run that already reached its last step (and whose peers may all be gone).
@@ -190,26 +204,26 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         "final_eval_loss": evals[-1]["eval_loss"] if evals else None, "evals": evals,
         "final_round": dl.state.round, "hooks": asdict(dl.stats), "device": str(device),
         "processes": world, "intra_backend": backend,
-        "resumed_from": resumed, "checkpoints": saver.written if saver else [],
+        "resumed_from": resumed, "shard": list(shard), "checkpoints": saver.written if saver else [],
         "checkpoint_errors": saver.errors if saver else [],
     }
     return report
 
 
-def _resume(config: TrainConfig, run_id: str, dl: DiLoCo, inner: torch.optim.Optimizer,
-            batches: Batches) -> dict[str, Any] | None:
+def _resume(config: TrainConfig, run_id: str, dl: DiLoCo,
+            inner: torch.optim.Optimizer) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """Load the checkpoint to resume from, if any (before joining): `--resume`, else the newest in `--checkpoint-dir`.
 
     Returns:
         The checkpoint's round, hash and folder (None: none, the peer starts from its initial weights and
-        takes the run's state from a live member).
+        takes the run's state from a live member), and the data sampler's state to continue from.
     Raises:
         CheckpointError: --resume names nothing usable, or the checkpoint is of another model or run.
     """
     c = config.checkpoint
     source = c.resume or c.dir
     if not source:
-        return None
+        return None, None
     path = Path(source)
     if c.resume and not path.exists():
         raise ck.CheckpointError(f"--resume {source}: no such file or folder")
@@ -219,16 +233,15 @@ def _resume(config: TrainConfig, run_id: str, dl: DiLoCo, inner: torch.optim.Opt
             raise ck.CheckpointError(f"--resume {source}: no valid checkpoint of run {run_id!r} there")
         log.info("no checkpoint of run %r in %s yet: starting from the run's live members or the initial weights",
                  run_id, source)
-        return None
+        return None, None
     if found.manifest.get("model") != config.model:
         raise ck.CheckpointError(f"{found.path} is a checkpoint of model {found.manifest.get('model')!r}, "
                                  f"this peer trains {config.model!r} (--model)")
     restore(dl, inner, found)
-    if "data.generator" in found.tensors:
-        batches.load_state_dict({"generator": torch.from_numpy(found.tensors["data.generator"].copy()),
-                                 "step": found.manifest.get("data_step", 0)})
+    data = ({"generator": torch.from_numpy(found.tensors["data.generator"].copy()),
+             "step": found.manifest.get("data_step", 0)} if "data.generator" in found.tensors else None)
     log.info("resuming from %s: round %d, hash %s", found.path, found.round, found.hash[:12])
-    return {"round": found.round, "hash": found.hash, "path": str(found.path)}
+    return {"round": found.round, "hash": found.hash, "path": str(found.path)}, data
 
 
 def _next_byte_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:

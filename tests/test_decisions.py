@@ -1157,3 +1157,17 @@ def test_checkpoint_holders_survive_a_restart_of_the_coordinator(tmp_path: Any) 
     again = SqliteStore(tmp_path / "db", RUN)
     assert again.state.rounds[(0, 0)].checkpointed_by == ("a",)
     again.close()
+
+
+def test_shard_auto_gives_the_lowest_shard_no_live_member_holds_and_a_rejoin_keeps_its_own() -> None:
+    sim = Sim(replace(CFG, shards=3))
+    for p in ("a", "b", "c", "d"):
+        sim.do(0.0, join_ev(p, shard_auto=True))
+    assert [sim.state.members[p].shard for p in "abcd"] == [0, 1, 2, 0]  # d: more peers than shards
+    sim.do(1.0, join_ev("b", shard_auto=True))  # a re-join (same incarnation) keeps its data
+    assert sim.state.members["b"].shard == 1
+    sim.leave(2.0, "b")
+    sim.do(3.0, join_ev("e", shard_auto=True))
+    assert sim.state.members["e"].shard == 1  # the shard b left
+    sim.join(4.0, "f")
+    assert sim.state.members["f"].shard == -1  # did not ask

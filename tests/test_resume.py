@@ -23,7 +23,7 @@ from tests.conftest import StartCoordinator
 SWARM = [sys.executable, "-m", "swarm.cli.main"]
 H = 5
 TRAIN = ["--task", "train", "--model", "tiny", "--inner-steps", str(H), "--threads", "1", "--batch-size", "4",
-         "--seq-len", "64", "--retry-for-s", "10", "--checkpoint-every", "1", "--keep", "2"]
+         "--seq-len", "64", "--retry-for-s", "10", "--checkpoint-every", "1", "--keep", "2", "--shard", "auto"]
 
 
 def _peer(tmp: Path, target: str, name: str, steps: int, *extra: str, tag: str = "") -> subprocess.Popen[bytes]:
@@ -50,7 +50,7 @@ def _initial_eval_loss() -> float:
 @pytest.mark.timeout(300)
 def test_a_run_whose_peers_all_died_resumes_from_their_checkpoints(tmp_path: Path,
                                                                      coordinator_proc: StartCoordinator) -> None:
-    coord = coordinator_proc(db=tmp_path / "run.db", extra_args=["--min-peers", "2", "--lease-s", "2"])
+    coord = coordinator_proc(db=tmp_path / "run.db", extra_args=["--min-peers", "2", "--lease-s", "2", "--shards", "2"])
     dirs = {name: tmp_path / f"{name}-ckpt" for name in ("p0", "p1")}
     peers = [_peer(tmp_path, coord.target, name, 100_000, "--checkpoint-dir", str(d)) for name, d in dirs.items()]
     try:
@@ -87,6 +87,7 @@ def test_a_run_whose_peers_all_died_resumes_from_their_checkpoints(tmp_path: Pat
         assert extra["final_round"] == newest + 3 and r["rounds_committed"] >= 1, r
         assert not extra["checkpoint_errors"]
     assert reports["p0"]["state_hash"] == reports["p1"]["state_hash"]
+    assert sorted(r["extra"]["shard"] for r in reports.values()) == [[0, 2], [1, 2]]  # --shard auto: no overlap
     start_loss = reports["p0"]["extra"]["evals"][0]["eval_loss"]
     assert start_loss < _initial_eval_loss() - 0.3  # it went on from the trained weights, not from scratch
 

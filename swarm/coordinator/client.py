@@ -186,7 +186,7 @@ class CoordinatorClient:
         return {"run_id": self.config.run_id, "peer_id": self.config.peer_id, "incarnation": self.incarnation}
 
     async def join(self, address: str, capabilities: pb.Capabilities | None = None, stage: int | None = 0,
-                   no_inbound: bool = False, state_hash: str = "") -> pb.JoinReply:
+                   no_inbound: bool = False, state_hash: str = "", shard_auto: bool = False) -> pb.JoinReply:
         """Join the run (again, after a lease expiry, with the same incarnation).
 
         Args:
@@ -196,10 +196,12 @@ class CoordinatorClient:
             no_inbound: this peer accepts no inbound connection (it dials the others).
             state_hash: the hash of the state this peer holds ("": none yet); the reply says `state_lost` when
                 nobody holds the committed state and this one is no committed round's.
+            shard_auto: ask for a data shard (the reply's shard_index of shard_count).
         """
         request = pb.JoinRequest(
             protocol_version=PROTOCOL_VERSION, address=address, capabilities=capabilities, stage=stage or 0,
-            any_stage=stage is None, no_inbound=no_inbound, state_hash=state_hash, **self._ids()
+            any_stage=stage is None, no_inbound=no_inbound, state_hash=state_hash,
+            shard_auto=shard_auto, **self._ids()
         )
         return await self._call("Join", request)
 

@@ -12,7 +12,7 @@ from typing import Any
 from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s", "relay"})
+_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s", "relay", "shards"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,6 +31,9 @@ class CoordinatorConfig:
     """An attempt must commit within this long; then the round ends with whoever committed."""
     min_peers: int = 1
     """A round does not start with fewer arrived peers than this."""
+    shards: int = 0
+    """Data shards handed to peers started with `--shard auto` (each the lowest one no live member holds, so peers
+    do not train on the same data; past that the one fewest hold); 0: min_peers."""
     max_attempts: int = 5
     """A round whose attempts keep failing is aborted after this many."""
     report_window_s: float = 1.0
@@ -82,6 +85,8 @@ class CoordinatorConfig:
         if self.tls_dir is not None and self.insecure:
             raise ValueError("coordinator.tls_dir and coordinator.insecure are both set: give --tls-dir DIR or "
                              "--insecure, not both")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 0:
+            raise ValueError(f"coordinator.shards must be a whole number >= 0 (0: min_peers), got {self.shards!r}")
         if self.enroll_port is not None:
             if self.tls_dir is None:
                 raise ValueError("coordinator.enroll_port needs coordinator.tls_dir (--tls-dir DIR holding ca.key): "

@@ -60,6 +60,8 @@ class Join:
     """The host the coordinator saw this request come from ("": unknown)."""
     reachable: bool = True
     """Whether others can dial `address` (the coordinator's probe); False: the peer dials out."""
+    shard_auto: bool = False
+    """Give the peer a data shard (`shard_for`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,7 +331,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
                     f"peer {ev.peer_id!r} serves stage {existing.stage}; Leave before joining stage {ev.stage}"
                 )
             member = replace(existing, address=ev.address, capabilities=caps, lease_expires_at=now + config.lease_s,
-                             reachable=ev.reachable)
+                             reachable=ev.reachable)  # (its shard too: a re-join keeps its data)
             return Decision(reason=f"{ev.peer_id} re-joined stage {ev.stage} from {ev.address}", put_members=(member,))
         if existing.lease_expires_at > now:
             left = existing.lease_expires_at - now
@@ -349,8 +351,22 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
         lease_expires_at=now + config.lease_s,
         movable=ev.any_stage,
         reachable=ev.reachable,
+        shard=shard_for(state, config, ev.peer_id) if ev.shard_auto else -1,
     )
     return before.then(Decision(reason=f"{ev.peer_id} joined stage {ev.stage} from {ev.address}", put_members=(member,)))
+
+
+def shard_count(config: CoordinatorConfig) -> int:
+    """How many shards `--shard auto` cuts the data into."""
+    return config.shards or max(1, config.min_peers)
+
+
+def shard_for(state: RunState, config: CoordinatorConfig, peer_id: str) -> int:
+    """The data shard for a peer joining with `--shard auto`: the lowest no other live member holds, else (more
+    peers than shards) the one fewest hold."""
+    held = [m.shard for m in state.members.values() if m.peer_id != peer_id and m.shard >= 0]
+    count = shard_count(config)
+    return min(range(count), key=lambda s: (held.count(s), s))
 
 
 def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorConfig) -> Decision:

@@ -20,7 +20,16 @@ import grpc
 
 from swarm.coordinator import views
 from swarm.coordinator.core import Coordinator
-from swarm.coordinator.decisions import Arrive, Commit, Heartbeat, Join, Leave, ReportFailure, dialable_address
+from swarm.coordinator.decisions import (
+    Arrive,
+    Commit,
+    Heartbeat,
+    Join,
+    Leave,
+    ReportFailure,
+    dialable_address,
+    shard_count,
+)
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
     CoordinatorError,
@@ -227,6 +236,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             any_stage=request.any_stage,
             observed=observed,
             reachable=reachable,
+            shard_auto=request.shard_auto,
         )
         lost_before = lost_stages(self.core.state, self.core.config)
         decision = self.core.handle(event)
@@ -246,6 +256,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             last_committed_hash=last.committed_hash if last else "",
             reason="; ".join(r for r in (decision.reason, why) if r),
             state_lost=lost,
+            shard_index=max(0, state.members[request.peer_id].shard),
+            shard_count=shard_count(cfg) if request.shard_auto else 0,
             donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
             stage=stage,
             stages=max(1, cfg.stages),

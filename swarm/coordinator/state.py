@@ -55,6 +55,8 @@ class Member:
     """It joined asking for any stage: the coordinator may move it to rebalance the stages."""
     reachable: bool = True
     """Others can dial its address (the coordinator's probe connected); False: it dials out (behind NAT)."""
+    shard: int = -1
+    """The data shard the coordinator gave it (`--shard auto`); -1: none asked."""
 
 
 @dataclass(frozen=True, slots=True)

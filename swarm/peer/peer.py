@@ -76,6 +76,8 @@ class PeerConfig:
     """Serve Prometheus metrics at http://metrics_host:PORT/metrics (0: a free port; None: off)."""
     metrics_host: str = "127.0.0.1"
     """Address the metrics server listens on."""
+    shard_auto: bool = False
+    """Ask the coordinator for a data shard at the join (`Peer.shard` says which)."""
 
     def __post_init__(self) -> None:
         if self.wait_s <= 0 or self.allreduce_timeout_s <= 0 or self.state_timeout_s <= 0:
@@ -113,6 +115,8 @@ class Peer:
         self.address = config.address
         self._state: RoundState | None = None
         self.metrics: MetricsServer | None = None
+        self.shard: tuple[int, int] | None = None
+        """(index, count) of the data shard the coordinator gave (with `shard_auto`), from the first join."""
         self.checkpoint_round = -1
         """The newest committed round this peer holds a checkpoint of (told with heartbeats; -1: none)."""
 
@@ -211,7 +215,10 @@ class Peer:
         # A re-join asks for the stage it was given, so a lease expiry never moves a peer.
         inbound = self.endpoint is None or self.endpoint.config.inbound
         reply = await self.client.join(self.address, caps, self.stage if self.stage is not None else self.config.stage,
-                                       no_inbound=not inbound, state_hash=state_hash)
+                                       no_inbound=not inbound, state_hash=state_hash,
+                                       shard_auto=self.config.shard_auto)
+        if reply.shard_count and self.shard is None:
+            self.shard = (int(reply.shard_index), int(reply.shard_count))
         if self.endpoint is not None and self.endpoint.dials_out != (not reply.reachable):
             self.endpoint.dials_out = not reply.reachable
             if not reply.reachable:

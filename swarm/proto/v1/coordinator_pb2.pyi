@@ -78,7 +78,7 @@ class Attempt(_message.Message):
     def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage", "no_inbound", "state_hash")
+    __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage", "no_inbound", "state_hash", "shard_auto")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +89,7 @@ class JoinRequest(_message.Message):
     ANY_STAGE_FIELD_NUMBER: _ClassVar[int]
     NO_INBOUND_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_AUTO_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     protocol_version: int
@@ -99,10 +100,11 @@ class JoinRequest(_message.Message):
     any_stage: bool
     no_inbound: bool
     state_hash: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ..., no_inbound: _Optional[bool] = ..., state_hash: _Optional[str] = ...) -> None: ...
+    shard_auto: bool
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ..., no_inbound: _Optional[bool] = ..., state_hash: _Optional[str] = ..., shard_auto: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable", "relay", "state_lost")
+    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable", "relay", "state_lost", "shard_index", "shard_count")
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +121,8 @@ class JoinReply(_message.Message):
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     RELAY_FIELD_NUMBER: _ClassVar[int]
     STATE_LOST_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     lease_s: float
     heartbeat_interval_s: float
     next_round: int
@@ -135,7 +139,9 @@ class JoinReply(_message.Message):
     reachable: bool
     relay: str
     state_lost: bool
-    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., relay: _Optional[str] = ..., state_lost: _Optional[bool] = ...) -> None: ...
+    shard_index: int
+    shard_count: int
+    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., relay: _Optional[str] = ..., state_lost: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "progress")
