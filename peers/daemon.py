@@ -29,7 +29,7 @@ import torch
 
 from swarm.compression import Contribution, ErrorFeedback, make_codec
 from swarm.coordinator.client import CoordinatorCallError
-from swarm.peer import GENESIS_HASH, Peer, PeerConfig, PeerReport
+from swarm.peer import GENESIS_HASH, Peer, PeerConfig, PeerReport, StateLost
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import StateSnapshot
 
@@ -116,7 +116,7 @@ async def run_test_task(peer: Peer, task: ProtocolTaskConfig) -> PeerReport:
             if result is None:
                 break  # stopped mid-round: nothing was adopted, so abandoning it is safe
         reason = "done"
-    except CoordinatorCallError as e:
+    except (CoordinatorCallError, StateLost) as e:
         peer.report.errors.append(str(e))
         reason = "error"
     return await peer.close(reason)

@@ -123,7 +123,8 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
                 fragments=config.fragments, on_sync=on_sync, intra_group=group, outer_device=config.outer_device)
     run_id = peer_config.client.run_id
     resumed, data_state = _resume(config, run_id, dl, inner) if rank == 0 else (None, None)
-    saver = ck.Checkpointer(config.checkpoint, run_id) if config.checkpoint.dir and handle is not None else None
+    saver = (ck.Checkpointer(config.checkpoint, run_id, on_written=handle.set_checkpoint)
+             if config.checkpoint.dir and handle is not None else None)
 
     def save() -> None:
         if batches is None:
@@ -133,7 +134,6 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         meta.update(model=config.model, seed=config.seed, steps=config.steps, global_step=global_step(),
                     peer_id=peer_config.client.peer_id, data_step=batches.step, shard=list(shard))
         saver.save(dl.state.round, dl.state.digest, tensors, meta)
-        handle.set_checkpoint(dl.state.round)
 
     def on_sync_and_save(result: SyncResult) -> None:
         on_sync(result)

@@ -285,10 +285,15 @@ class Checkpointer:
     (disk full, permissions) is logged and kept in `errors`; training is not stopped by it.
     """
 
-    def __init__(self, config: CheckpointConfig, run_id: str) -> None:
+    def __init__(self, config: CheckpointConfig, run_id: str,
+                 on_written: Callable[[int], None] | None = None) -> None:
+        """Args:
+            on_written: called (in the writer thread) with the round of each checkpoint once it is on disk.
+        """
         import concurrent.futures
 
         self.config = config
+        self.on_written = on_written
         self.run_id = run_id
         self.last_round = -1
         """The newest round saved (or being saved); -1: none."""
@@ -314,6 +319,8 @@ class Checkpointer:
         prune(self.config.dir, self.config.keep, self.run_id)
         took = time.perf_counter() - started
         self.written.append({"round": round_, "path": str(path), "write_s": round(took, 3)})
+        if self.on_written is not None:
+            self.on_written(round_)
         log.info("checkpoint of round %d (hash %s) written to %s in %.2f s", round_, state_hash[:12], path, took)
 
     def wait(self) -> None:

@@ -40,12 +40,12 @@ def test_throughput_counts_from_the_first_sync_on() -> None:
 @needs_nft
 @needs_tun
 @pytest.mark.slow
-@pytest.mark.skip(reason="unfinished (issue 19): the smoke run outlasts 120 s on 2 cores and was never seen to pass; make it pass, then remove this")
+@pytest.mark.timeout(300)  # ten Python processes start twice (each arm its own coordinator and peers) on 2 cores
 def test_both_arms_train_to_equal_hashes_and_report_throughput(tmp_path: Path) -> None:
     # Streaming only, 4 fragment rounds of 5 steps; most of the time goes into starting 10 Python processes.
     cmd = [sys.executable, str(SCRIPT), "--steps", "20", "--sync-every", "10", "--fragments", "2",
-           "--modes", "streaming", "--one-way-ms", "20", "--timeout-s", "60", "--keep", str(tmp_path / "logs"), "--json"]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=150, cwd=REPO)
+           "--modes", "streaming", "--one-way-ms", "20", "--timeout-s", "120", "--keep", str(tmp_path / "logs"), "--json"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=280, cwd=REPO)
     report = json.loads(proc.stdout.splitlines()[-1])
     assert proc.returncode == 0, (report, proc.stderr[-2000:])
     runs = report["runs"]["streaming"]

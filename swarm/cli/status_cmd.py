@@ -45,7 +45,7 @@ def status_to_dict(status: pb.StatusReply) -> dict:
 def render(status: pb.StatusReply, max_events: int = 12) -> Group:
     """Tables of members, rounds and recent decisions."""
     members = Table(title=f"run {status.run_id}: {len(status.members)} members", title_justify="left")
-    for col in ("peer", "stage", "address", "lease left", "step", "loss", "tokens/s"):
+    for col in ("peer", "stage", "address", "lease left", "step", "loss", "tokens/s", "checkpoint"):
         members.add_column(col, justify="right" if col not in ("peer", "address") else "left")
     for m in status.members:
         members.add_row(
@@ -53,6 +53,7 @@ def render(status: pb.StatusReply, max_events: int = 12) -> Group:
             m.member.address + (" (unreachable: dials out)" if m.member.unreachable else ""),
             f"{m.lease_expires_in_s:.1f}s",
             str(m.progress.step), f"{m.progress.loss:.4f}", f"{m.progress.tokens_per_s:.0f}",
+            f"round {m.progress.checkpoint_round}" if m.progress.has_checkpoint else "-",
         )
     rounds = Table(title="rounds", title_justify="left")
     for col in ("stage", "round", "phase", "attempt", "members", "commits", "hash", "why"):

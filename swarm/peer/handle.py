@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import socket
 import threading
@@ -117,8 +118,11 @@ class SwarmPeer:
         self._loop.call_soon_threadsafe(setattr, self.peer, "progress", progress)
 
     def set_checkpoint(self, round_: int) -> None:
-        """Tell the coordinator (with the next heartbeats) that this peer holds a checkpoint of `round_`."""
-        self._loop.call_soon_threadsafe(setattr, self.peer, "checkpoint_round", round_)
+        """Tell the coordinator (with the next heartbeats) that this peer holds a checkpoint of `round_` (from any
+        thread; a no-op once the peer is closed)."""
+        if not self._loop.is_closed() and self.report is None:
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+                self._loop.call_soon_threadsafe(setattr, self.peer, "checkpoint_round", round_)
 
     def close(self, reason: str = "done") -> None:
         """Leave the run, stop the loop and its thread; idempotent."""

@@ -156,8 +156,9 @@ class Peer:
         """
         self._state = state
         reply = self._joined
-        if reply is not None and reply.state_lost and not reply.recover and reply.last_committed_hash != state.digest:
-            raise StateLost(reply.reason)
+        lost = reply is not None and reply.state_lost and not reply.recover
+        if lost and self.endpoint is not None and reply.last_committed_hash != state.digest:
+            raise StateLost(reply.reason)  # (a peer without a data plane holds only the hash: it adopts it below)
         if reply is not None and reply.has_committed and not reply.recover and reply.last_committed_hash != state.digest:
             # Joining a run in progress: take the committed state from the donor the coordinator named.
             donor = reply.donor if reply.HasField("donor") else None
