@@ -103,8 +103,9 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
     last_loss = float("nan")
 
     def global_step() -> int:
-        # A round syncs all of θ every H steps, or one fragment every H / fragments steps when streaming.
-        return (dl.state.round + 1) * dl.stride + dl.local_step
+        # A round syncs all of θ every H steps, or one fragment every H / fragments steps when streaming (a
+        # fragment's round in flight counts: otherwise a peer whose last round is slow launches one more).
+        return dl.steps
 
     def on_sync(result: SyncResult) -> None:
         if handle is None:

@@ -290,6 +290,33 @@ def test_streaming_syncs_one_fragment_per_stride_and_members_stay_identical(code
         assert not torch.equal(hooks[0].state.theta[part], start[part])
 
 
+class _SlowThirdRound(_Recorder):
+    """A swarm of one whose third round ends only when the test says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def sync(self, contribution: Contribution) -> SyncResult:
+        if len(self.calls) == 2:
+            assert self.go.wait(timeout=30), "the test never released the round"
+        return super().sync(contribution)
+
+
+def test_a_streaming_round_in_flight_counts_in_the_steps_so_a_loop_to_n_steps_launches_no_extra_round() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    peer = _SlowThirdRound()
+    with DiLoCo(model, opt, peer=peer, sync_every=8, fragments=2) as dl:
+        while dl.steps < 12:  # three strides of 4 steps: round 2 goes out at step 12 and stays in flight
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert dl.steps == 12 and dl.local_step == 0 and dl.state.round == 1 and len(peer.calls) == 2  # (3rd waits)
+        peer.go.set()
+    assert len(peer.calls) == 3 and dl.state.round == 2, "the round in flight completes on leaving; none more"
+
+
 def test_fragments_cut_on_parameter_boundaries() -> None:
     params = [nn.Parameter(torch.zeros(n)) for n in (10, 10, 10, 70)]
     parts = _cut(params, 2)

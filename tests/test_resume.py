@@ -38,6 +38,17 @@ def _report(path: Path) -> dict:
     return json.loads(lines[-1])["peer_report"]
 
 
+def _reported(target: str, at_least: int = 3) -> set[str]:
+    """The members whose heartbeats reported a checkpoint of round `at_least` or later."""
+    out = subprocess.run([*SWARM, "status", "--coordinator", target, "--json"], capture_output=True, text=True,
+                         timeout=30, check=False)
+    if out.returncode != 0:
+        return set()
+    members = json.loads(out.stdout).get("members", [])
+    return {m["member"]["peer_id"] for m in members
+            if m["progress"].get("has_checkpoint") and m["progress"].get("checkpoint_round", 0) >= at_least}
+
+
 def _initial_eval_loss() -> float:
     from swarm.task import Corpus, DataConfig, build_model, evaluate
 
@@ -55,8 +66,10 @@ def test_a_run_whose_peers_all_died_resumes_from_their_checkpoints(tmp_path: Pat
     peers = [_peer(tmp_path, coord.target, name, 100_000, "--checkpoint-dir", str(d)) for name, d in dirs.items()]
     try:
         deadline = time.monotonic() + 150
-        while not all(len(ck.rounds(d)) >= 2 and ck.rounds(d)[-1][0] >= 3 for d in dirs.values()):
-            assert time.monotonic() < deadline, "no checkpoints of round 3 within 150 s"
+        # Killed once the coordinator has heard (with the heartbeats) of both peers' checkpoints of round 3 on:
+        # rounds of this tiny model take milliseconds, far less than a heartbeat interval.
+        while not (all(len(ck.rounds(d)) >= 2 for d in dirs.values()) and _reported(coord.target) >= {"p0", "p1"}):
+            assert time.monotonic() < deadline, "no reported checkpoints of round 3 within 150 s"
             assert all(p.poll() is None for p in peers), (tmp_path / "p0.err").read_text()[-3000:]
             time.sleep(0.2)
     finally:

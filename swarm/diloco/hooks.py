@@ -149,6 +149,7 @@ class DiLoCo:
         self._syncing = threading.Lock()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: tuple[concurrent.futures.Future[SyncResult], slice, torch.Tensor, float] | None = None
+        self._in_flight_round = -1
 
     @property
     def streaming(self) -> bool:
@@ -158,6 +159,14 @@ class DiLoCo:
     def stride(self) -> int:
         """Inner steps between two syncs (of consecutive fragments, when streaming)."""
         return self.sync_every // len(self.fragments)
+
+    @property
+    def steps(self) -> int:
+        """Inner steps the run has taken up to this peer's model: the rounds applied and the one in flight
+        (streaming) each count `stride` steps, plus the local steps since."""
+        # (Not state.round + 1 while in flight: the peer adopts a round's state when it commits, before it is applied.)
+        last = self._in_flight_round if self._in_flight is not None else self.state.round
+        return (last + 1) * self.stride + self.local_step
 
     # ---------------------------------------------------------- lifecycle
 
@@ -306,6 +315,7 @@ class DiLoCo:
         self.local_step = 0
         fut = self._worker.submit(self.peer.sync, contribution)
         self._in_flight = (fut, part, local, time.perf_counter())
+        self._in_flight_round = self.state.round + 1  # (the previous round was applied: the state is settled)
 
     def _finish(self, wait: bool) -> None:
         """Apply the fragment in flight once its round ended (streaming)."""

@@ -152,7 +152,7 @@ class StageRunner:
         if self.diloco.state.round >= 0 and not peer.recover:
             # A replica that joined a stage in progress resynced θ_global: go on at the stage's step,
             # so its syncs fall in the same rounds as the other replicas'.
-            self.steps_done = (self.diloco.state.round + 1) * self.config.sync_every + self.diloco.local_step
+            self.steps_done = self.diloco.steps
         assert peer.endpoint is not None
         peer.endpoint.call_handler = self._serve
         self.ready = True
