@@ -19,7 +19,9 @@ Per peer, from its `peer_report`: tokens/s = tokens / train_s (the whole run, th
 steady tokens/s = tokens trained between its first and last sync / the time between them (each peer
 steps once per global step: Δstep x batch x seq_len tokens); rounds committed, the final state hash,
 bytes sent and relayed, `sync_s` (the DiLoCo hooks' time in syncs: plain, the time the loop was
-blocked; streaming, the time fragments were in flight, overlapped with training). Per arm, also the
+blocked; streaming, the time fragments were in flight, overlapped with training), `waited_s` (the time the
+training loop stood still for the network: the whole sync in plain mode, in streaming mode the waits for a
+fragment round not back by the time the next one goes out). Per arm, also the
 median over every peer's intervals between two consecutive syncs of the tokens/s in it: a burst of
 other jobs' load slows a few intervals, not the median. `ratio_*` = the lab arm's figure / the
 loopback arm's. With N peers on 2 cores the compute is CPU-bound either way: the question is only
@@ -217,6 +219,8 @@ def _summarise(s: Settings, mode: str, folder: Path, peers: list[subprocess.Pope
             "rounds_committed": r["rounds_committed"], "state_hash": r["state_hash"],
             "bytes_sent": r["bytes_sent"], "bytes_received": r["bytes_received"], "bytes_relayed": r["bytes_relayed"],
             "sync_s": round((extra.get("hooks") or {}).get("sync_s", 0.0), 3),
+            # Training stood still for: the whole sync (plain), a fragment's round not back by the next (streaming).
+            "waited_s": round((extra.get("hooks") or {}).get("waited_s" if mode == "streaming" else "sync_s", 0.0), 3),
             "final_eval_loss": extra.get("final_eval_loss"), "stopped_by": r["stopped_by"]})
     out: dict[str, Any] = {"mode": mode, "fragments": s.fragments if mode == "streaming" else 1,
                            "wall_s": round(wall, 2), "peers": per_peer}

@@ -317,6 +317,21 @@ def test_a_streaming_round_in_flight_counts_in_the_steps_so_a_loop_to_n_steps_la
     assert len(peer.calls) == 3 and dl.state.round == 2, "the round in flight completes on leaving; none more"
 
 
+def test_streaming_goes_on_training_while_a_slow_round_is_in_flight_and_sends_the_next_fragment() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    peer = _SlowThirdRound()
+    with DiLoCo(model, opt, peer=peer, sync_every=8, fragments=2) as dl:
+        while dl.steps < 16:  # round 2 (fragment 0) is stuck; round 3 (fragment 1) goes out at step 16 anyway
+            model(torch.randn(2, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert [r.round for r in dl._in_flight] == [2, 3] and dl.stats.waited_s < 1.0
+        assert dl.state.round == 1 and len(peer.calls) == 2  # (the third waits; the fourth is queued behind it)
+        peer.go.set()
+    assert len(peer.calls) == 4 and dl.state.round == 3 and not dl._in_flight
+
+
 def test_fragments_cut_on_parameter_boundaries() -> None:
     params = [nn.Parameter(torch.zeros(n)) for n in (10, 10, 10, 70)]
     parts = _cut(params, 2)

@@ -29,6 +29,7 @@ sync, instead of holding the others at the barrier).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -74,6 +75,8 @@ class SyncStats:
     resynced: int = 0
     kept: int = 0
     sync_s: float = 0.0
+    waited_s: float = 0.0
+    """Time training stood still waiting for a round (streaming: a fragment's round not back in time)."""
     last: str = ""
 
 
@@ -86,7 +89,9 @@ class DiLoCo:
     so each fragment still syncs every sync_every steps and the network is busy all the time with
     1/fragments of the bytes. A fragment's result is applied at the first inner step after it
     arrived (at least one step later): θ_local ← θ_global + (the local progress made while it was
-    in flight). At most one round is in flight; a sync that comes due while one is waits for it.
+    in flight). Rounds of different fragments may be in flight together (they run one after another
+    on the swarm): a fragment's next round waits only for its own previous one, so the compute stands
+    still only when a round takes longer than `sync_every` steps.
 
     Args:
         model: any `nn.Module`; its trainable parameters (in `parameters()` order) are synced.
@@ -148,8 +153,11 @@ class DiLoCo:
         self._hook: object | None = None
         self._syncing = threading.Lock()
         self._worker: concurrent.futures.ThreadPoolExecutor | None = None
-        self._in_flight: tuple[concurrent.futures.Future[SyncResult], slice, torch.Tensor, float] | None = None
-        self._in_flight_round = -1
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
+        """Streaming: the rounds sent and not applied yet, oldest first (at most one per fragment)."""
+        self._epoch = 0
+        """Resyncs so far: a round sent before the last one measures the local progress from the resync."""
+        self._since_resync: torch.Tensor | None = None
 
     @property
     def streaming(self) -> bool:
@@ -165,7 +173,7 @@ class DiLoCo:
         """Inner steps the run has taken up to this peer's model: the rounds applied and the one in flight
         (streaming) each count `stride` steps, plus the local steps since."""
         # (Not state.round + 1 while in flight: the peer adopts a round's state when it commits, before it is applied.)
-        last = self._in_flight_round if self._in_flight is not None else self.state.round
+        last = self._in_flight[-1].round if self._in_flight else self.state.round
         return (last + 1) * self.stride + self.local_step
 
     # ---------------------------------------------------------- lifecycle
@@ -192,8 +200,8 @@ class DiLoCo:
             self._hook = None
         reason = "done" if exc[0] is None else exc[0].__name__  # type: ignore[attr-defined]
         try:
-            if self._in_flight is not None and exc[0] is None:
-                self._finish(wait=True)  # the last fragment's round completes before leaving
+            while self._in_flight and exc[0] is None:
+                self._finish(wait=True)  # the last fragments' rounds complete before leaving
         finally:
             if self.peer is not None:
                 self.peer.close(reason)  # on an error this abandons a round in flight
@@ -206,10 +214,11 @@ class DiLoCo:
             if self.local_step >= self.sync_every:
                 self.sync()
             return
-        if self._in_flight is not None:
-            self._finish(wait=False)
+        while self._in_flight and self._in_flight[0].future.done():
+            self._finish(wait=False)  # every round back by now is applied, in order
         if self.local_step >= self.stride:
-            self._finish(wait=True)
+            while len(self._in_flight) >= len(self.fragments):
+                self._finish(wait=True)  # the next fragment's previous round must be applied first
             self._launch()
 
     # --------------------------------------------------------------- sync
@@ -254,6 +263,9 @@ class DiLoCo:
             self.stats.committed += 1
         elif result.outcome == "resynced":
             self._load_global()
+            if self._in_flight:  # rounds sent before it will measure local progress from here
+                self._epoch += 1
+                self._since_resync = self._flat_params()
             self.local_step = min(self.state.restored_inner_step, self.stride)
             if self.feedback is not None:
                 self.feedback.reset()  # it belonged to a trajectory the run did not take
@@ -268,13 +280,10 @@ class DiLoCo:
         if self.on_sync is not None:
             self.on_sync(result)
 
-    def _next_part(self) -> slice:
-        return self.fragments[(self.state.round + 1) % len(self.fragments)]
-
     def sync(self) -> SyncResult:
         """Sync all fragments now, waiting for the round (the step hook calls it every `sync_every` steps)."""
         with self._syncing:
-            if self.streaming:
+            while self._in_flight:
                 self._finish(wait=True)
             started = time.perf_counter()
             part = slice(0, self.numel)
@@ -308,38 +317,66 @@ class DiLoCo:
 
     def _launch(self) -> None:
         """Send the next fragment's Δ in the background (streaming)."""
-        assert self._worker is not None and self._in_flight is None
+        assert self._worker is not None
         part = self._next_part()
-        self.state.fragment = part
         local, contribution = self._delta(part)
         self.local_step = 0
-        fut = self._worker.submit(self.peer.sync, contribution)
-        self._in_flight = (fut, part, local, time.perf_counter())
-        self._in_flight_round = self.state.round + 1  # (the previous round was applied: the state is settled)
+        fut = self._worker.submit(self._sync_fragment, part, contribution)
+        last = self._in_flight[-1].round if self._in_flight else self.state.round
+        self._in_flight.append(_InFlight(fut, part, local, time.perf_counter(), last + 1, self._epoch))
+
+    def _sync_fragment(self, part: slice, contribution: Contribution) -> SyncResult:
+        """(In the worker, rounds one after another.) The round that syncs `part`: the state proposes its mean."""
+        self.state.fragment = part
+        return self.peer.sync(contribution)  # type: ignore[union-attr]
+
+    def _next_part(self) -> slice:
+        last = self._in_flight[-1].round if self._in_flight else self.state.round
+        return self.fragments[(last + 1) % len(self.fragments)]
 
     def _finish(self, wait: bool) -> None:
-        """Apply the fragment in flight once its round ended (streaming)."""
-        if self._in_flight is None:
+        """Apply the oldest round in flight once it ended (streaming)."""
+        if not self._in_flight:
             return
-        fut, part, sent_local, started = self._in_flight
-        if not wait and not fut.done():
+        sent = self._in_flight[0]
+        if not wait and not sent.future.done():
             return
+        waiting = time.perf_counter()
         while True:
             try:
-                result = fut.result(timeout=0.2)  # short waits: Ctrl-C reaches this thread
+                result = sent.future.result(timeout=0.2)  # short waits: Ctrl-C reaches this thread
                 break
             except concurrent.futures.TimeoutError:
                 continue
-        self._in_flight = None
-        # Local progress made on this fragment while its round was in flight is kept on top of θ_global.
-        progress = self._flat_params(part) - sent_local
-        self._settle(result, part, started, progress)
+        self.stats.waited_s += time.perf_counter() - waiting
+        self._in_flight.popleft()
+        # Local progress made on this fragment while its round was in flight is kept on top of θ_global
+        # (measured from the last resync for a round sent before it: the model was reloaded then).
+        base = sent.local if sent.epoch == self._epoch or self._since_resync is None else self._since_resync[sent.part]
+        progress = self._flat_params(sent.part) - base
+        if not self._in_flight:
+            self._since_resync = None
+        self._settle(result, sent.part, sent.started, progress)
 
     def state_dict(self) -> dict[str, object]:
         """θ_global, the outer momentum, the round and the error-feedback residual, to save with the peer."""
         return {"theta": self.state.theta, "momentum": self.state.momentum, "round": self.state.round,
                 "hash": self.state.digest, "local_step": self.local_step,
                 "feedback": self.feedback.state_dict() if self.feedback is not None else None}
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A streaming round sent and not applied yet."""
+
+    future: concurrent.futures.Future[SyncResult]
+    part: slice
+    local: torch.Tensor
+    """θ_local of `part` when it was sent."""
+    started: float
+    round: int
+    epoch: int
+    """The resyncs before it was sent."""
 
 
 def _cut(params: list[nn.Parameter], n: int) -> list[slice]:
