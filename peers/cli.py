@@ -96,6 +96,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fault-injection rules as JSON (env SWARM_FAULTS); for tests and chaos runs")
     p.add_argument("--rounds", type=int, default=10, help="stop once rounds 0..N-1 of the run are over; 0: run until stopped")
     p.add_argument("--work-s", type=float, default=0.2, help="simulated local work per round (default: %(default)s)")
+    p.add_argument("--attack", default="", metavar="KIND",
+                   help="--task average only, for testing robust aggregation: send a poisoned update (scale:F, "
+                        "signflip, noise:F, bias:F, or lie:KIND to also declare the honest norm)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port, logged; default: off)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
@@ -155,7 +158,10 @@ def run(args: argparse.Namespace) -> int:
             metrics_host=args.metrics_host,
             shard_auto=args.shard == "auto",
         )
-        task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s) \
+        if args.attack and args.task != "average":
+            raise ValueError("--attack needs --task average")
+        task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s,
+                                  attack=args.attack) \
             if args.task in ("control", "average") else None
     except (ValueError, OSError) as e:  # OSError: an unreadable --config
         print(f"swarm peer: {e}", file=sys.stderr)

@@ -30,6 +30,7 @@ import torch
 from swarm.compression import Contribution, ErrorFeedback, make_codec
 from swarm.coordinator.client import CoordinatorCallError
 from swarm.peer import GENESIS_HASH, Peer, PeerConfig, PeerReport, StateLost
+from swarm.peers import attacks
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import StateSnapshot
 
@@ -46,10 +47,16 @@ class ProtocolTaskConfig:
     """Stop once rounds 0 .. rounds-1 of the run are over (0: run until stopped)."""
     work_s: float = 0.2
     """Simulated local work per round."""
+    attack: str = ""
+    """`average`: send a poisoned update of this kind (`peers.attacks`), for robust-aggregation tests."""
 
     def __post_init__(self) -> None:
         if self.rounds < 0 or self.work_s < 0 or self.numel < 1:
             raise ValueError("--rounds and --work-s must be >= 0 and --numel >= 1")
+        if self.attack and self.task != "average":
+            raise ValueError("--attack needs --task average")
+        if self.attack:
+            attacks.check(self.attack)
 
 
 # ------------------------------------------------------------- test tasks
@@ -111,7 +118,8 @@ async def run_test_task(peer: Peer, task: ProtocolTaskConfig) -> PeerReport:
             mine = None
             if task.task == "average":
                 x = torch.from_numpy(contribution(cfg.client.peer_id, peer.round, task.numel))
-                mine = Contribution(x, codec, feedback)
+                mine = (attacks.contribution(task.attack, x, peer.round, codec, feedback) if task.attack
+                        else Contribution(x, codec, feedback))
             result = await peer.unless_stopping(peer.sync(mine))
             if result is None:
                 break  # stopped mid-round: nothing was adopted, so abandoning it is safe

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
-from swarm.allreduce.reduce import gathers_payloads, parts_for, reduce_in_order
+from swarm.allreduce.reduce import gathers_payloads, parts_for
+from swarm.allreduce.robust import reduce_in_order
 from swarm.compression import Codec, CodecConfig, Contribution, ErrorFeedback, make_codec
 from swarm.transport.endpoint import Endpoint, PeerFailure, TransportConfig
 from swarm.transport.faults import FaultInjector, FaultRule

@@ -29,6 +29,7 @@ from swarm.allreduce.reduce import (
     parts_for,
     reduce_payloads,
 )
+from swarm.allreduce.robust import MEAN, Rule
 from swarm.compression import Contribution
 from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
 from swarm.transport.frames import Header, checksum
@@ -41,6 +42,8 @@ class Participant:
     peer_id: str
     address: str
     bandwidth: float = 0.0
+    norm: float | None = None
+    """The norm it declared for its contribution (robust aggregation; None: not declared)."""
 
 
 @dataclass(slots=True)
@@ -52,6 +55,8 @@ class _Attempt:
     deadline: float
     ids: list[str]
     others: list[Participant]
+    rule: Rule
+    norms: list[float | None] | None
 
     @property
     def me(self) -> str:
@@ -77,7 +82,7 @@ class _Attempt:
 
 
 async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, members: list[Participant], round: int,
-                            attempt: int, timeout_s: float) -> torch.Tensor:
+                            attempt: int, timeout_s: float, rule: Rule = MEAN) -> torch.Tensor:
     """One attempt of the all-reduce of `contribution` among `members`.
 
     Args:
@@ -86,6 +91,7 @@ async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, memb
         members: the attempt's members in the coordinator's fixed order.
         round, attempt: tag every frame so frames of other attempts are discarded.
         timeout_s: the whole attempt must finish within this long.
+        rule: how to average (`robust`); the members' declared norms are checked against their parts.
     Returns:
         The mean over all members (fp32, on the contribution's device), identical bytes on every
         member. On the CPU it is an endpoint buffer: `endpoint.release()` it when done.
@@ -95,7 +101,8 @@ async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, memb
     codec, total = contribution.codec, contribution.numel
     box = endpoint.inbox(round, attempt)
     at = _Attempt(endpoint, box, round, attempt, asyncio.get_running_loop().time() + timeout_s,
-                  [m.peer_id for m in members], [m for m in members if m.peer_id != endpoint.peer_id])
+                  [m.peer_id for m in members], [m for m in members if m.peer_id != endpoint.peer_id], rule,
+                  [m.norm for m in members] if any(m.norm is not None for m in members) else None)
     parts = parts_for(codec, total, [m.bandwidth for m in members])
     host_out = None
     if contribution.device.type == "cpu":  # the inbox recycles it if the attempt fails, once no frame lands in it
@@ -134,7 +141,7 @@ async def _butterfly(at: _Attempt, contribution: Contribution, parts: list[tuple
     if my_len:
         mine = out[my_start : my_start + my_len]
         received = [payloads[me] if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
-        reduce_payloads(codec, received, ids, at.me, mine)
+        reduce_payloads(codec, received, ids, at.me, mine, rule=at.rule, norms=at.norms)
         final = encode_result(result, mine)
         at.faults_after_reduce()
         host = _host(final)
@@ -167,7 +174,7 @@ async def _gather(at: _Attempt, contribution: Contribution, parts: list[tuple[in
     offset = 0
     for (start, length), size in zip(parts, sizes, strict=True):
         reduce_payloads(codec, [p[offset : offset + size] for p in payloads], ids, at.me,
-                        out[start : start + length], scratch)
+                        out[start : start + length], scratch, rule=at.rule, norms=at.norms)
         offset += size
     at.faults_after_reduce()  # nothing is sent after the reduce here: both points come once it is done
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from swarm.allreduce.robust import MEAN, Rule, aggregate, check_declared, weights
 from swarm.compression import Codec, all_finite
 from swarm.transport.endpoint import PeerFailure
 
@@ -64,19 +65,6 @@ def gathers_payloads(codec: Codec, total: int, members: int) -> bool:
     return (members - 1) * codec.payload_nbytes(total) < reduced
 
 
-def reduce_in_order(pieces: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Mean of `pieces` summed in list order into `out` (fp32); NaN/Inf are left for `check_finite`."""
-    if len(pieces) == 1:
-        out.copy_(pieces[0])
-    else:
-        torch.add(pieces[0], pieces[1], out=out)  # same bits as copy-then-add, one pass less
-    for piece in pieces[2:]:
-        out.add_(piece)
-    # A 0-d tensor divisor keeps a true IEEE division on CUDA too (a Python scalar becomes a
-    # multiplication by its reciprocal there, which rounds differently from the CPU).
-    return out.div_(torch.full((), len(pieces), dtype=out.dtype, device=out.device))
-
-
 def check_finite(reduced: torch.Tensor, pieces: list[torch.Tensor], ids: list[str], me: str | None) -> None:
     """Refuse a reduced part holding NaN/Inf, naming the member whose contribution brought it.
 
@@ -104,15 +92,19 @@ def check_finite(reduced: torch.Tensor, pieces: list[torch.Tensor], ids: list[st
 
 
 def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], me: str | None, out: torch.Tensor,
-                    scratch: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    scratch: list[torch.Tensor] | None = None, rule: Rule = MEAN,
+                    norms: Sequence[float | None] | None = None) -> torch.Tensor:
     """Decode each member's payload of one part (in member order) and write their mean into `out`.
 
     Args:
         payloads: one per member of `ids`, on out's device.
         me: this member's id (its own payload is never blamed on another), or None.
         scratch: fp32 buffers at least out's size, one per member, to decode into (else new tensors).
+        rule: how to average (`robust`): mean, clipped-mean or trimmed-mean.
+        norms: each member's declared norm of its whole contribution (None: not declared, not checked).
     Raises:
-        PeerFailure: a member's payload does not decode or brings NaN/Inf (see `check_finite`).
+        PeerFailure: a member's payload does not decode, exceeds its declared norm or brings NaN/Inf (see
+            `check_finite`).
     """
     n = out.numel()
     pieces = []
@@ -120,7 +112,11 @@ def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], 
         with blame(peer):
             into = scratch[i][:n] if scratch is not None and not codec.stores_values else None
             pieces.append(codec.decode(payload, n, out=into, alias=True))
-    reduce_in_order(pieces, out)
+        declared = norms[i] if norms is not None else None
+        if declared is not None and peer != me and all_finite(pieces[-1]):
+            check_declared(pieces[-1], declared, peer)
+    known = None if norms is None or any(x is None for x in norms) else [float(x) for x in norms]  # type: ignore[arg-type]
+    aggregate(rule, pieces, out, weights(rule, known) if known is not None else None)
     check_finite(out, pieces, ids, me)
     return out
 

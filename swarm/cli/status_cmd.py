@@ -50,7 +50,8 @@ def render(status: pb.StatusReply, max_events: int = 12) -> Group:
     for m in status.members:
         members.add_row(
             m.member.peer_id, str(m.stage),
-            m.member.address + (" (unreachable: dials out)" if m.member.unreachable else ""),
+            m.member.address + (" (unreachable: dials out)" if m.member.unreachable else "")
+            + (f" [quarantined: {m.quarantined}]" if m.quarantined else ""),
             f"{m.lease_expires_in_s:.1f}s",
             str(m.progress.step), f"{m.progress.loss:.4f}", f"{m.progress.tokens_per_s:.0f}",
             f"round {m.progress.checkpoint_round}" if m.progress.has_checkpoint else "-",

@@ -83,6 +83,13 @@ class Contribution:
     def device(self) -> torch.device:
         return self.x.device
 
+    def norm(self) -> float:
+        """The L2 norm of what this contribution sends: its payload, decoded (declared to the round: robust
+        aggregation bounds and clips contributions by it, and each part's receiver checks its part against it).
+        Encodes the whole once more; the parts' payloads are the same bytes (the codec's block grid)."""
+        values = self.codec.decode(self.encode(0, self.numel), self.numel, alias=True)
+        return float(torch.linalg.vector_norm(values))
+
     def encode(self, start: int, n: int) -> torch.Tensor:
         """The payload of x[start : start + n] (a view of x for `none`); its new residual is kept aside.
 

@@ -222,9 +222,12 @@ class CoordinatorClient:
             if e.code not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
                 raise
 
-    async def rendezvous(self, stage: int, round: int, wait_s: float = 10.0, state_hash: str = "") -> pb.RendezvousReply:
-        """Arrive at the barrier of `round` holding the state `state_hash`; the reply may be WAITING (call again)."""
-        request = pb.RendezvousRequest(stage=stage, round=round, wait_s=wait_s, state_hash=state_hash, **self._ids())
+    async def rendezvous(self, stage: int, round: int, wait_s: float = 10.0, state_hash: str = "",
+                         norm: float | None = None) -> pb.RendezvousReply:
+        """Arrive at the barrier of `round` holding the state `state_hash`, bringing a contribution of L2 norm
+        `norm` (None: not declared); the reply may be WAITING (call again)."""
+        request = pb.RendezvousRequest(stage=stage, round=round, wait_s=wait_s, state_hash=state_hash,
+                                       contribution_norm=norm, **self._ids())
         return await self._call("Rendezvous", request, extra_s=wait_s)
 
     async def report_failure(self, stage: int, round: int, attempt: int, suspect: str, reason: str,

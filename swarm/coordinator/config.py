@@ -9,10 +9,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from swarm.allreduce.robust import Rule
 from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s", "relay", "shards"})
+_NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s", "relay", "shards",
+                          "aggregate", "norm_bound"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,7 +77,29 @@ class CoordinatorConfig:
     with `--token` sends a certificate request there and gets its certificate. Needs tls_dir to hold the run
     CA's ca.key (docs/security.md, "Join tokens"); by convention the coordinator's port + 1. Unset: off."""
 
+    aggregate: str = "mean"
+    """How rounds average contributions (told to every member in each attempt): mean, clipped-mean (each
+    scaled down to the round's median norm) or trimmed-mean[:B] (per coordinate, the B largest and smallest
+    values dropped; default B 1). See docs/security.md, "Poisoned updates"."""
+    norm_bound: float = 0.0
+    """Refuse a contribution whose declared norm exceeds this times the round's median norm (its sender is
+    named in the round's reasons and resyncs); 0: off. A peer refused in quarantine_after of the last
+    quarantine_rounds rounds is left out of every round until its refusals age out of that window."""
+    quarantine_after: int = 3
+    """With norm_bound: refusals (within quarantine_rounds) that quarantine a peer."""
+    quarantine_rounds: int = 10
+    """With norm_bound: the window of a stage's latest rounds whose refusals count towards a quarantine."""
+
     def __post_init__(self) -> None:
+        try:
+            self.aggregate = str(Rule.parse(self.aggregate))
+        except ValueError as e:
+            raise ValueError(f"coordinator.{e}") from None
+        if not (isinstance(self.norm_bound, int | float) and math.isfinite(self.norm_bound)
+                and (self.norm_bound == 0 or self.norm_bound > 1)):
+            raise ValueError(f"coordinator.norm_bound must be 0 (off) or a factor above 1, got {self.norm_bound!r}")
+        if self.quarantine_after > self.quarantine_rounds:
+            raise ValueError("coordinator.quarantine_after must be at most coordinator.quarantine_rounds")
         if self.heartbeat_interval_s == 0:
             self.heartbeat_interval_s = self.lease_s / 4
         if not _RUN_ID.match(self.run_id):

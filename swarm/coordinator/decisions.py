@@ -28,7 +28,7 @@ from swarm.coordinator.errors import (
     UnknownPeer,
     UnknownRun,
 )
-from swarm.coordinator.placement import thinnest_stage
+from swarm.coordinator.placement import shard_for, thinnest_stage
 from swarm.coordinator.rounds import behind, next_round, round_reasons, settle_rounds
 from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState
 from swarm.utils import is_loopback
@@ -89,6 +89,8 @@ class Arrive:
     round: int
     state_hash: str = ""
     """The hash of the state the peer holds ("": not checked); one `behind` the run does not arrive."""
+    norm: float | None = None
+    """The L2 norm of the contribution it brings (None: not declared), for robust aggregation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,19 +358,6 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
     return before.then(Decision(reason=f"{ev.peer_id} joined stage {ev.stage} from {ev.address}", put_members=(member,)))
 
 
-def shard_count(config: CoordinatorConfig) -> int:
-    """How many shards `--shard auto` cuts the data into."""
-    return config.shards or max(1, config.min_peers)
-
-
-def shard_for(state: RunState, config: CoordinatorConfig, peer_id: str) -> int:
-    """The data shard for a peer joining with `--shard auto`: the lowest no other live member holds, else (more
-    peers than shards) the one fewest hold."""
-    held = [m.shard for m in state.members.values() if m.peer_id != peer_id and m.shard >= 0]
-    count = shard_count(config)
-    return min(range(count), key=lambda s: (held.count(s), s))
-
-
 def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorConfig) -> Decision:
     _check_run(state, ev.run_id)
     member = _live_member(state, now, ev.peer_id, ev.incarnation)
@@ -409,8 +398,11 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
             f"round {ev.round} of stage {ev.stage} is ahead of the run (next round is {next_round(state, ev.stage)}); "
             f"resync, then Rendezvous for the round Join returned"
         )
+    if ev.norm is not None and not (math.isfinite(ev.norm) and ev.norm >= 0):
+        raise InvalidRequest(f"contribution_norm must be a finite number >= 0, got {ev.norm!r}")
     if behind(state, ev.stage, ev.peer_id, ev.state_hash) is not None:
         return NO_CHANGE  # its view says MISSED: resync from a holder of the committed state first
+    declared = ((ev.peer_id, ev.norm),) if ev.norm is not None else ()
     rnd = state.rounds.get((ev.stage, ev.round))
     if ev.round == newest + 1:
         prev_open = latest is not None and not latest.finished
@@ -420,12 +412,14 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
             phase="gathering",
             opened_at=now,
             arrived=(ev.peer_id,),
+            norms=declared,
             barrier_deadline=None if prev_open else now + config.rendezvous_timeout_s,
         )
         changed = settle_rounds(state, now, [rnd], config)
     elif rnd is not None and rnd.phase == "gathering":
         if ev.peer_id not in rnd.arrived:
-            rnd = replace(rnd, arrived=rnd.arrived + (ev.peer_id,))
+            norms = tuple(x for x in rnd.norms if x[0] != ev.peer_id) + declared  # (one that left and came back)
+            rnd = replace(rnd, arrived=rnd.arrived + (ev.peer_id,), norms=norms)
         changed = settle_rounds(state, now, [rnd], config)
     else:
         return NO_CHANGE  # started, finished or forgotten: the view tells the caller

@@ -1,7 +1,8 @@
-"""Which stage a peer serves: the coordinator's placement views of a pipelined run.
+"""Which stage a peer serves and which data shard it trains on: the coordinator's placement views.
 
 Pure functions of the run's state, like the decisions (`decisions.py` asks `thinnest_stage` where a
-peer that joins for any stage goes; the service answers heartbeats with `move_to` and `lost_stages`).
+peer that joins for any stage goes and `shard_for` its data shard; the service answers heartbeats with
+`move_to` and `lost_stages`).
 """
 
 from __future__ import annotations
@@ -49,3 +50,16 @@ def move_to(state: RunState, config: CoordinatorConfig, peer_id: str) -> int | N
         return None
     movers = [p for p in state.stage_ids(fattest) if state.members[p].movable]
     return target if max(movers) == peer_id else None
+
+
+def shard_count(config: CoordinatorConfig) -> int:
+    """How many shards `--shard auto` cuts the data into."""
+    return config.shards or max(1, config.min_peers)
+
+
+def shard_for(state: RunState, config: CoordinatorConfig, peer_id: str) -> int:
+    """The data shard for a peer joining with `--shard auto`: the lowest no other live member holds, else (more
+    peers than shards) the one fewest hold."""
+    held = [m.shard for m in state.members.values() if m.peer_id != peer_id and m.shard >= 0]
+    count = shard_count(config)
+    return min(range(count), key=lambda s: (held.count(s), s))

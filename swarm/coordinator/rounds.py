@@ -17,12 +17,14 @@ alone while everyone else is still busy with round n.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
+from swarm.allreduce.robust import out_of_bound
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.state import Member, Round, RunState
 
@@ -83,7 +85,8 @@ def _finalize(rnd: Round, now: float, note: str, joined_at: Callable[[str], floa
     )
 
 
-def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: CoordinatorConfig) -> Round:
+def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: CoordinatorConfig,
+                 quarantined: Mapping[str, str]) -> Round:
     # `_settle` removed departed peers, so arrived peers are live; compare sizes before sets.
     arrived = rnd.arrived if len(rnd.arrived) <= len(live) else tuple(p for p in rnd.arrived if p in live)
     everyone = bool(live) and len(arrived) >= len(live) and live.issubset(arrived)
@@ -101,6 +104,14 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
             reasons=rnd.reasons if repeated else rnd.reasons + (why,),
         )
     members = tuple(sorted(arrived))
+    refused = _refusals(rnd, members, quarantined, config)
+    if refused:
+        members = tuple(p for p in members if p not in refused)
+        shown = "; ".join(f"{p}: {why}" for p, why in sorted(refused.items())[:8])
+        rnd = replace(rnd, refused=tuple(sorted(refused.items())),
+                      reasons=rnd.reasons + (f"refused {', '.join(sorted(refused))} ({shown})",))
+        if not members:
+            return _abort(rnd, now, "every arrived member was refused")
     if everyone:
         why = f"all {len(members)} live members arrived"
     else:
@@ -112,20 +123,50 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
         phase="running",
         attempt=1,
         members=members,
+        aggregate=config.aggregate,
         attempt_deadline=now + config.attempt_timeout_s,
         reasons=rnd.reasons + (f"attempt 1 with {len(members)} members: {why}",),
     )
 
 
+def _refusals(rnd: Round, members: tuple[str, ...], quarantined: Mapping[str, str],
+              config: CoordinatorConfig) -> dict[str, str]:
+    """Who of the arrived `members` the round leaves out, and why (robust aggregation; nobody when off)."""
+    if config.norm_bound <= 0:
+        return {}
+    out = {p: f"quarantined: {quarantined[p]}" for p in members if p in quarantined}
+    declared = {p: n for p, n in rnd.norms if p in members and p not in out}
+    if declared:  # a member that declared no norm among members that did hides its contribution's size
+        out.update({p: "declared no contribution norm" for p in members if p not in declared and p not in out})
+    out.update(out_of_bound(declared, config.norm_bound))
+    return out
+
+
+def quarantined(state: RunState, stage: int, config: CoordinatorConfig) -> dict[str, str]:
+    """Peers of `stage` refused (out of bound) in quarantine_after of its last quarantine_rounds rounds, and why."""
+    if config.norm_bound <= 0:
+        return {}
+    latest = state.latest_round(stage)
+    if latest is None:
+        return {}
+    counts: Counter[str] = Counter()
+    for number in range(max(0, latest.number - config.quarantine_rounds), latest.number + 1):
+        rnd = state.rounds.get((stage, number))
+        if rnd is not None:
+            counts.update(p for p, why in rnd.refused if not why.startswith("quarantined"))
+    return {p: f"refused in {n} of the last {config.quarantine_rounds} rounds" for p, n in counts.items()
+            if n >= config.quarantine_after}
+
+
 def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str], config: CoordinatorConfig,
-            joined_at: Callable[[str], float]) -> Round:
+            joined_at: Callable[[str], float], banned: Callable[[], Mapping[str, str]] = dict) -> Round:
     """Move an unfinished round as far as the state allows at `now`."""
     if rnd.finished:
         return rnd
     if rnd.phase == "gathering":
         if gone.intersection(rnd.arrived):
             rnd = replace(rnd, arrived=tuple(p for p in rnd.arrived if p not in gone))
-        return _maybe_start(rnd, now, live, config)
+        return _maybe_start(rnd, now, live, config, banned() if config.norm_bound > 0 else {})
     lost = tuple(p for p in rnd.members if p in gone and rnd.commit_of(p) is None)
     if lost:
         survivors = tuple(p for p in rnd.members if p not in lost)
@@ -219,7 +260,8 @@ def settle_rounds(
             ids = state.stage_ids(rnd.stage)
             live_by_stage[rnd.stage] = ids - gone if gone else ids  # no copy on the hot path
         was_finished = rnd.finished
-        rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config, joined_at)
+        banned = functools.partial(quarantined, state, rnd.stage, config)
+        rnd = _settle(rnd, now, live_by_stage[rnd.stage], gone, config, joined_at, banned)
         out[key] = rnd
         if rnd.finished and not was_finished:
             nxt_key = (rnd.stage, rnd.number + 1)
@@ -236,7 +278,7 @@ def settle_rounds(
             if nxt.barrier_deadline is None:
                 nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
             if nxt is not before:
-                out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config, joined_at)
+                out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config, joined_at, banned)
     return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
 
 

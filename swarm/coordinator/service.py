@@ -28,7 +28,6 @@ from swarm.coordinator.decisions import (
     Leave,
     ReportFailure,
     dialable_address,
-    shard_count,
 )
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
@@ -43,8 +42,8 @@ from swarm.coordinator.errors import (
     UnknownRun,
 )
 from swarm.coordinator.limits import RateLimiter
-from swarm.coordinator.placement import lost_stages, move_to
-from swarm.coordinator.rounds import next_round
+from swarm.coordinator.placement import lost_stages, move_to, shard_count
+from swarm.coordinator.rounds import next_round, quarantined
 from swarm.coordinator.state import Capabilities, Member, Progress
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
@@ -159,7 +158,8 @@ def _member_to_pb(m: Member) -> pb.Member:
 def _attempt_to_pb(a: views.AttemptView | None) -> pb.Attempt | None:
     if a is None:
         return None
-    return pb.Attempt(number=a.number, members=[_member_to_pb(m) for m in a.members], deadline_in_s=a.deadline_in_s)
+    return pb.Attempt(number=a.number, members=[_member_to_pb(m) for m in a.members], deadline_in_s=a.deadline_in_s,
+                      norms=a.norms, aggregate=a.aggregate)
 
 
 def _progress_to_pb(p: Progress) -> pb.Progress:
@@ -194,7 +194,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if len(self._members_pb) > 64:
                 self._members_pb.clear()
             members = self._members_pb[key] = [_member_to_pb(m) for m in a.members]
-        return pb.Attempt(number=a.number, members=members, deadline_in_s=a.deadline_in_s)
+        return pb.Attempt(number=a.number, members=members, deadline_in_s=a.deadline_in_s, norms=a.norms,
+                          aggregate=a.aggregate)
 
     def _wait_budget_s(self, requested_s: float, context: grpc.aio.ServicerContext) -> float:
         budget = self.core.config.max_wait_s if requested_s <= 0 else min(requested_s, self.core.config.max_wait_s)
@@ -258,6 +259,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             state_lost=lost,
             shard_index=max(0, state.members[request.peer_id].shard),
             shard_count=shard_count(cfg) if request.shard_auto else 0,
+            declare_norms=cfg.norm_bound > 0 or cfg.aggregate != "mean",
             donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
             stage=stage,
             stages=max(1, cfg.stages),
@@ -286,8 +288,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_mapped
     async def Rendezvous(self, request: pb.RendezvousRequest, context: grpc.aio.ServicerContext) -> pb.RendezvousReply:
+        norm = request.contribution_norm if request.HasField("contribution_norm") else None
         self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round,
-                                request.state_hash))
+                                request.state_hash, norm))
         view = await self._hold(request, context, lambda: self._cached_start(request) or views.rendezvous(
             self.core.state, self.core.clock(), request.peer_id, request.stage, request.round, request.state_hash))
         if isinstance(view, pb.RendezvousReply):
@@ -376,6 +379,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         state, now = self.core.state, self.core.clock()
         if request.run_id and request.run_id != state.run_id:
             raise UnknownRun(f"this coordinator serves run {state.run_id!r}, not {request.run_id!r}")
+        banned = {stage: quarantined(state, stage, self.core.config) for stage in {m.stage for m in state.members.values()}}
         members = [
             pb.MemberStatus(
                 member=_member_to_pb(m),
@@ -383,6 +387,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 lease_expires_in_s=m.lease_expires_at - now,
                 joined_ago_s=now - m.joined_at,
                 progress=_progress_to_pb(m.progress),
+                quarantined=banned[m.stage].get(m.peer_id, ""),
             )
             for m in sorted(state.members.values(), key=lambda m: (m.stage, m.peer_id))
         ]

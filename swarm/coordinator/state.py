@@ -87,6 +87,12 @@ class Round:
     donor: str = ""
     finished_at: float = 0.0
     reasons: tuple[str, ...] = ()
+    norms: tuple[tuple[str, float], ...] = ()
+    """(peer, the norm it declared for its contribution), in arrival order (robust aggregation)."""
+    refused: tuple[tuple[str, str], ...] = ()
+    """(peer, why): arrived but left out of the round: its contribution was out of bound, or it is quarantined."""
+    aggregate: str = ""
+    """How the round averages (`swarm.allreduce.robust.Rule`), fixed when it starts ("": mean)."""
     checkpointed_by: tuple[str, ...] = ()
     """Peers that said they hold this committed round's state on disk (a peer restarted with it can resume
     the run when no live member holds a newer state)."""

@@ -97,6 +97,8 @@ def _round_from_json(text: str) -> Round:
         d[key] = tuple(d.get(key, ()))  # (checkpointed_by: absent from databases written before it)
     d["commits"] = tuple((p, h) for p, h in d["commits"])
     d["accusations"] = tuple((r, s, why) for r, s, why in d["accusations"])
+    d["norms"] = tuple((p, float(n)) for p, n in d.get("norms", ()))
+    d["refused"] = tuple((p, why) for p, why in d.get("refused", ()))
     return Round(**d)
 
 

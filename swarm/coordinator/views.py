@@ -19,6 +19,9 @@ class AttemptView:
     number: int
     members: tuple[Member, ...]
     deadline_in_s: float
+    norms: tuple[float, ...] = ()
+    """Each member's declared contribution norm, in member order (empty unless every member declared one)."""
+    aggregate: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +55,10 @@ def attempt_view(state: RunState, rnd: Round, now: float) -> AttemptView:
     members = tuple(
         state.members.get(p) or Member(p, "", "", rnd.stage, Capabilities(), 0.0, 0.0) for p in rnd.members
     )
-    return AttemptView(number=rnd.attempt, members=members, deadline_in_s=max(0.0, rnd.attempt_deadline - now))
+    declared = dict(rnd.norms)
+    norms = tuple(declared[p] for p in rnd.members) if all(p in declared for p in rnd.members) else ()
+    return AttemptView(number=rnd.attempt, members=members, deadline_in_s=max(0.0, rnd.attempt_deadline - now),
+                       norms=norms, aggregate=rnd.aggregate)
 
 
 def state_lost(state: RunState, stage: int, peer_id: str, state_hash: str) -> tuple[bool, str]:
@@ -105,6 +111,10 @@ def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: in
         return RendezvousView("started", attempt_view(state, rnd, now), nxt, _last(rnd))
     if rnd.phase == "aborted" and peer_id in rnd.arrived:
         return RendezvousView("aborted", None, nxt, _last(rnd))
+    refused = dict(rnd.refused).get(peer_id)
+    if refused is not None:
+        return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} refused your contribution "
+                              f"({refused}); resync, then join {nxt}", donor_for(state, stage, peer_id))
     return RendezvousView(
         "missed", None, nxt, f"missed round {number} of stage {stage} (it started without you); resync, then join {nxt}",
         donor_for(state, stage, peer_id),

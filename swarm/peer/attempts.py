@@ -17,8 +17,9 @@ from typing import Literal
 import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
+from swarm.allreduce.robust import Rule
 from swarm.compression import Contribution
-from swarm.coordinator.client import CoordinatorClient
+from swarm.coordinator.client import CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, PeerFailure
 
@@ -39,8 +40,17 @@ class AllReduceResult:
 
 def participants(attempt: pb.Attempt) -> list[Participant]:
     """The members in reduction order; a member others cannot dial has no address: it dials them."""
-    return [Participant(m.peer_id, "" if m.unreachable else m.address, m.capabilities.bandwidth_bytes_per_s)
-            for m in attempt.members]
+    norms = list(attempt.norms) if len(attempt.norms) == len(attempt.members) else [None] * len(attempt.members)
+    return [Participant(m.peer_id, "" if m.unreachable else m.address, m.capabilities.bandwidth_bytes_per_s, norm)
+            for m, norm in zip(attempt.members, norms, strict=True)]
+
+
+def rule_of(attempt: pb.Attempt) -> Rule:
+    """How the attempt averages; one this peer does not know fails the round here (a newer coordinator)."""
+    try:
+        return Rule.parse(attempt.aggregate)
+    except ValueError as e:
+        raise CoordinatorCallError(f"the coordinator's attempt: {e}") from None
 
 
 def relay_for(members: list[Participant], relay: str = "") -> str:
@@ -78,7 +88,8 @@ async def fault_tolerant_allreduce(
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
             others = [(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id]
             await endpoint.reach_out(others, relay_for(members, relay))
-            mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit)
+            mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit,
+                                           rule_of(attempt))
             return AllReduceResult("done", attempt, mean, failures)
         except PeerFailure as e:
             failures.append(f"attempt {attempt.number}: {e}")

@@ -286,9 +286,11 @@ class Peer:
             self.endpoint.set_horizon(round_)  # early data for far-off rounds is refused from now on
         # The coordinator compares the hash with the last committed state: a peer that does not hold it
         # (joined while a round ran, a resync failed) is told MISSED and resyncs before it takes part.
-        reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest)
+        declare = contribution is not None and self._joined is not None and self._joined.declare_norms
+        norm = await asyncio.to_thread(contribution.norm) if declare else None  # (an encode more: only when asked)
+        reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm)
         while reply.outcome == Rdv.WAITING:
-            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest)
+            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm)
         if reply.outcome == Rdv.MISSED:
             rep.missed += 1
             self.round = int(reply.next_round)

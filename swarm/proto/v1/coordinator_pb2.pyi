@@ -68,14 +68,18 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., unreachable: _Optional[bool] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("number", "members", "deadline_in_s")
+    __slots__ = ("number", "members", "deadline_in_s", "norms", "aggregate")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_IN_S_FIELD_NUMBER: _ClassVar[int]
+    NORMS_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     number: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
     deadline_in_s: float
-    def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ...) -> None: ...
+    norms: _containers.RepeatedScalarFieldContainer[float]
+    aggregate: str
+    def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ..., norms: _Optional[_Iterable[float]] = ..., aggregate: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage", "no_inbound", "state_hash", "shard_auto")
@@ -104,7 +108,7 @@ class JoinRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ..., no_inbound: _Optional[bool] = ..., state_hash: _Optional[str] = ..., shard_auto: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable", "relay", "state_lost", "shard_index", "shard_count")
+    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable", "relay", "state_lost", "shard_index", "shard_count", "declare_norms")
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +127,7 @@ class JoinReply(_message.Message):
     STATE_LOST_FIELD_NUMBER: _ClassVar[int]
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DECLARE_NORMS_FIELD_NUMBER: _ClassVar[int]
     lease_s: float
     heartbeat_interval_s: float
     next_round: int
@@ -141,7 +146,8 @@ class JoinReply(_message.Message):
     state_lost: bool
     shard_index: int
     shard_count: int
-    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., relay: _Optional[str] = ..., state_lost: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ...) -> None: ...
+    declare_norms: bool
+    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., relay: _Optional[str] = ..., state_lost: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., declare_norms: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "progress")
@@ -184,7 +190,7 @@ class LeaveReply(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RendezvousRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash")
+    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash", "contribution_norm")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +198,7 @@ class RendezvousRequest(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_NORM_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
@@ -199,7 +206,8 @@ class RendezvousRequest(_message.Message):
     round: int
     wait_s: float
     state_hash: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ...) -> None: ...
+    contribution_norm: float
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ..., contribution_norm: _Optional[float] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
     __slots__ = ("outcome", "attempt", "next_round", "reason", "donor", "has_committed", "last_committed_round", "last_committed_hash")
@@ -332,18 +340,20 @@ class GetStatusRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class MemberStatus(_message.Message):
-    __slots__ = ("member", "stage", "lease_expires_in_s", "joined_ago_s", "progress")
+    __slots__ = ("member", "stage", "lease_expires_in_s", "joined_ago_s", "progress", "quarantined")
     MEMBER_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
     JOINED_AGO_S_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_FIELD_NUMBER: _ClassVar[int]
     member: Member
     stage: int
     lease_expires_in_s: float
     joined_ago_s: float
     progress: Progress
-    def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., lease_expires_in_s: _Optional[float] = ..., joined_ago_s: _Optional[float] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    quarantined: str
+    def __init__(self, member: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., lease_expires_in_s: _Optional[float] = ..., joined_ago_s: _Optional[float] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., quarantined: _Optional[str] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
     __slots__ = ("stage", "round", "phase", "attempt", "members", "arrived", "commits", "committed_hash", "diverged", "reasons")
