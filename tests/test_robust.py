@@ -235,3 +235,31 @@ async def test_the_butterfly_with_a_robust_rule_is_bit_identical_and_matches_the
     finally:
         for ep in eps:
             await ep.close()
+
+
+async def test_over_the_wire_the_join_asks_for_norms_and_status_shows_the_quarantine(server_factory,
+                                                                                     make_client) -> None:  # type: ignore[no-untyped-def]
+    from swarm.proto.v1 import coordinator_pb2 as pb
+
+    srv = await server_factory(norm_bound=4.0, aggregate="clipped-mean", quarantine_after=1, quarantine_rounds=5,
+                               min_peers=3)
+    peers = ["a", "b", "x"]
+    clients = [make_client(srv, p) for p in peers]
+    for i, c in enumerate(clients):
+        joined = await c.join(f"127.0.0.1:{5000 + i}")
+        assert joined.declare_norms
+    norms = {"a": 1.0, "b": 1.5, "x": 900.0}
+    replies = await asyncio.gather(*(c.rendezvous(0, 0, wait_s=5.0, norm=norms[p])
+                                     for p, c in zip(peers, clients, strict=True)))
+    started = [r for r in replies if r.outcome == pb.RendezvousReply.STARTED]
+    assert len(started) == 2 and [m.peer_id for m in started[0].attempt.members] == ["a", "b"]
+    assert list(started[0].attempt.norms) == [1.0, 1.5] and started[0].attempt.aggregate == "clipped-mean"
+    refused = replies[2]
+    assert refused.outcome == pb.RendezvousReply.MISSED and "refused your contribution" in refused.reason
+    status = await clients[0].status()
+    shown = {m.member.peer_id: m.quarantined for m in status.members}
+    assert shown["a"] == "" and shown["x"].startswith("refused in 1 of the last 5 rounds")
+    assert any("refused x" in why for why in status.rounds[0].reasons)
+    # Without robust options the Join does not ask (an encode more per round for nothing).
+    plain = await server_factory()
+    assert not (await make_client(plain, "p").join("127.0.0.1:5009")).declare_norms
