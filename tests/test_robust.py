@@ -263,3 +263,23 @@ async def test_over_the_wire_the_join_asks_for_norms_and_status_shows_the_quaran
     # Without robust options the Join does not ask (an encode more per round for nothing).
     plain = await server_factory()
     assert not (await make_client(plain, "p").join("127.0.0.1:5009")).declare_norms
+
+
+def test_a_member_caught_over_its_declared_norm_by_two_members_counts_towards_its_quarantine() -> None:
+    from swarm.coordinator.decisions import ReportFailure
+
+    sim = Sim(ROBUST)
+    _round(sim, 0.0, 0, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 1.0})
+    lie = "sent a part of norm 50 while declaring 1 for its whole contribution"
+    for reporter in ("a", "b"):
+        sim.do(1.0, ReportFailure(RUN, reporter, inc(reporter), 0, 0, 1, "x", lie))
+    sim.tick(1.0 + ROBUST.report_window_s)
+    rnd = sim.round(0)
+    assert rnd.attempt == 2 and "x" not in rnd.members
+    assert dict(rnd.refused) == {"x": "sent more than the norm it declared"}
+    # One accuser alone could be the liar: its word is not a strike against anyone.
+    sim2 = Sim(ROBUST)
+    _round(sim2, 0.0, 0, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 1.0})
+    sim2.do(1.0, ReportFailure(RUN, "a", inc("a"), 0, 0, 1, "x", lie))
+    sim2.tick(1.0 + ROBUST.report_window_s)
+    assert sim2.round(0).attempt == 2 and sim2.round(0).refused == ()

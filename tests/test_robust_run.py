@@ -2,8 +2,8 @@
 one attacker (`swarm peer --task average --attack KIND`), all separate processes.
 
 An attacker whose update is out of bound is named in the rounds' reasons and quarantined after repeats;
-one that lies about its norm is named by the parts' owners in their failure reports; a sign-flipper (a
-normal norm) is not named, and the trimmed mean bounds it. In every case the honest peers end on one hash.
+one that lies about its norm is named by the parts' owners in their failure reports (and quarantined the
+same way); a sign-flipper (a normal norm) is not named, and the trimmed mean bounds it. In every case the honest peers end on one hash.
 """
 
 from __future__ import annotations
@@ -77,5 +77,7 @@ def test_an_attacker_is_named_and_the_honest_peers_end_on_one_hash(tmp_path: Pat
         seen = [f for r in honest for f in r["failures_seen"]]
         assert any("x: sent a part of norm" in f and "while declaring" in f for f in seen), seen
         assert all("x" not in r.members for r in rounds if r.phase == "committed")
+        assert refused[0] == "sent more than the norm it declared", [r.reasons for r in rounds[:2]]
+        assert any(why.startswith("quarantined: refused in 2 of the last 5 rounds") for why in refused), refused
     else:  # signflip: a normal norm; not named, its values are trimmed with everyone else's extremes
         assert not any(refused) and reports["x"]["state_hash"] == honest[0]["state_hash"]

@@ -32,10 +32,12 @@ from swarm.transport.inbox import PeerFailure
 if TYPE_CHECKING:  # the coordinator decides refusals without torch: the arithmetic imports it when it runs
     import torch
 
-__all__ = ["KINDS", "MEAN", "Rule", "aggregate", "check_declared", "median_norm", "out_of_bound", "reduce_in_order",
+__all__ = ["KINDS", "MEAN", "OVER_DECLARED", "Rule", "aggregate", "check_declared", "median_norm", "out_of_bound", "reduce_in_order",
            "weights"]
 
 KINDS = ("mean", "clipped-mean", "trimmed-mean")
+OVER_DECLARED = "sent a part of norm"
+"""How the failure reason of a part above its sender's declared norm starts (the coordinator counts them)."""
 DECLARED_SLACK = 1.001
 """A part may carry up to this times its sender's declared norm (fp32 rounding of the two sums)."""
 
@@ -121,7 +123,7 @@ def check_declared(piece: torch.Tensor, declared: float, sender: str) -> None:
 
     norm = float(torch.linalg.vector_norm(piece.float()))
     if norm > DECLARED_SLACK * declared + 1e-30:
-        raise PeerFailure(sender, f"sent a part of norm {norm:.4g} while declaring {declared:.4g} for its whole "
+        raise PeerFailure(sender, f"{OVER_DECLARED} {norm:.4g} while declaring {declared:.4g} for its whole "
                                   "contribution")
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
-from swarm.allreduce.robust import out_of_bound
+from swarm.allreduce.robust import OVER_DECLARED, out_of_bound
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.state import Member, Round, RunState
 
@@ -142,6 +142,17 @@ def _refusals(rnd: Round, members: tuple[str, ...], quarantined: Mapping[str, st
     return out
 
 
+def _liars_refused(rnd: Round, excluded: frozenset[str]) -> Round:
+    """Record as refused (towards a quarantine) each excluded member that two or more members caught sending a
+    part above the norm it declared: one accuser alone could be lying itself."""
+    accusers = Counter(s for _, s, why in rnd.accusations if s in excluded and why.startswith(OVER_DECLARED))
+    known = dict(rnd.refused)
+    liars = sorted(p for p, n in accusers.items() if n >= 2 and p not in known)
+    if not liars:
+        return rnd
+    return replace(rnd, refused=rnd.refused + tuple((p, "sent more than the norm it declared") for p in liars))
+
+
 def quarantined(state: RunState, stage: int, config: CoordinatorConfig) -> dict[str, str]:
     """Peers of `stage` refused (out of bound) in quarantine_after of its last quarantine_rounds rounds, and why."""
     if config.norm_bound <= 0:
@@ -176,7 +187,7 @@ def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str]
         if verdict is not None:
             excluded, why = verdict
             survivors = tuple(p for p in rnd.members if p not in excluded)
-            return _next_attempt(rnd, now, survivors, why, config)
+            return _next_attempt(_liars_refused(rnd, excluded), now, survivors, why, config)
         return rnd  # commits wait for the verdict: the attempt may still be superseded
     if len(rnd.commits) == len(rnd.members):
         return _finalize(rnd, now, "", joined_at)
