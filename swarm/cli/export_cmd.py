@@ -117,20 +117,15 @@ def model_of(found: Checkpoint) -> torch.nn.Module:
     import torch
 
     from swarm.checkpoint import CheckpointError
-    from swarm.task import SIZES, build_model
+    from swarm.task import SIZES, build_model, load_flat
 
     name = found.manifest.get("model")
     if name not in SIZES:
         raise CheckpointError(f"{found.path}: model {name!r} is not a built-in model ({', '.join(SIZES)})")
     model = build_model(name)
-    params = [p for p in model.parameters() if p.requires_grad]
     theta = found.tensors.get("global.theta")
-    if theta is None or theta.size != sum(p.numel() for p in params):
-        raise CheckpointError(f"{found.path}: θ_global does not have the {name!r} model's parameter count")
-    flat = torch.from_numpy(theta.copy())
-    with torch.no_grad():
-        offset = 0
-        for p in params:  # the order DiLoCo flattens them in
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+    try:
+        load_flat(model, torch.from_numpy(theta.copy()) if theta is not None else torch.empty(0))
+    except ValueError:
+        raise CheckpointError(f"{found.path}: θ_global does not have the {name!r} model's parameter count") from None
     return model

@@ -5,7 +5,7 @@ Python, so nothing is downloaded), or the user's own text files.
 """
 
 from swarm.task.data import Batches, Corpus, DataConfig, evaluate
-from swarm.task.model import SIZES, ByteLM, ModelConfig, build_model, count_params
+from swarm.task.model import SIZES, ByteLM, ModelConfig, build_model, count_params, load_flat
 
 __all__ = [
     "SIZES",
@@ -17,4 +17,5 @@ __all__ = [
     "build_model",
     "count_params",
     "evaluate",
+    "load_flat",
 ]

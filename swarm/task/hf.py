@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from swarm.task.model import load_flat
 from swarm.utils import unshadow_kernels
 
 PREFIX = "hf:"
@@ -121,14 +122,10 @@ def save_pretrained(spec: str, theta: torch.Tensor, out: Path) -> int:
         ValueError: the model cannot be built, or `theta` does not fit it.
     """
     wrapped, tokenizer = load_hf(spec)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    if theta.numel() != sum(p.numel() for p in params):
-        raise ValueError(f"θ_global has {theta.numel()} values, {spec} has {sum(p.numel() for p in params)} parameters")
-    with torch.no_grad():
-        offset = 0
-        for p in params:  # the order DiLoCo flattens them in
-            p.copy_(theta[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+    try:
+        load_flat(wrapped, theta)
+    except ValueError as e:
+        raise ValueError(f"{spec}: {e}") from None
     wrapped.model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)

@@ -333,3 +333,22 @@ def count_params(model: nn.Module, *, non_embedding: bool = False) -> int:
     if non_embedding and isinstance(model, ByteLM):
         total -= model.embed.weight.numel() + model.head.weight.numel()
     return total
+
+
+def load_flat(model: nn.Module, theta: torch.Tensor) -> int:
+    """Copy the flat trainable parameters `theta` (DiLoCo's θ_global: the trainable parameters in `parameters()`
+    order, fp32) into `model`; returns the count.
+
+    Raises:
+        ValueError: `theta` does not have the model's trainable parameter count.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    count = sum(p.numel() for p in params)
+    if theta.numel() != count:
+        raise ValueError(f"θ_global has {theta.numel()} values, the model has {count} trainable parameters")
+    with torch.no_grad():
+        offset = 0
+        for p in params:
+            p.copy_(theta[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return count
