@@ -45,7 +45,7 @@ from swarm.coordinator.errors import (
     UnknownRun,
 )
 from swarm.coordinator.placement import lost_stages, move_to, thinnest_stage
-from swarm.coordinator.rounds import next_round
+from swarm.coordinator.rounds import donor_for, next_round
 from swarm.coordinator.state import Capabilities, Decision, Progress, Round, RunState, apply
 from swarm.coordinator.store import MemoryStore
 
@@ -1142,6 +1142,40 @@ def test_a_joiner_is_told_the_state_is_lost_only_when_nobody_holds_it_and_its_ow
     lost, why = views.state_lost(sim.state, 0, "c", H1)  # round 0's state, from a checkpoint: the run resumes
     assert not lost and "resumes stage 0 from round 0" in why, why
     assert views.state_lost(sim.state, 0, "c", H2) == (False, "")
+
+
+def test_a_peer_restarted_from_an_older_checkpoint_is_no_donor_of_what_its_predecessor_committed() -> None:
+    # a and b commit rounds 0 and 1, then both die (SIGKILL: their leases run out). Restarted, both resume from
+    # their checkpoints of round 0. a's new process committed nothing: b must not be sent to resync round 1's
+    # state from it (it never holds it: b's resync failed, retried every few seconds, and the run hung).
+    sim = Sim()
+    sim.start(0.0, ["a", "b"])
+    for p in ("a", "b"):
+        sim.commit(1.0, p, 0, 1, H1)
+    sim.start(2.0, ["a", "b"], number=1)
+    for p in ("a", "b"):
+        sim.commit(3.0, p, 1, 1, H2)
+    later = 3.0 + LEASE_S + 1
+    sim.do(later, join_ev("a", incarnation="a-proc2"))  # (holding round 0's state, H1)
+    sim.do(later, join_ev("b", incarnation="b-proc2"))
+    assert donor_for(sim.state, 0, "b") is None
+    sim.do(later, Arrive(RUN, "b", "b-proc2", 0, 2, H1))
+    assert views.rendezvous(sim.state, later, "b", 0, 2, H1).outcome == "waiting"  # not MISSED: it trains on
+    sim.do(later, Arrive(RUN, "a", "a-proc2", 0, 2, H1))
+    assert sim.round(2).phase == "running" and sim.round(2).members == ("a", "b")
+
+
+
+def test_a_peer_restarted_from_a_checkpoint_of_the_last_committed_round_is_its_donor() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b"])
+    for p in ("a", "b"):
+        sim.commit(1.0, p, 0, 1, H1)
+    later = 1.0 + LEASE_S + 1
+    sim.do(later, join_ev("a", incarnation="a-proc2", state_hash=H1))  # its checkpoint of round 0
+    sim.do(later, join_ev("b", incarnation="b-proc2", state_hash=H0))  # an older state: it resyncs from a
+    donor = donor_for(sim.state, 0, "b")
+    assert donor is not None and donor.peer_id == "a"
 
 
 def test_checkpoint_holders_survive_a_restart_of_the_coordinator(tmp_path: Any) -> None:

@@ -62,6 +62,8 @@ class Join:
     """Whether others can dial `address` (the coordinator's probe); False: the peer dials out."""
     shard_auto: bool = False
     """Give the peer a data shard (`shard_for`)."""
+    state_hash: str = ""
+    """The hash of the state the peer brings ("": none yet)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +356,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
         movable=ev.any_stage,
         reachable=ev.reachable,
         shard=shard_for(state, config, ev.peer_id) if ev.shard_auto else -1,
+        joined_with=ev.state_hash if _HASH.match(ev.state_hash) else "",  # (anything else holds no round's state)
     )
     return before.then(Decision(reason=f"{ev.peer_id} joined stage {ev.stage} from {ev.address}", put_members=(member,)))
 

@@ -305,16 +305,26 @@ def round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:
     return "; ".join(parts)
 
 
+def _live(state: RunState, rnd: Round, peer_id: str) -> Member | None:
+    """The live member `peer_id` if it holds `rnd`'s committed state: the process that committed in it, or one that
+    joined since bringing that state (a checkpoint of it). One that joined again since with another state (resumed
+    from an older checkpoint, say) holds only what it brought, not what its predecessor did."""
+    member = state.members.get(peer_id)
+    if member is None or not (member.joined_at <= rnd.finished_at or member.joined_with == rnd.committed_hash):
+        return None
+    return member
+
+
 def _live_donor(state: RunState, rnd: Round) -> Member | None:
     """The first member, in member order, that committed the winning hash and is still live."""
     # `rnd.donor` is that member at commit time (rounds._finalize); while it is live, skip the
     # O(N log N) search, which every one of the N CommitRound replies would otherwise repeat.
-    donor = state.members.get(rnd.donor)
+    donor = _live(state, rnd, rnd.donor)
     if donor is not None:
         return donor
     order = {p: i for i, p in enumerate(rnd.members)}
     holders = sorted((p for p, d in rnd.commits if d == rnd.committed_hash), key=lambda p: order.get(p, len(order)))
-    return next((state.members[p] for p in holders if p in state.members), None)
+    return next((m for p in holders if (m := _live(state, rnd, p)) is not None), None)
 
 
 def holder_of(state: RunState, rnd: Round, peer_id: str) -> Member | None:
@@ -322,8 +332,8 @@ def holder_of(state: RunState, rnd: Round, peer_id: str) -> Member | None:
     donor = _live_donor(state, rnd)
     if donor is not None and donor.peer_id != peer_id and donor.reachable:
         return donor
-    holders = [state.members[p] for p, d in rnd.commits
-               if d == rnd.committed_hash and p != peer_id and p in state.members]
+    holders = [m for p, d in rnd.commits
+               if d == rnd.committed_hash and p != peer_id and (m := _live(state, rnd, p)) is not None]
     # A holder others can dial first: a state download is dialed by the one who needs it.
     holders.sort(key=lambda m: not m.reachable)
     return holders[0] if holders else (donor if donor is not None and donor.peer_id != peer_id else None)

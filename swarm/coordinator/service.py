@@ -238,6 +238,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             observed=observed,
             reachable=reachable,
             shard_auto=request.shard_auto,
+            state_hash=request.state_hash,
         )
         lost_before = lost_stages(self.core.state, self.core.config)
         decision = self.core.handle(event)

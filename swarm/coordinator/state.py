@@ -57,6 +57,8 @@ class Member:
     """Others can dial its address (the coordinator's probe connected); False: it dials out (behind NAT)."""
     shard: int = -1
     """The data shard the coordinator gave it (`--shard auto`); -1: none asked."""
+    joined_with: str = ""
+    """The hash of the state its process brought when it joined ("": none): a checkpoint's, for instance."""
 
 
 @dataclass(frozen=True, slots=True)
