@@ -1117,7 +1117,8 @@ def test_a_join_records_the_dialable_address_and_whether_it_is_reachable() -> No
                                       observed="192.0.2.8"), cfg)
 
 
-def test_a_joiner_is_told_the_state_is_lost_only_when_nobody_holds_it_and_its_own_is_no_committed_round() -> None:
+def _two_rounds_of_a_and_b() -> Sim:
+    """a and b committed round 0 (H1) and round 1 (H2) by t = 3."""
     sim = Sim()
     sim.start(0.0, ["a", "b"])
     for p in ("a", "b"):
@@ -1125,6 +1126,11 @@ def test_a_joiner_is_told_the_state_is_lost_only_when_nobody_holds_it_and_its_ow
     sim.start(2.0, ["a", "b"], number=1)
     for p in ("a", "b"):
         sim.commit(3.0, p, 1, 1, H2)
+    return sim
+
+
+def test_a_joiner_is_told_the_state_is_lost_only_when_nobody_holds_it_and_its_own_is_no_committed_round() -> None:
+    sim = _two_rounds_of_a_and_b()
     # Both say they hold a checkpoint of round 0 (once each, however often they say it); an uncommitted round's
     # or an unknown one's is not recorded.
     for t in (4.0, 4.5):
@@ -1148,13 +1154,7 @@ def test_a_peer_restarted_from_an_older_checkpoint_is_no_donor_of_what_its_prede
     # a and b commit rounds 0 and 1, then both die (SIGKILL: their leases run out). Restarted, both resume from
     # their checkpoints of round 0. a's new process committed nothing: b must not be sent to resync round 1's
     # state from it (it never holds it: b's resync failed, retried every few seconds, and the run hung).
-    sim = Sim()
-    sim.start(0.0, ["a", "b"])
-    for p in ("a", "b"):
-        sim.commit(1.0, p, 0, 1, H1)
-    sim.start(2.0, ["a", "b"], number=1)
-    for p in ("a", "b"):
-        sim.commit(3.0, p, 1, 1, H2)
+    sim = _two_rounds_of_a_and_b()
     later = 3.0 + LEASE_S + 1
     sim.do(later, join_ev("a", incarnation="a-proc2"))  # (holding round 0's state, H1)
     sim.do(later, join_ev("b", incarnation="b-proc2"))
