@@ -1,4 +1,4 @@
-"""Poisoned updates, for testing robust aggregation (`swarm peer --task average --attack KIND`, and
+"""Poisoned updates, for testing robust aggregation (`swarm peer --task average|train --attack KIND`, and
 `scripts/bench_robust.py` on DiLoCo pseudo-gradients). Never for a real run.
 
 Kinds (F a number):
@@ -12,6 +12,7 @@ Kinds (F a number):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -59,6 +60,24 @@ class Lying(Contribution):
 
     def norm(self) -> float:
         return self.honest_norm
+
+
+class Attacker:
+    """A DiLoCo peer (a `SwarmPeer`, a `LocalGroup` member) whose every round sends the poisoned update of `kind`
+    for the honest one DiLoCo hands it; everything else goes to the peer it wraps."""
+
+    def __init__(self, wrapped: Any, kind: str, seed: int) -> None:
+        self.wrapped, self.kind, self.seed = wrapped, check(kind), seed
+        self.rounds = 0
+
+    def sync(self, c: Contribution) -> Any:
+        bad = contribution(self.kind, c.x, self.seed + self.rounds, c.codec, c.feedback, at=c.at, size=c.size,
+                           decay=c.decay)
+        self.rounds += 1
+        return self.wrapped.sync(bad)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
 
 
 def contribution(kind: str, x: torch.Tensor, seed: int, *args: object, **kwargs: object) -> Contribution:

@@ -97,7 +97,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=10, help="stop once rounds 0..N-1 of the run are over; 0: run until stopped")
     p.add_argument("--work-s", type=float, default=0.2, help="simulated local work per round (default: %(default)s)")
     p.add_argument("--attack", default="", metavar="KIND",
-                   help="--task average only, for testing robust aggregation: send a poisoned update (scale:F, "
+                   help="--task average or train, for testing robust aggregation: send a poisoned update (scale:F, "
                         "signflip, noise:F, bias:F, or lie:KIND to also declare the honest norm)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (0: a free port, logged; default: off)")
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
             metrics_host=args.metrics_host,
             shard_auto=args.shard == "auto",
         )
-        if args.attack and args.task != "average":
-            raise ValueError("--attack needs --task average")
+        if args.attack and args.task not in ("average", "train"):
+            raise ValueError("--attack needs --task average or train")
         task = ProtocolTaskConfig(task=args.task, numel=args.numel, rounds=args.rounds, work_s=args.work_s,
                                   attack=args.attack) \
             if args.task in ("control", "average") else None
@@ -225,7 +225,7 @@ def _train(args: argparse.Namespace, config: TrainConfig, peer: PeerConfig) -> i
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if config.device == "cuda" else config.device
         config = dataclasses.replace(config, intra_host=True, device=device)
-    report = _run_training(args, lambda: train(config, peer))
+    report = _run_training(args, lambda: train(config, peer, args.attack))
     if isinstance(report, int):
         return report
     if not report.stopped_by.startswith("rank "):

@@ -21,6 +21,7 @@ import torch
 import swarm.checkpoint as ck
 from swarm.diloco import DiLoCo, checkpoint_of, restore
 from swarm.peer import PeerConfig, PeerReport, StateLost, SwarmPeer, SyncResult
+from swarm.peers import attacks
 from swarm.task import Batches, Corpus, build_model, count_params, evaluate
 from swarm.task.hf import is_hf, load_hf
 from swarm.task.schedule import inner_lr
@@ -55,7 +56,7 @@ class TrainConfig(TrainingConfig):
             raise ValueError("train.fragments, train.eval_batches and train.log_every must be >= 1")
 
 
-def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
+def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> PeerReport:
     """Train until θ_global reaches `config.steps` global steps, or Ctrl-C/SIGTERM; returns the report.
 
     Raises:
@@ -120,7 +121,8 @@ def train(config: TrainConfig, peer_config: PeerConfig) -> PeerReport:
         log.info("round %d %s: eval loss %.4f", dl.state.round, result.outcome, loss)
 
     stopped_by = "done"
-    dl = DiLoCo(model, inner, peer=handle, sync_every=H, outer=config.outer, codec=config.codec,
+    poisoned = attacks.Attacker(handle, attack, config.seed) if attack and handle is not None else handle
+    dl = DiLoCo(model, inner, peer=poisoned, sync_every=H, outer=config.outer, codec=config.codec,
                 fragments=config.fragments, on_sync=on_sync, intra_group=group, outer_device=config.outer_device)
     run_id = peer_config.client.run_id
     resumed, data_state = _resume(config, run_id, dl, inner) if rank == 0 else (None, None)

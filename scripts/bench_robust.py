@@ -65,9 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_convergence as bc
 
 from swarm.allreduce.robust import Rule
-from swarm.compression import Contribution
 from swarm.diloco import DiLoCo, LocalGroup
-from swarm.peer.state import RoundState, SyncResult
 from swarm.peers import attacks
 from swarm.task import Corpus, build_model, count_params
 
@@ -142,26 +140,6 @@ class RobustConfig:
                               seed=self.seed, overhead_steps=0)
 
 
-class Attacker:
-    """A member that sends `attacks.contribution(kind, Δ)` instead of its honest Δ (a thin wrapper)."""
-
-    def __init__(self, member: Any, kind: str, seed: int) -> None:
-        self.member, self.kind, self.seed = member, kind, seed
-        self.rounds = 0
-
-    def start(self, state: RoundState) -> None:
-        self.member.start(state)
-
-    def sync(self, c: Contribution) -> SyncResult:
-        bad = attacks.contribution(self.kind, c.x, self.seed + self.rounds, c.codec, c.feedback, at=c.at,
-                                   size=c.size, decay=c.decay)
-        self.rounds += 1
-        return self.member.sync(bad)
-
-    def close(self, reason: str) -> None:
-        self.member.close(reason)
-
-
 def run_one(cfg: RobustConfig, corpus: Corpus, option: Option, kind: str | None, k: int) -> dict[str, Any]:
     """One training run of `cfg.peers` members under `option`, the last `k` attacking with `kind`."""
     b = cfg.bench()
@@ -169,7 +147,7 @@ def run_one(cfg: RobustConfig, corpus: Corpus, option: Option, kind: str | None,
     group = LocalGroup(cfg.peers, rule=option.rule, norm_bound=option.norm_bound)
     members = [bc._setup(b, corpus, i) for i in range(cfg.peers)]
     bad = set(range(cfg.peers - k, cfg.peers)) if kind else set()
-    peers = [Attacker(group.member(i), kind, cfg.seed * 1_000_003 + i * 100_003) if i in bad and kind
+    peers = [attacks.Attacker(group.member(i), kind, cfg.seed * 1_000_003 + i * 100_003) if i in bad and kind
              else group.member(i) for i in range(cfg.peers)]
     hooks = [DiLoCo(model, opt, peer=peers[i], sync_every=cfg.sync_every, outer=b.outer(), codec="none")
              for i, (model, opt, _) in enumerate(members)]

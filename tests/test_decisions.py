@@ -30,7 +30,6 @@ from swarm.coordinator.decisions import (
     Tick,
     decide,
     dialable_address,
-    recover,
 )
 from swarm.coordinator.errors import (
     PROTOCOL_VERSION,
@@ -45,7 +44,7 @@ from swarm.coordinator.errors import (
     UnknownRun,
 )
 from swarm.coordinator.placement import lost_stages, move_to, thinnest_stage
-from swarm.coordinator.rounds import donor_for, next_round
+from swarm.coordinator.rounds import donor_for, next_round, recover
 from swarm.coordinator.state import Capabilities, Decision, Progress, Round, RunState, apply
 from swarm.coordinator.store import MemoryStore
 

@@ -16,7 +16,7 @@ import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
 from swarm.allreduce.reduce import encode_result, gathers_payloads, parts_for, reduce_payloads
-from swarm.allreduce.robust import Rule, aggregate, median_norm, out_of_bound, weights
+from swarm.allreduce.robust import Directions, Rule, aggregate, median_norm, out_of_bound, weights
 from swarm.compression import CodecConfig, Contribution, ErrorFeedback, make_codec
 from swarm.coordinator import views
 from swarm.coordinator.config import CoordinatorConfig
@@ -215,21 +215,30 @@ async def test_the_butterfly_with_a_robust_rule_is_bit_identical_and_matches_the
         contributions = [Contribution(x, codec) for x in xs]
         norms = [c.norm() for c in contributions]
         members = [Participant(e.peer_id, e.address, 0.0, n) for e, n in zip(eps, norms, strict=True)]
-        outs = await asyncio.gather(*(allreduce_attempt(e, c, members, 0, 1, 10.0, how)
-                                      for e, c in zip(eps, contributions, strict=True)))
+        seen = [Directions.of(peers) for _ in eps]
+        outs = await asyncio.gather(*(allreduce_attempt(e, c, members, 0, 1, 10.0, how, d)
+                                      for e, c, d in zip(eps, contributions, seen, strict=True)))
         assert len({o.numpy().tobytes() for o in outs}) == 1
         # The reference: per part, the rule over every member's decoded part (then the result codec).
         want = torch.empty(numel)
-        result = None if gathers_payloads(codec, numel, peers) else codec.result_codec(peers)
+        gathered = gathers_payloads(codec, numel, peers)
+        result = None if gathered else codec.result_codec(peers)
+        directions = Directions.of(peers)  # the whole tensor's, as the coordinator adds the owners' reports up
         for start, length in parts_for(codec, numel, [0.0] * peers):
             if length:
                 payloads = [codec.encode(x[start : start + length]) for x in xs]
                 part = reduce_payloads(codec, payloads, [m.peer_id for m in members], None, torch.empty(length),
-                                       rule=how, norms=norms)
+                                       rule=how, norms=norms, directions=directions)
                 if result is not None:
                     encode_result(result, part)
                 want[start : start + length] = part
         assert outs[0].numpy().tobytes() == want.numpy().tobytes()
+        # What each member reports with its commit adds up (butterfly: one part each) to the whole's directions.
+        if gathered:
+            assert all(d.all_parts and d.dots == pytest.approx(directions.dots, rel=1e-4) for d in seen)
+        else:
+            assert [sum(d.dots[i] for d in seen) for i in range(peers)] == pytest.approx(directions.dots, rel=1e-4)
+            assert sum(d.mean_sq for d in seen) == pytest.approx(directions.mean_sq, rel=1e-4)
         honest = torch.stack([xs[i] for i in (0, 1, 3)]).abs().max()
         assert float(outs[0].abs().max()) <= float(honest) * 1.01  # nothing of the ×100 gets past the rule
     finally:
@@ -283,3 +292,46 @@ def test_a_member_caught_over_its_declared_norm_by_two_members_counts_towards_it
     sim2.do(1.0, ReportFailure(RUN, "a", inc("a"), 0, 0, 1, "x", lie))
     sim2.tick(1.0 + ROBUST.report_window_s)
     assert sim2.round(0).attempt == 2 and sim2.round(0).refused == ()
+
+
+def _commit_with(sim: Sim, now: float, number: int, peer: str, dots: tuple[float, ...], mean_sq: float,
+                 all_parts: bool = False) -> None:
+    from swarm.coordinator.decisions import Commit
+
+    sim.do(now, Commit(RUN, peer, inc(peer), 0, number, 1, "11111111aaaa", dots, mean_sq, all_parts))
+
+
+def test_a_member_whose_update_points_against_the_mean_is_named_and_quarantined() -> None:
+    sim = Sim(ROBUST)
+    for number in (0, 1, 2):
+        _round(sim, 10.0 * number, number, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 1.0})
+        if number == 2:
+            break
+        # Butterfly: each owner reports its part. x's part of the update is opposite to the mean in every part.
+        for owner in ("a", "b", "c", "x"):
+            _commit_with(sim, 10.0 * number + 1, number, owner, (0.12, 0.1, 0.11, -0.08), 0.04)
+        rnd = sim.round(number)
+        assert rnd.phase == "committed" and dict(rnd.refused) == {
+            "x": "its update points against the round's mean (cosine -0.80)"}, rnd.refused
+        assert "x: its update points against" in rnd.reasons[-1]
+    assert sim.round(2).members == ("a", "b", "c")  # quarantined after 2 rounds against the mean
+    assert dict(sim.round(2).refused)["x"].startswith("quarantined")
+
+
+def test_one_reporter_lying_about_the_directions_cannot_flag_an_honest_member() -> None:
+    sim = Sim(ROBUST)
+    _round(sim, 0.0, 0, {"a": 1.0, "b": 1.0, "c": 1.0, "x": 1.0})
+    # Gathered payloads: every member reduced every part; x claims a points against the mean (and far beyond
+    # what the norms allow: clamped), the others see it aligned.
+    for p in ("a", "b", "c"):
+        _commit_with(sim, 1.0, 0, p, (0.5, 0.5, 0.5, 0.5), 0.25, all_parts=True)
+    _commit_with(sim, 1.0, 0, "x", (-99.0, 0.5, 0.5, 0.5), 0.25, all_parts=True)
+    assert sim.round(0).phase == "committed" and sim.round(0).refused == ()
+
+
+def test_without_the_bound_directions_are_not_judged() -> None:
+    sim = Sim(replace(CFG, aggregate="trimmed-mean"))
+    _round(sim, 0.0, 0, {"a": 1.0, "x": 1.0})
+    for p in ("a", "x"):
+        _commit_with(sim, 1.0, 0, p, (0.1, -0.1), 0.04)
+    assert sim.round(0).phase == "committed" and sim.round(0).refused == ()

@@ -3,7 +3,9 @@ one attacker (`swarm peer --task average --attack KIND`), all separate processes
 
 An attacker whose update is out of bound is named in the rounds' reasons and quarantined after repeats;
 one that lies about its norm is named by the parts' owners in their failure reports (and quarantined the
-same way); a sign-flipper (a normal norm) is not named, and the trimmed mean bounds it. In every case the honest peers end on one hash.
+same way). In the `average` task the contributions are independent random vectors, so a sign flip is just
+another one (not named; the trimmed mean bounds it); in a `train` run peers' pseudo-gradients point alike
+and a sign-flipper is named by its direction (its cosine with the round's mean) and quarantined. In every case the honest peers end on one hash.
 """
 
 from __future__ import annotations
@@ -81,3 +83,33 @@ def test_an_attacker_is_named_and_the_honest_peers_end_on_one_hash(tmp_path: Pat
         assert any(why.startswith("quarantined: refused in 2 of the last 5 rounds") for why in refused), refused
     else:  # signflip: a normal norm; not named, its values are trimmed with everyone else's extremes
         assert not any(refused) and reports["x"]["state_hash"] == honest[0]["state_hash"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_sign_flipping_trainer_is_named_by_direction_and_quarantined(tmp_path: Path,
+                                                                       coordinator_proc: StartCoordinator) -> None:
+    # DiLoCo pseudo-gradients of peers training one model point alike; a flipped one points against their mean.
+    db = tmp_path / "run.db"
+    coord = coordinator_proc(db=db, extra_args=COORDINATOR)
+    train = ["--task", "train", "--model", "tiny", "--inner-steps", "5", "--steps", "40", "--threads", "1",
+             "--batch-size", "4", "--seq-len", "64", "--shard", "auto"]
+
+    def start(name: str, *extra: str) -> subprocess.Popen[str]:
+        err = open(tmp_path / f"{name}.err", "w")  # noqa: SIM115 - closed with the process
+        return subprocess.Popen([sys.executable, "-m", "swarm.cli.main", "peer", "--coordinator", coord.target,
+                                 "--run-id", "robust", "--peer-id", name, *train, *extra],
+                                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, text=True)
+
+    procs = {name: start(name) for name in ("h0", "h1", "h2")}
+    procs["x"] = start("x", "--attack", "signflip")
+    reports = _reports(tmp_path, procs)
+    coord.kill()
+    honest = [reports[p] for p in ("h0", "h1", "h2")]
+    assert len({r["state_hash"] for r in honest}) == 1, [r["state_hash"] for r in honest]
+    store = SqliteStore(db, "robust")
+    rounds = sorted(store.state.rounds.values(), key=lambda r: r.number)
+    store.close()
+    refused = [dict(r.refused).get("x", "") for r in rounds]
+    assert refused[0].startswith("its update points against the round's mean (cosine -"), [r.reasons for r in rounds]
+    assert any(why.startswith("quarantined: refused in 2 of the last 5 rounds") for why in refused), refused

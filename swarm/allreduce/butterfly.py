@@ -29,7 +29,7 @@ from swarm.allreduce.reduce import (
     parts_for,
     reduce_payloads,
 )
-from swarm.allreduce.robust import MEAN, Rule
+from swarm.allreduce.robust import MEAN, Directions, Rule
 from swarm.compression import Contribution
 from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
 from swarm.transport.frames import Header, checksum
@@ -57,6 +57,7 @@ class _Attempt:
     others: list[Participant]
     rule: Rule
     norms: list[float | None] | None
+    directions: Directions | None
 
     @property
     def me(self) -> str:
@@ -82,7 +83,8 @@ class _Attempt:
 
 
 async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, members: list[Participant], round: int,
-                            attempt: int, timeout_s: float, rule: Rule = MEAN) -> torch.Tensor:
+                            attempt: int, timeout_s: float, rule: Rule = MEAN,
+                            directions: Directions | None = None) -> torch.Tensor:
     """One attempt of the all-reduce of `contribution` among `members`.
 
     Args:
@@ -92,6 +94,7 @@ async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, memb
         round, attempt: tag every frame so frames of other attempts are discarded.
         timeout_s: the whole attempt must finish within this long.
         rule: how to average (`robust`); the members' declared norms are checked against their parts.
+        directions: filled with the members' dot products with the parts this member reduces.
     Returns:
         The mean over all members (fp32, on the contribution's device), identical bytes on every
         member. On the CPU it is an endpoint buffer: `endpoint.release()` it when done.
@@ -102,7 +105,7 @@ async def allreduce_attempt(endpoint: Endpoint, contribution: Contribution, memb
     box = endpoint.inbox(round, attempt)
     at = _Attempt(endpoint, box, round, attempt, asyncio.get_running_loop().time() + timeout_s,
                   [m.peer_id for m in members], [m for m in members if m.peer_id != endpoint.peer_id], rule,
-                  [m.norm for m in members] if any(m.norm is not None for m in members) else None)
+                  [m.norm for m in members] if any(m.norm is not None for m in members) else None, directions)
     parts = parts_for(codec, total, [m.bandwidth for m in members])
     host_out = None
     if contribution.device.type == "cpu":  # the inbox recycles it if the attempt fails, once no frame lands in it
@@ -141,7 +144,7 @@ async def _butterfly(at: _Attempt, contribution: Contribution, parts: list[tuple
     if my_len:
         mine = out[my_start : my_start + my_len]
         received = [payloads[me] if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
-        reduce_payloads(codec, received, ids, at.me, mine, rule=at.rule, norms=at.norms)
+        reduce_payloads(codec, received, ids, at.me, mine, rule=at.rule, norms=at.norms, directions=at.directions)
         final = encode_result(result, mine)
         at.faults_after_reduce()
         host = _host(final)
@@ -169,12 +172,14 @@ async def _gather(at: _Attempt, contribution: Contribution, parts: list[tuple[in
     sending = at.sends("contrib", {m.peer_id: (ids.index(at.me), host) for m in at.others}, codec.name)
     await finish_phase(box, "contrib", [m.peer_id for m in at.others], sending, at.deadline)
     payloads = [mine if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
+    if at.directions is not None:
+        at.directions.all_parts = True
     longest = max(n for _, n in parts)
     scratch = [torch.empty(longest, dtype=torch.float32, device=out.device) for _ in ids]
     offset = 0
     for (start, length), size in zip(parts, sizes, strict=True):
         reduce_payloads(codec, [p[offset : offset + size] for p in payloads], ids, at.me,
-                        out[start : start + length], scratch, rule=at.rule, norms=at.norms)
+                        out[start : start + length], scratch, rule=at.rule, norms=at.norms, directions=at.directions)
         offset += size
     at.faults_after_reduce()  # nothing is sent after the reduce here: both points come once it is done
 

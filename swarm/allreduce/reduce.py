@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from swarm.allreduce.robust import MEAN, Rule, aggregate, check_declared, weights
+from swarm.allreduce.robust import MEAN, Directions, Rule, aggregate, check_declared, weights
 from swarm.compression import Codec, all_finite
 from swarm.transport.endpoint import PeerFailure
 
@@ -93,7 +93,7 @@ def check_finite(reduced: torch.Tensor, pieces: list[torch.Tensor], ids: list[st
 
 def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], me: str | None, out: torch.Tensor,
                     scratch: list[torch.Tensor] | None = None, rule: Rule = MEAN,
-                    norms: Sequence[float | None] | None = None) -> torch.Tensor:
+                    norms: Sequence[float | None] | None = None, directions: Directions | None = None) -> torch.Tensor:
     """Decode each member's payload of one part (in member order) and write their mean into `out`.
 
     Args:
@@ -102,6 +102,7 @@ def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], 
         scratch: fp32 buffers at least out's size, one per member, to decode into (else new tensors).
         rule: how to average (`robust`): mean, clipped-mean or trimmed-mean.
         norms: each member's declared norm of its whole contribution (None: not declared, not checked).
+        directions: add each member's dot product with the reduced part to it (robust aggregation).
     Raises:
         PeerFailure: a member's payload does not decode, exceeds its declared norm or brings NaN/Inf (see
             `check_finite`).
@@ -118,6 +119,8 @@ def reduce_payloads(codec: Codec, payloads: list[torch.Tensor], ids: list[str], 
     known = None if norms is None or any(x is None for x in norms) else [float(x) for x in norms]  # type: ignore[arg-type]
     aggregate(rule, pieces, out, weights(rule, known) if known is not None else None)
     check_finite(out, pieces, ids, me)
+    if directions is not None:
+        directions.add(pieces, out)
     return out
 
 

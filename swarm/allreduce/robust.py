@@ -32,7 +32,7 @@ from swarm.transport.inbox import PeerFailure
 if TYPE_CHECKING:  # the coordinator decides refusals without torch: the arithmetic imports it when it runs
     import torch
 
-__all__ = ["KINDS", "MEAN", "OVER_DECLARED", "Rule", "aggregate", "check_declared", "median_norm", "out_of_bound", "reduce_in_order",
+__all__ = ["KINDS", "MEAN", "OVER_DECLARED", "Directions", "Rule", "aggregate", "check_declared", "median_norm", "out_of_bound", "reduce_in_order",
            "weights"]
 
 KINDS = ("mean", "clipped-mean", "trimmed-mean")
@@ -76,6 +76,30 @@ class Rule:
 
 
 MEAN = Rule()
+
+
+@dataclass(slots=True)
+class Directions:
+    """What this member reports with its commit (robust aggregation): over the parts it reduced, each member's
+    part's dot product with the reduced part, and the reduced parts' squared norm (`rounds.against` reads them)."""
+
+    dots: list[float]
+    mean_sq: float = 0.0
+    all_parts: bool = False
+    """It reduced every part (gathered payloads), not only its own."""
+
+    @classmethod
+    def of(cls, members: int) -> Directions:
+        return cls([0.0] * members)
+
+    def add(self, pieces: list[torch.Tensor], reduced: torch.Tensor) -> None:
+        """One reduced part and the members' pieces of it, in member order."""
+        import torch
+
+        mean = reduced.float()
+        for i, piece in enumerate(pieces):
+            self.dots[i] += float(torch.dot(piece.float(), mean))
+        self.mean_sq += float(torch.dot(mean, mean))
 
 
 def median_norm(norms: Sequence[float]) -> float:

@@ -18,6 +18,7 @@ from typing import Any, Self
 
 import grpc
 
+from swarm.allreduce.robust import Directions
 from swarm.coordinator.errors import PROTOCOL_VERSION
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
@@ -238,11 +239,16 @@ class CoordinatorClient:
         )
         return await self._call("ReportFailure", request, extra_s=wait_s)
 
-    async def commit(self, stage: int, round: int, attempt: int, state_hash: str, wait_s: float = 10.0) -> pb.CommitRoundReply:
-        """Offer the round's state hash; the reply may be WAITING (call again)."""
+    async def commit(self, stage: int, round: int, attempt: int, state_hash: str, wait_s: float = 10.0,
+                     directions: Directions | None = None) -> pb.CommitRoundReply:
+        """Offer the round's state hash (with what this member saw of the members' directions, when it reduced
+        parts under declared norms); the reply may be WAITING (call again)."""
         request = pb.CommitRoundRequest(
             stage=stage, round=round, attempt=attempt, state_hash=state_hash, wait_s=wait_s, **self._ids()
         )
+        if directions is not None:
+            request.dots[:] = directions.dots
+            request.mean_sq, request.all_parts = directions.mean_sq, directions.all_parts
         return await self._call("CommitRound", request, extra_s=wait_s)
 
     async def status(self) -> pb.StatusReply:

@@ -83,8 +83,9 @@ class CoordinatorConfig:
     values dropped; default B 1). See docs/security.md, "Poisoned updates"."""
     norm_bound: float = 0.0
     """Refuse a contribution whose declared norm exceeds this times the round's median norm (its sender is
-    named in the round's reasons and resyncs); 0: off. A peer refused in quarantine_after of the last
-    quarantine_rounds rounds is left out of every round until its refusals age out of that window."""
+    named in the round's reasons and resyncs), and name a member whose update points against the round's mean
+    (from the directions members report with their commits); 0: off. A peer refused in quarantine_after of the
+    last quarantine_rounds rounds is left out of every round until its refusals age out of that window."""
     quarantine_after: int = 3
     """With norm_bound: refusals (within quarantine_rounds) that quarantine a peer."""
     quarantine_rounds: int = 10

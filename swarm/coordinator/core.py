@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable
 
 from swarm.coordinator.config import CoordinatorConfig
-from swarm.coordinator.decisions import Event, Tick, decide, recover
+from swarm.coordinator.decisions import Event, Tick, decide
+from swarm.coordinator.rounds import recover
 from swarm.coordinator.state import Decision, RunState
 from swarm.coordinator.store import Store
 

@@ -116,6 +116,10 @@ class Commit:
     round: int
     attempt: int
     state_hash: str
+    dots: tuple[float, ...] = ()
+    """Robust aggregation: per member, its parts' dot product with the reduced parts this peer reduced."""
+    mean_sq: float = 0.0
+    all_parts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,40 +480,10 @@ def _commit(state: RunState, now: float, ev: Commit, config: CoordinatorConfig) 
         if previous != ev.state_hash:
             raise InvalidRequest(f"peer {ev.peer_id!r} already committed {previous[:12]} for attempt {rnd.attempt}")
         return NO_CHANGE
-    rnd = replace(rnd, commits=rnd.commits + ((ev.peer_id, ev.state_hash),))
+    if ev.dots and (len(ev.dots) != len(rnd.members) or not all(map(math.isfinite, (*ev.dots, ev.mean_sq)))
+                    or ev.mean_sq < 0):
+        raise InvalidRequest(f"dots must be {len(rnd.members)} finite numbers and mean_sq one >= 0")
+    seen = ((ev.peer_id, ev.dots, ev.mean_sq, ev.all_parts),) if ev.dots else ()
+    rnd = replace(rnd, commits=rnd.commits + ((ev.peer_id, ev.state_hash),), directions=rnd.directions + seen)
     changed = settle_rounds(state, now, [rnd], config)
     return Decision(reason=round_reasons(changed, state), put_rounds=changed)
-
-
-# -------------------------------------------------------------------- restart
-
-
-def recover(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
-    """After a coordinator restart: renew every lease and give open rounds time to reconnect.
-
-    The coordinator's downtime is not the peers' fault: every member gets a
-    full lease from `now`, and open barriers and attempts at least as long,
-    so peers that kept running simply re-attach with their next call.
-    """
-    members = tuple(
-        replace(m, lease_expires_at=now + config.lease_s)
-        for m in state.members.values()
-        if m.lease_expires_at < now + config.lease_s
-    )
-    rounds = []
-    for r in state.rounds.values():
-        if r.phase == "running" and r.attempt_deadline < now + config.lease_s:
-            rounds.append(replace(r, attempt_deadline=now + config.lease_s))
-        elif r.phase == "gathering" and r.barrier_deadline is not None and r.barrier_deadline < now + config.lease_s:
-            rounds.append(replace(r, barrier_deadline=now + config.lease_s))
-    if not state.members and not state.rounds:
-        return NO_CHANGE
-    committed = sorted((r.stage, r.number) for r in state.rounds.values() if r.phase == "committed")
-    return Decision(
-        reason=(
-            f"recovered {len(state.members)} members and {len(state.rounds)} rounds "
-            f"({len(committed)} committed); leases renewed for {config.lease_s:g}s"
-        ),
-        put_members=members,
-        put_rounds=tuple(rounds),
-    )

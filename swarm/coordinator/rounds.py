@@ -26,7 +26,7 @@ from dataclasses import replace
 
 from swarm.allreduce.robust import OVER_DECLARED, out_of_bound
 from swarm.coordinator.config import CoordinatorConfig
-from swarm.coordinator.state import Member, Round, RunState
+from swarm.coordinator.state import NO_CHANGE, Decision, Member, Round, RunState
 
 
 def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, config: CoordinatorConfig) -> Round:
@@ -41,17 +41,48 @@ def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, 
         members=survivors,
         commits=(),
         accusations=(),
+        directions=(),
         first_report_at=0.0,
         attempt_deadline=now + config.attempt_timeout_s,
         reasons=rnd.reasons + (f"attempt {number} with {len(survivors)} members: attempt {rnd.attempt} {why}",),
     )
 
 
+def against(rnd: Round) -> dict[str, str]:
+    """Members of the current attempt whose update points against the round's (robust) mean, and why.
+
+    From the committers' reports (`Round.directions`): the cosine of each member's update with the reduced mean,
+    from its declared norm. Each report's share is clamped to what its norms allow (Cauchy-Schwarz), so a lying
+    reporter moves a cosine by at most its own part's share; where reporters reduced every part (gathered
+    payloads), the upper median over them is taken, so one liar cannot flag an honest member.
+    """
+    norms = dict(rnd.norms)
+    reports = [d for d in rnd.directions if len(d[1]) == len(rnd.members) and d[2] > 0]
+    if not reports or not all(norms.get(p, 0.0) > 0 for p in rnd.members):
+        return {}
+    whole = [d for d in reports if d[3]]
+    flagged = {}
+    for i, p in enumerate(rnd.members):
+        def share(report: tuple[str, tuple[float, ...], float, bool], i: int = i, p: str = p) -> float:
+            bound = norms[p] * math.sqrt(report[2]) * 1.001
+            return max(-bound, min(bound, report[1][i]))
+
+        if whole:
+            values = sorted(share(d) / (norms[p] * math.sqrt(d[2])) for d in whole)
+            cosine = values[len(values) // 2]
+        else:
+            cosine = sum(share(d) for d in reports) / (norms[p] * math.sqrt(sum(d[2] for d in reports)))
+        if cosine < 0:
+            flagged[p] = f"its update points against the round's mean (cosine {cosine:.2f})"
+    return flagged
+
+
 def _abort(rnd: Round, now: float, why: str) -> Round:
     return replace(rnd, phase="aborted", finished_at=now, reasons=rnd.reasons + (f"aborted: {why}",))
 
 
-def _finalize(rnd: Round, now: float, note: str, joined_at: Callable[[str], float]) -> Round:
+def _finalize(rnd: Round, now: float, note: str, joined_at: Callable[[str], float],
+              config: CoordinatorConfig) -> Round:
     """Commit the round with the majority hash of the current attempt's commits.
 
     Ties between equally large groups go to the group holding the longest-standing member (the
@@ -74,8 +105,13 @@ def _finalize(rnd: Round, now: float, note: str, joined_at: Callable[[str], floa
         why += f"; diverged: {', '.join(diverged)} (resync from {donor})"
     if note:
         why += f"; {note}"
+    known = dict(rnd.refused)
+    flagged = {p: w for p, w in against(rnd).items() if p not in known} if config.norm_bound > 0 else {}
+    if flagged:
+        why += "; " + "; ".join(f"{p}: {w}" for p, w in sorted(flagged.items()))
     return replace(
         rnd,
+        refused=rnd.refused + tuple(sorted(flagged.items())),
         phase="committed",
         committed_hash=winner,
         donor=donor,
@@ -190,11 +226,12 @@ def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str]
             return _next_attempt(_liars_refused(rnd, excluded), now, survivors, why, config)
         return rnd  # commits wait for the verdict: the attempt may still be superseded
     if len(rnd.commits) == len(rnd.members):
-        return _finalize(rnd, now, "", joined_at)
+        return _finalize(rnd, now, "", joined_at, config)
     if now >= rnd.attempt_deadline:
         if rnd.commits:
             late = [p for p in rnd.members if rnd.commit_of(p) is None]
-            return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}", joined_at)
+            return _finalize(rnd, now, f"attempt deadline passed; no commit from {', '.join(late)}", joined_at,
+                             config)
         return _abort(rnd, now, f"attempt {rnd.attempt} passed its deadline with no commit")
     return rnd
 
@@ -367,3 +404,34 @@ def next_round(state: RunState, stage: int) -> int:
     if latest is None:
         return 0
     return latest.number if latest.phase == "gathering" else latest.number + 1
+
+
+def recover(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
+    """After a coordinator restart: renew every lease and give open rounds time to reconnect.
+
+    The coordinator's downtime is not the peers' fault: every member gets a
+    full lease from `now`, and open barriers and attempts at least as long,
+    so peers that kept running simply re-attach with their next call.
+    """
+    members = tuple(
+        replace(m, lease_expires_at=now + config.lease_s)
+        for m in state.members.values()
+        if m.lease_expires_at < now + config.lease_s
+    )
+    rounds = []
+    for r in state.rounds.values():
+        if r.phase == "running" and r.attempt_deadline < now + config.lease_s:
+            rounds.append(replace(r, attempt_deadline=now + config.lease_s))
+        elif r.phase == "gathering" and r.barrier_deadline is not None and r.barrier_deadline < now + config.lease_s:
+            rounds.append(replace(r, barrier_deadline=now + config.lease_s))
+    if not state.members and not state.rounds:
+        return NO_CHANGE
+    committed = sorted((r.stage, r.number) for r in state.rounds.values() if r.phase == "committed")
+    return Decision(
+        reason=(
+            f"recovered {len(state.members)} members and {len(state.rounds)} rounds "
+            f"({len(committed)} committed); leases renewed for {config.lease_s:g}s"
+        ),
+        put_members=members,
+        put_rounds=tuple(rounds),
+    )

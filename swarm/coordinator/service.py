@@ -362,6 +362,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             request.round,
             request.attempt,
             request.state_hash,
+            tuple(request.dots),
+            request.mean_sq,
+            request.all_parts,
         )
         self.core.handle(event)
         view = await self._hold(request, context, lambda: views.commit(

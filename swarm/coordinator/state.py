@@ -95,6 +95,8 @@ class Round:
     """(peer, why): arrived but left out of the round: its contribution was out of bound, or it is quarantined."""
     aggregate: str = ""
     """How the round averages (`swarm.allreduce.robust.Rule`), fixed when it starts ("": mean)."""
+    directions: tuple[tuple[str, tuple[float, ...], float, bool], ...] = ()
+    """The current attempt's (committer, dots, mean_sq, all_parts) reports (`rounds.against`)."""
     checkpointed_by: tuple[str, ...] = ()
     """Peers that said they hold this committed round's state on disk (a peer restarted with it can resume
     the run when no live member holds a newer state)."""

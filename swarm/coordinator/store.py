@@ -8,7 +8,7 @@ SQLite runs in WAL mode with `synchronous=NORMAL`: a committed transaction
 survives the coordinator process being killed (SIGKILL), which is the failure
 this store is for; a power loss may lose the last transactions. Heartbeats
 (`Decision.durable == False`) are batched and written by `flush()`, since a
-restarted coordinator renews every lease anyway (`decisions.recover`).
+restarted coordinator renews every lease anyway (`rounds.recover`).
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def _round_from_json(text: str) -> Round:
     d["accusations"] = tuple((r, s, why) for r, s, why in d["accusations"])
     d["norms"] = tuple((p, float(n)) for p, n in d.get("norms", ()))
     d["refused"] = tuple((p, why) for p, why in d.get("refused", ()))
+    d["directions"] = tuple((p, tuple(dots), float(sq), bool(a)) for p, dots, sq, a in d.get("directions", ()))
     return Round(**d)
 
 

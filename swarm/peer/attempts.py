@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
-from swarm.allreduce.robust import Rule
+from swarm.allreduce.robust import Directions, Rule
 from swarm.compression import Contribution
 from swarm.coordinator.client import CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
@@ -36,6 +36,8 @@ class AllReduceResult:
     attempt: pb.Attempt
     mean: torch.Tensor | None = None
     failures: list[str] = field(default_factory=list)
+    directions: Directions | None = None
+    """With declared norms: what this member reports with its commit (`robust.Directions`)."""
 
 
 def participants(attempt: pb.Attempt) -> list[Participant]:
@@ -88,9 +90,10 @@ async def fault_tolerant_allreduce(
             limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
             others = [(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id]
             await endpoint.reach_out(others, relay_for(members, relay))
+            directions = Directions.of(len(members)) if attempt.norms else None
             mean = await allreduce_attempt(endpoint, contribution, members, round, attempt.number, limit,
-                                           rule_of(attempt))
-            return AllReduceResult("done", attempt, mean, failures)
+                                           rule_of(attempt), directions)
+            return AllReduceResult("done", attempt, mean, failures, directions)
         except PeerFailure as e:
             failures.append(f"attempt {attempt.number}: {e}")
             log.warning("round %d attempt %d: %s", round, attempt.number, e)

@@ -308,6 +308,7 @@ class Peer:
         while True:
             rep.attempts += 1
             mean: torch.Tensor | None = None
+            directions = None
             if contribution is not None:
                 assert self.endpoint is not None, "the data plane is off"
                 result = await fault_tolerant_allreduce(
@@ -319,16 +320,16 @@ class Peer:
                     rep.aborted += 1
                     self.round = round_ + 1
                     return SyncResult("kept", round_, reason=f"all-reduce {result.status}")
-                mean, attempt = result.mean, result.attempt
+                mean, attempt, directions = result.mean, result.attempt, result.directions
             try:
                 digest = await asyncio.to_thread(state.propose, mean, round_, attempt)
             finally:
                 if mean is not None and self.endpoint is not None:
                     self.endpoint.close_inbox(round_, attempt.number)
                     self.endpoint.release(mean)
-            out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
+            out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s, directions)
             while out.outcome == Cmt.WAITING:
-                out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s)
+                out = await self.client.commit(stage, round_, attempt.number, digest, cfg.wait_s, directions)
             if out.outcome == Cmt.RETRY:
                 rep.retries += 1
                 attempt = out.attempt

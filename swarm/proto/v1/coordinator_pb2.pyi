@@ -286,7 +286,7 @@ class ReportFailureReply(_message.Message):
     def __init__(self, outcome: _Optional[_Union[ReportFailureReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CommitRoundRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "state_hash", "wait_s")
+    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "state_hash", "wait_s", "dots", "mean_sq", "all_parts")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +295,9 @@ class CommitRoundRequest(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    DOTS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SQ_FIELD_NUMBER: _ClassVar[int]
+    ALL_PARTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
@@ -303,7 +306,10 @@ class CommitRoundRequest(_message.Message):
     attempt: int
     state_hash: str
     wait_s: float
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., state_hash: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    dots: _containers.RepeatedScalarFieldContainer[float]
+    mean_sq: float
+    all_parts: bool
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., state_hash: _Optional[str] = ..., wait_s: _Optional[float] = ..., dots: _Optional[_Iterable[float]] = ..., mean_sq: _Optional[float] = ..., all_parts: _Optional[bool] = ...) -> None: ...
 
 class CommitRoundReply(_message.Message):
     __slots__ = ("outcome", "donor", "attempt", "committed_hash", "reason")
