@@ -335,3 +335,19 @@ def test_without_the_bound_directions_are_not_judged() -> None:
     for p in ("a", "x"):
         _commit_with(sim, 1.0, 0, p, (0.1, -0.1), 0.04)
     assert sim.round(0).phase == "committed" and sim.round(0).refused == ()
+
+
+def test_swarm_status_shows_a_quarantine_and_shows_peers_text_literally() -> None:
+    from rich.console import Console
+
+    from swarm.cli.status_cmd import render
+    from swarm.proto.v1 import coordinator_pb2 as pb
+
+    status = pb.StatusReply(run_id="r", members=[pb.MemberStatus(
+        member=pb.Member(peer_id="x", address="10.0.0.7:7100"), quarantined="refused in 3 of the last 10 rounds")],
+        events=[pb.Event(ago_s=1.0, reason="x left: [bold red]not markup[/]")])
+    console = Console(width=200, record=True)
+    console.print(render(status))
+    text = console.export_text()
+    assert "10.0.0.7:7100 (quarantined: refused in 3 of the last 10 rounds)" in text
+    assert "x left: [bold red]not markup[/]" in text

@@ -10,6 +10,7 @@ import sys
 from google.protobuf import json_format
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
@@ -43,15 +44,16 @@ def status_to_dict(status: pb.StatusReply) -> dict:
 
 
 def render(status: pb.StatusReply, max_events: int = 12) -> Group:
-    """Tables of members, rounds and recent decisions."""
+    """Tables of members, rounds and recent decisions (text from peers escaped: it is shown, never read as
+    markup)."""
     members = Table(title=f"run {status.run_id}: {len(status.members)} members", title_justify="left")
     for col in ("peer", "stage", "address", "lease left", "step", "loss", "tokens/s", "checkpoint"):
         members.add_column(col, justify="right" if col not in ("peer", "address") else "left")
     for m in status.members:
         members.add_row(
-            m.member.peer_id, str(m.stage),
-            m.member.address + (" (unreachable: dials out)" if m.member.unreachable else "")
-            + (f" [quarantined: {m.quarantined}]" if m.quarantined else ""),
+            escape(m.member.peer_id), str(m.stage),
+            escape(m.member.address + (" (unreachable: dials out)" if m.member.unreachable else "")
+                   + (f" (quarantined: {m.quarantined})" if m.quarantined else "")),
             f"{m.lease_expires_in_s:.1f}s",
             str(m.progress.step), f"{m.progress.loss:.4f}", f"{m.progress.tokens_per_s:.0f}",
             f"round {m.progress.checkpoint_round}" if m.progress.has_checkpoint else "-",
@@ -62,13 +64,13 @@ def render(status: pb.StatusReply, max_events: int = 12) -> Group:
     for r in status.rounds:
         rounds.add_row(
             str(r.stage), str(r.round), r.phase, str(r.attempt), str(len(r.members) or len(r.arrived)),
-            str(r.commits), r.committed_hash[:12], r.reasons[-1] if r.reasons else "",
+            str(r.commits), escape(r.committed_hash[:12]), escape(r.reasons[-1]) if r.reasons else "",
         )
     events = Table(title="recent decisions", title_justify="left")
     events.add_column("ago")
     events.add_column("reason")
     for e in list(status.events)[-max_events:]:
-        events.add_row(f"{e.ago_s:.1f}s", e.reason)
+        events.add_row(f"{e.ago_s:.1f}s", escape(e.reason))
     return Group(members, rounds, events)
 
 
