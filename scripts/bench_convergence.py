@@ -351,7 +351,6 @@ def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragment
                init: Weights | None = None) -> dict[str, Any]:
     """N DiLoCo workers in threads averaging through a `LocalGroup` (from `init` if given); eval loss of
     θ_global and wire bytes."""
-    tc = cfg.train_config()
     group = LocalGroup(cfg.workers)
     workers = [_setup(cfg, corpus, i, init) for i in range(cfg.workers)]
     start = _start(cfg, workers[0][0], corpus)  # before the hooks copy θ_global from the weights
@@ -359,33 +358,9 @@ def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragment
     hooks = [DiLoCo(model, opt, peer=group.member(i), sync_every=H, outer=cfg.outer(), codec=codec_config(codec),
                     **extra)
              for i, (model, opt, _) in enumerate(workers)]
-    errors: list[BaseException] = []
-    losses = [math.nan] * cfg.workers
-
-    def work(i: int) -> None:
-        model, opt, batches = workers[i]
-        try:
-            with hooks[i] as dl:
-                for step in range(cfg.steps):
-                    losses[i] = _forward_backward(model, opt, batches, tc, step)
-                    _finish_step(model, opt, tc)  # the hook syncs here every H steps
-                if dl.local_step > 0:  # steps % H != 0: sync the tail too, so every run uses all its tokens
-                    dl.sync()
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
-            errors.append(exc)
-
-    # Daemon threads: if one worker fails, the others wait at the group's barrier for ever; the
-    # main thread stops waiting, raises, and the process exit takes them down.
-    threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"diloco-{i}") for i in range(cfg.workers)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive() and not errors:
-            t.join(timeout=1.0)
+    losses, errors, wall = train_in_threads(cfg, workers, hooks)
     if errors:
         raise RuntimeError(f"a DiLoCo worker failed (H={H}, codec={codec})") from errors[0]
-    wall = time.perf_counter() - started
     # Score θ_global, which every worker holds alike. It is the model after the last sync; when
     # streaming, each fragment as of its own last sync (later local progress is not in it).
     model, dl = workers[0][0], hooks[0]
@@ -395,6 +370,42 @@ def run_diloco(cfg: BenchConfig, corpus: Corpus, H: int, codec: str, *, fragment
             "syncs": dl.stats.syncs, "eval_loss": _eval(cfg, model, corpus), "bytes": group.bytes_sent,
             "wall_s": wall, "final_train_loss": statistics.fmean(losses),
             "identical_on_all_workers": len({dl.state.digest for dl in hooks}) == 1, **start}
+
+
+def train_in_threads(cfg: BenchConfig, workers: list[tuple[torch.nn.Module, torch.optim.Optimizer, Batches]],
+                     hooks: list[DiLoCo]) -> tuple[list[float], list[BaseException], float]:
+    """Each worker (model, optimizer, batches) trains `cfg.steps` inner steps under its DiLoCo hooks, in its own
+    thread, the tail synced too (steps % H != 0), so every run uses all its tokens.
+
+    Returns:
+        Each worker's last inner loss, the errors the workers raised, and the wall time.
+    """
+    tc = cfg.train_config()
+    errors: list[BaseException] = []
+    losses = [math.nan] * len(workers)
+
+    def work(i: int) -> None:
+        model, opt, batches = workers[i]
+        try:
+            with hooks[i] as dl:
+                for step in range(cfg.steps):
+                    losses[i] = _forward_backward(model, opt, batches, tc, step)
+                    _finish_step(model, opt, tc)  # the hook syncs here every H steps
+                if dl.local_step > 0:
+                    dl.sync()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    # Daemon threads: if one worker fails, the others may wait at the group's barrier; the main thread stops
+    # waiting and returns the error, and the process exit takes them down.
+    threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"diloco-{i}") for i in range(len(workers))]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive() and not errors:
+            t.join(timeout=1.0)
+    return losses, errors, time.perf_counter() - started
 
 
 def run_single(cfg: BenchConfig, corpus: Corpus, init: Weights | None = None) -> dict[str, Any]:

@@ -53,7 +53,6 @@ import math
 import os
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,7 +142,6 @@ class RobustConfig:
 def run_one(cfg: RobustConfig, corpus: Corpus, option: Option, kind: str | None, k: int) -> dict[str, Any]:
     """One training run of `cfg.peers` members under `option`, the last `k` attacking with `kind`."""
     b = cfg.bench()
-    tc = b.train_config()
     group = LocalGroup(cfg.peers, rule=option.rule, norm_bound=option.norm_bound)
     members = [bc._setup(b, corpus, i) for i in range(cfg.peers)]
     bad = set(range(cfg.peers - k, cfg.peers)) if kind else set()
@@ -151,28 +149,7 @@ def run_one(cfg: RobustConfig, corpus: Corpus, option: Option, kind: str | None,
              else group.member(i) for i in range(cfg.peers)]
     hooks = [DiLoCo(model, opt, peer=peers[i], sync_every=cfg.sync_every, outer=b.outer(), codec="none")
              for i, (model, opt, _) in enumerate(members)]
-    errors: list[BaseException] = []
-    losses = [math.nan] * cfg.peers
-
-    def work(i: int) -> None:
-        model, opt, batches = members[i]
-        try:
-            with hooks[i] as dl:
-                for step in range(cfg.steps):
-                    losses[i] = bc._forward_backward(model, opt, batches, tc, step)
-                    bc._finish_step(model, opt, tc)  # the hook syncs every sync_every steps
-                if dl.local_step > 0:  # steps % sync_every != 0: the tail syncs too
-                    dl.sync()
-        except BaseException as exc:  # noqa: BLE001 - reported with the run
-            errors.append(exc)  # (leaving the `with` closed its member: the group's barrier no longer waits for it)
-
-    threads = [threading.Thread(target=work, args=(i,), daemon=True, name=f"robust-{i}") for i in range(cfg.peers)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    losses, errors, wall = bc.train_in_threads(b, members, hooks)  # an error is reported with the run
 
     names = [f"member {i}" for i in range(cfg.peers)]
     refused_rounds: dict[str, int] = {}

@@ -32,12 +32,14 @@ from swarm.transport.inbox import PeerFailure
 if TYPE_CHECKING:  # the coordinator decides refusals without torch: the arithmetic imports it when it runs
     import torch
 
-__all__ = ["KINDS", "MEAN", "OVER_DECLARED", "Directions", "Rule", "aggregate", "check_declared", "median_norm", "out_of_bound", "reduce_in_order",
-           "weights"]
+__all__ = ["KINDS", "MEAN", "OVER_DECLARED", "QUARANTINED", "Directions", "Rule", "aggregate", "check_declared",
+           "declares_norms", "median_norm", "out_of_bound", "reduce_in_order", "weights"]
 
 KINDS = ("mean", "clipped-mean", "trimmed-mean")
 OVER_DECLARED = "sent a part of norm"
 """How the failure reason of a part above its sender's declared norm starts (the coordinator counts them)."""
+QUARANTINED = "quarantined: "
+"""How the reason a round left a quarantined member out starts (such rounds do not count towards a quarantine)."""
 DECLARED_SLACK = 1.001
 """A part may carry up to this times its sender's declared norm (fp32 rounding of the two sums)."""
 
@@ -76,6 +78,11 @@ class Rule:
 
 
 MEAN = Rule()
+
+
+def declares_norms(rule: Rule, norm_bound: float) -> bool:
+    """Whether members must declare their contributions' norms: a bound or a rule other than mean uses them."""
+    return norm_bound > 0 or rule.kind != "mean"
 
 
 @dataclass(slots=True)

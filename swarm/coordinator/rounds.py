@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
-from swarm.allreduce.robust import OVER_DECLARED, out_of_bound
+from swarm.allreduce.robust import OVER_DECLARED, QUARANTINED, out_of_bound
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.state import NO_CHANGE, Decision, Member, Round, RunState
 
@@ -63,18 +63,20 @@ def against(rnd: Round) -> dict[str, str]:
     whole = [d for d in reports if d[3]]
     flagged = {}
     for i, p in enumerate(rnd.members):
-        def share(report: tuple[str, tuple[float, ...], float, bool], i: int = i, p: str = p) -> float:
-            bound = norms[p] * math.sqrt(report[2]) * 1.001
-            return max(-bound, min(bound, report[1][i]))
-
         if whole:
-            values = sorted(share(d) / (norms[p] * math.sqrt(d[2])) for d in whole)
+            values = sorted(_share(d, i, norms[p]) / (norms[p] * math.sqrt(d[2])) for d in whole)
             cosine = values[len(values) // 2]
         else:
-            cosine = sum(share(d) for d in reports) / (norms[p] * math.sqrt(sum(d[2] for d in reports)))
+            cosine = sum(_share(d, i, norms[p]) for d in reports) / (norms[p] * math.sqrt(sum(d[2] for d in reports)))
         if cosine < 0:
             flagged[p] = f"its update points against the round's mean (cosine {cosine:.2f})"
     return flagged
+
+
+def _share(report: tuple[str, tuple[float, ...], float, bool], i: int, norm: float) -> float:
+    """Member i's dot product in `report`, clamped to what its declared `norm` and the report's mean allow."""
+    bound = norm * math.sqrt(report[2]) * 1.001
+    return max(-bound, min(bound, report[1][i]))
 
 
 def _abort(rnd: Round, now: float, why: str) -> Round:
@@ -170,7 +172,7 @@ def _refusals(rnd: Round, members: tuple[str, ...], quarantined: Mapping[str, st
     """Who of the arrived `members` the round leaves out, and why (robust aggregation; nobody when off)."""
     if config.norm_bound <= 0:
         return {}
-    out = {p: f"quarantined: {quarantined[p]}" for p in members if p in quarantined}
+    out = {p: f"{QUARANTINED}{quarantined[p]}" for p in members if p in quarantined}
     declared = {p: n for p, n in rnd.norms if p in members and p not in out}
     if declared:  # a member that declared no norm among members that did hides its contribution's size
         out.update({p: "declared no contribution norm" for p in members if p not in declared and p not in out})
@@ -200,7 +202,7 @@ def quarantined(state: RunState, stage: int, config: CoordinatorConfig) -> dict[
     for number in range(max(0, latest.number - config.quarantine_rounds), latest.number + 1):
         rnd = state.rounds.get((stage, number))
         if rnd is not None:
-            counts.update(p for p, why in rnd.refused if not why.startswith("quarantined"))
+            counts.update(p for p, why in rnd.refused if not why.startswith(QUARANTINED))
     return {p: f"refused in {n} of the last {config.quarantine_rounds} rounds" for p, n in counts.items()
             if n >= config.quarantine_after}
 

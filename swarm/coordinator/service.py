@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from swarm.allreduce.robust import Rule, declares_norms
 from swarm.coordinator import views
 from swarm.coordinator.core import Coordinator
 from swarm.coordinator.decisions import (
@@ -260,7 +261,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             state_lost=lost,
             shard_index=max(0, state.members[request.peer_id].shard),
             shard_count=shard_count(cfg) if request.shard_auto else 0,
-            declare_norms=cfg.norm_bound > 0 or cfg.aggregate != "mean",
+            declare_norms=declares_norms(Rule.parse(cfg.aggregate), cfg.norm_bound),
             donor=_member_to_pb(donor) if (donor := views.donor_for(state, stage, request.peer_id)) else None,
             stage=stage,
             stages=max(1, cfg.stages),

@@ -172,9 +172,15 @@ class DiLoCo:
     def steps(self) -> int:
         """Inner steps the run has taken up to this peer's model: the rounds applied and the one in flight
         (streaming) each count `stride` steps, plus the local steps since."""
-        # (Not state.round + 1 while in flight: the peer adopts a round's state when it commits, before it is applied.)
-        last = self._in_flight[-1].round if self._in_flight else self.state.round
-        return (last + 1) * self.stride + self.local_step
+        return (self._last_sent + 1) * self.stride + self.local_step
+
+    @property
+    def _last_sent(self) -> int:
+        """The newest round sent: in flight (streaming), else the last applied.
+
+        (Not state.round while one is in flight: the peer adopts a round's state when it commits, before the
+        hooks apply it.)"""
+        return self._in_flight[-1].round if self._in_flight else self.state.round
 
     # ---------------------------------------------------------- lifecycle
 
@@ -322,8 +328,7 @@ class DiLoCo:
         local, contribution = self._delta(part)
         self.local_step = 0
         fut = self._worker.submit(self._sync_fragment, part, contribution)
-        last = self._in_flight[-1].round if self._in_flight else self.state.round
-        self._in_flight.append(_InFlight(fut, part, local, time.perf_counter(), last + 1, self._epoch))
+        self._in_flight.append(_InFlight(fut, part, local, time.perf_counter(), self._last_sent + 1, self._epoch))
 
     def _sync_fragment(self, part: slice, contribution: Contribution) -> SyncResult:
         """(In the worker, rounds one after another.) The round that syncs `part`: the state proposes its mean."""
@@ -331,8 +336,7 @@ class DiLoCo:
         return self.peer.sync(contribution)  # type: ignore[union-attr]
 
     def _next_part(self) -> slice:
-        last = self._in_flight[-1].round if self._in_flight else self.state.round
-        return self.fragments[(last + 1) % len(self.fragments)]
+        return self.fragments[(self._last_sent + 1) % len(self.fragments)]
 
     def _finish(self, wait: bool) -> None:
         """Apply the oldest round in flight once it ended (streaming)."""

@@ -7,7 +7,7 @@ import threading
 import torch
 
 from swarm.allreduce.reduce import encode_result, gathers_payloads, reduce_payloads
-from swarm.allreduce.robust import MEAN, Rule, out_of_bound
+from swarm.allreduce.robust import MEAN, Rule, declares_norms, out_of_bound
 from swarm.compression import Codec, Contribution
 from swarm.peer.state import RoundState, SyncResult
 
@@ -84,7 +84,7 @@ class _LocalMember:
         g = self.group
         assert self.state is not None
         try:
-            robust = g.norm_bound > 0 or g.rule.kind != "mean"
+            robust = declares_norms(g.rule, g.norm_bound)
             g._norms[self.index] = contribution.norm() if robust else None  # (an encode more: only when used)
             g._payloads[self.index] = contribution.encode(0, contribution.numel)
             if g._barrier.wait() == 0:
