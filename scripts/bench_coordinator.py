@@ -114,10 +114,18 @@ class BenchConfig:
     channel shows its own certificate."""
     rounds: int = 3
     """Rendezvous + commit rounds during the run."""
-    duration_s: float = 10.0
-    """How long peers heartbeat (rounds start evenly spread over this window)."""
+    duration_s: float = 0.0
+    """How long peers heartbeat (rounds start evenly spread over this window); 0: 10 s or three heartbeat
+    intervals (as the coordinator stretches them for N peers), whichever is longer."""
     heartbeat_interval_s: float = 1.0
-    """Each peer heartbeats this often, at a random phase."""
+    """The coordinator's --heartbeat-interval-s: peers heartbeat as often as the coordinator tells them (in its
+    Join and Heartbeat replies), at a random phase; it stretches this interval in a large run."""
+    heartbeats_per_s: float = 500.0
+    """The coordinator's --heartbeats-per-s (the heartbeat rate it stretches intervals to stay under); a huge value
+    keeps every peer at --heartbeat-interval-s."""
+    pin: bool = True
+    """On a host of 2 or more cores, run the coordinator on core 0 and the client processes on the others, so the
+    coordinator's own cost is what is measured (not its wait for a core the clients hold)."""
     arrival_spread_s: float = 1.0
     """Each peer calls Rendezvous, and CommitRound after it, at a uniformly random delay in [0, this), as
     peers finishing a step at different times do; 0 sends all N calls at once (then the release time
@@ -152,6 +160,11 @@ class BenchConfig:
     """Refuse runs whose rounds would make the coordinator send more Rendezvous reply bytes than this per
     round: every STARTED reply lists all N members (~60 bytes each), so a round sends ~60 * N^2 bytes."""
 
+    def pace(self) -> tuple[float, float]:
+        """The heartbeat interval and lease the coordinator tells a run of `peers` peers."""
+        return CoordinatorConfig(lease_s=self.lease_s, heartbeat_interval_s=self.heartbeat_interval_s,
+                                 heartbeats_per_s=self.heartbeats_per_s).pace(self.peers)
+
     def __post_init__(self) -> None:
         if self.tls:
             self.channel_per_peer = True  # a channel shows one certificate, and a peer may act only as its own
@@ -161,8 +174,10 @@ class BenchConfig:
             raise ValueError("--procs and --channels-per-proc must be at least 1")
         if self.rounds < 0:
             raise ValueError("--rounds must be >= 0")
-        if self.duration_s <= 0 or self.heartbeat_interval_s <= 0:
-            raise ValueError("--duration-s and --heartbeat-interval-s must be > 0")
+        if self.duration_s < 0 or self.heartbeat_interval_s <= 0 or self.heartbeats_per_s <= 0:
+            raise ValueError("--duration-s must be >= 0 and --heartbeat-interval-s and --heartbeats-per-s > 0")
+        if self.duration_s == 0:
+            self.duration_s = max(10.0, 3 * self.pace()[0])
         if self.arrival_spread_s < 0:
             raise ValueError("--arrival-spread-s must be >= 0")
         if self.rounds and _round_reply_bytes(self.peers) > self.max_round_reply_gb * 2**30:
@@ -265,13 +280,15 @@ class _Report:
 class _Peer:
     """A simulated peer: ids plus a stub on a channel shared with other peers."""
 
-    __slots__ = ("heartbeat_request", "ids", "peer_id", "stub")
+    __slots__ = ("heartbeat_request", "ids", "interval_s", "peer_id", "stub")
 
     def __init__(self, peer_id: str, stub: pb_grpc.CoordinatorStub, run_id: str) -> None:
         self.peer_id = peer_id
         self.stub = stub
         self.ids = {"run_id": run_id, "peer_id": peer_id, "incarnation": os.urandom(8).hex()}
         self.heartbeat_request = pb.HeartbeatRequest(progress=pb.Progress(step=1, loss=1.0), **self.ids)
+        self.interval_s = 1.0
+        """How often to heartbeat: what the coordinator said last (Join, then each Heartbeat reply)."""
 
 
 def _round_hash(r: int) -> str:
@@ -304,7 +321,8 @@ async def _join_all(peers: list[_Peer], cfg: BenchConfig, errors: _Errors) -> in
         )
         async with sem:
             try:
-                await p.stub.Join(request, timeout=cfg.rpc_timeout_s)
+                reply = await p.stub.Join(request, timeout=cfg.rpc_timeout_s)
+                p.interval_s = reply.heartbeat_interval_s or p.interval_s
                 return True
             except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
                 errors.rpc("Join", e)
@@ -316,15 +334,16 @@ async def _join_all(peers: list[_Peer], cfg: BenchConfig, errors: _Errors) -> in
 
 async def _heartbeats(p: _Peer, t0: float, phase_s: float, cfg: BenchConfig, stop: asyncio.Event,
                       lat_ms: array, errors: _Errors, missed: list[int]) -> None:
-    k = 0
+    due = t0 + phase_s
     while not stop.is_set():
-        await _sleep_until(t0 + phase_s + k * cfg.heartbeat_interval_s)
+        await _sleep_until(due)
         if stop.is_set():
             return
         sent = time.monotonic()
         try:
-            await p.stub.Heartbeat(p.heartbeat_request, timeout=cfg.rpc_timeout_s)
+            reply = await p.stub.Heartbeat(p.heartbeat_request, timeout=cfg.rpc_timeout_s)
             lat_ms.append((time.monotonic() - sent) * 1e3)
+            p.interval_s = reply.heartbeat_interval_s or p.interval_s
         except asyncio.CancelledError:
             return  # cancelled in flight, which only happens once the window is over
         except Exception as e:  # noqa: BLE001
@@ -332,9 +351,9 @@ async def _heartbeats(p: _Peer, t0: float, phase_s: float, cfg: BenchConfig, sto
                 return  # likewise, as grpc reports it
             errors.rpc("Heartbeat", e)
         # A late reply skips the beats it overlapped, as a real peer's timer would.
-        due = math.floor((time.monotonic() - t0 - phase_s) / cfg.heartbeat_interval_s) + 1
-        missed[0] += max(0, due - (k + 1))
-        k = max(k + 1, due)
+        skipped = max(0, math.floor((time.monotonic() - due) / p.interval_s))
+        missed[0] += skipped
+        due += (skipped + 1) * p.interval_s
 
 
 async def _held_call(call: Any, make_request: Any, wait_s: float, deadline: float) -> Any:
@@ -460,7 +479,7 @@ async def _worker(conn: mpc.Connection, spec: _WorkerSpec) -> None:
         stop = asyncio.Event()
         lat_ms, missed = array("d"), [0]
         beats = [
-            asyncio.create_task(_heartbeats(p, go.t0, rng.random() * cfg.heartbeat_interval_s, cfg, stop, lat_ms,
+            asyncio.create_task(_heartbeats(p, go.t0, rng.random() * p.interval_s, cfg, stop, lat_ms,
                                             errors, missed))
             for p in peers
         ]
@@ -480,7 +499,7 @@ async def _worker(conn: mpc.Connection, spec: _WorkerSpec) -> None:
         end = time.monotonic()
         stop.set()
         # Each peer notices `stop` at its next beat; calls in flight finish (and count) first.
-        _, late = await asyncio.wait(beats, timeout=cfg.heartbeat_interval_s + cfg.rpc_timeout_s + 1.0)
+        _, late = await asyncio.wait(beats, timeout=max(p.interval_s for p in peers) + cfg.rpc_timeout_s + 1.0)
         for t in late:
             t.cancel()
         await asyncio.gather(*beats, return_exceptions=True)
@@ -583,7 +602,8 @@ class _Coordinator:
             argv += ["-m", "cProfile", "-o", str(Path(cfg.profile).resolve())]
         argv += ["-m", "swarm.cli.main", "--log-level", cfg.coordinator_log_level, "coordinator",
                  "--host", "127.0.0.1", "--port", "0", "--run-id", run_id, "--lease-s", str(cfg.lease_s),
-                 "--rendezvous-timeout-s", str(cfg.rendezvous_timeout_s)]
+                 "--rendezvous-timeout-s", str(cfg.rendezvous_timeout_s),
+                 "--heartbeat-interval-s", str(cfg.heartbeat_interval_s), "--heartbeats-per-s", str(cfg.heartbeats_per_s)]
         if cfg.db:
             argv += ["--db", str(workdir / "coordinator.db")]
         if cfg.config:
@@ -763,6 +783,13 @@ def run_one(cfg: BenchConfig) -> dict[str, Any]:
                 result["tls_keys_s"] = round(_make_keys(tls_dir, run_id, ids), 3)
             coordinator = _Coordinator(cfg, run_id, Path(tmp), tls_dir)
             target = coordinator.wait_listening()
+            cores = _cores(cfg)
+            if cores:
+                os.sched_setaffinity(coordinator.proc.pid, cores[0])
+            result["pinned"] = {"coordinator": sorted(cores[0]), "clients": sorted(cores[1])} if cores else None
+            interval, lease = cfg.pace()
+            result["heartbeat_interval_told_s"], result["lease_told_s"] = round(interval, 3), round(lease, 3)
+            result["heartbeats_per_s_target"] = cfg.heartbeats_per_s
             monitor = _Monitor(coordinator.proc.pid, int(cfg.max_coordinator_rss_gb * 2**30))
             monitor.start()
             started_at = time.monotonic()
@@ -773,6 +800,8 @@ def run_one(cfg: BenchConfig) -> dict[str, Any]:
                                    tls_dir=None if tls_dir is None else str(tls_dir))
                 proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True, name=f"bench-worker-{w}")
                 proc.start()
+                if cores:
+                    os.sched_setaffinity(proc.pid, cores[1])
                 child.close()
                 procs.append(proc)
                 conns[w] = parent
@@ -858,6 +887,9 @@ def run_one(cfg: BenchConfig) -> dict[str, Any]:
                 "host_cores": os.cpu_count(),
             }
             result["coordinator_peak_rss_mb"] = round(monitor.peak_rss / 2**20, 1)
+            if cfg.rounds == 0 and result["heartbeats_total"]:
+                result["coordinator_cpu_ms_per_heartbeat"] = round(
+                    (coord1 - coord0) * 1e3 / result["heartbeats_total"], 3)
             result["wall_s"] = round(time.monotonic() - started_at, 2)
         except _BenchFailure as e:
             result["failure"] = str(e)
@@ -882,10 +914,20 @@ def run_one(cfg: BenchConfig) -> dict[str, Any]:
     result["errors"] = all_errors.to_json()
     result["passes"] = _passes(result)
     result["note"] = (
+        f"the coordinator runs on core {min(result['pinned']['coordinator'])} and the {cfg.procs} client "
+        f"processes on the other {len(result['pinned']['clients'])}" if result.get("pinned") else
         f"clients and coordinator share this machine's {os.cpu_count()} CPU cores ({cfg.procs} client processes): "
         "client-side latencies include time the clients and the coordinator wait for a core"
     )
     return result
+
+
+def _cores(cfg: BenchConfig) -> tuple[set[int], set[int]] | None:
+    """(the coordinator's cores, the clients' cores) when pinning, else None."""
+    available = sorted(os.sched_getaffinity(0))
+    if not cfg.pin or len(available) < 2:
+        return None
+    return {available[0]}, set(available[1:])
 
 
 def _passes(r: dict[str, Any]) -> bool:
@@ -977,16 +1019,19 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--sweep", help="comma-separated peer counts, run one after another (e.g. 100,1000,4000)")
     p.add_argument("--keep-going", action="store_true", help="in a sweep, go on after a count fails the p99 limit")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
-    defaults = BenchConfig(peers=1)
+    defaults = {f.name: f.default for f in fields(BenchConfig)}  # (before __post_init__: duration_s 0 means auto)
     for name, flag_type in (("procs", int), ("channels_per_proc", int), ("rounds", int), ("duration_s", float),
-                            ("heartbeat_interval_s", float), ("arrival_spread_s", float), ("lease_s", float), ("rendezvous_timeout_s", float),
+                            ("heartbeat_interval_s", float), ("heartbeats_per_s", float), ("arrival_spread_s", float), ("lease_s", float), ("rendezvous_timeout_s", float),
                             ("join_timeout_s", float), ("round_timeout_s", float), ("join_concurrency", int),
                             ("rpc_timeout_s", float), ("config", str), ("profile", str),
                             ("coordinator_log_level", str), ("coordinator_log", str), ("seed", int),
                             ("max_coordinator_rss_gb", float), ("max_round_reply_gb", float)):
-        p.add_argument("--" + name.replace("_", "-"), type=flag_type, default=getattr(defaults, name),
+        p.add_argument("--" + name.replace("_", "-"), type=flag_type, default=defaults[name],
                        help=f"{_FIELD_HELP[name]} (default: %(default)s)")
     p.add_argument("--db", action="store_true", help="run the coordinator on a SQLite file (default: in memory)")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not run the coordinator on core 0 and the clients on the other cores (default: pinned "
+                        "on a host of 2 or more cores)")
     p.add_argument("--channel-per-peer", action="store_true",
                    help="give every peer a channel (TCP connection) of its own (default: --channels-per-proc shared)")
     p.add_argument("--tls", action="store_true",
@@ -1002,8 +1047,9 @@ _FIELD_HELP = {
     "procs": "worker processes the peers are spread over",
     "channels_per_proc": "gRPC channels (TCP connections) per worker, shared by its peers",
     "rounds": "rendezvous + commit rounds, spread over the heartbeat window",
-    "duration_s": "heartbeat window in seconds",
-    "heartbeat_interval_s": "seconds between one peer's heartbeats",
+    "duration_s": "heartbeat window in seconds; 0: 10 or three told heartbeat intervals, whichever is longer",
+    "heartbeat_interval_s": "coordinator --heartbeat-interval-s (peers heartbeat as often as it tells them)",
+    "heartbeats_per_s": "coordinator --heartbeats-per-s (it stretches intervals and leases to stay under this rate)",
     "arrival_spread_s": "peers call Rendezvous (and then CommitRound) at a random delay in [0, this); 0: all at once",
     "lease_s": "coordinator --lease-s",
     "rendezvous_timeout_s": "coordinator --rendezvous-timeout-s",
@@ -1029,7 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = [args.peers] if args.peers is not None else [int(x) for x in args.sweep.split(",") if x.strip()]
         kwargs = {k: getattr(args, k) for k in _FIELD_HELP}
         configs = [
-            BenchConfig(peers=n, db=args.db, channel_per_peer=args.channel_per_peer, **{
+            BenchConfig(peers=n, db=args.db, channel_per_peer=args.channel_per_peer, pin=args.pin, **{
                 **kwargs,
                 "profile": f"{args.profile}.{n}" if args.profile and args.sweep else args.profile,
                 "coordinator_log": (

@@ -316,6 +316,55 @@ def test_barrier_deadline_starts_with_those_who_arrived_and_names_the_missing() 
     assert "missing: c" in rnd.reasons[-1]
 
 
+def test_quorum_starts_the_round_once_that_fraction_of_live_members_arrived() -> None:
+    sim = Sim(replace(CFG, quorum=0.75))
+    for p in ("a", "b", "c", "d"):
+        sim.join(0.0, p)
+    sim.arrive(1.0, "a", 0)
+    sim.arrive(2.0, "b", 0)
+    assert sim.round(0).phase == "gathering"  # 2 of 4 < 0.75
+    d = sim.arrive(3.0, "c", 0)
+    rnd = sim.round(0)
+    assert (rnd.phase, rnd.members) == ("running", ("a", "b", "c"))
+    assert "quorum 0.75 reached: 3 of 4 live members arrived" in d.reason
+    assert views.rendezvous(sim.state, 4.0, "d", 0, 0).outcome == "missed"
+
+
+def test_quorum_waits_for_the_previous_round_to_finish() -> None:
+    sim = Sim()
+    sim.start(0.0, ["a", "b", "c", "d"])
+    sim.config = replace(CFG, quorum=0.5)
+    sim.commit(1.0, "a", 0, 1, H1)
+    sim.arrive(1.0, "a", 1)
+    sim.commit(1.5, "b", 0, 1, H1)
+    sim.arrive(1.5, "b", 1)  # half of the live members, but round 0 still runs: its clock has not started
+    assert sim.round(1).phase == "gathering" and sim.round(1).barrier_deadline is None
+    sim.commit(2.0, "c", 0, 1, H1)
+    sim.commit(2.0, "d", 0, 1, H1)  # round 0 committed: the quorum (a, b) starts round 1 at once
+    rnd = sim.round(1)
+    assert (rnd.phase, rnd.members) == ("running", ("a", "b"))
+
+
+def test_pace_stretches_heartbeats_and_leases_with_the_run_size() -> None:
+    cfg = replace(CFG, heartbeats_per_s=100.0)  # interval 2 s: up to 200 members heartbeat at 100/s
+    assert cfg.pace(10) == (2.0, LEASE_S)
+    assert cfg.pace(200) == (2.0, LEASE_S)
+    assert cfg.pace(1000) == pytest.approx((10.0, 5 * LEASE_S))
+    sim = Sim(replace(cfg, heartbeats_per_s=1.0))  # 2 members at 1/s with an interval of 2 s
+    sim.join(0.0, "a")
+    sim.join(0.0, "b")
+    sim.join(0.0, "c")  # the third joins a run of 2: not yet stretched
+    assert sim.state.members["c"].lease_expires_at == LEASE_S
+    sim.heartbeat(1.0, "a")  # 3 members: stretched by 3 / 2
+    assert sim.state.members["a"].lease_expires_at == pytest.approx(1.0 + 1.5 * LEASE_S)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, math.nan])
+def test_quorum_must_be_a_fraction(bad: float) -> None:
+    with pytest.raises(ValueError, match="quorum"):
+        replace(CFG, quorum=bad)
+
+
 def test_min_peers_not_met_extends_the_barrier() -> None:
     sim = Sim(replace(CFG, min_peers=2))
     sim.join(0.0, "a")

@@ -254,6 +254,47 @@ def test_each_round_sends_delta_plus_the_decayed_residual(decay: float) -> None:
         assert torch.equal(sent, dl.codec.encode(want))
 
 
+class _LateOnce(_Recorder):
+    """Its first round starts without this peer: it resyncs to a donor's θ_global (here θ_global + 0.5)."""
+
+    def __init__(self, missed: bool = True) -> None:
+        super().__init__()
+        self.missed = missed
+        self.late_delta: torch.Tensor | None = None
+
+    def sync(self, contribution: Contribution) -> SyncResult:
+        assert self.state is not None
+        if self.calls:
+            return super().sync(contribution)
+        self.calls.append(0)
+        self.late_delta = contribution.x.clone()  # θ_global − θ_local when it came late
+        self.state.theta.add_(0.5)
+        return SyncResult("resynced", 0, reason="the round started without this peer", missed=self.missed)
+
+
+@pytest.mark.parametrize(("late", "missed", "kept"), [("fold", True, True), ("discard", True, False),
+                                                      ("fold", False, False)])
+def test_a_late_peer_folds_its_inner_steps_into_its_next_round(late: str, missed: bool, kept: bool) -> None:
+    """fold: after a round that started without it, θ_local = the new θ_global + the local progress it brought
+    (its next Δ carries those steps); discard, or a resync that is not for lateness (a diverged hash): θ_global."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    peer = _LateOnce(missed)
+    gen = torch.Generator().manual_seed(0)
+    with DiLoCo(model, opt, peer=peer, sync_every=3, late=late) as dl:
+        start = dl.state.theta.clone()
+        for step in range(6):
+            if step == 3:
+                assert peer.late_delta is not None and peer.late_delta.abs().sum() > 0
+                assert torch.equal(dl.state.theta, start + 0.5)
+                offset = dl._flat_params() - dl.state.theta
+                assert torch.allclose(offset, -peer.late_delta if kept else torch.zeros_like(offset), atol=1e-6)
+            model(torch.randn(4, 8, generator=gen)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert (dl.stats.folded, dl.stats.resynced, dl.stats.committed) == (int(kept), 1, 1)
+
+
 def test_nan_in_the_local_model_stops_the_sync_instead_of_spreading() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -268,6 +309,8 @@ def test_nan_in_the_local_model_stops_the_sync_instead_of_spreading() -> None:
 def test_bad_settings_are_refused() -> None:
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="late"):
+        DiLoCo(model, opt, peer=_Recorder(), late="keep")
     with pytest.raises(ValueError, match="sync_every"):
         DiLoCo(model, opt, peer=_Recorder(), sync_every=0)
     with pytest.raises(ValueError, match="outer.lr"):

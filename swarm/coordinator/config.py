@@ -26,13 +26,24 @@ class CoordinatorConfig:
     lease_s: float = 10.0
     """A peer that sends no heartbeat for this long is dropped from the run."""
     heartbeat_interval_s: float = 0.0
-    """How often peers are told to heartbeat; at most lease_s / 2 (0: lease_s / 4)."""
+    """How often peers are told to heartbeat; at most lease_s / 2 (0: lease_s / 4). In a large run both grow with
+    its size (heartbeats_per_s)."""
+    heartbeats_per_s: float = 500.0
+    """Heartbeats a second the coordinator aims to receive at most: once live members outnumber heartbeats_per_s *
+    heartbeat_interval_s, every member is told (in its Join and Heartbeat replies) to heartbeat every members /
+    heartbeats_per_s seconds, and leases grow in the same proportion, so heartbeats cost the coordinator the same
+    at 10,000 peers as at 1,000 (a silent peer is then dropped later; a peer that dies in a round is reported by
+    its partners at once)."""
     rendezvous_timeout_s: float = 30.0
     """A round's barrier closes this long after it opened even if live members are missing."""
     attempt_timeout_s: float = 120.0
     """An attempt must commit within this long; then the round ends with whoever committed."""
     min_peers: int = 1
     """A round does not start with fewer arrived peers than this."""
+    quorum: float = 1.0
+    """The straggler policy: a round starts once this fraction of the stage's live members has arrived (and its
+    previous round finished), or at its barrier deadline (rendezvous_timeout_s), whichever is first; 1: wait for
+    every live member. Who arrives after the start keeps its update for its next round (docs/decisions.md)."""
     shards: int = 0
     """Data shards handed to peers started with `--shard auto` (each the lowest one no live member holds, so peers
     do not train on the same data; past that the one fewest hold); 0: min_peers."""
@@ -101,6 +112,8 @@ class CoordinatorConfig:
             raise ValueError(f"coordinator.norm_bound must be 0 (off) or a factor above 1, got {self.norm_bound!r}")
         if self.quarantine_after > self.quarantine_rounds:
             raise ValueError("coordinator.quarantine_after must be at most coordinator.quarantine_rounds")
+        if not (isinstance(self.quorum, int | float) and 0 < self.quorum <= 1):
+            raise ValueError(f"coordinator.quorum must be a fraction in (0, 1], got {self.quorum!r}")
         if self.heartbeat_interval_s == 0:
             self.heartbeat_interval_s = self.lease_s / 4
         if not _RUN_ID.match(self.run_id):
@@ -139,6 +152,12 @@ class CoordinatorConfig:
             raise ValueError(f"coordinator.rpc_burst must be at least 1, got {self.rpc_burst!r}")
         if self.max_message_bytes < 4096:
             raise ValueError("coordinator.max_message_bytes must be at least 4096")
+
+    def pace(self, members: int) -> tuple[float, float]:
+        """(heartbeat interval, lease) in seconds for a run of `members` live members: the configured ones, both
+        stretched by members / (heartbeats_per_s * heartbeat_interval_s) once that exceeds 1."""
+        stretch = max(1.0, members / (self.heartbeats_per_s * self.heartbeat_interval_s))
+        return self.heartbeat_interval_s * stretch, self.lease_s * stretch
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> CoordinatorConfig:

@@ -338,7 +338,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
                 raise InvalidRequest(
                     f"peer {ev.peer_id!r} serves stage {existing.stage}; Leave before joining stage {ev.stage}"
                 )
-            member = replace(existing, address=ev.address, capabilities=caps, lease_expires_at=now + config.lease_s,
+            member = replace(existing, address=ev.address, capabilities=caps, lease_expires_at=now + _lease(state, config),
                              reachable=ev.reachable)  # (its shard too: a re-join keeps its data)
             return Decision(reason=f"{ev.peer_id} re-joined stage {ev.stage} from {ev.address}", put_members=(member,))
         if existing.lease_expires_at > now:
@@ -356,7 +356,7 @@ def _join(state: RunState, now: float, ev: Join, config: CoordinatorConfig) -> D
         stage=ev.stage,
         capabilities=caps,
         joined_at=now,
-        lease_expires_at=now + config.lease_s,
+        lease_expires_at=now + _lease(state, config),
         movable=ev.any_stage,
         reachable=ev.reachable,
         shard=shard_for(state, config, ev.peer_id) if ev.shard_auto else -1,
@@ -375,7 +375,7 @@ def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorCo
         raise InvalidRequest(f"progress.stage_grad_norms has {len(p.stage_grad_norms)} values, at most {MAX_GRAD_NORMS}")
     for i, norm in enumerate(p.stage_grad_norms):
         _check_number(f"progress.stage_grad_norms[{i}]", norm)
-    renewed = replace(member, lease_expires_at=now + config.lease_s, progress=p)
+    renewed = replace(member, lease_expires_at=now + _lease(state, config), progress=p)
     decision = Decision(reason="", put_members=(renewed,), durable=False)
     rnd = state.rounds.get((member.stage, p.checkpoint_round)) if p.checkpoint_round >= 0 else None
     if (rnd is not None and rnd.phase == "committed" and ev.peer_id not in rnd.checkpointed_by
@@ -384,6 +384,10 @@ def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorCo
         held = replace(rnd, checkpointed_by=(*rnd.checkpointed_by, ev.peer_id))
         decision = decision.then(Decision(reason="", put_rounds=(held,)))
     return decision
+
+
+def _lease(state: RunState, config: CoordinatorConfig) -> float:
+    return config.pace(len(state.members))[1]
 
 
 def _leave(state: RunState, now: float, ev: Leave, config: CoordinatorConfig) -> Decision:

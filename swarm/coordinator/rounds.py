@@ -5,7 +5,7 @@ calls these): nothing here reads a clock, touches a socket or mutates its input.
 
 Round life cycle (per stage, rounds numbered 0, 1, ...):
 
-    gathering --(all live members arrived, or barrier deadline, >= min_peers)--> running(attempt 1)
+    gathering --(all live members arrived, a quorum of them, or barrier deadline; >= min_peers)--> running(attempt 1)
     running(a) --(failure report / member lost before committing)--> running(a+1) | aborted
     running(a) --(every member of attempt a committed)--> committed
     running(a) --(attempt deadline)--> committed (with whoever committed) | aborted (nobody did)
@@ -129,7 +129,11 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
     arrived = rnd.arrived if len(rnd.arrived) <= len(live) else tuple(p for p in rnd.arrived if p in live)
     everyone = bool(live) and len(arrived) >= len(live) and live.issubset(arrived)
     deadline_passed = rnd.barrier_deadline is not None and now >= rnd.barrier_deadline
-    if not (everyone or deadline_passed):
+    # The quorum counts only once the previous round finished (the barrier clock runs): its members cannot arrive
+    # before that, so an early quorum would be the stragglers of the previous round.
+    quorum = (rnd.barrier_deadline is not None and config.quorum < 1
+              and len(arrived) >= max(1, math.ceil(config.quorum * len(live) - 1e-9)))
+    if not (everyone or deadline_passed or quorum):
         return rnd
     if len(arrived) < config.min_peers:
         if not deadline_passed:
@@ -152,6 +156,8 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
             return _abort(rnd, now, "every arrived member was refused")
     if everyone:
         why = f"all {len(members)} live members arrived"
+    elif quorum and not deadline_passed:
+        why = f"quorum {config.quorum:g} reached: {len(arrived)} of {len(live)} live members arrived"
     else:
         missing = sorted(live.difference(arrived))
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -415,24 +421,25 @@ def recover(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
     full lease from `now`, and open barriers and attempts at least as long,
     so peers that kept running simply re-attach with their next call.
     """
+    lease = config.pace(len(state.members))[1]
     members = tuple(
-        replace(m, lease_expires_at=now + config.lease_s)
+        replace(m, lease_expires_at=now + lease)
         for m in state.members.values()
-        if m.lease_expires_at < now + config.lease_s
+        if m.lease_expires_at < now + lease
     )
     rounds = []
     for r in state.rounds.values():
-        if r.phase == "running" and r.attempt_deadline < now + config.lease_s:
-            rounds.append(replace(r, attempt_deadline=now + config.lease_s))
-        elif r.phase == "gathering" and r.barrier_deadline is not None and r.barrier_deadline < now + config.lease_s:
-            rounds.append(replace(r, barrier_deadline=now + config.lease_s))
+        if r.phase == "running" and r.attempt_deadline < now + lease:
+            rounds.append(replace(r, attempt_deadline=now + lease))
+        elif r.phase == "gathering" and r.barrier_deadline is not None and r.barrier_deadline < now + lease:
+            rounds.append(replace(r, barrier_deadline=now + lease))
     if not state.members and not state.rounds:
         return NO_CHANGE
     committed = sorted((r.stage, r.number) for r in state.rounds.values() if r.phase == "committed")
     return Decision(
         reason=(
             f"recovered {len(state.members)} members and {len(state.rounds)} rounds "
-            f"({len(committed)} committed); leases renewed for {config.lease_s:g}s"
+            f"({len(committed)} committed); leases renewed for {lease:g}s"
         ),
         put_members=members,
         put_rounds=tuple(rounds),

@@ -250,9 +250,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         lost, why = (False, "") if recover else views.state_lost(state, stage, request.peer_id, request.state_hash)
         if why:
             log.warning("%s: %s", request.peer_id, why)
+        interval, lease = cfg.pace(len(state.members))
         return pb.JoinReply(
-            lease_s=cfg.lease_s,
-            heartbeat_interval_s=cfg.heartbeat_interval_s,
+            lease_s=lease,
+            heartbeat_interval_s=interval,
             next_round=next_round(state, stage),
             has_committed=last is not None,
             last_committed_round=last.number if last else 0,
@@ -280,7 +281,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                             p.checkpoint_round if p.has_checkpoint else -1)
         self.core.handle(Heartbeat(request.run_id, request.peer_id, request.incarnation, progress))
         target = move_to(self.core.state, self.core.config, request.peer_id)
-        return pb.HeartbeatReply(lease_expires_in_s=self.core.config.lease_s, move=target is not None,
+        interval, lease = self.core.config.pace(len(self.core.state.members))
+        return pb.HeartbeatReply(lease_expires_in_s=lease, heartbeat_interval_s=interval, move=target is not None,
                                  move_to_stage=target or 0)
 
     @_mapped

@@ -20,8 +20,10 @@ CPU or GPU. The committed hash covers θ_global and the momentum.
 
 When the run goes on without this peer (it missed a round, or its hash
 diverged), the peer downloads θ_global and the momentum from a donor the
-coordinator names, checks the hash, and continues from there; its inner
-steps since the last sync are dropped. A joiner does the same at start and
+coordinator names, checks the hash, and continues from there. When it came
+too late for the round (`late="fold"`, the default), its local progress is
+kept on top of the new θ_global, so the next Δ carries those inner steps
+too; on a diverged hash, or with `late="discard"`, they are dropped. A joiner does the same at start and
 then syncs when the donor does (it starts its inner-step count where the
 donor's is, so it contributes a short Δ, zero if it joined just before a
 sync, instead of holding the others at the barrier).
@@ -74,6 +76,8 @@ class SyncStats:
     committed: int = 0
     resynced: int = 0
     kept: int = 0
+    folded: int = 0
+    """Rounds this peer came too late for whose local progress went on into its next Δ (late="fold")."""
     sync_s: float = 0.0
     waited_s: float = 0.0
     """Time training stood still waiting for a round (streaming: a fragment's round not back in time)."""
@@ -103,6 +107,10 @@ class DiLoCo:
         codec: what the pseudo-gradient is sent as (name or CodecConfig).
         fragments: 1 (plain DiLoCo) or the number of streaming fragments (a divisor of sync_every).
         on_sync: called after each sync with the result (progress displays, logging).
+        late: what a peer that came too late for a round (it started without it) does with the inner steps
+            it brought: "fold" keeps them on top of the new θ_global, into its next Δ (one round stale: nothing
+            computed is thrown away); "discard" drops them, as after a diverged hash. Streaming always
+            discards (a fragment's late progress is mixed with the others' rounds in flight).
         intra_group: a torch.distributed group of this peer's own processes (several GPUs of one host
             training data-parallel, e.g. with DDP): its rank 0 talks to the swarm (`peer`; the other
             ranks pass None) and broadcasts θ_global to the others after each sync.
@@ -117,7 +125,7 @@ class DiLoCo:
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, peer: Averager | None,
                  sync_every: int = 500, outer: OuterConfig | None = None, codec: CodecConfig | str = "none",
                  fragments: int = 1, on_sync: Callable[[SyncResult], None] | None = None,
-                 intra_group: Any = None, outer_device: str | None = None) -> None:
+                 intra_group: Any = None, outer_device: str | None = None, late: str = "fold") -> None:
         self.intra_group = intra_group
         self.intra_rank = torch.distributed.get_rank(intra_group) if intra_group is not None else 0
         if intra_group is not None and fragments > 1:
@@ -126,6 +134,9 @@ class DiLoCo:
             raise ValueError("pass a peer on rank 0 of the intra-host group (or without one), and None elsewhere")
         if sync_every < 1:
             raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if late not in ("fold", "discard"):
+            raise ValueError(f"late must be 'fold' or 'discard', got {late!r}")
+        self.late = late
         if fragments < 1 or sync_every % fragments:
             raise ValueError(f"fragments must be >= 1 and divide sync_every ({sync_every}), got {fragments}")
         self.model = model
@@ -262,13 +273,18 @@ class DiLoCo:
         return local, Contribution(delta, self.codec, self.feedback, at=part.start, size=self.numel,
                                    decay=self.state.outer.feedback_decay)
 
-    def _settle(self, result: SyncResult, part: slice, started: float, in_flight: torch.Tensor | None = None) -> None:
-        """Bring the model in line with how a round of `part` ended (the peer committed the residual)."""
+    def _settle(self, result: SyncResult, part: slice, started: float, in_flight: torch.Tensor | None = None,
+                sent: Contribution | None = None) -> None:
+        """Bring the model in line with how a round of `part` ended (the peer committed the residual).
+        `sent`: the whole model's contribution of a plain round, whose Δ is folded back when the round went on
+        without it."""
         if result.outcome == "committed":
             self._load_global(part, in_flight)
             self.stats.committed += 1
         elif result.outcome == "resynced":
-            self._load_global()
+            fold = result.missed and self.late == "fold" and sent is not None
+            self._load_global(extra=torch.neg(sent.x) if fold else None)  # θ_local = θ_global − Δ
+            self.stats.folded += fold
             if self._in_flight:  # rounds sent before it will measure local progress from here
                 self._epoch += 1
                 self._since_resync = self._flat_params()
@@ -302,7 +318,7 @@ class DiLoCo:
             self.state.fragment = part
             _, contribution = self._delta(part)
             result = self.peer.sync(contribution)
-            self._settle(result, part, started)
+            self._settle(result, part, started, sent=contribution)
             self._share(result.outcome)
             return result
 

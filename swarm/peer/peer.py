@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ class Peer:
         self.recover = reply.recover
         self.neighbours = list(reply.neighbours)
         self.run_stages = int(reply.stages) or 1
-        self._heartbeat_s = reply.heartbeat_interval_s
+        self._heartbeat_s = _interval(reply.heartbeat_interval_s, self._heartbeat_s)
         self.round = int(reply.next_round)
         self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1
         self._joined = reply
@@ -249,6 +250,7 @@ class Peer:
                     progress.CopyFrom(self.progress)
                     progress.has_checkpoint, progress.checkpoint_round = True, self.checkpoint_round
                 reply = await self.client.heartbeat(progress)
+                self._heartbeat_s = _interval(reply.heartbeat_interval_s, self._heartbeat_s)
                 if reply.move and self.move_to is None:
                     log.warning("the coordinator moves this peer to stage %d (rebalancing)", reply.move_to_stage)
                     self.move_to = int(reply.move_to_stage)
@@ -299,7 +301,7 @@ class Peer:
             donor = reply.donor if reply.HasField("donor") else None
             resynced = await self._resync(donor, int(reply.last_committed_round), reply.last_committed_hash,
                                           reply.reason)
-            return SyncResult("resynced" if resynced else "kept", round_, reason=reply.reason)
+            return SyncResult("resynced" if resynced else "kept", round_, reason=reply.reason, missed=True)
         if reply.outcome == Rdv.ABORTED:
             rep.aborted += 1
             self.round = int(reply.next_round)
@@ -412,3 +414,14 @@ class Peer:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         return None
+
+
+MAX_HEARTBEAT_INTERVAL_S = 600.0
+
+
+def _interval(told: float, current: float) -> float:
+    """The heartbeat interval the coordinator told (it grows with the run's size), kept to 0.05 .. 600 s; 0 or a
+    value that is not a number keeps `current`."""
+    if not math.isfinite(told) or told <= 0:
+        return current
+    return min(MAX_HEARTBEAT_INTERVAL_S, max(0.05, told))

@@ -95,3 +95,5 @@ class SyncResult:
     round: int
     members: int = 0
     reason: str = ""
+    missed: bool = False
+    """The round started without this peer (it came late): its contribution is in no round's mean."""

@@ -162,14 +162,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("lease_expires_in_s", "move", "move_to_stage")
+    __slots__ = ("lease_expires_in_s", "move", "move_to_stage", "heartbeat_interval_s")
     LEASE_EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
     MOVE_TO_STAGE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     lease_expires_in_s: float
     move: bool
     move_to_stage: int
-    def __init__(self, lease_expires_in_s: _Optional[float] = ..., move: _Optional[bool] = ..., move_to_stage: _Optional[int] = ...) -> None: ...
+    heartbeat_interval_s: float
+    def __init__(self, lease_expires_in_s: _Optional[float] = ..., move: _Optional[bool] = ..., move_to_stage: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "reason")
