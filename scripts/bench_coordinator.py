@@ -123,6 +123,9 @@ class BenchConfig:
     heartbeats_per_s: float = 500.0
     """The coordinator's --heartbeats-per-s (the heartbeat rate it stretches intervals to stay under); a huge value
     keeps every peer at --heartbeat-interval-s."""
+    whole_lists: bool = False
+    """Peers name no member list they hold, so every STARTED reply lists all N members (as before the
+    coordinator sent changes): the arm to compare with."""
     pin: bool = True
     """On a host of 2 or more cores, run the coordinator on core 0 and the client processes on the others, so the
     coordinator's own cost is what is measured (not its wait for a core the clients hold)."""
@@ -227,6 +230,8 @@ class _RoundLog:
     commit_replied: array = field(default_factory=lambda: array("d"))
     commit_lat_ms: array = field(default_factory=lambda: array("d"))
     commit_outcomes: Counter = field(default_factory=Counter)
+    rdv_bytes: int = 0
+    """Bytes of the STARTED replies received."""
 
 
 class _Errors:
@@ -370,6 +375,7 @@ async def _rounds(p: _Peer, t0: float, cfg: BenchConfig, logs: list[_RoundLog], 
     interval = cfg.duration_s / max(1, cfg.rounds)
     started = pb.RendezvousReply.Outcome.Value("STARTED")
     ok = pb.CommitRoundReply.Outcome.Value("OK")
+    known = ""  # the member list this peer holds (the coordinator sends the changes since)
     for r, log in enumerate(logs):
         await _sleep_until(t0 + r * interval + rng.random() * cfg.arrival_spread_s)
         sent = time.monotonic()
@@ -377,7 +383,7 @@ async def _rounds(p: _Peer, t0: float, cfg: BenchConfig, logs: list[_RoundLog], 
         try:
             reply = await _held_call(
                 p.stub.Rendezvous,
-                lambda w, r=r: pb.RendezvousRequest(stage=0, round=r, wait_s=w, **p.ids),
+                lambda w, r=r, k=known: pb.RendezvousRequest(stage=0, round=r, wait_s=w, known_roster=k, **p.ids),
                 10.0,
                 deadline,
             )
@@ -392,6 +398,8 @@ async def _rounds(p: _Peer, t0: float, cfg: BenchConfig, logs: list[_RoundLog], 
             errors.add(f"Rendezvous(round {r}): {pb.RendezvousReply.Outcome.Name(reply.outcome)}: {reply.reason}")
             return
         attempt = reply.attempt.number
+        log.rdv_bytes += reply.ByteSize()
+        known = "" if cfg.whole_lists else reply.attempt.roster
         del reply  # the member list is large; do not keep N of them alive
         digest = _round_hash(r)
         await asyncio.sleep(rng.random() * cfg.arrival_spread_s)
@@ -852,6 +860,11 @@ def run_one(cfg: BenchConfig) -> dict[str, Any]:
             result["rendezvous_p99_ms"] = _ms(_pct(rdv_lat, 99))
             rdv = _barrier_stats("rendezvous", rdv_sent, rdv_replied)
             result.update(rdv)
+            if cfg.rounds > 1:  # from the second round on, a peer holds the last member list: changes only
+                later = _barrier_stats("rendezvous", rdv_sent[1:], rdv_replied[1:])
+                result["rendezvous_release_p99_ms_after_first"] = later["rendezvous_release_p99_ms"]
+            result["rendezvous_reply_bytes_per_round"] = [
+                sum(r.rounds[i].rdv_bytes for r in ran) for i in range(cfg.rounds)]
             result["commit_p50_ms"] = _ms(_pct(com_lat, 50))
             result["commit_p99_ms"] = _ms(_pct(com_lat, 99))
             com = _barrier_stats("commit", com_sent, com_replied)
@@ -1029,6 +1042,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=flag_type, default=defaults[name],
                        help=f"{_FIELD_HELP[name]} (default: %(default)s)")
     p.add_argument("--db", action="store_true", help="run the coordinator on a SQLite file (default: in memory)")
+    p.add_argument("--whole-lists", action="store_true",
+                   help="peers name no member list they hold: every STARTED reply lists all N members (the "
+                        "arm to compare the changes-only replies with)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not run the coordinator on core 0 and the clients on the other cores (default: pinned "
                         "on a host of 2 or more cores)")
@@ -1075,7 +1091,8 @@ def main(argv: list[str] | None = None) -> int:
         counts = [args.peers] if args.peers is not None else [int(x) for x in args.sweep.split(",") if x.strip()]
         kwargs = {k: getattr(args, k) for k in _FIELD_HELP}
         configs = [
-            BenchConfig(peers=n, db=args.db, channel_per_peer=args.channel_per_peer, pin=args.pin, **{
+            BenchConfig(peers=n, db=args.db, channel_per_peer=args.channel_per_peer, pin=args.pin,
+                        whole_lists=args.whole_lists, **{
                 **kwargs,
                 "profile": f"{args.profile}.{n}" if args.profile and args.sweep else args.profile,
                 "coordinator_log": (

@@ -20,6 +20,7 @@ import grpc
 
 from swarm.allreduce.robust import Directions
 from swarm.coordinator.errors import PROTOCOL_VERSION
+from swarm.coordinator.roster import Roster, RosterMismatch
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.security import Identity, load_identity
@@ -112,6 +113,8 @@ class CoordinatorClient:
     def __init__(self, config: ClientConfig, incarnation: str | None = None) -> None:
         self.config = config
         self.incarnation = incarnation or os.urandom(8).hex()
+        self._roster = Roster()
+        """The last member list an attempt gave (the next Rendezvous gets only its changes)."""
         options = [
             ("grpc.max_receive_message_length", MAX_STATUS_BYTES),
             # gRPC's default reconnect backoff grows to 120 s: after a coordinator restart a peer
@@ -228,8 +231,18 @@ class CoordinatorClient:
         """Arrive at the barrier of `round` holding the state `state_hash`, bringing a contribution of L2 norm
         `norm` (None: not declared); the reply may be WAITING (call again)."""
         request = pb.RendezvousRequest(stage=stage, round=round, wait_s=wait_s, state_hash=state_hash,
-                                       contribution_norm=norm, **self._ids())
-        return await self._call("Rendezvous", request, extra_s=wait_s)
+                                       contribution_norm=norm, known_roster=self._roster.digest, **self._ids())
+        reply = await self._call("Rendezvous", request, extra_s=wait_s)
+        if reply.outcome == pb.RendezvousReply.STARTED and reply.HasField("attempt"):
+            try:
+                self._roster.adopt(reply.attempt)  # the whole member list, from the changes sent
+            except RosterMismatch as e:
+                log.info("asking for the whole member list: %s", e)
+                request.known_roster = ""  # (a started round answers STARTED again, with the whole list)
+                reply = await self._call("Rendezvous", request, extra_s=wait_s)
+                if reply.HasField("attempt"):
+                    self._roster.adopt(reply.attempt)
+        return reply
 
     async def report_failure(self, stage: int, round: int, attempt: int, suspect: str, reason: str,
                              wait_s: float = 10.0) -> pb.ReportFailureReply:

@@ -219,10 +219,11 @@ def _settle(rnd: Round, now: float, live: AbstractSet[str], gone: frozenset[str]
     if rnd.finished:
         return rnd
     if rnd.phase == "gathering":
-        if gone.intersection(rnd.arrived):
+        if gone and gone.intersection(rnd.arrived):
             rnd = replace(rnd, arrived=tuple(p for p in rnd.arrived if p not in gone))
         return _maybe_start(rnd, now, live, config, banned() if config.norm_bound > 0 else {})
-    lost = tuple(p for p in rnd.members if p in gone and rnd.commit_of(p) is None)
+    # (Only when someone left: a barrier of N members would otherwise scan them all at each of its N commits.)
+    lost = tuple(p for p in rnd.members if p in gone and rnd.commit_of(p) is None) if gone else ()
     if lost:
         survivors = tuple(p for p in rnd.members if p not in lost)
         return _next_attempt(rnd, now, survivors, f"lost {', '.join(lost)} (left or lease expired)", config)

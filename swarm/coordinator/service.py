@@ -44,6 +44,7 @@ from swarm.coordinator.errors import (
 )
 from swarm.coordinator.limits import RateLimiter
 from swarm.coordinator.placement import lost_stages, move_to, shard_count
+from swarm.coordinator.roster import Rosters
 from swarm.coordinator.rounds import next_round, quarantined
 from swarm.coordinator.state import Capabilities, Member, Progress
 from swarm.proto.v1 import coordinator_pb2 as pb
@@ -181,7 +182,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.core = core
         self.authenticate = authenticate
         self.limiter = RateLimiter(core.config.rpc_rate_per_s, core.config.rpc_burst, time.monotonic)
-        self._members_pb: dict[tuple[int, int, int], list[pb.Member]] = {}
+        self._members_pb: dict[tuple[int, int, int], tuple[list[pb.Member], str]] = {}
+        self._rosters = Rosters()
         self._started: dict[tuple[int, int, int], tuple[float, pb.RendezvousReply]] = {}
 
     def _attempt_pb(self, stage: int, number: int, a: views.AttemptView | None) -> pb.Attempt | None:
@@ -190,13 +192,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if a is None:
             return None
         key = (stage, number, a.number)
-        members = self._members_pb.get(key)
-        if members is None:
+        hit = self._members_pb.get(key)
+        if hit is None:
             if len(self._members_pb) > 64:
                 self._members_pb.clear()
-            members = self._members_pb[key] = [_member_to_pb(m) for m in a.members]
-        return pb.Attempt(number=a.number, members=members, deadline_in_s=a.deadline_in_s, norms=a.norms,
-                          aggregate=a.aggregate)
+            members = [_member_to_pb(m) for m in a.members]
+            hit = self._members_pb[key] = (members, self._rosters.remember(members))
+        return pb.Attempt(number=a.number, members=hit[0], deadline_in_s=a.deadline_in_s, norms=a.norms,
+                          aggregate=a.aggregate, roster=hit[1])
 
     def _wait_budget_s(self, requested_s: float, context: grpc.aio.ServicerContext) -> float:
         budget = self.core.config.max_wait_s if requested_s <= 0 else min(requested_s, self.core.config.max_wait_s)
@@ -298,7 +301,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         view = await self._hold(request, context, lambda: self._cached_start(request) or views.rendezvous(
             self.core.state, self.core.clock(), request.peer_id, request.stage, request.round, request.state_hash))
         if isinstance(view, pb.RendezvousReply):
-            return view
+            return self._rosters.for_caller(view, request.known_roster)
         reply = pb.RendezvousReply(
             outcome=pb.RendezvousReply.Outcome.Value(view.outcome.upper()),
             attempt=self._attempt_pb(request.stage, request.round, view.attempt),
@@ -313,6 +316,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if len(self._started) > 64:
                 self._started.clear()
             self._started[(request.stage, request.round, view.attempt.number)] = (time.monotonic(), reply)
+            return self._rosters.for_caller(reply, request.known_roster)
         return reply
 
     def _cached_start(self, request: pb.RendezvousRequest) -> pb.RendezvousReply | None:

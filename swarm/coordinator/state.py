@@ -9,12 +9,14 @@ pure and tests run without sockets or clocks.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 Phase = Literal["gathering", "running", "committed", "aborted"]
 FINISHED: frozenset[str] = frozenset({"committed", "aborted"})
+_FIRST = operator.itemgetter(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +112,9 @@ class Round:
         return self.phase in FINISHED
 
     def commit_of(self, peer_id: str) -> str | None:
-        for peer, digest in self.commits:
-            if peer == peer_id:
-                return digest
-        return None
+        if peer_id not in map(_FIRST, self.commits):  # (a scan in C: most calls ask about a peer yet to commit)
+            return None
+        return next(digest for peer, digest in self.commits if peer == peer_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,18 +68,24 @@ class Member(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., unreachable: _Optional[bool] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("number", "members", "deadline_in_s", "norms", "aggregate")
+    __slots__ = ("number", "members", "deadline_in_s", "norms", "aggregate", "roster", "base_roster", "removed")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_IN_S_FIELD_NUMBER: _ClassVar[int]
     NORMS_FIELD_NUMBER: _ClassVar[int]
     AGGREGATE_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    BASE_ROSTER_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
     number: int
     members: _containers.RepeatedCompositeFieldContainer[Member]
     deadline_in_s: float
     norms: _containers.RepeatedScalarFieldContainer[float]
     aggregate: str
-    def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ..., norms: _Optional[_Iterable[float]] = ..., aggregate: _Optional[str] = ...) -> None: ...
+    roster: str
+    base_roster: str
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, number: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., deadline_in_s: _Optional[float] = ..., norms: _Optional[_Iterable[float]] = ..., aggregate: _Optional[str] = ..., roster: _Optional[str] = ..., base_roster: _Optional[str] = ..., removed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "protocol_version", "address", "capabilities", "stage", "incarnation", "any_stage", "no_inbound", "state_hash", "shard_auto")
@@ -192,7 +198,7 @@ class LeaveReply(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RendezvousRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash", "contribution_norm")
+    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash", "contribution_norm", "known_roster")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +207,7 @@ class RendezvousRequest(_message.Message):
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_NORM_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_ROSTER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
@@ -209,7 +216,8 @@ class RendezvousRequest(_message.Message):
     wait_s: float
     state_hash: str
     contribution_norm: float
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ..., contribution_norm: _Optional[float] = ...) -> None: ...
+    known_roster: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ..., contribution_norm: _Optional[float] = ..., known_roster: _Optional[str] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
     __slots__ = ("outcome", "attempt", "next_round", "reason", "donor", "has_committed", "last_committed_round", "last_committed_hash")
