@@ -345,6 +345,20 @@ def test_quorum_waits_for_the_previous_round_to_finish() -> None:
     assert (rnd.phase, rnd.members) == ("running", ("a", "b"))
 
 
+def test_a_measured_upload_rate_becomes_the_members_bandwidth_on_a_coarse_grid() -> None:
+    sim = Sim()
+    sim.join(0.0, "a")
+    sim.heartbeat(1.0, "a", Progress(upload_bytes_per_s=12.5e6))
+    rate = sim.state.members["a"].capabilities.bandwidth_bytes_per_s
+    assert rate == pytest.approx(12.5e6, rel=0.1) and math.log2(rate) * 4 == round(math.log2(rate) * 4)
+    before = sim.state.members["a"].capabilities
+    sim.heartbeat(2.0, "a", Progress(upload_bytes_per_s=12.6e6))  # a wobble: the member list stays as it was
+    assert sim.state.members["a"].capabilities is before
+    sim.heartbeat(3.0, "a", Progress(upload_bytes_per_s=0.0))  # not measured: keeps the last rate
+    assert sim.state.members["a"].capabilities.bandwidth_bytes_per_s == rate
+    sim.rejects(4.0, _hb("a", upload_bytes_per_s=math.inf), InvalidRequest)
+
+
 def test_pace_stretches_heartbeats_and_leases_with_the_run_size() -> None:
     cfg = replace(CFG, heartbeats_per_s=100.0)  # interval 2 s: up to 200 members heartbeat at 100/s
     assert cfg.pace(10) == (2.0, LEASE_S)

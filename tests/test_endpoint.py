@@ -24,11 +24,11 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
-from swarm.allreduce.reduce import ALIGN_ELEMENTS, check_finite, partition
+from swarm.allreduce.reduce import ALIGN_ELEMENTS, MAX_SHARE, check_finite, partition
 from swarm.compression import Codec, CodecConfig, Contribution, Float32Codec, make_codec
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector, FaultRule
@@ -259,8 +259,10 @@ def test_partition_covers_the_tensor_in_aligned_proportional_parts(total: int, b
         assert start % ALIGN_ELEMENTS == 0 or start == total, parts  # aligned except where it meets the end
         pos += length
     assert pos == total, parts
-    known = [b for b in bandwidths if b > 0]
-    weights = [b if b > 0 else (sum(known) / len(known) if known else 1.0) for b in bandwidths]
+    known = sorted(b for b in bandwidths if b > 0)
+    cap = known[(len(known) - 1) // 2] * MAX_SHARE if known else 1.0
+    capped = [min(b, cap) for b in known]
+    weights = [min(b, cap) if b > 0 else (sum(capped) / len(capped) if capped else 1.0) for b in bandwidths]
     # Boundaries are rounded to ALIGN_ELEMENTS and weights quantised to 1e-6 of the largest.
     slack = 2 * ALIGN_ELEMENTS + total * (len(weights) + 1) * 1e-6
     for (_, length), w in zip(parts, weights, strict=True):
@@ -271,8 +273,19 @@ def test_partition_covers_the_tensor_in_aligned_proportional_parts(total: int, b
 @given(total=st.integers(0, 10**10), bandwidths=_bandwidths)
 def test_partition_treats_unknown_bandwidth_as_the_mean(total: int, bandwidths: list[float]) -> None:
     known = [b for b in bandwidths if b > 0]
+    assume(not known or max(known) <= MAX_SHARE * min(known))  # (the cap is another test's)
     filled = [b if b > 0 else (sum(known) / len(known) if known else 1.0) for b in bandwidths]
     assert partition(total, bandwidths) == partition(total, filled)
+
+
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_a_member_that_overstates_its_bandwidth_gets_at_most_max_share_of_the_median(n: int) -> None:
+    total = 10**8
+    honest = partition(total, [1e8] * n)
+    lied = partition(total, [1e15] + [1e8] * (n - 1))
+    share = lied[0][1] / total
+    assert share == pytest.approx(MAX_SHARE / (MAX_SHARE + n - 1), abs=1e-4)
+    assert lied[0][1] > honest[0][1]  # a faster peer does get more, within the bound
 
 
 @_partition_settings

@@ -22,19 +22,24 @@ from swarm.transport.endpoint import PeerFailure
 
 ALIGN_ELEMENTS = 64
 """Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
+MAX_SHARE = 4.0
+"""A member's bandwidth weighs at most this many times the median member's in the part split."""
 
 
 def partition(total: int, bandwidths: list[float], align: int = ALIGN_ELEMENTS) -> list[tuple[int, int]]:
     """Split `total` elements into contiguous (start, length) parts proportional to bandwidth.
 
     Unknown (zero) bandwidths count as the mean of the known ones, or all parts
-    are equal when none is known. Integer arithmetic only, so every member
-    computes the same boundaries. Boundaries fall on multiples of `align`.
+    are equal when none is known; none counts above MAX_SHARE times the (lower) median known one (a peer that
+    over-states its bandwidth gets a larger part, which everyone then waits for). Integer arithmetic
+    only, so every member computes the same boundaries. Boundaries fall on multiples of `align`.
     """
     n = len(bandwidths)
-    known = [b for b in bandwidths if b > 0]
+    known = sorted(b for b in bandwidths if b > 0)
+    cap = known[(len(known) - 1) // 2] * MAX_SHARE if known else 1.0
+    known = [min(b, cap) for b in known]
     fill = sum(known) / len(known) if known else 1.0
-    weights = [b if b > 0 else fill for b in bandwidths]
+    weights = [min(b, cap) if b > 0 else fill for b in bandwidths]
     # Quantise weights to integers so float rounding cannot differ between peers.
     scale = [max(1, round(w / max(weights) * 1_000_000)) for w in weights]
     units = -(-total // align)

@@ -30,7 +30,7 @@ from swarm.coordinator.errors import (
 )
 from swarm.coordinator.placement import shard_for, thinnest_stage
 from swarm.coordinator.rounds import behind, next_round, round_reasons, settle_rounds
-from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState
+from swarm.coordinator.state import NO_CHANGE, Capabilities, Decision, Member, Progress, Round, RunState, measured_rate
 from swarm.utils import is_loopback
 
 _PEER_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -371,11 +371,15 @@ def _heartbeat(state: RunState, now: float, ev: Heartbeat, config: CoordinatorCo
     p = ev.progress
     _check_number("progress.loss", p.loss)
     _check_number("progress.tokens_per_s", p.tokens_per_s)
+    _check_number("progress.upload_bytes_per_s", p.upload_bytes_per_s)
     if len(p.stage_grad_norms) > MAX_GRAD_NORMS:
         raise InvalidRequest(f"progress.stage_grad_norms has {len(p.stage_grad_norms)} values, at most {MAX_GRAD_NORMS}")
     for i, norm in enumerate(p.stage_grad_norms):
         _check_number(f"progress.stage_grad_norms[{i}]", norm)
     renewed = replace(member, lease_expires_at=now + _lease(state, config), progress=p)
+    rate = measured_rate(p.upload_bytes_per_s) if p.upload_bytes_per_s > 0 else 0.0
+    if rate and rate != member.capabilities.bandwidth_bytes_per_s:  # (the attempts split parts by it)
+        renewed = replace(renewed, capabilities=replace(member.capabilities, bandwidth_bytes_per_s=rate))
     decision = Decision(reason="", put_members=(renewed,), durable=False)
     rnd = state.rounds.get((member.stage, p.checkpoint_round)) if p.checkpoint_round >= 0 else None
     if (rnd is not None and rnd.phase == "committed" and ev.peer_id not in rnd.checkpointed_by

@@ -168,6 +168,7 @@ def _progress_to_pb(p: Progress) -> pb.Progress:
     return pb.Progress(
         step=p.step, loss=p.loss, tokens_per_s=p.tokens_per_s, stage_grad_norms=list(p.stage_grad_norms),
         has_checkpoint=p.checkpoint_round >= 0, checkpoint_round=max(0, p.checkpoint_round),
+        upload_bytes_per_s=p.upload_bytes_per_s,
     )
 
 
@@ -281,7 +282,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
         p = request.progress
         progress = Progress(p.step, p.loss, p.tokens_per_s, tuple(p.stage_grad_norms),
-                            p.checkpoint_round if p.has_checkpoint else -1)
+                            p.checkpoint_round if p.has_checkpoint else -1, p.upload_bytes_per_s)
         self.core.handle(Heartbeat(request.run_id, request.peer_id, request.incarnation, progress))
         target = move_to(self.core.state, self.core.config, request.peer_id)
         interval, lease = self.core.config.pace(len(self.core.state.members))

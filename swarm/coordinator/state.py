@@ -9,6 +9,7 @@ pure and tests run without sockets or clocks.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ class Capabilities:
     memory_bytes: int = 0
 
 
+def measured_rate(bytes_per_s: float) -> float:
+    """A peer's measured upload rate as the attempts carry it: on a grid of 4 steps per doubling (within 10 %),
+    kept to 1 kB/s .. 1 TB/s, so a rate that wobbles leaves the member list as it was (rosters send changes)."""
+    clamped = min(1e12, max(1e3, bytes_per_s))
+    return 2 ** (round(math.log2(clamped) * 4) / 4)
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
     """Training progress from the latest heartbeat."""
@@ -39,6 +47,8 @@ class Progress:
     stage_grad_norms: tuple[float, ...] = ()
     checkpoint_round: int = -1
     """The newest committed round the peer holds a checkpoint of on disk (-1: none)."""
+    upload_bytes_per_s: float = 0.0
+    """Its upload rate, measured on the round data it sent (0: not measured yet)."""
 
 
 @dataclass(frozen=True, slots=True)

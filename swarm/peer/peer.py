@@ -244,11 +244,12 @@ class Peer:
         while True:
             await asyncio.sleep(self._heartbeat_s)
             try:
-                progress = self.progress
+                progress = pb.Progress()
+                progress.CopyFrom(self.progress)
                 if self.checkpoint_round >= 0:
-                    progress = pb.Progress()
-                    progress.CopyFrom(self.progress)
                     progress.has_checkpoint, progress.checkpoint_round = True, self.checkpoint_round
+                if self.endpoint is not None:  # the coordinator sizes this peer's parts by it
+                    progress.upload_bytes_per_s = self.endpoint.upload.rate
                 reply = await self.client.heartbeat(progress)
                 self._heartbeat_s = _interval(reply.heartbeat_interval_s, self._heartbeat_s)
                 if reply.move and self.move_to is None:

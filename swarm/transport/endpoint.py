@@ -39,6 +39,7 @@ from swarm.transport.frames import (
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
 from swarm.transport.links import Link, TlsLink
 from swarm.transport.messages import StateSnapshot
+from swarm.transport.meter import UploadMeter
 from swarm.transport.relay import Relay
 
 __all__ = ["CallHandler", "Endpoint", "Inbox", "PeerFailure", "StateSnapshot", "TransportConfig"]
@@ -78,6 +79,8 @@ class Endpoint:
         self._accept_task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.upload = UploadMeter()
+        """This peer's upload rate on large frames (reported to the coordinator, which sizes parts by it)."""
         self.state_provider: Callable[[], StateSnapshot | None] | None = None
         """What this peer serves to a peer that asks for its state (None: nothing to give)."""
         self.call_handler: CallHandler | None = None
@@ -402,17 +405,22 @@ class Endpoint:
                 # The receiver may close it any moment now; a frame written into a closing connection
                 # can vanish without an error here, so it is replaced before it is used again.
                 sock = await self._redial(peer, address, index, sock)
+            timed = self.upload.start(len(payload))
             try:
                 async with asyncio.timeout(self.config.io_timeout_s):
                     await sock.send(encode_header(header))
                     await sock.send(payload)
             except BaseException as e:
+                if timed:
+                    self.upload.done(len(payload), sent=False)
                 # A frame cut short (error, stall or cancellation) would make the receiver read the next
                 # frame's header as payload: the connection cannot be reused.
                 self._drop_connections(peer)
                 if not isinstance(e, (OSError, TimeoutError)):
                     raise
                 raise PeerFailure(peer, f"send failed: {e or 'stalled'}") from None
+            if timed:
+                self.upload.done(len(payload))
             self._last_sent[sock] = loop.time()
         self.bytes_sent += len(payload)
 

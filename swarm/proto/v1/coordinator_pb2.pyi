@@ -40,20 +40,22 @@ class Capabilities(_message.Message):
     def __init__(self, device: _Optional[str] = ..., flops: _Optional[float] = ..., bandwidth_bytes_per_s: _Optional[float] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("step", "loss", "tokens_per_s", "stage_grad_norms", "has_checkpoint", "checkpoint_round")
+    __slots__ = ("step", "loss", "tokens_per_s", "stage_grad_norms", "has_checkpoint", "checkpoint_round", "upload_bytes_per_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     STAGE_GRAD_NORMS_FIELD_NUMBER: _ClassVar[int]
     HAS_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     loss: float
     tokens_per_s: float
     stage_grad_norms: _containers.RepeatedScalarFieldContainer[float]
     has_checkpoint: bool
     checkpoint_round: int
-    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stage_grad_norms: _Optional[_Iterable[float]] = ..., has_checkpoint: _Optional[bool] = ..., checkpoint_round: _Optional[int] = ...) -> None: ...
+    upload_bytes_per_s: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., stage_grad_norms: _Optional[_Iterable[float]] = ..., has_checkpoint: _Optional[bool] = ..., checkpoint_round: _Optional[int] = ..., upload_bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("peer_id", "address", "capabilities", "unreachable")
