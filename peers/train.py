@@ -38,6 +38,9 @@ class TrainConfig(TrainingConfig):
     TABLE: ClassVar[str] = "train"
     fragments: int = 1
     """Streaming DiLoCo: sync this many fragments at staggered steps, overlapped with training (1: off)."""
+    late: str = "fold"
+    """When a round starts without this peer (it came late: the coordinator's quorum or barrier deadline): fold
+    keeps its inner steps on top of the new θ_global, into its next round; discard drops them."""
     eval_batches: int = 8
     """Eval windows' batches scored after every sync."""
     intra_host: bool = False
@@ -54,6 +57,8 @@ class TrainConfig(TrainingConfig):
             raise ValueError(f"train.steps ({self.steps}) must be >= train.sync_every ({self.sync_every})")
         if self.fragments < 1 or self.eval_batches < 1 or self.log_every < 1:
             raise ValueError("train.fragments, train.eval_batches and train.log_every must be >= 1")
+        if self.late not in ("fold", "discard"):
+            raise ValueError(f"train.late must be fold or discard, got {self.late!r}")
 
 
 def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> PeerReport:
@@ -123,7 +128,7 @@ def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> Pee
     stopped_by = "done"
     poisoned = attacks.Attacker(handle, attack, config.seed) if attack and handle is not None else handle
     dl = DiLoCo(model, inner, peer=poisoned, sync_every=H, outer=config.outer, codec=config.codec,
-                fragments=config.fragments, on_sync=on_sync, intra_group=group, outer_device=config.outer_device)
+                fragments=config.fragments, on_sync=on_sync, late=config.late, intra_group=group, outer_device=config.outer_device)
     run_id = peer_config.client.run_id
     resumed, data_state = _resume(config, run_id, dl, inner) if rank == 0 else (None, None)
     saver = (ck.Checkpointer(config.checkpoint, run_id, on_written=handle.set_checkpoint)

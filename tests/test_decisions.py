@@ -317,7 +317,7 @@ def test_barrier_deadline_starts_with_those_who_arrived_and_names_the_missing() 
 
 
 def test_quorum_starts_the_round_once_that_fraction_of_live_members_arrived() -> None:
-    sim = Sim(replace(CFG, quorum=0.75))
+    sim = Sim(replace(CFG, quorum=0.75, quorum_grace=0.0))
     for p in ("a", "b", "c", "d"):
         sim.join(0.0, p)
     sim.arrive(1.0, "a", 0)
@@ -326,8 +326,24 @@ def test_quorum_starts_the_round_once_that_fraction_of_live_members_arrived() ->
     d = sim.arrive(3.0, "c", 0)
     rnd = sim.round(0)
     assert (rnd.phase, rnd.members) == ("running", ("a", "b", "c"))
-    assert "quorum 0.75 reached: 3 of 4 live members arrived" in d.reason
+    assert "quorum 0.75 reached and its grace of 0.0s over with 3 of 4 live members; missing: d" in d.reason
     assert views.rendezvous(sim.state, 4.0, "d", 0, 0).outcome == "missed"
+
+
+def test_after_the_quorum_the_round_waits_a_share_of_the_time_it_took() -> None:
+    sim = Sim(replace(CFG, quorum=0.5, quorum_grace=0.25))
+    for p in ("a", "b", "c", "d"):
+        sim.join(0.0, p)
+    sim.arrive(10.0, "a", 0)  # the barrier clock starts with the first arrival (no previous round)
+    sim.arrive(18.0, "b", 0)  # quorum after 8 s: 2 s of grace, to 20 s
+    rnd = sim.round(0)
+    assert rnd.phase == "gathering" and rnd.quorum_at == 18.0 and rnd.barrier_deadline == pytest.approx(20.0)
+    sim.arrive(19.0, "c", 0)  # within the grace: in the round
+    assert sim.tick(19.99).empty
+    d = sim.tick(20.0)
+    rnd = sim.round(0)
+    assert (rnd.phase, rnd.members) == ("running", ("a", "b", "c"))
+    assert "quorum 0.5 reached and its grace of 2.0s over with 3 of 4 live members; missing: d" in d.reason
 
 
 def test_quorum_waits_for_the_previous_round_to_finish() -> None:

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -92,7 +93,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rendezvous-timeout-s", type=float, default=120.0,
                    help="longest a round's barrier waits for late peers (default: %(default)s)")
     p.add_argument("--min-peers", type=int, default=None,
-                   help="a round starts with at least this many peers (default: --peers minus the --kill count)")
+                   help="a round starts with at least this many peers (default: --quorum of --peers minus the "
+                        "--kill count)")
+    p.add_argument("--quorum", type=float, default=1.0,
+                   help="a round starts once this fraction of the live peers arrived (the straggler policy; "
+                        "default: %(default)s, wait for all; see docs/decisions.md)")
     p.add_argument("--out", default="runs/local",
                    help="output folder: new, empty, or an earlier `swarm local` run's (default: %(default)s)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="stop everything after this long (default: %(default)s)")
@@ -105,6 +110,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_flags(t, TrainingConfig, aliases=TRAINING_FLAGS, skip=TRAINING_FILE_ONLY)
     t.add_argument("--fragments", type=int, default=None,
                    help="--task train: streaming DiLoCo's fragments (default: the peers', 1: off)")
+    t.add_argument("--late", choices=["fold", "discard"], default=None,
+                   help="--task train: what a peer that came late for a round does with its inner steps (default: "
+                        "the peers', fold: keep them for its next round)")
     add_flags(p.add_argument_group("pipeline (--task pipeline; --peers defaults to --stages)"), PipelineConfig,
               own=True, aliases=PIPELINE_FLAGS, skip=PIPELINE_FILE_ONLY)
     p.set_defaults(run=run)
@@ -139,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         kills = _parse_kills(args.kill, args.peers)
         if args.peers < 1 or args.rounds < 1 or (args.fragments is not None and args.fragments < 1):
             raise ValueError("--peers, --rounds and --fragments must be at least 1")
+        if not 0 < args.quorum <= 1:
+            raise ValueError(f"--quorum must be a fraction in (0, 1], got {args.quorum}")
         if training is not None and training.sync_every > training.steps:
             raise ValueError(f"--sync-every (--inner-steps) must be in [1, --steps={training.steps}], "
                              f"got {training.sync_every}")
@@ -290,6 +300,7 @@ def _peer_argv(args: argparse.Namespace, training: TrainingConfig | None, target
         drivers = max(1, (args.peers - 1) // training.stages + 1)
         return [*argv, "--stage", stage, "--shard", f"{index // training.stages % drivers}/{drivers}"]
     fragments = ["--fragments", str(args.fragments)] if args.fragments is not None else []
+    fragments += ["--late", args.late] if args.late is not None else []
     return [*argv, *fragments, "--shard", f"{index}/{shards}",
             "--checkpoint-dir", str(Path(args.out) / CHECKPOINTS / f"peer-{index}")]
 
@@ -321,7 +332,8 @@ async def _local(args: argparse.Namespace, kills: dict[int, int], training: Trai
     coordinator = await _spawn("coordinator", [
         "coordinator", *tls, "--host", "127.0.0.1", "--port", "0", "--db", str(out / "coordinator.db"),
          "--run-id", RUN_ID, "--lease-s", str(args.lease_s), "--rendezvous-timeout-s", str(args.rendezvous_timeout_s),
-         "--min-peers", str(args.min_peers or (1 if args.task == "pipeline" else max(1, args.peers - len(kills)))),
+         "--quorum", str(args.quorum), "--min-peers", str(args.min_peers or (1 if args.task == "pipeline" else max(
+             1, math.ceil(args.quorum * (args.peers - len(kills)) - 1e-9)))),
          *(["--stages", str(training.stages)] if isinstance(training, PipelineConfig) else [])],
         out / "coordinator.log")
     peers: list[_Child] = []

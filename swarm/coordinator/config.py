@@ -14,7 +14,7 @@ from swarm.config import build, check_table
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _NOT_NUMBERS = frozenset({"run_id", "tls_dir", "insecure", "enroll_port", "probe_timeout_s", "relay", "shards",
-                          "aggregate", "norm_bound"})
+                          "aggregate", "norm_bound", "quorum_grace"})
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,6 +44,10 @@ class CoordinatorConfig:
     """The straggler policy: a round starts once this fraction of the stage's live members has arrived (and its
     previous round finished), or at its barrier deadline (rendezvous_timeout_s), whichever is first; 1: wait for
     every live member. Who arrives after the start keeps its update for its next round (docs/decisions.md)."""
+    quorum_grace: float = 0.25
+    """With quorum below 1: once the quorum arrived, the round waits this fraction of the time the quorum took
+    (from when its barrier clock started) for the others, so peers of one speed that arrive a moment apart are
+    not left out; 0: start at once."""
     shards: int = 0
     """Data shards handed to peers started with `--shard auto` (each the lowest one no live member holds, so peers
     do not train on the same data; past that the one fewest hold); 0: min_peers."""
@@ -114,6 +118,8 @@ class CoordinatorConfig:
             raise ValueError("coordinator.quarantine_after must be at most coordinator.quarantine_rounds")
         if not (isinstance(self.quorum, int | float) and 0 < self.quorum <= 1):
             raise ValueError(f"coordinator.quorum must be a fraction in (0, 1], got {self.quorum!r}")
+        if not (isinstance(self.quorum_grace, int | float) and 0 <= self.quorum_grace <= 10):
+            raise ValueError(f"coordinator.quorum_grace must be 0..10, got {self.quorum_grace!r}")
         if self.heartbeat_interval_s == 0:
             self.heartbeat_interval_s = self.lease_s / 4
         if not _RUN_ID.match(self.run_id):

@@ -130,10 +130,15 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
     everyone = bool(live) and len(arrived) >= len(live) and live.issubset(arrived)
     deadline_passed = rnd.barrier_deadline is not None and now >= rnd.barrier_deadline
     # The quorum counts only once the previous round finished (the barrier clock runs): its members cannot arrive
-    # before that, so an early quorum would be the stragglers of the previous round.
-    quorum = (rnd.barrier_deadline is not None and config.quorum < 1
-              and len(arrived) >= max(1, math.ceil(config.quorum * len(live) - 1e-9)))
-    if not (everyone or deadline_passed or quorum):
+    # before that, so an early quorum would be the stragglers of the previous round. Reached, it moves the
+    # deadline to the end of its grace: a share of the time the quorum took.
+    if (not everyone and not rnd.quorum_at and rnd.barrier_deadline is not None and config.quorum < 1
+            and len(arrived) >= max(1, math.ceil(config.quorum * len(live) - 1e-9))):
+        clock_started = rnd.barrier_deadline - config.rendezvous_timeout_s
+        grace = config.quorum_grace * max(0.0, now - clock_started)
+        rnd = replace(rnd, quorum_at=now, barrier_deadline=min(rnd.barrier_deadline, now + grace))
+        deadline_passed = now >= rnd.barrier_deadline
+    if not (everyone or deadline_passed):
         return rnd
     if len(arrived) < config.min_peers:
         if not deadline_passed:
@@ -156,12 +161,12 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
             return _abort(rnd, now, "every arrived member was refused")
     if everyone:
         why = f"all {len(members)} live members arrived"
-    elif quorum and not deadline_passed:
-        why = f"quorum {config.quorum:g} reached: {len(arrived)} of {len(live)} live members arrived"
     else:
         missing = sorted(live.difference(arrived))
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        why = f"barrier deadline passed with {len(members)} of {len(live)} live members; missing: {shown}"
+        how = (f"quorum {config.quorum:g} reached and its grace of {now - rnd.quorum_at:.1f}s over" if rnd.quorum_at
+               else "barrier deadline passed")
+        why = f"{how} with {len(members)} of {len(live)} live members; missing: {shown}"
     return replace(
         rnd,
         phase="running",

@@ -109,6 +109,9 @@ class Round:
     """How the round averages (`swarm.allreduce.robust.Rule`), fixed when it starts ("": mean)."""
     directions: tuple[tuple[str, tuple[float, ...], float, bool], ...] = ()
     """The current attempt's (committer, dots, mean_sq, all_parts) reports (`rounds.against`)."""
+    quorum_at: float = 0.0
+    """When the quorum of live members had arrived (0: not yet); the barrier deadline then moved to the end of
+    its grace."""
     checkpointed_by: tuple[str, ...] = ()
     """Peers that said they hold this committed round's state on disk (a peer restarted with it can resume
     the run when no live member holds a newer state)."""
