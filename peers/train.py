@@ -38,7 +38,7 @@ class TrainConfig(TrainingConfig):
     TABLE: ClassVar[str] = "train"
     fragments: int = 1
     """Streaming DiLoCo: sync this many fragments at staggered steps, overlapped with training (1: off)."""
-    late: str = "fold"
+    late: str = "discard"
     """When a round starts without this peer (it came late: the coordinator's quorum or barrier deadline): fold
     keeps its inner steps on top of the new θ_global, into its next round; discard drops them."""
     eval_batches: int = 8
