@@ -29,9 +29,12 @@ class RosterMismatch(ValueError):
 
 def digest(members: Sequence[pb.Member]) -> str:
     """The digest of an ordered member list (ids, addresses, capabilities: everything a member reads)."""
+    return _digest([m.SerializeToString(deterministic=True) for m in members])
+
+
+def _digest(encoded: Sequence[bytes]) -> str:
     h = hashlib.sha256()
-    for m in members:
-        data = m.SerializeToString(deterministic=True)
+    for data in encoded:
         h.update(len(data).to_bytes(4, "little"))
         h.update(data)
     return h.hexdigest()[:32]
@@ -51,9 +54,10 @@ class Rosters:
         ids = [m.peer_id for m in members]
         if any(a >= b for a, b in itertools.pairwise(ids)):
             return ""
-        key = digest(members)
+        encoded = [m.SerializeToString(deterministic=True) for m in members]  # (once: the digest and the list)
+        key = _digest(encoded)
         if key not in self._lists:
-            self._lists[key] = {m.peer_id: m.SerializeToString(deterministic=True) for m in members}
+            self._lists[key] = dict(zip(ids, encoded, strict=True))
             while len(self._lists) > self._keep:
                 self._lists.popitem(last=False)
                 self._replies.clear()
