@@ -38,7 +38,7 @@ class TrainConfig(TrainingConfig):
     TABLE: ClassVar[str] = "train"
     fragments: int = 1
     """Streaming DiLoCo: sync this many fragments at staggered steps, overlapped with training (1: off)."""
-    late: str = "discard"
+    late: str = "fold"
     """When a round starts without this peer (it came late: the coordinator's quorum or barrier deadline): fold
     keeps its inner steps on top of the new θ_global, into its next round; discard drops them."""
     eval_batches: int = 8
@@ -113,6 +113,11 @@ def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> Pee
         # fragment's round in flight counts: otherwise a peer whose last round is slow launches one more).
         return dl.steps
 
+    def run_finished() -> bool:
+        # (Not with an intra-host group: its other ranks follow rank 0's rounds, not this test.)
+        return (handle is not None and group is None and dl.state.round < handle.peer.run_committed
+                and (handle.peer.run_committed + 1) * dl.stride >= config.steps)
+
     def on_sync(result: SyncResult) -> None:
         if handle is None:
             return  # rank 0 of this peer evaluates and reports
@@ -149,6 +154,8 @@ def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> Pee
             save()
 
     dl.on_sync = on_sync_and_save
+    if handle is not None and group is None:
+        handle.peer.final_round = -(-config.steps // dl.stride) - 1  # a barrier after it is never released
     try:
         with dl:
             if batches is None:
@@ -164,6 +171,13 @@ def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> Pee
                 log.warning("the run already committed round %d, its last; nothing to do", handle.peer.run_committed)
                 stopped_by = "run already finished"
             while stopped_by == "done" and global_step() < config.steps:
+                if run_finished():
+                    # The others reached the last step and left before this peer could download that state:
+                    # waiting for a round nobody else will join would never end.
+                    log.warning("the run committed round %d, its last, but this peer holds round %d (its resync "
+                                "failed); stopping with it", handle.peer.run_committed, dl.state.round)
+                    stopped_by = "run finished without this peer"
+                    break
                 for param_group in inner.param_groups:
                     param_group["lr"] = inner_lr(config, global_step())
                 batch = next(batches).to(device, non_blocking=True)

@@ -161,6 +161,7 @@ def test_the_coordinator_refuses_an_out_of_bound_contribution_names_it_and_quara
     # The refused member is told why, and resyncs from a member that will hold the committed state.
     told = views.rendezvous(sim.state, 1.0, "x", 0, 0)
     assert told.outcome == "missed" and "refused your contribution" in told.reason and "100" in told.reason
+    assert told.refused  # so it does not carry the refused update into its next round (late="fold")
     for p in ("a", "b", "c"):
         sim.commit(2.0, p, 0, 1, "11111111aaaa")
     assert quarantined(sim.state, 0, ROBUST) == {}
@@ -265,6 +266,7 @@ async def test_over_the_wire_the_join_asks_for_norms_and_status_shows_the_quaran
     assert list(started[0].attempt.norms) == [1.0, 1.5] and started[0].attempt.aggregate == "clipped-mean"
     refused = replies[2]
     assert refused.outcome == pb.RendezvousReply.MISSED and "refused your contribution" in refused.reason
+    assert refused.refused and not any(r.refused for r in started)
     status = await clients[0].status()
     shown = {m.member.peer_id: m.quarantined for m in status.members}
     assert shown["a"] == "" and shown["x"].startswith("refused in 1 of the last 5 rounds")

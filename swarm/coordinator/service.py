@@ -309,8 +309,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             next_round=view.next_round,
             reason=view.reason,
             donor=_member_to_pb(view.donor) if view.donor else None,
+            refused=view.refused,
         )
-        if view.outcome == "missed" and (last := self.core.state.last_committed(request.stage)) is not None:
+        if view.outcome in ("missed", "waiting") and (last := self.core.state.last_committed(request.stage)) is not None:
             reply.has_committed, reply.last_committed_round = True, last.number
             reply.last_committed_hash = last.committed_hash
         if view.attempt is not None and view.outcome == "started":

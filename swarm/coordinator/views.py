@@ -32,6 +32,8 @@ class RendezvousView:
     reason: str
     donor: Member | None = None
     """missed: a live member holding the last committed state, to resync from."""
+    refused: bool = False
+    """missed: the round refused this peer's contribution (it was not late: its update must not be folded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +116,8 @@ def rendezvous(state: RunState, now: float, peer_id: str, stage: int, number: in
     refused = dict(rnd.refused).get(peer_id)
     if refused is not None:
         return RendezvousView("missed", None, nxt, f"round {number} of stage {stage} refused your contribution "
-                              f"({refused}); resync, then join {nxt}", donor_for(state, stage, peer_id))
+                              f"({refused}); resync, then join {nxt}", donor_for(state, stage, peer_id),
+                              refused=True)
     return RendezvousView(
         "missed", None, nxt, f"missed round {number} of stage {stage} (it started without you); resync, then join {nxt}",
         donor_for(state, stage, peer_id),

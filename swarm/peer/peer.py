@@ -102,7 +102,11 @@ class Peer:
         self.recover = False
         """The coordinator gave this peer a stage that lost every replica: it must rebuild it (issue 6)."""
         self.run_committed = -1
-        """The latest round the run committed, as the coordinator said at the last join (-1: none)."""
+        """The latest round this peer's stage committed, as far as the coordinator told it (join, MISSED replies,
+        its own commits; -1: none). It may be ahead of this peer's state when a resync was impossible."""
+        self.final_round: int | None = None
+        """The run's last round, where the caller knows it (a trainer: its steps / stride - 1). Once the stage has
+        committed it, waiting at a later round's barrier is futile (the others are done and gone): sync returns."""
         self.neighbours: list[pb.Member] = []
         """With `recover`: live members of the neighbouring stages, as the coordinator said at the join."""
         self._joined: pb.JoinReply | None = None
@@ -293,16 +297,23 @@ class Peer:
         norm = await asyncio.to_thread(contribution.norm) if declare else None  # (an encode more: only when asked)
         reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm)
         while reply.outcome == Rdv.WAITING:
+            if reply.has_committed:
+                self.run_committed = max(self.run_committed, int(reply.last_committed_round))
+            if self.final_round is not None and self.run_committed >= self.final_round:
+                return SyncResult("kept", round_, reason=f"the run committed round {self.run_committed}, its last")
             reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm)
         if reply.outcome == Rdv.MISSED:
             rep.missed += 1
             self.round = int(reply.next_round)
+            if reply.has_committed:
+                self.run_committed = max(self.run_committed, int(reply.last_committed_round))
             if not reply.has_committed or reply.last_committed_hash == state.digest:
                 return SyncResult("kept", round_, reason=reply.reason)
             donor = reply.donor if reply.HasField("donor") else None
             resynced = await self._resync(donor, int(reply.last_committed_round), reply.last_committed_hash,
                                           reply.reason)
-            return SyncResult("resynced" if resynced else "kept", round_, reason=reply.reason, missed=True)
+            return SyncResult("resynced" if resynced else "kept", round_, reason=reply.reason,
+                              missed=not reply.refused)  # a refused update is not carried on (late="fold")
         if reply.outcome == Rdv.ABORTED:
             rep.aborted += 1
             self.round = int(reply.next_round)
@@ -341,6 +352,7 @@ class Peer:
             self.round = round_ + 1
             if out.outcome == Cmt.OK:
                 state.adopt(round_)
+                self.run_committed = max(self.run_committed, round_)
                 if contribution is not None:
                     contribution.commit()
                 rep.state_hash = digest

@@ -222,7 +222,7 @@ class RendezvousRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ..., contribution_norm: _Optional[float] = ..., known_roster: _Optional[str] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
-    __slots__ = ("outcome", "attempt", "next_round", "reason", "donor", "has_committed", "last_committed_round", "last_committed_hash")
+    __slots__ = ("outcome", "attempt", "next_round", "reason", "donor", "has_committed", "last_committed_round", "last_committed_hash", "refused")
     class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         OUTCOME_UNSPECIFIED: _ClassVar[RendezvousReply.Outcome]
@@ -243,6 +243,7 @@ class RendezvousReply(_message.Message):
     HAS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMITTED_ROUND_FIELD_NUMBER: _ClassVar[int]
     LAST_COMMITTED_HASH_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     outcome: RendezvousReply.Outcome
     attempt: Attempt
     next_round: int
@@ -251,7 +252,8 @@ class RendezvousReply(_message.Message):
     has_committed: bool
     last_committed_round: int
     last_committed_hash: str
-    def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ...) -> None: ...
+    refused: bool
+    def __init__(self, outcome: _Optional[_Union[RendezvousReply.Outcome, str]] = ..., attempt: _Optional[_Union[Attempt, _Mapping]] = ..., next_round: _Optional[int] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., refused: _Optional[bool] = ...) -> None: ...
 
 class ReportFailureRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "attempt", "suspect", "reason", "wait_s")
