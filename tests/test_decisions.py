@@ -884,7 +884,7 @@ _events = st.one_of(
 _steps = st.lists(st.tuples(st.sampled_from((0.0, 1.0, 20.0, 45.0, 70.0)), _events), max_size=40)
 
 
-def _check_invariants(state: RunState, config: CoordinatorConfig) -> None:
+def _check_invariants(state: RunState, config: CoordinatorConfig, now: float) -> None:
     assert not set(state.members) & set(state.tombstones), "a live member is also tombstoned"
     for rnd in state.rounds.values():
         assert set(rnd.members) <= set(rnd.arrived)
@@ -903,6 +903,17 @@ def _check_invariants(state: RunState, config: CoordinatorConfig) -> None:
             assert rnd.committed_hash in {h for _, h in rnd.commits}
             assert rnd.donor in rnd.members and set(rnd.diverged) <= set(rnd.members)
             assert rnd.commit_of(rnd.donor) == rnd.committed_hash
+    # The indexes `apply` keeps answer what a scan of every round and member would.
+    for stage in {r.stage for r in state.rounds.values()} | {0}:
+        held = [r for r in state.rounds.values() if r.stage == stage]
+        latest = max(held, key=lambda r: r.number, default=None)
+        committed = max((r for r in held if r.phase == "committed"), key=lambda r: r.number, default=None)
+        assert state.latest_round(stage) == latest and state.last_committed(stage) == committed
+    assert state.open_rounds() == sorted((r for r in state.rounds.values() if not r.finished), key=lambda r: r.key)
+    for at in (now, now + config.lease_s / 2, now + config.lease_s * 2):
+        scan = {p: m.lease_expires_at for p, m in state.members.items() if m.lease_expires_at <= at}
+        assert copy.deepcopy(state).expired(at) == scan and state.expired(now) == {
+            p: t for p, t in scan.items() if t <= now}
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -920,7 +931,7 @@ def test_random_event_sequences_keep_the_state_consistent(steps: list[tuple[floa
             continue
         assert sim.state == before
         sim.store.commit(decision)
-        _check_invariants(sim.state, sim.config)
+        _check_invariants(sim.state, sim.config, now)
 
 
 def test_diverged_view_names_a_live_donor_when_the_first_one_is_gone() -> None:
@@ -1095,7 +1106,8 @@ def test_a_stage_that_trained_and_lost_every_replica_is_filled_first() -> None:
         decide_apply(state, 0.0, Join(RUN, f"p{i}", PROTOCOL_VERSION, f"h:{9000 + i}", Capabilities(), 0, f"i{i}",
                                       any_stage=True), cfg)
     for stage in range(3):  # every stage committed a round: each holds trained weights
-        state.rounds[(stage, 0)] = Round(stage=stage, number=0, phase="committed", opened_at=0.0, committed_hash="h")
+        apply(state, Decision("", put_rounds=(Round(stage=stage, number=0, phase="committed", opened_at=0.0,
+                                                    committed_hash="h"),)))
     assert lost_stages(state, cfg) == []
     for p in ("p1", "p4"):  # both replicas of stage 1
         decide_apply(state, 1.0, Leave(RUN, p, state.members[p].incarnation, "gone"), cfg)
@@ -1121,7 +1133,8 @@ def test_a_lost_stage_is_refilled_by_moving_one_movable_peer_of_the_fattest_stag
     assert [state.members[p].stage for p in ("m1", "m2", "m3")] == [0, 1, 2]
     assert all(move_to(state, cfg, p) is None for p in state.members)  # balanced: nobody moves
     for stage in range(3):
-        state.rounds[(stage, 0)] = Round(stage=stage, number=0, phase="committed", opened_at=0.0, committed_hash="h")
+        apply(state, Decision("", put_rounds=(Round(stage=stage, number=0, phase="committed", opened_at=0.0,
+                                                    committed_hash="h"),)))
     for p in ("b", "m2"):
         decide_apply(state, 1.0, Leave(RUN, p, state.members[p].incarnation, "gone"), cfg)
     assert lost_stages(state, cfg) == [1]

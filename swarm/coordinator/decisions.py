@@ -260,9 +260,8 @@ def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str,
     stages = {state.members[p].stage for p in peer_ids if p in state.members}
     affected = [
         r
-        for r in state.rounds.values()
-        if not r.finished
-        and (
+        for r in state.open_rounds()
+        if (
             peer_ids.intersection(r.arrived)
             or peer_ids.intersection(r.members)
             or (r.phase == "gathering" and r.stage in stages)
@@ -287,10 +286,10 @@ def _drop(state: RunState, now: float, peer_ids: frozenset[str], when: dict[str,
 
 
 def _tick(state: RunState, now: float, config: CoordinatorConfig) -> Decision:
-    expired = {p: m.lease_expires_at for p, m in state.members.items() if m.lease_expires_at <= now}
+    expired = state.expired(now)
     due = tuple(
         r
-        for r in state.rounds.values()
+        for r in state.open_rounds()
         if (r.phase == "gathering" and r.barrier_deadline is not None and now >= r.barrier_deadline)
         or (r.phase == "running" and now >= r.attempt_deadline)
         or (r.phase == "running" and bool(r.accusations) and now >= r.first_report_at + config.report_window_s)

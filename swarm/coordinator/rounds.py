@@ -260,14 +260,16 @@ def _verdict(rnd: Round, now: float, config: CoordinatorConfig) -> tuple[frozens
     report window closes; a tie waits for every member, up to the attempt
     deadline, then excludes all tied members.
     """
+    # Reporters, committers and suspects are all members (`decisions` checks), so the silent members are
+    # counted, not listed: a set of the attempt's N members at each of its reports cost O(N) per report.
     spoke = {r for r, _, _ in rnd.accusations} | {p for p, _ in rnd.commits}
-    silent = set(rnd.members) - spoke
+    silent = len(rnd.members) - len(spoke)
     votes = Counter(s for _, s, _ in rnd.accusations)
     top = max(votes.values())
     excluded = frozenset(s for s, n in votes.items() if n == top)
     if len(excluded) == 1:
         # A clear verdict needs no word from the accused (it may be dead), only from the rest.
-        if not silent <= excluded and now < rnd.first_report_at + config.report_window_s:
+        if silent > len(excluded - spoke) and now < rnd.first_report_at + config.report_window_s:
             return None
     elif silent and now < rnd.attempt_deadline:
         # A tie (typically a stalled peer blaming the peer that blames it) waits for every
@@ -341,7 +343,26 @@ def settle_rounds(
                 nxt = replace(nxt, barrier_deadline=now + config.rendezvous_timeout_s)
             if nxt is not before:
                 out[nxt_key] = _settle(nxt, now, live_by_stage[rnd.stage], gone, config, joined_at, banned)
+    # Each round that finishes compacts the one KEEP_ROUNDS before it: constant work per round, bounded memory.
+    for rnd in [r for k, r in out.items() if r.finished and not getattr(state.rounds.get(k), "finished", False)]:
+        key = (rnd.stage, rnd.number - max(KEEP_ROUNDS, config.quarantine_rounds + 2))
+        old = out.get(key, state.rounds.get(key))
+        last = state.last_committed(rnd.stage)
+        if old is not None and old.finished and (last is None or last.key != key):  # (its holders are donors)
+            out[key] = compact(old)
     return tuple(r for k, r in sorted(out.items()) if state.rounds.get(k) != r)
+
+
+KEEP_ROUNDS = 64
+"""Rounds of a stage held whole behind its latest finished one; older ones are compacted (`compact`)."""
+
+
+def compact(rnd: Round) -> Round:
+    """A finished round as it is kept once it is old: its outcome (hash, donor, when, checkpoints, reasons), not its
+    per-member lists. Those grow with the run's size (at 10,000 members about 2 MB a round, more with directions),
+    and nothing reads them once the round is past the quarantine window and no longer the stage's last commit."""
+    return replace(rnd, arrived=(), members=(), commits=(), accusations=(), diverged=(), norms=(), refused=(),
+                   directions=())
 
 
 def round_reasons(rounds: tuple[Round, ...], before: RunState) -> str:

@@ -181,18 +181,37 @@ class RunState:
 
     def latest_round(self, stage: int) -> Round | None:
         """The highest-numbered round of `stage` still held in memory."""
-        best: Round | None = None
-        for r in self.rounds.values():
-            if r.stage == stage and (best is None or r.number > best.number):
-                best = r
-        return best
+        number = self._index().latest.get(stage)
+        return None if number is None else self.rounds[(stage, number)]
 
     def last_committed(self, stage: int) -> Round | None:
-        best: Round | None = None
-        for r in self.rounds.values():
-            if r.stage == stage and r.phase == "committed" and (best is None or r.number > best.number):
-                best = r
-        return best
+        number = self._index().committed.get(stage)
+        return None if number is None else self.rounds[(stage, number)]
+
+    def open_rounds(self) -> list[Round]:
+        """The rounds not finished yet (gathering or running), by stage and number."""
+        return [self.rounds[key] for key in sorted(self._index().open)]
+
+    def expired(self, now: float) -> dict[str, float]:
+        """Members whose lease ran out by `now` -> when it did. Scans the members only when the earliest lease
+        may have run out: between scans, heartbeats only move leases later."""
+        if self._lease_floor is not None and now < self._lease_floor:
+            return {}
+        self._lease_floor = min((m.lease_expires_at for m in self.members.values()), default=math.inf)
+        return {p: m.lease_expires_at for p, m in self.members.items() if m.lease_expires_at <= now}
+
+    _rounds_index: _RoundIndex | None = field(default=None, compare=False, repr=False)
+    """Open rounds and each stage's latest and last committed round, built on first use, kept current by `apply`
+    (rounds are never removed and only move forward: gathering, running, then committed or aborted)."""
+    _lease_floor: float | None = field(default=None, compare=False, repr=False)
+    """No member's lease expires before this (None: not known); `apply` lowers it for each member put."""
+
+    def _index(self) -> _RoundIndex:
+        if self._rounds_index is None:
+            self._rounds_index = _RoundIndex()
+            for rnd in self.rounds.values():
+                self._rounds_index.add(rnd)
+        return self._rounds_index
 
     _stage_ids: dict[int, set[str]] | None = field(default=None, compare=False, repr=False)
     """Index stage -> member ids, built on first use and kept current by `apply`."""
@@ -207,6 +226,20 @@ class RunState:
             for m in self.members.values():
                 self._stage_ids.setdefault(m.stage, set()).add(m.peer_id)
         return self._stage_ids.get(stage, set())
+
+
+@dataclass(slots=True)
+class _RoundIndex:
+    open: set[tuple[int, int]] = field(default_factory=set)
+    latest: dict[int, int] = field(default_factory=dict)
+    committed: dict[int, int] = field(default_factory=dict)
+
+    def add(self, rnd: Round) -> None:
+        (self.open.discard if rnd.finished else self.open.add)(rnd.key)
+        if rnd.number > self.latest.get(rnd.stage, -1):
+            self.latest[rnd.stage] = rnd.number
+        if rnd.phase == "committed" and rnd.number > self.committed.get(rnd.stage, -1):
+            self.committed[rnd.stage] = rnd.number
 
 
 def apply(state: RunState, decision: Decision) -> None:
@@ -224,6 +257,8 @@ def apply(state: RunState, decision: Decision) -> None:
         old = state.members.get(member.peer_id)
         state.members[member.peer_id] = member
         state.tombstones.pop(member.peer_id, None)
+        if state._lease_floor is not None and member.lease_expires_at < state._lease_floor:
+            state._lease_floor = member.lease_expires_at
         if index is not None and (old is None or old.stage != member.stage):
             if old is not None:
                 index.get(old.stage, set()).discard(member.peer_id)
@@ -231,5 +266,8 @@ def apply(state: RunState, decision: Decision) -> None:
     if len(state.tombstones) > MAX_TOMBSTONES:
         for peer_id in sorted(state.tombstones, key=state.tombstones.__getitem__)[: len(state.tombstones) // 2]:
             del state.tombstones[peer_id]
+    rounds = state._rounds_index
     for rnd in decision.put_rounds:
         state.rounds[rnd.key] = rnd
+        if rounds is not None:
+            rounds.add(rnd)
