@@ -910,6 +910,8 @@ def _check_invariants(state: RunState, config: CoordinatorConfig, now: float) ->
         committed = max((r for r in held if r.phase == "committed"), key=lambda r: r.number, default=None)
         assert state.latest_round(stage) == latest and state.last_committed(stage) == committed
     assert state.open_rounds() == sorted((r for r in state.rounds.values() if not r.finished), key=lambda r: r.key)
+    by_stage = sorted(state.rounds.values(), key=lambda r: r.key)
+    assert state.recent_rounds(2) == [r for r in by_stage if r.number > state.latest_round(r.stage).number - 2]
     for at in (now, now + config.lease_s / 2, now + config.lease_s * 2):
         scan = {p: m.lease_expires_at for p, m in state.members.items() if m.lease_expires_at <= at}
         assert copy.deepcopy(state).expired(at) == scan and state.expired(now) == {

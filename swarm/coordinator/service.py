@@ -404,10 +404,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
             for m in sorted(state.members.values(), key=lambda m: (m.stage, m.peer_id))
         ]
-        latest = sorted(state.rounds.values(), key=lambda r: (r.stage, r.number))
-        per_stage: dict[int, list] = {}
-        for r in latest:
-            per_stage.setdefault(r.stage, []).append(r)
         rounds = [
             pb.RoundStatus(
                 stage=r.stage,
@@ -421,8 +417,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 diverged=list(r.diverged),
                 reasons=list(r.reasons),
             )
-            for stage_rounds in per_stage.values()
-            for r in stage_rounds[-STATUS_ROUNDS_PER_STAGE:]
+            for r in state.recent_rounds(STATUS_ROUNDS_PER_STAGE)
         ]
         events = [pb.Event(ago_s=now - at, reason=why) for at, why in self.core.events]
         return pb.StatusReply(

@@ -188,6 +188,12 @@ class RunState:
         number = self._index().committed.get(stage)
         return None if number is None else self.rounds[(stage, number)]
 
+    def recent_rounds(self, count: int) -> list[Round]:
+        """Up to the `count` latest rounds of each stage, by stage and number."""
+        latest = self._index().latest
+        return [r for stage in sorted(latest) for n in range(max(0, latest[stage] - count + 1), latest[stage] + 1)
+                if (r := self.rounds.get((stage, n))) is not None]
+
     def open_rounds(self) -> list[Round]:
         """The rounds not finished yet (gathering or running), by stage and number."""
         return [self.rounds[key] for key in sorted(self._index().open)]
