@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from swarm.security import CA_TTL, CERT_TTL, COORDINATOR, init_ca, issue, parse_ttl
+from swarm.security.revocation import revoke
 
 DEFAULT_DIR = "swarm-keys"
 
@@ -25,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=(f"example: swarm keys init --run-id run1 && swarm keys issue {COORDINATOR} && swarm keys issue "
                 f"alice  (then copy {DEFAULT_DIR}/ca.crt, alice.crt and alice.key to alice's --tls-dir)"),
     )
-    sub2 = p.add_subparsers(dest="keys_command", required=True, metavar="{init,issue}")
+    sub2 = p.add_subparsers(dest="keys_command", required=True, metavar="{init,issue,revoke}")
 
     init = sub2.add_parser("init", help="create the run's CA",
                            description="Create the run's CA in --dir: ca.key (0600; it signs certificates, keep it "
@@ -51,6 +52,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     iss.add_argument("--force", action="store_true", help="replace an existing certificate and key of that name")
     iss.set_defaults(run=_issue)
 
+    rev = sub2.add_parser(
+        "revoke", help="revoke a certificate (a leaked key): both planes refuse it from then on",
+        description="Add a certificate to the run's revocation list, --dir/crl.pem, signed by the CA. The "
+                    "coordinator (its --tls-dir must be this folder, or hold a copy of crl.pem) reads the list "
+                    "again within a second and refuses every call made with the certificate; it hands the "
+                    "list to the peers, which refuse the certificate on the data plane within a heartbeat. "
+                    "Issue the name again (issue --force) to give its owner a new key.")
+    rev.add_argument("name", metavar="NAME", nargs="?", help="whose certificate: NAME.crt in --dir")
+    rev.add_argument("--serial", help="the certificate's serial number in hex (`openssl x509 -noout -serial`), "
+                                      "for one whose file is not in --dir (issued by a join token, say)")
+    rev.add_argument("--dir", default=DEFAULT_DIR, help="folder of the run's CA (default: %(default)s)")
+    rev.set_defaults(run=_revoke)
+
 
 def _init(args: argparse.Namespace) -> int:
     try:
@@ -74,6 +88,18 @@ def _issue(args: argparse.Namespace) -> int:
     print(f"issued {args.name!r} for {args.ttl}: {crt} and {key} (0600)")
     where = "the coordinator's" if args.name == COORDINATOR else f"peer {args.name}'s"
     print(f"copy {folder / 'ca.crt'}, {crt.name} and {key.name} into {where} --tls-dir (never ca.key)")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    try:
+        serial = int(args.serial.removeprefix("serial=").removeprefix("0x"), 16) if args.serial else None
+        crl, revoked = revoke(args.dir, args.name, serial)
+    except (ValueError, OSError) as e:
+        return _fail(e)
+    who = f"{args.name}'s certificate" if args.name else "the certificate"
+    print(f"revoked {who} (serial {revoked:x}) in {crl}; a coordinator whose --tls-dir holds it refuses it within "
+          "a second, its peers within a heartbeat")
     return 0
 
 

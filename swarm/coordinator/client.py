@@ -209,8 +209,11 @@ class CoordinatorClient:
         )
         return await self._call("Join", request)
 
-    async def heartbeat(self, progress: pb.Progress | None = None) -> pb.HeartbeatReply:
-        return await self._call("Heartbeat", pb.HeartbeatRequest(progress=progress, **self._ids()))
+    async def heartbeat(self, progress: pb.Progress | None = None, crl_digest: str = "") -> pb.HeartbeatReply:
+        """Renew the lease; `crl_digest`: the revocation list this peer holds (the reply carries the list when
+        it is another)."""
+        return await self._call("Heartbeat", pb.HeartbeatRequest(progress=progress, crl_digest=crl_digest,
+                                                                 **self._ids()))
 
     async def leave(self, reason: str, retry_for_s: float | None = None) -> None:
         """Leave the run; leaving twice (or after expiry) is not an error.

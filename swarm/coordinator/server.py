@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,8 +17,9 @@ from swarm.coordinator.core import Coordinator
 from swarm.coordinator.service import CoordinatorService, EnrollmentService
 from swarm.coordinator.store import Store
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
-from swarm.security import COORDINATOR, CredentialError, Identity, load_identity
+from swarm.security import COORDINATOR, CredentialError, Identity, load_identity, revocation
 from swarm.security.issuer import Issuer
+from swarm.security.revocation import CRL_FILE, Watch
 from swarm.security.tls import server_credentials
 from swarm.utils import is_loopback
 
@@ -68,7 +70,9 @@ async def start(config: CoordinatorConfig, store: Store, host: str, port: int,
             ("grpc.server.max_pending_requests_hard_limit", 100_000),
         ]
     )
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(core, authenticate=identity is not None), server)
+    revocations = Watch(config.tls_dir, identity.ca_pem) if identity is not None and config.tls_dir else None
+    pb_grpc.add_CoordinatorServicer_to_server(
+        CoordinatorService(core, authenticate=identity is not None, revocations=revocations), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{_bracket(host)}:{port}"
@@ -122,7 +126,7 @@ def preflight(config: CoordinatorConfig, host: str) -> Identity | None:
     Raises:
         ValueError: `host` is not loopback and neither `config.tls_dir` nor `config.insecure` is set; or the
             TLS folder's files are missing or unusable (a `swarm.security.CredentialError` that says what to do),
-            ca.key among them when `config.enroll_port` is set.
+            ca.key among them when `config.enroll_port` is set, and crl.pem when it is there.
     """
     if config.tls_dir is None and not config.insecure and not is_loopback(host):
         raise ValueError(
@@ -130,6 +134,8 @@ def preflight(config: CoordinatorConfig, host: str) -> Identity | None:
             "leave or commit as any peer; give --tls-dir DIR (see `swarm keys --help`), or --insecure on a "
             "trusted network")
     identity = load_identity(config.tls_dir, COORDINATOR, run_id=config.run_id) if config.tls_dir else None
+    if identity is not None and (crl := Path(config.tls_dir) / CRL_FILE).exists():
+        revocation.load(crl.read_bytes(), identity.ca_pem, crl)  # not the run CA's list: say so before serving
     if config.tls_dir and config.enroll_port is not None:
         try:
             Issuer.load(config.tls_dir, run_id=config.run_id)

@@ -50,6 +50,8 @@ from swarm.coordinator.state import Capabilities, Member, Progress
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from swarm.security.issuer import InvalidToken, Issuer, TokenRefused
+from swarm.security.revocation import NONE as NO_REVOCATIONS
+from swarm.security.revocation import Revocations, Watch, serial_of
 from swarm.security.tls import caller_name
 
 log = logging.getLogger("swarm.coordinator")
@@ -84,7 +86,7 @@ def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]
     @functools.wraps(handler)
     async def wrapper(self: CoordinatorService, request: Any, context: grpc.aio.ServicerContext) -> R:
         # Before the handler: a refused request must change nothing, not even a lease.
-        if self.authenticate and (refusal := _refusal(request, context)) is not None:
+        if self.authenticate and (refusal := _refusal(request, context, self.revoked())) is not None:
             log.warning("refused %s: %s", handler.__name__, refusal[1])
             await context.abort(*refusal)
         caller = getattr(request, "peer_id", None) or _address(context)
@@ -101,13 +103,18 @@ def _mapped(handler: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]
     return wrapper
 
 
-def _refusal(request: Any, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str] | None:
-    """Why an authenticated caller may not make `request` (None: it may). A request that names a peer
-    (every one but GetStatus) may name only the peer of the caller's certificate."""
+def _refusal(request: Any, context: grpc.aio.ServicerContext,
+             revoked: Revocations) -> tuple[grpc.StatusCode, str] | None:
+    """Why an authenticated caller may not make `request` (None: it may). A revoked certificate may make none;
+    a request that names a peer (every one but GetStatus) may name only the peer of the caller's certificate."""
+    auth = context.auth_context()
     claimed = getattr(request, "peer_id", None)
+    if revoked.serials and (pem := auth.get("x509_pem_cert")) and revoked.refuses(pem[0]):
+        why = f"the certificate of {caller_name(auth)!r} is revoked (the run's crl.pem); {claimed or 'GetStatus'} refused"
+        return grpc.StatusCode.PERMISSION_DENIED, why
     if claimed is None:  # GetStatus: any holder of a certificate of the run may read
         return None
-    caller = caller_name(context.auth_context())
+    caller = caller_name(auth)
     if caller is None:
         return grpc.StatusCode.UNAUTHENTICATED, f"no certificate name on this connection; peer {claimed!r} refused"
     if caller != claimed:
@@ -175,17 +182,29 @@ def _progress_to_pb(p: Progress) -> pb.Progress:
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """Serves the Coordinator service of protos/swarm/v1/coordinator.proto."""
 
-    def __init__(self, core: Coordinator, *, authenticate: bool = False) -> None:
+    def __init__(self, core: Coordinator, *, authenticate: bool = False, revocations: Watch | None = None) -> None:
         """Args:
             core: the coordinator the requests go to.
             authenticate: callers come over mutual TLS; each may act only as its certificate's name.
+            revocations: the run's crl.pem: its certificates are refused, and peers are handed the list.
         """
         self.core = core
         self.authenticate = authenticate
+        self.revocations = revocations
         self.limiter = RateLimiter(core.config.rpc_rate_per_s, core.config.rpc_burst, time.monotonic)
         self._members_pb: dict[tuple[int, int, int], tuple[list[pb.Member], str]] = {}
         self._rosters = Rosters()
         self._started: dict[tuple[int, int, int], tuple[float, pb.RendezvousReply]] = {}
+
+    def revoked(self) -> Revocations:
+        """The revocation list now (re-read when crl.pem changed)."""
+        if self.revocations is None:
+            return NO_REVOCATIONS
+        before = self.revocations.error
+        current = self.revocations.refresh()
+        if self.revocations.error and self.revocations.error != before:
+            log.error("%s; the previous list stays in force", self.revocations.error)
+        return current
 
     def _attempt_pb(self, stage: int, number: int, a: views.AttemptView | None) -> pb.Attempt | None:
         # Every member of an attempt gets the same member list: encode it once per attempt, not once
@@ -273,6 +292,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             address=state.members[request.peer_id].address,
             reachable=state.members[request.peer_id].reachable,
             relay=cfg.relay,
+            crl_pem=self.revoked().pem,
             recover=recover,
             neighbours=[_member_to_pb(m) for s in (stage - 1, stage + 1) if 0 <= s
                         for m in sorted(state.stage_members(s), key=lambda m: m.peer_id)[:1]] if stage in lost_before else [],
@@ -286,8 +306,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.core.handle(Heartbeat(request.run_id, request.peer_id, request.incarnation, progress))
         target = move_to(self.core.state, self.core.config, request.peer_id)
         interval, lease = self.core.config.pace(len(self.core.state.members))
+        crl = self.revoked()
+        changed = request.crl_digest != crl.digest
         return pb.HeartbeatReply(lease_expires_in_s=lease, heartbeat_interval_s=interval, move=target is not None,
-                                 move_to_stage=target or 0)
+                                 move_to_stage=target or 0, crl_changed=changed, crl_pem=crl.pem if changed else b"")
 
     @_mapped
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
@@ -460,4 +482,6 @@ class EnrollmentService(pb_grpc.EnrollmentServicer):
             log.warning("enrollment of %r refused: %s", request.peer_id, e)
             await context.abort(code, str(e))
             raise AssertionError("unreachable") from e
+        log.info("enrolled %r: certificate serial %x (`swarm keys revoke --serial` stops it)", request.peer_id,
+                 serial_of(cert_pem))
         return pb.EnrollReply(cert_pem=cert_pem, ca_pem=self.issuer.ca_pem, run_id=self.issuer.run_id)

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -29,6 +30,7 @@ from swarm.metrics import Metric, MetricsServer
 from swarm.peer.attempts import fault_tolerant_allreduce
 from swarm.peer.state import PeerReport, RoundState, StateLost, SyncResult
 from swarm.proto.v1 import coordinator_pb2 as pb
+from swarm.security import CredentialError, revocation
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
 
@@ -238,6 +240,7 @@ class Peer:
         self._heartbeat_s = _interval(reply.heartbeat_interval_s, self._heartbeat_s)
         self.round = int(reply.next_round)
         self.run_committed = int(reply.last_committed_round) if reply.has_committed else -1
+        self._revocations(reply.crl_pem)
         self._joined = reply
         log.info("joined run %r as %r: stage %d, next round %d", self.config.client.run_id,
                  self.config.client.peer_id, self.stage, self.round)
@@ -254,14 +257,31 @@ class Peer:
                     progress.has_checkpoint, progress.checkpoint_round = True, self.checkpoint_round
                 if self.endpoint is not None:  # the coordinator sizes this peer's parts by it
                     progress.upload_bytes_per_s = self.endpoint.upload.rate
-                reply = await self.client.heartbeat(progress)
+                held = self.endpoint.revocations.digest if self.endpoint is not None else ""
+                reply = await self.client.heartbeat(progress, held)
                 self._heartbeat_s = _interval(reply.heartbeat_interval_s, self._heartbeat_s)
+                if reply.crl_changed:
+                    self._revocations(reply.crl_pem)
                 if reply.move and self.move_to is None:
                     log.warning("the coordinator moves this peer to stage %d (rebalancing)", reply.move_to_stage)
                     self.move_to = int(reply.move_to_stage)
             except CoordinatorCallError as e:
                 log.warning("heartbeat failed: %s", e)
                 self.report.errors.append(str(e))
+
+    def _revocations(self, pem: bytes) -> None:
+        """Enforce the run's revocation list on this peer's data plane, once its CA's signature is checked."""
+        tls, ep = self.config.transport.tls, self.endpoint
+        if tls is None or ep is None:
+            return
+        try:
+            ep.revocations = revocation.load(pem, Path(tls.ca).read_bytes(), "the coordinator's revocation list") \
+                if pem else revocation.NONE
+        except (CredentialError, OSError) as e:
+            log.error("%s; the previous list stays in force", e)
+            return
+        if ep.revocations.serials:
+            log.info("the run revoked %d certificate(s): refused on this data plane", len(ep.revocations.serials))
 
     # --------------------------------------------------------------- rounds
 

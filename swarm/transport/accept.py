@@ -70,6 +70,8 @@ async def serve_connection(ep: Endpoint, sock: socket.socket, host: str, where: 
                 conn = TlsLink(sock, ep._tls[0], server_side=True)
                 await conn.handshake()
                 named = conn.peer_name or ""
+                if ep.revoked(conn):
+                    raise FrameError(f"its certificate ({named!r}) is revoked (the run's crl.pem)")
             hello = await ep.read_header(conn)
         if hello is None:
             return
@@ -98,6 +100,8 @@ async def serve_connection(ep: Endpoint, sock: socket.socket, host: str, where: 
         while h is not None:
             if h.sender != sender:
                 raise FrameError(f"frame claims sender {h.sender!r} on {sender!r}'s connection")
+            if ep.revoked(conn):  # (revoked since the handshake: the connection goes now)
+                raise FrameError(f"its certificate ({sender!r}) was revoked (the run's crl.pem)")
             await ep._read_payload(conn, h)
             h = await ep.read_header(conn, ep.config.idle_timeout_s)
     except Idle:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from swarm.security.revocation import NONE as NO_REVOCATIONS
+from swarm.security.revocation import Revocations
 from swarm.transport import accept, messages, reversal
 from swarm.transport.config import TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector
@@ -90,6 +92,8 @@ class Endpoint:
         """When each pooled outgoing connection last carried a frame (loop time)."""
         self._tls = config.tls.contexts() if config.tls is not None else None
         """(server, client) TLS contexts, when the data plane runs over TLS."""
+        self.revocations: Revocations = NO_REVOCATIONS
+        """Certificates refused on this data plane (the run's crl.pem, as the coordinator hands it out)."""
         self.dials_out = False
         """Others cannot dial this peer (behind NAT): it dials them and both send on that (reversal.py)."""
         self._dialed_in = asyncio.Event()
@@ -185,6 +189,10 @@ class Endpoint:
             box.pending_bytes += nbytes
             box.pending_by[sender] = box.pending_by.get(sender, 0) + nbytes
         return self.buffer(nbytes, np.uint8)
+
+    def revoked(self, link: Link) -> bool:
+        """Whether `link`'s other side shows a revoked certificate (checked at the handshake and at every frame)."""
+        return link.peer_cert is not None and self.revocations.refuses(link.peer_cert)
 
     def set_horizon(self, round: int) -> None:
         """This peer takes part in `round` next: early data is accepted for it and the round after only,
@@ -360,6 +368,8 @@ class Endpoint:
                     await link.handshake()
                     if link.peer_name != peer:  # a certificate of the run, but not of the peer we dial
                         raise ConnectionError(f"its certificate is {link.peer_name!r}'s")
+                    if self.revoked(link):
+                        raise ConnectionError(f"its certificate ({peer!r}) is revoked (the run's crl.pem)")
                 await link.send(encode_header(Header(kind="hello", run=self.run_id, sender=self.peer_id,
                                                      tag=reversal.DUPLEX if duplex else "")))
         except (OSError, TimeoutError, ConnectionError) as e:

@@ -66,6 +66,8 @@ class Link:
 
     peer_name: str | None = None
     """The other side's certificate name (None: plain TCP, no certificate)."""
+    peer_cert: bytes | None = None
+    """The other side's certificate, DER (None: plain TCP)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -116,6 +118,7 @@ class TlsLink(Link):
         cert = self._tls.getpeercert() or {}
         names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
         self.peer_name = names[0] if names else ""
+        self.peer_cert = self._tls.getpeercert(binary_form=True) or b""
 
     async def send(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")

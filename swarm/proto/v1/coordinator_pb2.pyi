@@ -116,7 +116,7 @@ class JoinRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., address: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., stage: _Optional[int] = ..., incarnation: _Optional[str] = ..., any_stage: _Optional[bool] = ..., no_inbound: _Optional[bool] = ..., state_hash: _Optional[str] = ..., shard_auto: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable", "relay", "state_lost", "shard_index", "shard_count", "declare_norms")
+    __slots__ = ("lease_s", "heartbeat_interval_s", "next_round", "has_committed", "last_committed_round", "last_committed_hash", "reason", "donor", "stage", "recover", "neighbours", "stages", "address", "reachable", "relay", "state_lost", "shard_index", "shard_count", "declare_norms", "crl_pem")
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     NEXT_ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class JoinReply(_message.Message):
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     DECLARE_NORMS_FIELD_NUMBER: _ClassVar[int]
+    CRL_PEM_FIELD_NUMBER: _ClassVar[int]
     lease_s: float
     heartbeat_interval_s: float
     next_round: int
@@ -155,31 +156,38 @@ class JoinReply(_message.Message):
     shard_index: int
     shard_count: int
     declare_norms: bool
-    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., relay: _Optional[str] = ..., state_lost: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., declare_norms: _Optional[bool] = ...) -> None: ...
+    crl_pem: bytes
+    def __init__(self, lease_s: _Optional[float] = ..., heartbeat_interval_s: _Optional[float] = ..., next_round: _Optional[int] = ..., has_committed: _Optional[bool] = ..., last_committed_round: _Optional[int] = ..., last_committed_hash: _Optional[str] = ..., reason: _Optional[str] = ..., donor: _Optional[_Union[Member, _Mapping]] = ..., stage: _Optional[int] = ..., recover: _Optional[bool] = ..., neighbours: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., stages: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., relay: _Optional[str] = ..., state_lost: _Optional[bool] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., declare_norms: _Optional[bool] = ..., crl_pem: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "progress")
+    __slots__ = ("run_id", "peer_id", "incarnation", "progress", "crl_digest")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    CRL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
     progress: Progress
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    crl_digest: str
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., crl_digest: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("lease_expires_in_s", "move", "move_to_stage", "heartbeat_interval_s")
+    __slots__ = ("lease_expires_in_s", "move", "move_to_stage", "heartbeat_interval_s", "crl_pem", "crl_changed")
     LEASE_EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
     MOVE_TO_STAGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    CRL_PEM_FIELD_NUMBER: _ClassVar[int]
+    CRL_CHANGED_FIELD_NUMBER: _ClassVar[int]
     lease_expires_in_s: float
     move: bool
     move_to_stage: int
     heartbeat_interval_s: float
-    def __init__(self, lease_expires_in_s: _Optional[float] = ..., move: _Optional[bool] = ..., move_to_stage: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    crl_pem: bytes
+    crl_changed: bool
+    def __init__(self, lease_expires_in_s: _Optional[float] = ..., move: _Optional[bool] = ..., move_to_stage: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., crl_pem: _Optional[bytes] = ..., crl_changed: _Optional[bool] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("run_id", "peer_id", "incarnation", "reason")
