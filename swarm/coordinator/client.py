@@ -230,11 +230,13 @@ class CoordinatorClient:
                 raise
 
     async def rendezvous(self, stage: int, round: int, wait_s: float = 10.0, state_hash: str = "",
-                         norm: float | None = None) -> pb.RendezvousReply:
+                         norm: float | None = None, payload_bytes: int = 0) -> pb.RendezvousReply:
         """Arrive at the barrier of `round` holding the state `state_hash`, bringing a contribution of L2 norm
-        `norm` (None: not declared); the reply may be WAITING (call again)."""
+        `norm` (None: not declared) whose all-reduce sends at most `payload_bytes` (0: not said); the reply may be
+        WAITING (call again)."""
         request = pb.RendezvousRequest(stage=stage, round=round, wait_s=wait_s, state_hash=state_hash,
-                                       contribution_norm=norm, known_roster=self._roster.digest, **self._ids())
+                                       contribution_norm=norm, known_roster=self._roster.digest,
+                                       payload_bytes=payload_bytes, **self._ids())
         reply = await self._call("Rendezvous", request, extra_s=wait_s)
         if reply.outcome == pb.RendezvousReply.STARTED and reply.HasField("attempt"):
             try:

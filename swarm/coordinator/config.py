@@ -37,7 +37,11 @@ class CoordinatorConfig:
     rendezvous_timeout_s: float = 30.0
     """A round's barrier closes this long after it opened even if live members are missing."""
     attempt_timeout_s: float = 120.0
-    """An attempt must commit within this long; then the round ends with whoever committed."""
+    """An attempt must commit within this long, plus the time the largest payload its members declared needs at
+    10 Mbit/s, twice over (`rounds.attempt_time_s`); then the round ends with whoever committed."""
+    max_payload_bytes: int = 1 << 40
+    """The largest all-reduce payload a member may declare (1 TiB): bounds how far a declaration stretches an
+    attempt's deadline."""
     min_peers: int = 1
     """A round does not start with fewer arrived peers than this."""
     quorum: float = 1.0

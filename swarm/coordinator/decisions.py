@@ -93,6 +93,7 @@ class Arrive:
     """The hash of the state the peer holds ("": not checked); one `behind` the run does not arrive."""
     norm: float | None = None
     """The L2 norm of the contribution it brings (None: not declared), for robust aggregation."""
+    payload_bytes: int = 0  # the most bytes its all-reduce sends (0: not said): see `rounds.attempt_time_s`
 
 
 @dataclass(frozen=True, slots=True)
@@ -414,6 +415,8 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
         )
     if ev.norm is not None and not (math.isfinite(ev.norm) and ev.norm >= 0):
         raise InvalidRequest(f"contribution_norm must be a finite number >= 0, got {ev.norm!r}")
+    if not 0 <= ev.payload_bytes <= config.max_payload_bytes:
+        raise InvalidRequest(f"payload_bytes must be 0..{config.max_payload_bytes}, got {ev.payload_bytes}")
     if behind(state, ev.stage, ev.peer_id, ev.state_hash) is not None:
         return NO_CHANGE  # its view says MISSED: resync from a holder of the committed state first
     declared = ((ev.peer_id, ev.norm),) if ev.norm is not None else ()
@@ -427,13 +430,15 @@ def _arrive(state: RunState, now: float, ev: Arrive, config: CoordinatorConfig) 
             opened_at=now,
             arrived=(ev.peer_id,),
             norms=declared,
+            payload_bytes=ev.payload_bytes,
             barrier_deadline=None if prev_open else now + config.rendezvous_timeout_s,
         )
         changed = settle_rounds(state, now, [rnd], config)
     elif rnd is not None and rnd.phase == "gathering":
         if ev.peer_id not in rnd.arrived:
             norms = tuple(x for x in rnd.norms if x[0] != ev.peer_id) + declared  # (one that left and came back)
-            rnd = replace(rnd, arrived=rnd.arrived + (ev.peer_id,), norms=norms)
+            rnd = replace(rnd, arrived=rnd.arrived + (ev.peer_id,), norms=norms,
+                          payload_bytes=max(rnd.payload_bytes, ev.payload_bytes))
         changed = settle_rounds(state, now, [rnd], config)
     else:
         return NO_CHANGE  # started, finished or forgotten: the view tells the caller

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
+from swarm.allreduce.reduce import transfer_allowance_s
 from swarm.allreduce.robust import OVER_DECLARED, QUARANTINED, out_of_bound
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.state import NO_CHANGE, Decision, Member, Round, RunState
@@ -43,7 +44,7 @@ def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, 
         accusations=(),
         directions=(),
         first_report_at=0.0,
-        attempt_deadline=now + config.attempt_timeout_s,
+        attempt_deadline=now + attempt_time_s(rnd, config),
         reasons=rnd.reasons + (f"attempt {number} with {len(survivors)} members: attempt {rnd.attempt} {why}",),
     )
 
@@ -77,6 +78,12 @@ def _share(report: tuple[str, tuple[float, ...], float, bool], i: int, norm: flo
     """Member i's dot product in `report`, clamped to what its declared `norm` and the report's mean allow."""
     bound = norm * math.sqrt(report[2]) * 1.001
     return max(-bound, min(bound, report[1][i]))
+
+
+def attempt_time_s(rnd: Round, config: CoordinatorConfig) -> float:
+    """How long an attempt of `rnd` may take: attempt_timeout_s, plus the time the largest payload a member
+    declared needs on the slowest link allowed for (a backstop: members report a stalled member sooner)."""
+    return config.attempt_timeout_s + transfer_allowance_s(rnd.payload_bytes)
 
 
 def _abort(rnd: Round, now: float, why: str) -> Round:
@@ -173,7 +180,7 @@ def _maybe_start(rnd: Round, now: float, live: AbstractSet[str], config: Coordin
         attempt=1,
         members=members,
         aggregate=config.aggregate,
-        attempt_deadline=now + config.attempt_timeout_s,
+        attempt_deadline=now + attempt_time_s(rnd, config),
         reasons=rnd.reasons + (f"attempt 1 with {len(members)} members: {why}",),
     )
 

@@ -320,7 +320,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Rendezvous(self, request: pb.RendezvousRequest, context: grpc.aio.ServicerContext) -> pb.RendezvousReply:
         norm = request.contribution_norm if request.HasField("contribution_norm") else None
         self.core.handle(Arrive(request.run_id, request.peer_id, request.incarnation, request.stage, request.round,
-                                request.state_hash, norm))
+                                request.state_hash, norm, request.payload_bytes))
         view = await self._hold(request, context, lambda: self._cached_start(request) or views.rendezvous(
             self.core.state, self.core.clock(), request.peer_id, request.stage, request.round, request.state_hash))
         if isinstance(view, pb.RendezvousReply):

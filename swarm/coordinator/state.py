@@ -112,6 +112,8 @@ class Round:
     quorum_at: float = 0.0
     """When the quorum of live members had arrived (0: not yet); the barrier deadline then moved to the end of
     its grace."""
+    payload_bytes: int = 0
+    """The most bytes a member said its all-reduce sends (0: none said); each attempt's deadline allows for it."""
     checkpointed_by: tuple[str, ...] = ()
     """Peers that said they hold this committed round's state on disk (a peer restarted with it can resume
     the run when no live member holds a newer state)."""

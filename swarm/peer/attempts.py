@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
+from swarm.allreduce.reduce import payload_bound, transfer_allowance_s
 from swarm.allreduce.robust import Directions, Rule
 from swarm.compression import Contribution
 from swarm.coordinator.client import CoordinatorCallError, CoordinatorClient
@@ -74,7 +75,8 @@ async def fault_tolerant_allreduce(
     """All-reduce `contribution` in `round`, starting with `attempt`, moving on past failed members.
 
     Args:
-        timeout_s: cap on each attempt (the coordinator's deadline may be shorter).
+        timeout_s: cap on each attempt, plus the time its payload needs at the slowest member's measured upload
+            rate (`transfer_allowance_s`); the coordinator's deadline may be shorter.
         relay: the run's stand-alone relay, if the coordinator names one.
     Returns:
         The outcome; `mean` is set only when status is "done".
@@ -87,7 +89,9 @@ async def fault_tolerant_allreduce(
         if endpoint.peer_id not in (m.peer_id for m in members):
             return AllReduceResult("excluded", attempt, None, failures)
         try:
-            limit = min(timeout_s, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else timeout_s
+            slowest = min((m.bandwidth for m in members if m.bandwidth > 0), default=0.0)
+            own = timeout_s + transfer_allowance_s(payload_bound(contribution.codec, contribution.numel), slowest)
+            limit = min(own, attempt.deadline_in_s) if attempt.deadline_in_s > 0 else own
             others = [(m.peer_id, m.address) for m in members if m.peer_id != endpoint.peer_id]
             await endpoint.reach_out(others, relay_for(members, relay))
             directions = Directions.of(len(members)) if attempt.norms else None

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import torch
 
+from swarm.allreduce.reduce import payload_bound
 from swarm.compression import CodecConfig, Contribution
 from swarm.coordinator.client import ClientConfig, CoordinatorCallError, CoordinatorClient
 from swarm.metrics import Metric, MetricsServer
@@ -68,7 +69,8 @@ class PeerConfig:
     faults: FaultInjector = NO_FAULTS
     """Fault-injection seam of the data plane (tests and the chaos script)."""
     allreduce_timeout_s: float = 60.0
-    """Cap on one all-reduce attempt."""
+    """Cap on one all-reduce attempt, plus twice the time its payload needs at the slowest member's measured upload
+    rate, counted as at least 10 Mbit/s (`swarm.allreduce.reduce.transfer_allowance_s`)."""
     state_timeout_s: float = 300.0
     """Cap on one state download from a donor."""
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -315,13 +317,14 @@ class Peer:
         # (joined while a round ran, a resync failed) is told MISSED and resyncs before it takes part.
         declare = contribution is not None and self._joined is not None and self._joined.declare_norms
         norm = await asyncio.to_thread(contribution.norm) if declare else None  # (an encode more: only when asked)
-        reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm)
+        payload = payload_bound(contribution.codec, contribution.numel) if contribution is not None else 0
+        reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm, payload)
         while reply.outcome == Rdv.WAITING:
             if reply.has_committed:
                 self.run_committed = max(self.run_committed, int(reply.last_committed_round))
             if self.final_round is not None and self.run_committed >= self.final_round:
                 return SyncResult("kept", round_, reason=f"the run committed round {self.run_committed}, its last")
-            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm)
+            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm, payload)
         if reply.outcome == Rdv.MISSED:
             rep.missed += 1
             self.round = int(reply.next_round)

@@ -208,7 +208,7 @@ class LeaveReply(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RendezvousRequest(_message.Message):
-    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash", "contribution_norm", "known_roster")
+    __slots__ = ("run_id", "peer_id", "incarnation", "stage", "round", "wait_s", "state_hash", "contribution_norm", "known_roster", "payload_bytes")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class RendezvousRequest(_message.Message):
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_NORM_FIELD_NUMBER: _ClassVar[int]
     KNOWN_ROSTER_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     peer_id: str
     incarnation: str
@@ -227,7 +228,8 @@ class RendezvousRequest(_message.Message):
     state_hash: str
     contribution_norm: float
     known_roster: str
-    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ..., contribution_norm: _Optional[float] = ..., known_roster: _Optional[str] = ...) -> None: ...
+    payload_bytes: int
+    def __init__(self, run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., incarnation: _Optional[str] = ..., stage: _Optional[int] = ..., round: _Optional[int] = ..., wait_s: _Optional[float] = ..., state_hash: _Optional[str] = ..., contribution_norm: _Optional[float] = ..., known_roster: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class RendezvousReply(_message.Message):
     __slots__ = ("outcome", "attempt", "next_round", "reason", "donor", "has_committed", "last_committed_round", "last_committed_hash", "refused")
