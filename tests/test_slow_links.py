@@ -6,17 +6,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
-from swarm.allreduce.reduce import MIN_LINK_BYTES_PER_S, payload_bound, transfer_allowance_s
+from swarm.allreduce.reduce import payload_bound
 from swarm.compression import CodecConfig, make_codec
 from swarm.coordinator.client import ClientConfig
 from swarm.coordinator.decisions import Arrive
 from swarm.coordinator.errors import InvalidRequest
 from swarm.peer import Peer, PeerConfig
 from swarm.peers.daemon import ProtocolTaskConfig, run_test_task
+from swarm.transport.endpoint import Endpoint, TransportConfig
 from swarm.transport.faults import FaultInjector, FaultRule
+from swarm.transport.messages import send_message
+from swarm.transport.meter import MIN_LINK_BYTES_PER_S, transfer_allowance_s
 from tests.test_decisions import ATTEMPT_S, CFG, RUN, Sim, inc
 
 
@@ -57,7 +62,8 @@ async def test_an_allreduce_slower_than_the_fixed_timeout_commits_on_a_slow_link
     # Every contribution frame B receives is held 0.8 s, as on a slow link: far longer than the peers'
     # allreduce_timeout_s of 0.3 s, within the time their payload bound (800 kB) needs at 10 Mbit/s twice over
     # (1.28 s). Frames of 200 kB are too small for the upload meter: the links stay unmeasured, the floor counts.
-    server = await server_factory(lease_s=10.0, heartbeat_interval_s=0.2, attempt_timeout_s=0.3)
+    server = await server_factory(lease_s=10.0, heartbeat_interval_s=0.2, attempt_timeout_s=0.3, min_peers=2,
+                                  rendezvous_timeout_s=30.0)  # (a round waits for the slow peer)
     slow = FaultInjector([FaultRule(point="recv.contrib", action="delay", delay_s=0.8, times=0)])
     peers = [Peer(PeerConfig(client=ClientConfig(target=f"127.0.0.1:{server.port}", run_id=server.core.config.run_id,
                                                  peer_id=name), address="127.0.0.1:0", allreduce_timeout_s=0.3,
@@ -69,3 +75,37 @@ async def test_an_allreduce_slower_than_the_fixed_timeout_commits_on_a_slow_link
     for report in reports:
         assert report.rounds_committed == 3 and not report.failures_seen and report.aborted == 0, report
     assert reports[0].state_hash == reports[1].state_hash
+
+
+async def test_a_state_download_longer_than_its_cap_completes_when_the_state_is_that_large() -> None:
+    # A donor on a slow link: 1 MB of state in 256 kB chunks, 0.25 s apart (about 1 s in all), against a 0.5 s
+    # cap. Once the description says 1 MB, the cap grows by the time 1 MB needs at 10 Mbit/s, twice over (1.6 s).
+    theta = np.arange(1 << 18, dtype=np.float32)
+
+    async def donor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        class Slow:
+            async def send(self, data: bytes | memoryview) -> None:
+                if len(data) > 1024:
+                    await asyncio.sleep(0.25)
+                writer.write(bytes(data))
+                await writer.drain()
+
+        await reader.read(1)  # (the joiner's hello and state request follow; their content is not the point)
+        ep = SimpleNamespace(run_id=RUN, peer_id="D", bytes_sent=0,
+                             config=SimpleNamespace(chunk_bytes=256 << 10, io_timeout_s=5.0))
+        await send_message(ep, Slow(), "state", {"round": 3, "hash": "h"}, {"theta": theta})  # type: ignore[arg-type]
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(donor, "127.0.0.1", 0)
+    joiner = Endpoint("J", RUN, TransportConfig(io_timeout_s=5.0))
+    await joiner.start()
+    try:
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        started = asyncio.get_running_loop().time()
+        snap = await joiner.fetch_state("D", address, timeout_s=0.5)
+        assert np.array_equal(snap.arrays["theta"], theta) and snap.meta["round"] == 3
+        assert asyncio.get_running_loop().time() - started > 0.5  # it did need more than the plain cap
+    finally:
+        await joiner.close()
+        server.close()

@@ -24,23 +24,10 @@ ALIGN_ELEMENTS = 64
 """Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
 MAX_SHARE = 4.0
 """A member's bandwidth weighs at most this many times the median member's in the part split."""
-MIN_LINK_BYTES_PER_S = 1.25e6
-"""The slowest link an all-reduce allows time for (10 Mbit/s): a fixed deadline would abort every round of a
-model whose payload takes longer than it to cross a home link."""
-TRANSFER_MARGIN = 2.0
-
-
 def payload_bound(codec: Codec, numel: int) -> int:
     """The most bytes one member sends in an all-reduce of `numel` elements: its contribution's payload and a
     reduced result of the same size, at the result codec's largest (any member count)."""
     return codec.payload_nbytes(numel) + codec.result_codec(1 << 20).payload_nbytes(numel)
-
-
-def transfer_allowance_s(payload_bytes: int, rate: float = 0.0) -> float:
-    """Time to add to a deadline for moving `payload_bytes` at `rate` bytes/s (the slowest member's measured upload;
-    0: not measured), twice over. A rate under MIN_LINK_BYTES_PER_S counts as that, so nobody can stretch a
-    deadline without bound by declaring a slow link."""
-    return TRANSFER_MARGIN * payload_bytes / max(rate, MIN_LINK_BYTES_PER_S)
 
 
 def partition(total: int, bandwidths: list[float], align: int = ALIGN_ELEMENTS) -> list[tuple[int, int]]:

@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import replace
 
-from swarm.allreduce.reduce import transfer_allowance_s
 from swarm.allreduce.robust import OVER_DECLARED, QUARANTINED, out_of_bound
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.state import NO_CHANGE, Decision, Member, Round, RunState
+from swarm.transport.meter import transfer_allowance_s
 
 
 def _next_attempt(rnd: Round, now: float, survivors: tuple[str, ...], why: str, config: CoordinatorConfig) -> Round:

@@ -17,12 +17,13 @@ from typing import Literal
 import torch
 
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
-from swarm.allreduce.reduce import payload_bound, transfer_allowance_s
+from swarm.allreduce.reduce import payload_bound
 from swarm.allreduce.robust import Directions, Rule
 from swarm.compression import Contribution
 from swarm.coordinator.client import CoordinatorCallError, CoordinatorClient
 from swarm.proto.v1 import coordinator_pb2 as pb
 from swarm.transport.endpoint import Endpoint, PeerFailure
+from swarm.transport.meter import transfer_allowance_s
 
 log = logging.getLogger("swarm.allreduce")
 Retry = pb.ReportFailureReply.Outcome

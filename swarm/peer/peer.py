@@ -72,7 +72,8 @@ class PeerConfig:
     """Cap on one all-reduce attempt, plus twice the time its payload needs at the slowest member's measured upload
     rate, counted as at least 10 Mbit/s (`swarm.allreduce.reduce.transfer_allowance_s`)."""
     state_timeout_s: float = 300.0
-    """Cap on one state download from a donor."""
+    """Cap on one state download from a donor, plus twice the time the state needs at 10 Mbit/s once its size is
+    known (`swarm.transport.meter.transfer_allowance_s`)."""
     codec: CodecConfig = field(default_factory=CodecConfig)
     """What the all-reduce sends on the wire (error feedback kept by the state's owner when the codec asks)."""
     wait_s: float = 10.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from swarm.transport.frames import FrameError, Header, checksum, encode_header
 from swarm.transport.inbox import PeerFailure
+from swarm.transport.meter import transfer_allowance_s
 
 if TYPE_CHECKING:
     from swarm.transport.endpoint import Endpoint
@@ -81,9 +83,10 @@ async def send_message(ep: Endpoint, conn: Link, kind: str, meta: dict[str, Any]
         ep.bytes_sent += len(payload)
 
 
-async def read_message(ep: Endpoint, sock: Link, peer: str, kind: str, limit: int,
-                       first: Header | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read one message of `kind` from `peer` (its first header already read when `first` is given).
+async def read_message(ep: Endpoint, sock: Link, peer: str, kind: str, limit: int, first: Header | None = None,
+                       sized: Callable[[int], None] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read one message of `kind` from `peer` (its first header already read when `first` is given); `sized` is
+    told the arrays' total bytes once the description is read and checked.
 
     Raises:
         FrameError: a malformed, misordered, corrupted or oversized message (over `limit` bytes
@@ -112,6 +115,8 @@ async def read_message(ep: Endpoint, sock: Link, peer: str, kind: str, limit: in
     total = sum(a.nbytes for a in arrays.values())
     if total > limit:
         raise FrameError(f"{kind} message of {total} bytes exceeds the limit of {limit}")
+    if sized is not None:
+        sized(total)
     flat = np.empty(total, dtype=np.uint8)
     got = 0
     while got < total:
@@ -163,7 +168,8 @@ async def fetch_state(ep: Endpoint, peer: str, address: str, timeout_s: float) -
     """Download `peer`'s committed state over a connection of its own.
 
     Args:
-        timeout_s: cap on the whole download (each frame is also bounded by io_timeout_s).
+        timeout_s: cap on the whole download, plus twice the time the state's size needs at 10 Mbit/s once the
+            donor said it (`meter.transfer_allowance_s`); each frame is also bounded by io_timeout_s.
     Returns:
         The donor's description (without the array list) and its arrays.
     Raises:
@@ -171,9 +177,12 @@ async def fetch_state(ep: Endpoint, peer: str, address: str, timeout_s: float) -
     """
     sock = await ep.dial(peer, address)
     try:
-        async with asyncio.timeout(timeout_s):
+        start = asyncio.get_running_loop().time()
+        async with asyncio.timeout(timeout_s) as deadline:
             await sock.send(encode_header(Header(kind="state_req", run=ep.run_id, sender=ep.peer_id)))
-            meta, arrays = await read_message(ep, sock, peer, "state", ep.config.max_state_bytes)
+            meta, arrays = await read_message(
+                ep, sock, peer, "state", ep.config.max_state_bytes,
+                sized=lambda total: deadline.reschedule(start + timeout_s + transfer_allowance_s(total)))
         if "error" in meta:
             raise PeerFailure(peer, f"no state to give: {meta['error']}")
         return StateSnapshot(meta, arrays)

@@ -52,3 +52,16 @@ class UploadMeter:
     @property
     def rate(self) -> float:
         return self._bytes / self._seconds if self._seconds > 0 else 0.0
+
+
+MIN_LINK_BYTES_PER_S = 1.25e6
+"""The slowest link an all-reduce allows time for (10 Mbit/s): a fixed deadline would abort every round of a
+model whose payload takes longer than it to cross a home link."""
+TRANSFER_MARGIN = 2.0
+
+
+def transfer_allowance_s(payload_bytes: int, rate: float = 0.0) -> float:
+    """Time to add to a deadline for moving `payload_bytes` at `rate` bytes/s (the slowest member's measured upload;
+    0: not measured), twice over. A rate under MIN_LINK_BYTES_PER_S counts as that, so nobody can stretch a
+    deadline without bound by declaring a slow link."""
+    return TRANSFER_MARGIN * payload_bytes / max(rate, MIN_LINK_BYTES_PER_S)
