@@ -91,8 +91,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the peer as `none` (see `swarm status`)")
     p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
     p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
-    p.add_argument("--allreduce-timeout-s", type=float, default=60.0, help="cap on one all-reduce attempt, plus the time its payload needs at "
-                        "the slowest member's measured upload rate (at least 10 Mbit/s), twice over (default: 60)")
+    p.add_argument("--allreduce-timeout-s", type=float, default=60.0,
+                   help="cap on one all-reduce attempt, plus the time its payload needs at the slowest member's "
+                        "measured upload rate (at least 10 Mbit/s), twice over (default: 60)")
     p.add_argument("--faults", default=os.environ.get("SWARM_FAULTS", ""),
                    help="fault-injection rules as JSON (env SWARM_FAULTS); for tests and chaos runs")
     p.add_argument("--rounds", type=int, default=10, help="stop once rounds 0..N-1 of the run are over; 0: run until stopped")

@@ -114,9 +114,9 @@ def train(config: TrainConfig, peer_config: PeerConfig, attack: str = "") -> Pee
         return dl.steps
 
     def run_finished() -> bool:
-        # (Not with an intra-host group: its other ranks follow rank 0's rounds, not this test.)
-        return (handle is not None and group is None and dl.state.round < handle.peer.run_committed
-                and (handle.peer.run_committed + 1) * dl.stride >= config.steps)
+        # (final_round is set without an intra-host group only: its other ranks follow rank 0's rounds.)
+        last = handle.peer.final_round if handle is not None else None
+        return last is not None and dl.state.round < handle.peer.run_committed and handle.peer.run_committed >= last
 
     def on_sync(result: SyncResult) -> None:
         if handle is None:

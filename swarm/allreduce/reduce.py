@@ -24,6 +24,8 @@ ALIGN_ELEMENTS = 64
 """Part boundaries fall on multiples of this many elements (cache lines, SIMD)."""
 MAX_SHARE = 4.0
 """A member's bandwidth weighs at most this many times the median member's in the part split."""
+
+
 def payload_bound(codec: Codec, numel: int) -> int:
     """The most bytes one member sends in an all-reduce of `numel` elements: its contribution's payload and a
     reduced result of the same size, at the result codec's largest (any member count)."""

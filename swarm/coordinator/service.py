@@ -198,13 +198,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def revoked(self) -> Revocations:
         """The revocation list now (re-read when crl.pem changed)."""
-        if self.revocations is None:
-            return NO_REVOCATIONS
-        before = self.revocations.error
-        current = self.revocations.refresh()
-        if self.revocations.error and self.revocations.error != before:
-            log.error("%s; the previous list stays in force", self.revocations.error)
-        return current
+        return self.revocations.refresh() if self.revocations is not None else NO_REVOCATIONS
 
     def _attempt_pb(self, stage: int, number: int, a: views.AttemptView | None) -> pb.Attempt | None:
         # Every member of an attempt gets the same member list: encode it once per attempt, not once

@@ -319,18 +319,17 @@ class Peer:
         declare = contribution is not None and self._joined is not None and self._joined.declare_norms
         norm = await asyncio.to_thread(contribution.norm) if declare else None  # (an encode more: only when asked)
         payload = payload_bound(contribution.codec, contribution.numel) if contribution is not None else 0
-        reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm, payload)
-        while reply.outcome == Rdv.WAITING:
-            if reply.has_committed:
+        while True:
+            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm, payload)
+            if reply.has_committed:  # (WAITING and MISSED replies say it)
                 self.run_committed = max(self.run_committed, int(reply.last_committed_round))
+            if reply.outcome != Rdv.WAITING:
+                break
             if self.final_round is not None and self.run_committed >= self.final_round:
                 return SyncResult("kept", round_, reason=f"the run committed round {self.run_committed}, its last")
-            reply = await self.client.rendezvous(stage, round_, cfg.wait_s, state.digest, norm, payload)
         if reply.outcome == Rdv.MISSED:
             rep.missed += 1
             self.round = int(reply.next_round)
-            if reply.has_committed:
-                self.run_committed = max(self.run_committed, int(reply.last_committed_round))
             if not reply.has_committed or reply.last_committed_hash == state.digest:
                 return SyncResult("kept", round_, reason=reply.reason)
             donor = reply.donor if reply.HasField("donor") else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from swarm.security.ca import load_signer
 from swarm.security.errors import CredentialError, ForeignCredential
 from swarm.security.files import cert_path, check_name, write_file
+
+log = logging.getLogger("swarm.security")
 
 CRL_FILE = "crl.pem"
 """In the CA's folder (the coordinator's --tls-dir): the run's certificate revocation list."""
@@ -113,7 +116,7 @@ class Watch:
 
     def __init__(self, folder: str | Path, ca_pem: bytes, every_s: float = 1.0) -> None:
         self.path, self.ca_pem, self.every_s = Path(folder) / CRL_FILE, ca_pem, every_s
-        self.current, self.error = NONE, ""
+        self.current = NONE
         self._seen: tuple[int, int] | None = None
         self._checked = -1e18
         self.refresh(force=True)
@@ -132,7 +135,7 @@ class Watch:
         if seen != self._seen:
             self._seen = seen
             try:
-                self.current, self.error = load(self.path.read_bytes(), self.ca_pem, self.path), ""
+                self.current = load(self.path.read_bytes(), self.ca_pem, self.path)
             except (CredentialError, OSError) as e:
-                self.error = str(e)
+                log.error("%s; the previous list stays in force", e)
         return self.current
