@@ -21,7 +21,7 @@ from swarm.coordinator.server import RunningServer
 from swarm.peer import Peer, PeerConfig
 from swarm.peers.daemon import HashState
 from swarm.proto.v1 import coordinator_pb2 as pb
-from swarm.security import COORDINATOR, ForeignCredential, init_ca, issue, revocation
+from swarm.security import COORDINATOR, CredentialError, ForeignCredential, init_ca, issue, revocation
 from swarm.transport.endpoint import TransportConfig
 from tests.conftest import FAST_CONFIG
 from tests.test_coordinator_tls import _refused, raw_channel, snapshot  # noqa: F401 - raw_channel: a fixture
@@ -63,6 +63,9 @@ def test_revoking_lists_each_serial_once_in_a_list_only_the_runs_ca_verifies(key
     init_ca(other, RUN)
     with pytest.raises(ForeignCredential, match="not signed by the run's CA"):
         revocation.load(crl.read_bytes(), (other / "ca.crt").read_bytes())
+    for garbage in (b"", b"garbage", b"-----BEGIN X509 CRL-----\n" + b"A" * 10_000 + b"\n-----END X509 CRL-----\n"):
+        with pytest.raises(CredentialError, match="is not a certificate revocation list"):
+            revocation.load(garbage, (keys / "ca.crt").read_bytes(), "the coordinator's list")
     with pytest.raises(ValueError, match="does not exist"):
         revocation.revoke(keys, "nobody")
     with pytest.raises(ValueError, match="NAME"):
