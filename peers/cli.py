@@ -28,7 +28,7 @@ from swarm.training import FLAGS as TRAINING_FLAGS
 from swarm.training import TrainingConfig
 from swarm.transport.endpoint import TransportConfig
 from swarm.transport.faults import FaultInjector
-from swarm.transport.links import TlsFiles
+from swarm.transport.links import CONGESTION, TlsFiles
 from swarm.utils import check_device, exit_after_distributed, run_async
 
 
@@ -91,6 +91,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the peer as `none` (see `swarm status`)")
     p.add_argument("--connections", type=int, default=1, help="parallel data-plane connections per peer pair")
     p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
+    p.add_argument("--tcp-congestion", default=CONGESTION, metavar="NAME",
+                   help="TCP congestion control of the data plane's connections, e.g. cubic or bbr; '' keeps the "
+                        "system's (default: %(default)s: when some flows of an all-reduce end, it gives their "
+                        "bandwidth to the rest within a few round trips)")
     p.add_argument("--allreduce-timeout-s", type=float, default=60.0,
                    help="cap on one all-reduce attempt, plus the time its payload needs at the slowest member's "
                         "measured upload rate (at least 10 Mbit/s), twice over (default: 60)")
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             codec=codec,
             transport=TransportConfig(host=args.data_host, port=args.data_port, **_advertised(args.advertise),
                                       connections_per_peer=args.connections,
-                                      chunk_bytes=args.chunk_bytes,
+                                      chunk_bytes=args.chunk_bytes, congestion_control=args.tcp_congestion,
                                       tls=TlsFiles.in_folder(args.tls_dir, peer_id) if args.tls_dir else None),
             faults=FaultInjector.from_json(args.faults),
             allreduce_timeout_s=args.allreduce_timeout_s,

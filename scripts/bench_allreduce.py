@@ -31,7 +31,11 @@ per round / (link rate x round time), payload bytes for swarm
 both. `--lab-delay-ms D` (and `--lab-jitter-ms J`) makes the one-way latency
 between any two hosts D ms (± J): each host's link holds frames D/2 ms each
 way (a TAP wire, scripts/lablink.py), so the RTT is 2 D; the measured RTT is
-reported (`lab_rtt_ms`).
+reported (`lab_rtt_ms`). `--lab-slowdown K` runs that network K times slower
+(rate / K; latency, jitter and the tbf bucket and queue x K): the same bytes in
+flight, the same latency per byte, every time stretched by K, for a machine
+whose cores cannot move the lab's bytes at full rate (the wires are userspace
+processes). `--tcp-congestion` sets the swarm workers' congestion control.
 
 With `--vs-hivemind` a third phase follows: hivemind 1.1.12's DecentralizedAverager on the same tensors.
 hivemind's pins conflict with swarm's, so it runs in its own venv (scripts/setup_hivemind_venv.sh makes
@@ -79,8 +83,9 @@ from typing import Any, Literal
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from wanlab import WanLab, enter_netns
+from wanlab import BURST_MS, QUEUE_MS, WanLab, enter_netns
 
+from swarm.transport.links import CONGESTION
 from swarm.utils import exit_after_distributed
 
 
@@ -110,6 +115,8 @@ class BenchConfig:
     """If set, rank 0 of the swarm phase writes a cProfile of its timed rounds here."""
     tls_dir: str = ""
     """If set, the swarm workers talk mutual TLS with the certificates there (p0, p1, ... of one run CA)."""
+    congestion: str = CONGESTION
+    """TransportConfig.congestion_control."""
 
     def __post_init__(self) -> None:
         if self.peers < 2:
@@ -180,6 +187,7 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.peers))
     x = Contribution(torch.from_numpy(_tensor(cfg, rank)), make_codec(CodecConfig()))
     tcfg = TransportConfig(host=host, connections_per_peer=cfg.connections, chunk_bytes=cfg.chunk_bytes,
+                           congestion_control=cfg.congestion,
                            io_timeout_s=cfg.round_timeout_s, idle_timeout_s=4 * cfg.round_timeout_s,
                            tls=TlsFiles.in_folder(cfg.tls_dir, f"p{rank}") if cfg.tls_dir else None)
     ep = Endpoint(f"p{rank}", "bench", tcfg)
@@ -595,6 +603,12 @@ def main() -> int:
                     help="run inside a WAN lab of --peers namespaces, egress shaped to RATE_MBIT")
     ap.add_argument("--lab-delay-ms", type=float, default=0.0, help="--lab: one-way latency between two hosts")
     ap.add_argument("--lab-jitter-ms", type=float, default=0.0, help="--lab: ± uniform jitter of that latency")
+    ap.add_argument("--lab-slowdown", type=float, default=1.0, metavar="K",
+                    help="--lab: run the same network K times slower: RATE_MBIT/K, latency and tbf queue x K (the "
+                         "same bytes in flight and the same latency per byte sent); link_utilization is against "
+                         "RATE_MBIT/K. For a machine whose cores cannot carry the lab at full rate")
+    ap.add_argument("--tcp-congestion", default=CONGESTION, metavar="NAME",
+                    help="TransportConfig.congestion_control of the swarm workers ('': the system's)")
     ap.add_argument("--lab-sysctl", action="append", default=[], metavar="KEY=VALUE",
                     help="--lab: set this sysctl in every host (e.g. net.ipv4.tcp_wmem='4096 16384 16777216')")
     ap.add_argument("--profile-dir", default="", help="write a cProfile of swarm rank 0's timed rounds here")
@@ -622,24 +636,35 @@ def main() -> int:
         tls_dir = str(Path(root) / "keys")
     cfg = BenchConfig(peers=args.peers, numel=args.numel, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                       round_timeout_s=args.round_timeout_s, connections=args.connections,
-                      chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir, tls_dir=tls_dir)
+                      chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir, tls_dir=tls_dir,
+                      congestion=args.tcp_congestion)
+    if args.lab_slowdown <= 0:
+        ap.error("--lab-slowdown must be > 0")
+    slow = args.lab_slowdown
+    rate = args.lab / slow
     report: dict[str, Any] = {"peers": cfg.peers, "numel": cfg.numel, "rounds": cfg.rounds, "repeat": args.repeat,
                               "mbytes_per_peer": round(cfg.numel * 4 / 1e6, 1),
-                              "network": f"wanlab tbf {args.lab} Mbit/s egress per host" if args.lab else "loopback",
+                              "network": f"wanlab tbf {rate:g} Mbit/s egress per host" if args.lab else "loopback",
                               "transport": {"connections_per_peer": cfg.connections, "chunk_bytes": cfg.chunk_bytes,
-                                            "loop": cfg.loop, "tls": bool(cfg.tls_dir)},
+                                            "loop": cfg.loop, "tls": bool(cfg.tls_dir),
+                                            "congestion_control": cfg.congestion or "system default"},
                               "machine": _machine(),
                               "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "background_cpu_busy_pct": []}
     phases = [args.only] if args.only else ["swarm", "gloo"]
     # SIGTERM unwinds like Ctrl-C, so the finally blocks kill the workers and tear the lab down.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.lab:
-        report["latency"] = (f"one-way {args.lab_delay_ms:g} ± {args.lab_jitter_ms:g} ms between any two hosts "
-                             f"(each link holds frames {args.lab_delay_ms / 2:g} ms each way)")
+        delay, jitter = args.lab_delay_ms * slow, args.lab_jitter_ms * slow
+        report["latency"] = (f"one-way {delay:g} ± {jitter:g} ms between any two hosts "
+                             f"(each link holds frames {delay / 2:g} ms each way)")
+        if slow != 1:
+            report["lab_slowdown"] = slow
+            report["lab_time_scaled_from"] = (f"{args.lab:g} Mbit/s, one-way {args.lab_delay_ms:g} ms: every rate "
+                                              f"/ {slow:g}, every time x {slow:g}")
     with contextlib.ExitStack() as stack:
         try:
-            lab = stack.enter_context(WanLab(cfg.peers, args.lab, delay_ms=args.lab_delay_ms / 2,
-                                             jitter_ms=args.lab_jitter_ms / 2)) if args.lab else None
+            lab = stack.enter_context(WanLab(cfg.peers, rate, delay_ms=delay / 2, jitter_ms=jitter / 2,
+                                             burst_ms=BURST_MS * slow, queue_ms=QUEUE_MS * slow)) if args.lab else None
             if lab is not None:
                 for setting in args.lab_sysctl:  # per network namespace: the host's TCP buffers, for instance
                     for i in range(cfg.peers):
@@ -665,7 +690,7 @@ def main() -> int:
                     report[f"{phase}_error"] = str(e)
         for phase in phases:
             if runs[phase]:
-                report.update(_summarise(phase, runs[phase], cfg, args.lab))
+                report.update(_summarise(phase, runs[phase], cfg, rate))
     # The names the brief asks for, as aliases of the swarm phase's figures.
     for alias, key in (("max_abs_err", "swarm_max_abs_err"), ("bitwise_equal_across_peers",
                        "swarm_bitwise_equal_across_peers"), ("bytes_sent_per_peer", "swarm_bytes_sent_per_peer"),

@@ -68,6 +68,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lablink
 from lablink import Wire, enter_netns
 
+BURST_MS = 4.0
+"""Default tbf bucket of a link, as milliseconds of its rate."""
+QUEUE_MS = 50.0
+"""Default tbf queue limit of a link, as milliseconds of its rate (a router's buffer)."""
+
 __all__ = ["WanLab", "check", "cleanup_stale", "enter_netns"]  # enter_netns: workers join a host with it
 
 _NETNS_DIR = Path("/var/run/netns")
@@ -141,7 +146,7 @@ class WanLab:
     """
 
     def __init__(self, n_hosts: int, rate_mbit: float, subnet: str = "10.77.0.0/24", *,
-                 burst_ms: float = 4.0, queue_ms: float = 50.0,
+                 burst_ms: float = BURST_MS, queue_ms: float = QUEUE_MS,
                  delay_ms: float | Mapping[int, float] = 0.0, jitter_ms: float | Mapping[int, float] = 0.0,
                  nat: Iterable[int | Iterable[int]] = (), lan_subnet: str = "10.78.0.0/16") -> None:
         net = ipaddress.ip_network(subnet)

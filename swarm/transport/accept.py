@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from swarm.transport import messages, relay, reversal
 from swarm.transport.frames import FrameError, Idle
-from swarm.transport.links import Link, TlsLink
+from swarm.transport.links import Link, TlsLink, tune
 
 if TYPE_CHECKING:
     from swarm.transport.endpoint import Endpoint
@@ -45,8 +45,7 @@ async def accept_loop(ep: Endpoint) -> None:
                             "(max_connections_per_address)", host, ep._per_address[host])
             continue
         ep._per_address[host] = ep._per_address.get(host, 0) + 1
-        conn.setblocking(False)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(conn, ep.config.congestion_control)
         ep.spawn(serve_connection(ep, conn, host, f"{host}:{remote[1]}"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarm.transport.links import TlsFiles
+from swarm.transport.links import CONGESTION, TlsFiles
 
 
 @dataclass(kw_only=True, slots=True)
@@ -25,6 +25,9 @@ class TransportConfig:
     those connections (transport/reversal.py)."""
     connections_per_peer: int = 1
     """Parallel TCP connections per peer pair (several fill a long fat pipe)."""
+    congestion_control: str = CONGESTION
+    """TCP congestion control of this peer's data-plane connections ("": the system's default); why CUBIC is
+    the default: `links.tune`."""
     chunk_bytes: int = 4 << 20
     """Payload bytes per frame; parts are cut into chunks of this size."""
     max_frame_bytes: int = 256 << 20

@@ -39,7 +39,7 @@ from swarm.transport.frames import (
     encode_header,
 )
 from swarm.transport.inbox import BufferPool, Inbox, PeerFailure
-from swarm.transport.links import Link, TlsLink
+from swarm.transport.links import Link, TlsLink, tune
 from swarm.transport.messages import StateSnapshot
 from swarm.transport.meter import UploadMeter
 from swarm.transport.relay import Relay
@@ -344,8 +344,7 @@ class Endpoint:
         """
         host, _, port = address.rpartition(":")
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(sock, self.config.congestion_control)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 await asyncio.get_running_loop().sock_connect(sock, (host.strip("[]"), int(port)))

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import socket
 
-from swarm.transport.links import wait_ready
+from swarm.transport.links import tune, wait_ready
 
 log = logging.getLogger("swarm.relay")
 
@@ -140,8 +140,7 @@ async def open_splice(relay: str, key: bytes, timeout_s: float) -> socket.socket
     host, _, port = relay.rpartition(":")
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    tune(sock)
     try:
         async with asyncio.timeout(timeout_s):
             await loop.sock_connect(sock, (host.strip("[]"), int(port)))
@@ -198,8 +197,7 @@ async def serve_forever(relay: Relay, listener: socket.socket, max_per_address: 
                 sock.close()
                 continue
             per_address[host] = per_address.get(host, 0) + 1
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tune(sock)
             task = loop.create_task(one(sock, host, f"{host}:{remote[1]}"))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
