@@ -93,8 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-bytes", type=int, default=4 << 20, help="payload bytes per data-plane frame")
     p.add_argument("--tcp-congestion", default=CONGESTION, metavar="NAME",
                    help="TCP congestion control of the data plane's connections, e.g. cubic or bbr; '' keeps the "
-                        "system's (default: %(default)s: when some flows of an all-reduce end, it gives their "
-                        "bandwidth to the rest within a few round trips)")
+                        "system's (default: %(default)s, which filled a long fat link best: docs/benchmarks.md, A6)")
     p.add_argument("--allreduce-timeout-s", type=float, default=60.0,
                    help="cap on one all-reduce attempt, plus the time its payload needs at the slowest member's "
                         "measured upload rate (at least 10 Mbit/s), twice over (default: 60)")

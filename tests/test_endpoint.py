@@ -29,13 +29,12 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from swarm.allreduce.butterfly import Participant, allreduce_attempt, frames_for
+from swarm.allreduce.butterfly import Participant, allreduce_attempt
 from swarm.allreduce.reduce import ALIGN_ELEMENTS, MAX_SHARE, check_finite, partition
 from swarm.compression import Codec, CodecConfig, Contribution, Float32Codec, make_codec
 from swarm.transport.endpoint import Endpoint, PeerFailure, StateSnapshot, TransportConfig
 from swarm.transport.faults import NO_FAULTS, FaultInjector, FaultRule
 from swarm.transport.frames import MAGIC, PREFIX, Header, checksum, encode_header
-from swarm.transport.links import UNSENT_BYTES
 
 RUN = "test-run"
 
@@ -244,30 +243,13 @@ async def test_each_peer_pair_uses_connections_per_peer_connections(
         assert len(into) == 2 * per_peer, f"{len(into)} connections into {ep.peer_id}, expected {2 * per_peer}"
 
 
-@pytest.mark.parametrize("per_peer", [1, 3, 8])
-@pytest.mark.parametrize("nbytes", [0, 1, 1000, 300 << 10, 10_000_000, 40_000_000, (4 << 20) * 24 + 5])
-def test_a_payload_is_cut_into_equal_frames_and_every_connection_carries_as_many_bytes(per_peer: int,
-                                                                                        nbytes: int) -> None:
-    # Were one connection to carry a frame more, the payload's last seconds would ride on it alone.
-    config = TransportConfig(connections_per_peer=per_peer, chunk_bytes=4 << 20)
-    frames = frames_for(config, np.zeros(nbytes, np.uint8))
-    assert [offset for offset, _ in frames] == [sum(len(f) for _, f in frames[:i]) for i in range(len(frames))]
-    assert sum(len(f) for _, f in frames) == nbytes
-    assert all(0 < len(f) <= config.chunk_bytes for _, f in frames)
-    carried = [sum(len(f) for _, f in frames[lane::per_peer]) for lane in range(per_peer)]
-    used = [c for c in carried if c]
-    if nbytes >= per_peer * (1 << 20):  # large enough to spread over every connection
-        assert len(used) == per_peer
-    assert max(used, default=0) - min(used, default=0) <= len(frames), carried
-
-
 def _congestion(setting: str) -> list[str]:
     path = Path("/proc/sys/net/ipv4") / setting
     return path.read_text().split() if path.exists() else []
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"), reason="per-socket congestion control is Linux's")
-async def test_data_plane_connections_cap_unsent_bytes_and_use_the_configured_congestion_control(
+async def test_data_plane_connections_use_the_configured_congestion_control(
     make_endpoints: MakeEndpoints,
 ) -> None:
     default = _congestion("tcp_congestion_control")
@@ -278,7 +260,6 @@ async def test_data_plane_connections_cap_unsent_bytes_and_use_the_configured_co
     link = await a.dial("B", b.address)
     try:
         assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode() == others[0]
-        assert link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == UNSENT_BYTES
     finally:
         link.close()
 

@@ -14,7 +14,6 @@ only payload bytes cross to host memory for the sockets.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,7 @@ from swarm.allreduce.reduce import (
 )
 from swarm.allreduce.robust import MEAN, Directions, Rule
 from swarm.compression import Contribution
-from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure, TransportConfig
+from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
 from swarm.transport.frames import Header, checksum
 
 
@@ -71,7 +70,7 @@ class _Attempt:
         for m in self.others:
             if m.peer_id in payloads:
                 part, payload = payloads[m.peer_id]
-                frames = frames_for(self.endpoint.config, payload)
+                frames = _frames(self.endpoint, payload)
                 sums = digests.setdefault(id(payload), [checksum(chunk) for _, chunk in frames])
                 coros[m.peer_id] = _send(self, m, kind, part, payload.size, frames, sums, tag)
         return spawn_sends(self.endpoint, self.round, self.attempt, coros)
@@ -203,26 +202,10 @@ def _same_memory(payload: np.ndarray, values: torch.Tensor) -> bool:
     return payload.ctypes.data == values.data_ptr()
 
 
-_MIN_SPLIT = 256 << 10
-"""Smallest share of a payload worth a connection of its own: a payload is balanced over at most its size /
-_MIN_SPLIT of the receiver's connections (tiny frames cost more than the balance saves)."""
-
-
-def frames_for(config: TransportConfig, payload: np.ndarray) -> list[tuple[int, memoryview]]:
-    """`payload` cut into frames of at most `chunk_bytes`, equal in size (within a byte) and as many for each
-    connection to the receiver (frame i goes on connection i % connections_per_peer).
-
-    Connections that carry the same bytes finish together. Were one to carry a frame more, the payload's
-    last seconds would ride on it alone, at the share of the link it had: a TCP flow takes round trips to
-    grow into bandwidth that others freed (docs/benchmarks.md, "With 50 ms one-way latency").
-    """
+def _frames(endpoint: Endpoint, payload: np.ndarray) -> list[tuple[int, memoryview]]:
     view = memoryview(payload).cast("B")
-    if not len(view):
-        return []
-    lanes = max(1, min(config.connections_per_peer, len(view) // _MIN_SPLIT))
-    count = lanes * -(-len(view) // (lanes * config.chunk_bytes))
-    bounds = [i * len(view) // count for i in range(count + 1)]
-    return [(start, view[start:end]) for start, end in itertools.pairwise(bounds)]
+    step = endpoint.config.chunk_bytes
+    return [(offset, view[offset : offset + step]) for offset in range(0, len(view), step)]
 
 
 async def _send(at: _Attempt, to: Participant, kind: str, part: int, total: int,

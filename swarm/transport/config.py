@@ -26,8 +26,7 @@ class TransportConfig:
     connections_per_peer: int = 1
     """Parallel TCP connections per peer pair (several fill a long fat pipe)."""
     congestion_control: str = CONGESTION
-    """TCP congestion control of this peer's data-plane connections ("": the system's default); why CUBIC is
-    the default: `links.tune`."""
+    """TCP congestion control of this peer's data-plane connections ("": the system's); why CUBIC: `links.tune`."""
     chunk_bytes: int = 4 << 20
     """Payload bytes per frame; parts are cut into chunks of this size."""
     max_frame_bytes: int = 256 << 20
