@@ -57,6 +57,7 @@ def tune(sock: socket.socket, congestion: str = CONGESTION) -> None:
                 log.warning("data plane: TCP congestion control %r is not available (%s); using the system's "
                             "default", congestion, e.strerror or e)
 
+
 @dataclass(kw_only=True, slots=True)
 class TlsFiles:
     """Where a peer's TLS identity lives: the run CA's certificate, its own certificate and key."""
