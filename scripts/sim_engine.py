@@ -24,6 +24,8 @@ from typing import Any
 from sim_model import SimConfig, attempt_seconds, draw_peer, resync_seconds, round_bytes, state_hash
 from sim_stats import Stats
 
+from swarm.allreduce.reduce import payload_bound
+from swarm.compression import CodecConfig, make_codec
 from swarm.coordinator import views
 from swarm.coordinator.config import CoordinatorConfig
 from swarm.coordinator.decisions import Arrive, Commit, Event, Heartbeat, Join, Leave, ReportFailure, Tick, decide
@@ -90,6 +92,8 @@ class Simulation:
 
     def __init__(self, sim: SimConfig, coord: CoordinatorConfig) -> None:
         self.cfg, self.coord = sim, coord
+        # What every real peer declares when it arrives (Peer: payload_bound), so attempt deadlines grow as theirs.
+        self.payload_bytes = payload_bound(make_codec(CodecConfig(name=sim.codec)), sim.params)  # type: ignore[arg-type]
         self.state = RunState(run_id=coord.run_id)
         self.now = 0.0
         self._heap: list[tuple[float, int, str, tuple]] = []
@@ -291,7 +295,8 @@ class Simulation:
         p.arrived_at = self.now
         p.phase = "waiting"
         number = p.round
-        decision = self.call(Arrive(RUN, p.pid, p.incarnation, 0, number, state_hash(p.held)), p)
+        decision = self.call(Arrive(RUN, p.pid, p.incarnation, 0, number, state_hash(p.held),
+                                    payload_bytes=self.payload_bytes), p)
         if decision is None or not p.alive or p.phase != "waiting":
             return  # an error (handled in `call`), or the arrival started the round (p is reducing)
         t0 = time.perf_counter()

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_model import SimConfig
 from simulate import simulate
 
+from swarm.transport.meter import transfer_allowance_s
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -52,7 +54,9 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
         db.close()
     return _summary([{
         "round": r["number"], "outcome": r["phase"], "attempts": r["attempt"], "members": len(r["members"]),
-        "opened_s": r["opened_at"], "started_s": r["attempt_deadline"] - args.attempt_timeout_s,
+        # The coordinator's attempt deadline is attempt_timeout_s plus the declared payload's allowance.
+        "opened_s": r["opened_at"],
+        "started_s": r["attempt_deadline"] - args.attempt_timeout_s - transfer_allowance_s(r.get("payload_bytes", 0)),
         "finished_s": r["finished_at"]} for r in rounds], command=" ".join(cmd[1:]))
 
 

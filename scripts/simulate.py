@@ -101,7 +101,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--lease-s", type=float, default=10.0, help="lease (%(default)s; grows with the run's size)")
     c.add_argument("--heartbeat-interval-s", type=float, default=0.0, help="0: lease / 4")
     c.add_argument("--attempt-timeout-s", type=float, default=300.0,
-                   help="an attempt must commit within this (%(default)s; the coordinator's own default is 120)")
+                   help="an attempt must commit within this, plus twice the declared payload's time at 10 Mbit/s, "
+                        "as for real peers (%(default)s; the coordinator's own default is 120)")
     c.add_argument("--report-window-s", type=float, default=1.0, help="failure reports window (%(default)s)")
     c.add_argument("--max-attempts", type=int, default=5, help="attempts before a round aborts (%(default)s)")
     c.add_argument("--min-peers", type=int, default=1, help="fewest arrived peers a round starts with")

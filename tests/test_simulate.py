@@ -75,6 +75,16 @@ def test_a_quorum_starts_rounds_without_the_straggler() -> None:
     assert quorum["totals"]["mean_round_s"] < waiting["totals"]["mean_round_s"] - 100
 
 
+def test_simulated_peers_declare_their_payload_so_a_slow_link_gets_time_as_a_real_one_does() -> None:
+    # 10M int8 values on 10 Mbit/s: the all-reduce takes about 14 s, past a 5 s attempt_timeout_s. A real peer
+    # declares its payload and the coordinator adds twice its time at 10 Mbit/s (rounds.attempt_time_s).
+    slow = replace(SAME, peers=4, bandwidth_mbit=10.0)
+    report = _run(slow, attempt_timeout_s=5.0)
+    assert all(r["allreduce_s"] > 5.0 for r in report["rounds"])
+    t = report["totals"]
+    assert t["rounds_committed"] == 4 and t["rounds_retried"] == 0 and t["rounds_aborted"] == 0, t
+
+
 def test_a_run_is_a_function_of_its_seed() -> None:
     sim = replace(SimConfig(), peers=60, rounds=3, crashes_per_peer_h=0.5, arrivals_per_h=30, params=1_000_000)
 
