@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sim_model import SimConfig
 from simulate import simulate
 
-from swarm.transport.meter import transfer_allowance_s
+from swarm.coordinator.config import CoordinatorConfig
+from swarm.coordinator.rounds import attempt_time_s
+from swarm.coordinator.store import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,17 +48,16 @@ def real_run(args: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"swarm local exited {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
-    db = sqlite3.connect(args.out / "coordinator.db")
+    store = SqliteStore(args.out / "coordinator.db", run_id="local")
     try:
-        rounds = [json.loads(data) for (data,) in db.execute("SELECT data FROM rounds WHERE stage = 0 ORDER BY number")]
+        rounds = sorted((r for r in store.state.rounds.values() if r.stage == 0), key=lambda r: r.number)
     finally:
-        db.close()
+        store.close()
+    config = CoordinatorConfig(run_id="local", attempt_timeout_s=args.attempt_timeout_s)
     return _summary([{
-        "round": r["number"], "outcome": r["phase"], "attempts": r["attempt"], "members": len(r["members"]),
-        # The coordinator's attempt deadline is attempt_timeout_s plus the declared payload's allowance.
-        "opened_s": r["opened_at"],
-        "started_s": r["attempt_deadline"] - args.attempt_timeout_s - transfer_allowance_s(r.get("payload_bytes", 0)),
-        "finished_s": r["finished_at"]} for r in rounds], command=" ".join(cmd[1:]))
+        "round": r.number, "outcome": r.phase, "attempts": r.attempt, "members": len(r.members),
+        "opened_s": r.opened_at, "started_s": r.attempt_deadline - attempt_time_s(r, config),
+        "finished_s": r.finished_at} for r in rounds], command=" ".join(cmd[1:]))
 
 
 def sim_run(args: argparse.Namespace) -> dict[str, Any]:
