@@ -355,8 +355,16 @@ def test_a_streaming_round_in_flight_counts_in_the_steps_so_a_loop_to_n_steps_la
             model(torch.randn(2, 8)).sum().backward()
             opt.step()
             opt.zero_grad()
-        assert dl.steps == 12 and dl.local_step == 0 and dl.state.round == 1 and len(peer.calls) == 2  # (3rd waits)
-        peer.go.set()
+        try:
+            assert dl.steps == 12 and dl.local_step == 0
+            # Round 1 may or may not be back yet (the sync thread's pace), and the peer adopts a round's state
+            # (state.round) before the hooks apply it: round 2 is in flight, round 1 in flight or applied.
+            rounds = [sent.round for sent in dl._in_flight]
+            assert rounds in ([1, 2], [2]) and dl.state.round in (0, 1)
+            assert rounds == [1, 2] or dl.state.round == 1, "a round left the queue before the peer committed it"
+            assert len(peer.calls) <= 2  # the third waits for the test
+        finally:
+            peer.go.set()
     assert len(peer.calls) == 3 and dl.state.round == 2, "the round in flight completes on leaving; none more"
 
 
