@@ -117,6 +117,8 @@ class BenchConfig:
     """If set, the swarm workers talk mutual TLS with the certificates there (p0, p1, ... of one run CA)."""
     congestion: str = CONGESTION
     """TransportConfig.congestion_control."""
+    pieces: int = 0
+    """butterfly.PIECES of the swarm workers (0: the default)."""
 
     def __post_init__(self) -> None:
         if self.peers < 2:
@@ -177,10 +179,13 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
                       host: str, ifname: str) -> dict[str, Any]:
     import torch
 
+    from swarm.allreduce import butterfly
     from swarm.allreduce.butterfly import Participant, allreduce_attempt
     from swarm.compression import CodecConfig, Contribution, make_codec
     from swarm.transport.endpoint import Endpoint, TransportConfig
     from swarm.transport.links import TlsFiles
+
+    butterfly.PIECES = cfg.pieces or butterfly.PIECES
 
     # The peers share the machine's cores: one torch thread each (more only oversubscribe them and
     # spin), as the numpy arithmetic of the raw path before issue 17 used.
@@ -597,6 +602,9 @@ def main() -> int:
     ap.add_argument("--round-timeout-s", type=float, default=120.0)
     ap.add_argument("--connections", type=int, default=1, help="TransportConfig.connections_per_peer")
     ap.add_argument("--chunk-bytes", type=int, default=4 << 20, help="TransportConfig.chunk_bytes")
+    ap.add_argument("--pieces", type=int, default=0, metavar="N",
+                    help="an owner reduces and sends back its part in up to N pieces (butterfly.PIECES; 1: the "
+                         "reduce-scatter, then the all-gather; default: the library's)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--only", choices=["swarm", "gloo"], help="run one phase only")
     ap.add_argument("--lab", type=float, default=0.0, metavar="RATE_MBIT",
@@ -637,7 +645,7 @@ def main() -> int:
     cfg = BenchConfig(peers=args.peers, numel=args.numel, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                       round_timeout_s=args.round_timeout_s, connections=args.connections,
                       chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir, tls_dir=tls_dir,
-                      congestion=args.tcp_congestion)
+                      congestion=args.tcp_congestion, pieces=args.pieces)
     if args.lab_slowdown <= 0:
         ap.error("--lab-slowdown must be > 0")
     slow = args.lab_slowdown
@@ -646,7 +654,7 @@ def main() -> int:
                               "mbytes_per_peer": round(cfg.numel * 4 / 1e6, 1),
                               "network": f"wanlab tbf {rate:g} Mbit/s egress per host" if args.lab else "loopback",
                               "transport": {"connections_per_peer": cfg.connections, "chunk_bytes": cfg.chunk_bytes,
-                                            "loop": cfg.loop, "tls": bool(cfg.tls_dir),
+                                            "loop": cfg.loop, "tls": bool(cfg.tls_dir), "pieces": cfg.pieces or "default",
                                             "congestion_control": cfg.congestion or "system default"},
                               "machine": _machine(),
                               "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "background_cpu_busy_pct": []}

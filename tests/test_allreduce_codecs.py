@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from swarm.allreduce import butterfly
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
 from swarm.allreduce.reduce import gathers_payloads, parts_for
 from swarm.allreduce.robust import reduce_in_order
 from swarm.compression import Codec, CodecConfig, Contribution, ErrorFeedback, make_codec
-from swarm.transport.endpoint import Endpoint, PeerFailure, TransportConfig
+from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure, TransportConfig
 from swarm.transport.faults import FaultInjector, FaultRule
 
 CODECS = ["none", "bf16", "fp16", "int8", "sparseloco", "topk"]
@@ -207,3 +208,69 @@ async def test_raw_fp32_payloads_share_the_tensors_memory(endpoints) -> None:
     for ep, out in zip(eps, outs, strict=True):
         assert ep.bytes_sent == 2 * 5000 * 4  # its half of the contributions and its reduced half, raw
         assert out.numpy().tobytes() == ((xs[0] + xs[1]) / np.float32(2)).tobytes()
+
+
+@pytest.fixture
+def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts of a few tens of KB are cut into pieces, as 40 MB ones are at the defaults."""
+    monkeypatch.setattr(butterfly, "MIN_PIECE_BYTES", 4096)
+    monkeypatch.setattr(butterfly, "MIN_FRAME_BYTES", 1024)
+
+
+@pytest.mark.parametrize("name", ["none", "bf16", "fp16", "int8"])
+async def test_parts_reduced_and_sent_back_in_pieces_give_the_same_bytes(endpoints, small_pieces, name: str) -> None:
+    codec = make_codec(CodecConfig(name=name))
+    peers, numel = 3, 70_001
+    part = parts_for(codec, numel, [0.0] * peers)[0]
+    result = codec.result_codec(peers)
+    assert not gathers_payloads(codec, numel, peers)
+    assert len(butterfly.Pieces.of(codec, result, *part, pipelined=True).spans) > 1  # really in pieces
+    eps = await endpoints(peers)
+    members = [Participant(e.peer_id, e.address) for e in eps]
+    xs = [np.random.default_rng(i).standard_normal(numel).astype(np.float32) for i in range(peers)]
+    outs = await attempts(eps, xs, members, [codec] * peers)
+    want = expected(codec, xs, members)  # computed part by part, not piece by piece
+    for out in outs:
+        assert out.numpy().tobytes() == want.tobytes()
+
+
+class _Noting(FaultInjector):
+    """Delays each contribution frame this member reads; notes the order of its reads and result sends."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__([FaultRule(point="recv.contrib", action="delay", delay_s=delay_s, times=0)])
+        self.seen: list[str] = []
+
+    def hit(self, point: str, **where) -> FaultRule | None:
+        self.seen.append(point)
+        return super().hit(point, **where)
+
+
+async def test_an_owner_sends_its_first_reduced_piece_back_before_the_last_contribution_arrives(
+        endpoints, small_pieces) -> None:
+    noting = _Noting(delay_s=0.03)  # frames reach p0 one by one, 30 ms apart on each connection
+    eps = await endpoints(3, faults={0: noting})
+    members = [Participant(e.peer_id, e.address) for e in eps]
+    xs = [np.random.default_rng(i).standard_normal(70_001).astype(np.float32) for i in range(3)]
+    outs = await attempts(eps, xs, members, [make_codec(CodecConfig())] * 3)
+    reads = [i for i, point in enumerate(noting.seen) if point == "recv.contrib"]
+    sends = [i for i, point in enumerate(noting.seen) if point == "send.result"]
+    assert len(reads) >= 4 and sends, noting.seen
+    assert sends[0] < reads[-1], "p0 waited for its whole part before sending any of it back"
+    assert outs[0].numpy().tobytes() == outs[1].numpy().tobytes() == outs[2].numpy().tobytes()
+    assert outs[0].numpy().tobytes() == expected(make_codec(CodecConfig()), xs, members).tobytes()
+
+
+def test_the_inbox_says_a_byte_range_arrived_only_once_every_byte_of_it_landed() -> None:
+    box = Inbox(0, 0)
+    box.expect("contrib", "a", 100, "none")
+    box.sink("contrib", "a", 100, "none", lambda *_: np.empty(100, np.uint8))
+    assert not box.arrived("contrib", "a", 0, 10) and box.arrived("contrib", "a", 5, 5)
+    box.landed("contrib", "a", 40, 30)  # out of order: [40, 70)
+    box.landed("contrib", "a", 40, 30)  # the same frame again covers nothing more
+    assert box.arrived("contrib", "a", 45, 70) and not box.arrived("contrib", "a", 30, 50)
+    box.landed("contrib", "a", 0, 30)  # a gap [30, 40) is left
+    assert not box.arrived("contrib", "a", 0, 70) and box.arrived("contrib", "a", 0, 30)
+    box.landed("contrib", "a", 30, 10)
+    assert box.arrived("contrib", "a", 0, 70) and not box.arrived("contrib", "a", 0, 71)
+    assert not box.arrived("contrib", "b", 0, 1) and not box.delivered("contrib", ["a"])

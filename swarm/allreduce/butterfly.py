@@ -14,6 +14,8 @@ only payload bytes cross to host memory for the sockets.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from swarm.allreduce.reduce import (
+    ALIGN_ELEMENTS,
     blame,
     check_finite,
     encode_result,
@@ -30,7 +33,7 @@ from swarm.allreduce.reduce import (
     reduce_payloads,
 )
 from swarm.allreduce.robust import MEAN, Directions, Rule
-from swarm.compression import Contribution
+from swarm.compression import Codec, Contribution
 from swarm.transport.endpoint import Endpoint, Inbox, PeerFailure
 from swarm.transport.frames import Header, checksum
 
@@ -44,6 +47,60 @@ class Participant:
     bandwidth: float = 0.0
     norm: float | None = None
     """The norm it declared for its contribution (robust aggregation; None: not declared)."""
+
+
+PIECES = 8
+"""An owner's part is reduced and sent back in up to this many pieces, each as soon as every member's bytes of it
+have arrived: the all-gather of the first pieces overlaps the reduce-scatter of the last, so a long link does not
+idle between the phases (plain mean only: a declared norm is checked against the whole part)."""
+MIN_PIECE_BYTES = 1 << 20
+"""No piece's contribution payload is cut smaller than this (a small part is one piece, as before)."""
+MIN_FRAME_BYTES = 256 << 10
+"""Frames are cut smaller than `chunk_bytes` so the first pieces arrive early on every connection, not below this."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pieces:
+    """How one part is cut: element ranges (on the codecs' block grid) and the byte offsets at which each piece
+    starts in the part's contribution and result payloads (each piece encoded on its own, end to end)."""
+
+    spans: list[tuple[int, int]]
+    contrib: list[int]
+    result: list[int]
+
+    @classmethod
+    def of(cls, codec: Codec, result: Codec, start: int, length: int, pipelined: bool) -> Pieces:
+        """The pieces of part (start, length): the same on every member (integer arithmetic on shared facts)."""
+        grid = math.lcm(ALIGN_ELEMENTS, codec.block, result.block)
+        units = -(-length // grid)
+        count = min(PIECES, units, codec.payload_nbytes(length) // MIN_PIECE_BYTES) if pipelined else 1
+        bounds = [min(length, units * k // max(count, 1) * grid) for k in range(max(count, 1) + 1)]
+        bounds[-1] = length
+        spans = [(start + lo, hi - lo) for lo, hi in itertools.pairwise(bounds)]
+        return cls(spans, _offsets(codec, spans), _offsets(result, spans))
+
+
+def _offsets(codec: Codec, spans: list[tuple[int, int]]) -> list[int]:
+    return [0, *itertools.accumulate(codec.payload_nbytes(n) for _, n in spans)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Out:
+    """Bytes to send as (part of) one payload of `total` bytes: each array at its byte offset."""
+
+    chunks: list[tuple[int, np.ndarray]]
+    total: int
+    frame: int
+    lane: int = 0
+    """The lane of the first frame; the next frames take the next lanes (every connection carries a share)."""
+
+    def frames(self) -> list[tuple[int, int, memoryview]]:
+        """(lane, offset, bytes) of each frame."""
+        out = []
+        for base, array in self.chunks:
+            view = memoryview(array).cast("B")
+            out += [(base + o, view[o : o + self.frame]) for o in range(0, len(view), self.frame)]
+        return [(self.lane + i, offset, chunk) for i, (offset, chunk) in enumerate(out)]
 
 
 @dataclass(slots=True)
@@ -63,16 +120,23 @@ class _Attempt:
     def me(self) -> str:
         return self.endpoint.peer_id
 
-    def sends(self, kind: str, payloads: dict[str, tuple[int, np.ndarray]], tag: str) -> dict[str, asyncio.Task[None]]:
-        """Send each receiver its (part index, payload) as a task; a payload sent to several is checksummed once."""
-        digests: dict[int, list[int]] = {}
-        coros = {}
+    def frame_bytes(self, nbytes: int, pieces: int) -> int:
+        """Frames of a payload of `nbytes` in `pieces`: about one per connection per piece (whole chunks when 1)."""
+        config = self.endpoint.config
+        if pieces <= 1:
+            return config.chunk_bytes
+        return min(config.chunk_bytes, max(MIN_FRAME_BYTES, -(-nbytes // (pieces * config.connections_per_peer))))
+
+    def sends(self, kind: str, payloads: dict[str, tuple[int, _Out]], tag: str) -> list[tuple[str, asyncio.Task[None]]]:
+        """Send each receiver its (part index, bytes) as a task; bytes sent to several are checksummed once."""
+        digests: dict[tuple[int, int], int] = {}
+        coros = []
         for m in self.others:
             if m.peer_id in payloads:
-                part, payload = payloads[m.peer_id]
-                frames = _frames(self.endpoint, payload)
-                sums = digests.setdefault(id(payload), [checksum(chunk) for _, chunk in frames])
-                coros[m.peer_id] = _send(self, m, kind, part, payload.size, frames, sums, tag)
+                part, out = payloads[m.peer_id]
+                frames = out.frames()
+                sums = [digests.setdefault((id(out), offset), checksum(chunk)) for lane, offset, chunk in frames]
+                coros.append((m.peer_id, _send(self, m, kind, part, out.total, frames, sums, tag)))
         return spawn_sends(self.endpoint, self.round, self.attempt, coros)
 
     def faults_after_reduce(self) -> None:
@@ -126,38 +190,58 @@ async def _butterfly(at: _Attempt, contribution: Contribution, parts: list[tuple
     codec, box, ids = contribution.codec, at.box, at.ids
     result = codec.result_codec(len(ids))
     me = ids.index(at.me)
-    my_start, my_len = parts[me]
+    pipelined = at.rule == MEAN and at.norms is None
+    cuts = [Pieces.of(codec, result, start, length, pipelined) for start, length in parts]
+    mine = cuts[me]
     other_ids = [m.peer_id for m in at.others]
     owners = [p for p in other_ids if parts[ids.index(p)][1] > 0]
     # Everything this attempt accepts is said before the first await: frames of anything else are refused.
     for p in other_ids:
-        if my_len:
-            box.expect("contrib", p, codec.payload_nbytes(my_len), codec.name)
+        if parts[me][1]:
+            box.expect("contrib", p, mine.contrib[-1], codec.name)
     for p in owners:
         start, length = parts[ids.index(p)]
         into = _host_view(out[start : start + length]) if result.stores_values else None
-        box.expect("result", p, result.payload_nbytes(length), result.name, into=into)
-    payloads = {i: contribution.encode(s, n) for i, (s, n) in enumerate(parts) if n > 0}
-    sending = at.sends("contrib", {p: (ids.index(p), _host(payloads[ids.index(p)])) for p in owners}, codec.name)
-    await finish_phase(box, "contrib", other_ids if my_len else [], sending, at.deadline)
-    gathering: dict[str, asyncio.Task[None]] = {}
-    if my_len:
-        mine = out[my_start : my_start + my_len]
-        received = [payloads[me] if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
-        reduce_payloads(codec, received, ids, at.me, mine, rule=at.rule, norms=at.norms, directions=at.directions)
-        final = encode_result(result, mine)
-        at.faults_after_reduce()
-        host = _host(final)
-        gathering = at.sends("result", {p: (me, host) for p in other_ids}, result.name)
-    await finish_phase(box, "result", owners, gathering, at.deadline)
+        box.expect("result", p, cuts[ids.index(p)].result[-1], result.name, into=into)
+    payloads = {i: [contribution.encode(s, n) for s, n in cuts[i].spans] for i, (_, n) in enumerate(parts) if n > 0}
+    tasks = at.sends("contrib", {p: (ids.index(p), _out(at, payloads[ids.index(p)], cuts[ids.index(p)].contrib))
+                                 for p in owners}, codec.name)
+    try:
+        for k, (start, length) in enumerate(mine.spans if parts[me][1] else []):
+            lo, hi = mine.contrib[k], mine.contrib[k + 1]
+            await box.wait(lambda lo=lo, hi=hi: all(box.arrived("contrib", p, lo, hi) for p in other_ids), other_ids,
+                           at.deadline, late=lambda p, lo=lo, hi=hi: not box.arrived("contrib", p, lo, hi))
+            view = out[start : start + length]
+            received = [payloads[me][k] if p == at.me else _on(box.payload("contrib", p)[lo:hi], out.device) for p in ids]
+            reduce_payloads(codec, received, ids, at.me, view, rule=at.rule, norms=at.norms, directions=at.directions)
+            final = encode_result(result, view)
+            if k == 0:
+                at.faults_after_reduce()
+            piece = _Out([(mine.result[k], _host(final))], mine.result[-1], at.frame_bytes(mine.result[-1], len(mine.spans)),
+                         lane=k)
+            tasks += at.sends("result", {p: (me, piece) for p in other_ids}, result.name)
+        await box.wait(lambda: box.delivered("result", owners), owners, at.deadline,
+                       late=lambda p: not box.delivered("result", [p]))
+        await finish_sends(tasks, at.deadline)
+    finally:
+        for _, task in tasks:
+            task.cancel()
     for p in owners:
         start, length = parts[ids.index(p)]
         view = out[start : start + length]
         payload = box.payload("result", p)
         if not (view.device.type == "cpu" and _same_memory(payload, view)):  # raw bytes landed in place
-            with blame(p):
-                result.decode(_on(payload, out.device), length, out=view)
+            cut = cuts[ids.index(p)]
+            for (s, n), lo, hi in zip(cut.spans, cut.result, cut.result[1:], strict=False):
+                with blame(p):
+                    result.decode(_on(payload[lo:hi], out.device), n, out=out[s : s + n])
         check_finite(view, [view], [p], at.me)
+
+
+def _out(at: _Attempt, encoded: list[torch.Tensor], offsets: list[int]) -> _Out:
+    """A part's contribution payload: its pieces end to end."""
+    return _Out([(o, _host(e)) for o, e in zip(offsets, encoded, strict=False)], offsets[-1],
+                at.frame_bytes(offsets[-1], len(encoded)))
 
 
 async def _gather(at: _Attempt, contribution: Contribution, parts: list[tuple[int, int]], out: torch.Tensor) -> None:
@@ -168,7 +252,7 @@ async def _gather(at: _Attempt, contribution: Contribution, parts: list[tuple[in
     for m in at.others:
         box.expect("contrib", m.peer_id, sum(sizes), codec.name)
     mine = torch.cat([contribution.encode(s, n) for s, n in parts])
-    host = _host(mine)
+    host = _Out([(0, _host(mine))], sum(sizes), at.endpoint.config.chunk_bytes)
     sending = at.sends("contrib", {m.peer_id: (ids.index(at.me), host) for m in at.others}, codec.name)
     await finish_phase(box, "contrib", [m.peer_id for m in at.others], sending, at.deadline)
     payloads = [mine if p == at.me else _on(box.payload("contrib", p), out.device) for p in ids]
@@ -202,27 +286,25 @@ def _same_memory(payload: np.ndarray, values: torch.Tensor) -> bool:
     return payload.ctypes.data == values.data_ptr()
 
 
-def _frames(endpoint: Endpoint, payload: np.ndarray) -> list[tuple[int, memoryview]]:
-    view = memoryview(payload).cast("B")
-    step = endpoint.config.chunk_bytes
-    return [(offset, view[offset : offset + step]) for offset in range(0, len(view), step)]
-
-
 async def _send(at: _Attempt, to: Participant, kind: str, part: int, total: int,
-                frames: list[tuple[int, memoryview]], digests: list[int], tag: str) -> None:
+                frames: list[tuple[int, int, memoryview]], digests: list[int], tag: str) -> None:
     sends = [
         at.endpoint.send(to.peer_id, to.address, Header(kind=kind, round=at.round, attempt=at.attempt, part=part,
                                                         offset=offset, total=total, tag=tag),
-                         chunk, lane=lane, digest=digests[lane])
-        for lane, (offset, chunk) in enumerate(frames)
+                         chunk, lane=lane, digest=digest)
+        for (lane, offset, chunk), digest in zip(frames, digests, strict=True)
     ]
     # Lanes of one peer run concurrently; each lane serialises its own frames.
     await asyncio.gather(*sends)
 
 
+Sends = list[tuple[str, asyncio.Task[None]]]
+"""(receiver, the task sending it a payload or a piece of one)."""
+
+
 def spawn_sends(endpoint: Endpoint, round: int, attempt: int,
-                sends: dict[str, Coroutine[Any, Any, None]]) -> dict[str, asyncio.Task[None]]:
-    """Run each receiver's sends as a task.
+                sends: list[tuple[str, Coroutine[Any, Any, None]]]) -> Sends:
+    """Run each (receiver, sends) as a task.
 
     A send that fails marks its receiver failed in the attempt's inbox, which
     wakes a member waiting for data at once rather than at the deadline.
@@ -235,15 +317,14 @@ def spawn_sends(endpoint: Endpoint, round: int, attempt: int,
             error = task.exception()
             box.fail(error.peer, error.reason)
 
-    tasks = {}
-    for peer, coro in sends.items():
-        tasks[peer] = loop.create_task(coro)
-        tasks[peer].add_done_callback(blame)
+    tasks = []
+    for peer, coro in sends:
+        tasks.append((peer, loop.create_task(coro)))
+        tasks[-1][1].add_done_callback(blame)
     return tasks
 
 
-async def finish_phase(box: Inbox, kind: str, senders: list[str], sending: dict[str, asyncio.Task[None]],
-                       deadline: float) -> None:
+async def finish_phase(box: Inbox, kind: str, senders: list[str], sending: Sends, deadline: float) -> None:
     """Wait until every one of `senders` delivered its `kind` payload and our own sends finished.
 
     Raises:
@@ -255,16 +336,16 @@ async def finish_phase(box: Inbox, kind: str, senders: list[str], sending: dict[
                        late=lambda p: not box.delivered(kind, [p]))
         await finish_sends(sending, deadline)
     finally:
-        for task in sending.values():
+        for _, task in sending:
             task.cancel()
 
 
-async def finish_sends(tasks: dict[str, asyncio.Task[None]], deadline: float) -> None:
+async def finish_sends(tasks: Sends, deadline: float) -> None:
     """Wait for every send; a failed or unfinished one raises PeerFailure naming its receiver."""
     left = deadline - asyncio.get_running_loop().time()
     if tasks:
-        await asyncio.wait(tasks.values(), timeout=max(left, 0.0))
-    for peer, task in tasks.items():
+        await asyncio.wait([task for _, task in tasks], timeout=max(left, 0.0))
+    for peer, task in tasks:
         if not task.done():
             raise PeerFailure(peer, "sending to it did not finish by the deadline")
         error = task.exception()

@@ -292,7 +292,7 @@ class Endpoint:
             sink[0] ^= 0xFF
         if checksum(sink) != h.checksum:
             raise FrameError(f"checksum mismatch in a {h.kind} frame of round {h.round} (corrupted in transit)")
-        box.landed(h.kind, h.sender, h.nbytes)
+        box.landed(h.kind, h.sender, h.offset, h.nbytes)
 
     # ---------------------------------------------------------------- sending
 

@@ -76,6 +76,8 @@ class Inbox:
     tags: dict[Key, str] = field(default_factory=dict)
     left: dict[Key, int] = field(default_factory=dict)
     """Bytes each payload still owes."""
+    spans: dict[Key, list[tuple[int, int]]] = field(default_factory=dict)
+    """The byte ranges of each payload that landed so far, disjoint and in order (`arrived`)."""
     expected: dict[Key, tuple[int, str]] = field(default_factory=dict)
     """(size, tag) of each payload the attempt waits for (set by `expect`)."""
     failed: dict[str, str] = field(default_factory=dict)
@@ -155,11 +157,27 @@ class Inbox:
             raise FrameError(f"frame from {sender} does not match its {kind} payload in round {self.round}")
         return buf
 
-    def landed(self, kind: str, sender: str, nbytes: int) -> None:
+    def arrived(self, kind: str, sender: str, start: int, end: int) -> bool:
+        """Whether every byte in [start, end) of `sender`'s `kind` payload has landed (a piece of it is
+        used before the rest arrives: the all-reduce's pipelined parts)."""
+        return end <= start or any(lo <= start and end <= hi for lo, hi in self.spans.get((kind, sender), ()))
+
+    def landed(self, kind: str, sender: str, offset: int, nbytes: int) -> None:
+        """A frame's bytes [offset, offset + nbytes) landed; bytes that had landed already count once (a frame
+        sent twice cannot make a payload look complete with bytes that never came)."""
         key = (kind, sender)
-        self.left[key] -= nbytes
-        if self.left[key] <= 0:
-            self.changed.set()
+        lo, hi = offset, offset + nbytes
+        new, merged = nbytes, []
+        for a, b in self.spans.get(key, ()):  # disjoint, in order
+            if b < offset or a > offset + nbytes:
+                merged.append((a, b))
+                continue
+            new -= max(0, min(b, offset + nbytes) - max(a, offset))
+            lo, hi = min(lo, a), max(hi, b)
+        merged.append((lo, hi))
+        self.spans[key] = sorted(merged)
+        self.left[key] -= new
+        self.changed.set()  # whoever waits for a piece or the whole payload looks again
 
     async def wait(self, done: Callable[[], bool], expected: list[str], deadline: float,
                    late: Callable[[str], bool] | None = None) -> None:
