@@ -1,8 +1,10 @@
 """The GPU-resident sync: a CUDA model's pseudo-gradient is encoded by the Triton kernels on the device,
 and a member whose state lives on a GPU agrees bit for bit with one whose state lives on the CPU.
 
-Needs CUDA and Triton; skipped elsewhere. On the lent GPU machine (no grpc there, so without conftest):
-`PYTHONPATH=$PWD python3 -m pytest --noconftest -p no:cacheprovider tests/test_gpu_sync.py`.
+Needs CUDA and Triton; skipped elsewhere. On the lent GPU machine (no grpc there, so without conftest; the
+link puts kernels/ where an install would, as swarm.kernels):
+`ln -sfn $PWD/kernels swarm/kernels; PYTHONPATH=$PWD python3 -m pytest --noconftest -p no:cacheprovider
+tests/test_gpu_sync.py`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("triton", reason="the GPU path's kernels need triton")
 
+from swarm.allreduce import butterfly
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
 from swarm.compression import CodecConfig, Contribution, ErrorFeedback, kernel_for, make_codec
 from swarm.diloco import DiLoCo, GlobalState, LocalGroup, OuterConfig
@@ -80,8 +83,15 @@ def test_the_outer_step_gives_the_same_bits_on_cuda_and_on_the_cpu() -> None:
         assert restored.restore(cpu.snapshot()) == cpu.digest
 
 
+@pytest.mark.parametrize("pieces", [False, True], ids=["whole-parts", "in-pieces"])
 @pytest.mark.parametrize("name", ["none", "int8", "sparseloco"])
-def test_a_cpu_member_and_a_cuda_member_end_with_the_same_bytes(name: str) -> None:
+def test_a_cpu_member_and_a_cuda_member_end_with_the_same_bytes(name: str, pieces: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if pieces:  # these small parts are reduced and sent back in pieces, as large ones are at the defaults
+        monkeypatch.setattr(butterfly, "MIN_PIECE_BYTES", 4096)
+        monkeypatch.setattr(butterfly, "MIN_FRAME_BYTES", 1024)
+    else:
+        monkeypatch.setattr(butterfly, "PIECES", 1)
     asyncio.run(_cpu_and_cuda_members(name))  # its own loop: the GPU machine's pytest has no asyncio plugin
 
 
@@ -92,7 +102,7 @@ async def _cpu_and_cuda_members(name: str) -> None:
         await ep.start()
     try:
         members = [Participant(e.peer_id, e.address) for e in eps]
-        xs = [torch.from_numpy(np.random.default_rng(i).standard_normal(3 * 4096 + 5).astype(np.float32))
+        xs = [torch.from_numpy(np.random.default_rng(i).standard_normal(3 * 16384 + 5).astype(np.float32))
               for i in range(3)]
         devices = ["cpu", "cuda", "cuda"]
         outs = await asyncio.gather(*(allreduce_attempt(e, Contribution(x.to(d), codec), members, 0, 1, 30.0)
