@@ -119,6 +119,8 @@ class BenchConfig:
     """TransportConfig.congestion_control."""
     pieces: int = 0
     """butterfly.PIECES of the swarm workers (0: the default)."""
+    torch_threads: int = 0
+    """torch threads of each swarm worker (0: the machine's cores shared among the peers)."""
 
     def __post_init__(self) -> None:
         if self.peers < 2:
@@ -189,7 +191,7 @@ async def _swarm_main(rank: int, cfg: BenchConfig, conn: mpc.Connection, barrier
 
     # The peers share the machine's cores: one torch thread each (more only oversubscribe them and
     # spin), as the numpy arithmetic of the raw path before issue 17 used.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.peers))
+    torch.set_num_threads(cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.peers))
     x = Contribution(torch.from_numpy(_tensor(cfg, rank)), make_codec(CodecConfig()))
     tcfg = TransportConfig(host=host, connections_per_peer=cfg.connections, chunk_bytes=cfg.chunk_bytes,
                            congestion_control=cfg.congestion,
@@ -605,6 +607,8 @@ def main() -> int:
     ap.add_argument("--pieces", type=int, default=0, metavar="N",
                     help="an owner reduces and sends back its part in up to N pieces (butterfly.PIECES; 1: the "
                          "reduce-scatter, then the all-gather; default: the library's)")
+    ap.add_argument("--torch-threads", type=int, default=0, metavar="N",
+                    help="torch threads of each swarm worker (default: the cores divided among the peers)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--only", choices=["swarm", "gloo"], help="run one phase only")
     ap.add_argument("--lab", type=float, default=0.0, metavar="RATE_MBIT",
@@ -645,7 +649,8 @@ def main() -> int:
     cfg = BenchConfig(peers=args.peers, numel=args.numel, rounds=args.rounds, warmup=args.warmup, seed=args.seed,
                       round_timeout_s=args.round_timeout_s, connections=args.connections,
                       chunk_bytes=args.chunk_bytes, loop=args.loop, profile_dir=args.profile_dir, tls_dir=tls_dir,
-                      congestion=args.tcp_congestion, pieces=args.pieces)
+                      congestion=args.tcp_congestion, pieces=args.pieces,
+                      torch_threads=args.torch_threads)
     if args.lab_slowdown <= 0:
         ap.error("--lab-slowdown must be > 0")
     slow = args.lab_slowdown
@@ -655,6 +660,7 @@ def main() -> int:
                               "network": f"wanlab tbf {rate:g} Mbit/s egress per host" if args.lab else "loopback",
                               "transport": {"connections_per_peer": cfg.connections, "chunk_bytes": cfg.chunk_bytes,
                                             "loop": cfg.loop, "tls": bool(cfg.tls_dir), "pieces": cfg.pieces or "default",
+                                            "torch_threads": cfg.torch_threads or "cores / peers",
                                             "congestion_control": cfg.congestion or "system default"},
                               "machine": _machine(),
                               "loadavg_1m_at_start": round(os.getloadavg()[0], 2), "background_cpu_busy_pct": []}
