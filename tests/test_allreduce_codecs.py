@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from swarm.allreduce import butterfly
 from swarm.allreduce.butterfly import Participant, allreduce_attempt
@@ -274,3 +276,20 @@ def test_the_inbox_says_a_byte_range_arrived_only_once_every_byte_of_it_landed()
     box.landed("contrib", "a", 30, 10)
     assert box.arrived("contrib", "a", 0, 70) and not box.arrived("contrib", "a", 0, 71)
     assert not box.arrived("contrib", "b", 0, 1) and not box.delivered("contrib", ["a"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 63), st.integers(1, 16)), max_size=40), st.integers(0, 64), st.integers(0, 64))
+def test_landed_bytes_count_once_whatever_order_or_overlap_frames_come_in(frames, start, end) -> None:
+    """Any frames (overlapping, repeated, in any order) over a 64-byte payload: what is still owed is the bytes
+    no frame covered, and a range has arrived exactly when every byte of it is covered."""
+    box = Inbox(0, 0)
+    box.sink("contrib", "a", 64, "none", lambda *_: np.empty(64, np.uint8))
+    covered = np.zeros(64, bool)
+    for offset, n in frames:
+        n = min(n, 64 - offset)
+        box.landed("contrib", "a", offset, n)
+        covered[offset : offset + n] = True
+        assert box.left[("contrib", "a")] == 64 - covered.sum()
+    assert box.arrived("contrib", "a", start, end) == bool(covered[start:end].all())
+    assert box.delivered("contrib", ["a"]) == bool(covered.all())
