@@ -293,3 +293,22 @@ def test_landed_bytes_count_once_whatever_order_or_overlap_frames_come_in(frames
         assert box.left[("contrib", "a")] == 64 - covered.sum()
     assert box.arrived("contrib", "a", start, end) == bool(covered[start:end].all())
     assert box.delivered("contrib", ["a"]) == bool(covered.all())
+
+
+@pytest.mark.parametrize("fault", ["a result piece never comes", "a contribution frame is lost"])
+async def test_a_member_failing_in_the_middle_of_its_pieces_is_named_and_nobody_hangs(endpoints, small_pieces,
+                                                                                        fault: str) -> None:
+    if fault == "a result piece never comes":  # p2 sends back its first pieces, then nothing
+        culprit, rule = "p2", FaultRule(point="send.result", action="drop", after=2, times=0)
+    else:  # p1's connection to p0 breaks after two frames of its contribution; one frame is never sent
+        culprit, rule = "p1", FaultRule(point="send.contrib", action="close", peer="p0", after=2)
+    eps = await endpoints(3, {int(culprit[1]): FaultInjector([rule])})
+    members = [Participant(e.peer_id, e.address) for e in eps]
+    xs = [np.random.default_rng(i).standard_normal(70_001).astype(np.float32) for i in range(3)]
+    started = asyncio.get_running_loop().time()
+    results = await attempts(eps, xs, members, [make_codec(CodecConfig())] * 3, 1.5, return_exceptions=True)
+    assert asyncio.get_running_loop().time() - started < 10.0, "an attempt outlived its deadline"
+    waiting = [0, 1] if culprit == "p2" else [0]  # who waits for the culprit's bytes
+    assert all(isinstance(results[i], PeerFailure) and results[i].peer == culprit for i in waiting), results
+    # The others fail too (waiting on a member that failed), and say so; none of them returns a result.
+    assert all(isinstance(r, PeerFailure) for i, r in enumerate(results) if f"p{i}" != culprit), results
