@@ -2,7 +2,8 @@
 
 Each member owns one contiguous part of the flat tensor, sized by its bandwidth. Every member
 encodes each part of its contribution once and sends it to the part's owner; the owner reduces
-(`reduce.py`) and sends the encoded mean of its part to everyone. Raw fp32 is the `none` codec of
+(`reduce.py`) and sends the encoded mean of its part to everyone, piece by piece (`Pieces`): each piece
+as soon as every member's bytes of it are in, so the two phases overlap on the wire. Raw fp32 is the `none` codec of
 this same path: its payloads are views of the tensors (nothing is copied to encode or decode), and
 results land straight in the output. When gathering sends fewer bytes (sparse codecs), every member
 sends its whole payload to every other and each reduces all parts itself, in the same order.
@@ -127,16 +128,17 @@ class _Attempt:
             return config.chunk_bytes
         return min(config.chunk_bytes, max(MIN_FRAME_BYTES, -(-nbytes // (pieces * config.connections_per_peer))))
 
-    def sends(self, kind: str, payloads: dict[str, tuple[int, _Out]], tag: str) -> list[tuple[str, asyncio.Task[None]]]:
+    def sends(self, kind: str, payloads: dict[str, tuple[int, _Out]], tag: str) -> Sends:
         """Send each receiver its (part index, bytes) as a task; bytes sent to several are checksummed once."""
-        digests: dict[tuple[int, int], int] = {}
+        digests: dict[int, list[int]] = {}
         coros = []
         for m in self.others:
             if m.peer_id in payloads:
                 part, out = payloads[m.peer_id]
                 frames = out.frames()
-                sums = [digests.setdefault((id(out), offset), checksum(chunk)) for lane, offset, chunk in frames]
-                coros.append((m.peer_id, _send(self, m, kind, part, out.total, frames, sums, tag)))
+                if id(out) not in digests:
+                    digests[id(out)] = [checksum(chunk) for _, _, chunk in frames]
+                coros.append((m.peer_id, _send(self, m, kind, part, out.total, frames, digests[id(out)], tag)))
         return spawn_sends(self.endpoint, self.round, self.attempt, coros)
 
     def faults_after_reduce(self) -> None:
