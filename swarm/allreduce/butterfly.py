@@ -74,8 +74,8 @@ class Pieces:
         """The pieces of part (start, length): the same on every member (integer arithmetic on shared facts)."""
         grid = math.lcm(ALIGN_ELEMENTS, codec.block, result.block)
         units = -(-length // grid)
-        count = min(PIECES, units, codec.payload_nbytes(length) // MIN_PIECE_BYTES) if pipelined else 1
-        bounds = [min(length, units * k // max(count, 1) * grid) for k in range(max(count, 1) + 1)]
+        count = max(1, min(PIECES, units, codec.payload_nbytes(length) // MIN_PIECE_BYTES)) if pipelined else 1
+        bounds = [min(length, units * k // count * grid) for k in range(count + 1)]
         bounds[-1] = length
         spans = [(start + lo, hi - lo) for lo, hi in itertools.pairwise(bounds)]
         return cls(spans, _offsets(codec, spans), _offsets(result, spans))
@@ -222,12 +222,11 @@ async def _butterfly(at: _Attempt, contribution: Contribution, parts: list[tuple
             piece = _Out([(mine.result[k], _host(final))], mine.result[-1], at.frame_bytes(mine.result[-1], len(mine.spans)),
                          lane=k)
             tasks += at.sends("result", {p: (me, piece) for p in other_ids}, result.name)
-        await box.wait(lambda: box.delivered("result", owners), owners, at.deadline,
-                       late=lambda p: not box.delivered("result", [p]))
-        await finish_sends(tasks, at.deadline)
-    finally:
+    except BaseException:
         for _, task in tasks:
             task.cancel()
+        raise
+    await finish_phase(box, "result", owners, tasks, at.deadline)  # it cancels what is left if it raises
     for p in owners:
         start, length = parts[ids.index(p)]
         view = out[start : start + length]

@@ -165,14 +165,14 @@ class Inbox:
     def landed(self, kind: str, sender: str, offset: int, nbytes: int) -> None:
         """A frame's bytes [offset, offset + nbytes) landed; bytes that had landed already count once (a frame
         sent twice cannot make a payload look complete with bytes that never came)."""
-        key = (kind, sender)
-        lo, hi = offset, offset + nbytes
+        key, end = (kind, sender), offset + nbytes
+        lo, hi = offset, end
         new, merged = nbytes, []
         for a, b in self.spans.get(key, ()):  # disjoint, in order
-            if b < offset or a > offset + nbytes:
+            if b < offset or a > end:
                 merged.append((a, b))
                 continue
-            new -= max(0, min(b, offset + nbytes) - max(a, offset))
+            new -= max(0, min(b, end) - max(a, offset))
             lo, hi = min(lo, a), max(hi, b)
         merged.append((lo, hi))
         self.spans[key] = sorted(merged)
